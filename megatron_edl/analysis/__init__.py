@@ -1,0 +1,1 @@
+"""Routing telemetry readers, specialization metrics and plots."""

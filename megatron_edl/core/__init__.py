@@ -1,0 +1,1 @@
+"""Pure math: torch only. Nothing here imports ``megatron`` or ``torch.distributed``."""

@@ -1,0 +1,1 @@
+"""Domain-labelled data: preprocessing into Megatron's indexed dataset and labelled samples."""

@@ -1,0 +1,1 @@
+"""Megatron integration: the only subpackage that imports ``megatron``."""

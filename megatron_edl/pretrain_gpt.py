@@ -1,0 +1,168 @@
+"""Pre-train a GPT (MoE) model with Megatron-Core: the equivalent of Megatron-LM's ``pretrain_gpt.py``.
+
+Usage:
+    torchrun --nproc-per-node 8 -m megatron_edl.pretrain_gpt <Megatron flags>
+    torchrun --nproc-per-node 2 -m megatron_edl.pretrain_gpt --cpu <Megatron flags>
+    python -m megatron_edl.pretrain_gpt --help
+
+Every stock Megatron flag behaves as in ``pretrain_gpt.py`` (same defaults, e.g. the
+``GPT2BPETokenizer`` tokenizer type). On top of that:
+
+``--cpu``
+    Run on CPU with gloo (tests, CI, the quickstart). Applies :mod:`megatron_edl.cpu` and sets the
+    flags CPU needs (``--transformer-impl local --distributed-backend gloo --no-rope-fusion
+    --no-persist-layer-norm --no-gradient-accumulation-fusion --use-cpu-initialization``); passing
+    a conflicting value for one of them is an error. Without ``--cpu`` and without a visible GPU the
+    launcher stops with a message instead of falling back silently.
+"""
+
+from __future__ import annotations
+
+import time
+
+_PROGRAM_START_TIME = time.time()
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+CPU_FLAG = "--cpu"
+
+
+def _split_cpu_flag(argv: list[str]) -> tuple[bool, list[str]]:
+    return CPU_FLAG in argv, [a for a in argv if a != CPU_FLAG]
+
+
+def cpu_argv(argv: list[str]) -> list[str]:
+    """Prepend the flags CPU mode needs; a user's later, conflicting value is caught after parsing."""
+    from megatron_edl.cpu import CPU_FLAGS
+
+    injected: list[str] = []
+    for flag, value, _, _ in CPU_FLAGS:
+        injected += [flag] if value is None else [flag, value]
+    return injected + argv
+
+
+def check_cpu_args(args) -> None:
+    """Raise ``ValueError`` naming the flag if parsed args contradict CPU mode."""
+    from megatron_edl.cpu import CPU_FLAGS
+
+    for flag, value, attr, required in CPU_FLAGS:
+        got = getattr(args, attr)
+        if got != required:
+            shown = flag if value is None else f"{flag} {value}"
+            raise ValueError(f"--cpu needs {shown}, but the command line sets {attr}={got!r}")
+
+
+def escape_percent_in_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``--help`` work: escape lone ``%`` in help strings argparse cannot format.
+
+    megatron-core 0.19.2 has one (``--moe-paged-stash-buffer-size-factor-cuda``), which makes
+    ``--help`` raise ``ValueError: unsupported format character``.
+    """
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.help:
+            continue
+        try:
+            formatter._expand_help(action)
+        except (ValueError, TypeError, KeyError):
+            action.help = action.help.replace("%", "%%")
+    return parser
+
+
+def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Our flags next to Megatron's (``parse_and_validate_args(extra_args_provider=...)``)."""
+    from megatron_edl.integration import modelopt
+
+    parser = modelopt.add_args(parser)
+    return escape_percent_in_help(parser)
+
+
+def use_wheel_dataset_helpers() -> None:
+    """Skip ``make`` of the dataset helpers when the installed megatron-core is a wheel.
+
+    ``initialize._compile_dependencies`` runs ``make -C megatron/core/datasets`` on rank 0 and
+    exits on failure; the 0.19 wheel ships a compiled ``helpers_cpp`` but no Makefile, so that
+    ``make`` always fails. With a source checkout (Makefile present) Megatron's step is kept.
+    """
+    from megatron.core.datasets import utils as dataset_utils
+
+    makefile = os.path.join(os.path.dirname(dataset_utils.__file__), "Makefile")
+    if os.path.exists(makefile):
+        return
+    from megatron.core.datasets import helpers_cpp  # noqa: F401  (fails loudly if missing)
+
+    dataset_utils.compile_helpers = lambda: None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    on_cpu, argv = _split_cpu_flag(argv)
+    wants_help = any(a in ("-h", "--help") for a in argv)
+
+    import torch
+
+    if on_cpu:
+        from megatron_edl import cpu
+
+        cpu.apply()
+        argv = cpu_argv(argv)
+    elif not torch.cuda.is_available() and not wants_help:
+        sys.exit(
+            "megatron_edl.pretrain_gpt: no CUDA device is visible. Pass --cpu to run on CPU with "
+            "gloo (tests and the quickstart), or run on a GPU node."
+        )
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+    from megatron.core.enums import ModelType
+    from megatron.core.package_info import __version__ as mcore_version
+    from megatron.core.utils import get_te_version, get_torch_version
+    from megatron.training import inprocess_restart, pretrain, print_rank_0, set_startup_timestamps
+    from megatron.training.argument_utils import (
+        gpt_config_from_args,
+        pretrain_cfg_container_from_args,
+    )
+    from megatron.training.arguments import parse_and_validate_args, parse_args
+
+    from megatron_edl.integration import gpt, modelopt
+
+    main_entry_time = time.time()
+    print_rank_0(f"> PyTorch version ................ {get_torch_version()}")
+    print_rank_0(f"> Megatron-Core version .......... {mcore_version}")
+    print_rank_0(f"> Transformer Engine version ... {get_te_version()}")
+    set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=main_entry_time)
+    use_wheel_dataset_helpers()
+
+    sys.argv = [sys.argv[0], *argv]
+    if wants_help:
+        # Megatron's in-process-restart wrapper parses the command line without our flags first.
+        parse_args(extra_args_provider)
+    run_pretrain, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
+    args = parse_and_validate_args(
+        extra_args_provider=extra_args_provider,
+        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
+    )
+    if on_cpu:
+        check_cpu_args(args)
+    modelopt.maybe_enable(args)
+    if modelopt.enabled(args):
+        model_cfg = gpt_config_from_args(args, model_config_cls=modelopt.model_config_cls())
+    else:
+        model_cfg = gpt_config_from_args(args)
+    run_pretrain(
+        pretrain_cfg_container_from_args(args, model_cfg),
+        gpt.train_valid_test_datasets_provider,
+        ModelType.encoder_or_decoder,
+        gpt.forward_step,
+        store=store,
+        get_embedding_ranks=gpt.get_embedding_ranks,
+    )
+
+
+if __name__ == "__main__":
+    main()
