@@ -58,13 +58,17 @@ class CpuPatch:
 
 
 class _NoOpStream:
-    """Stand-in for ``torch.cuda.Stream``/``Event``: every method is a no-op."""
+    """Stand-in for ``torch.cuda.Stream``/``Event``: every method is a no-op.
+
+    Methods return another stand-in, so chains such as ``stream.record_event().synchronize()``
+    work.
+    """
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _NoOpStream()
 
     def __enter__(self):
         return self
@@ -186,19 +190,6 @@ def _patch_device_arch() -> None:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 
-def _patch_split_sizes_to_numpy() -> None:
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
-
-    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
-        if tensor is None:
-            return None
-        tensor = tensor.cpu()
-        return tensor.numpy() if as_numpy else tensor
-
-    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
-    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
-
-
 def _patch_torch_norm_sequence_parallel() -> None:
     from megatron.core.transformer import torch_norm
 
@@ -207,7 +198,9 @@ def _patch_torch_norm_sequence_parallel() -> None:
     def __new__(cls, config, *args, **kwargs):
         if not config.sequence_parallel:
             return original_new(cls, config, *args, **kwargs)
-        norm = original_new(cls, dataclasses.replace(config, sequence_parallel=False), *args, **kwargs)
+        norm = original_new(
+            cls, dataclasses.replace(config, sequence_parallel=False), *args, **kwargs
+        )
         for param in norm.parameters():
             # Same tag TE/apex norms carry: finalize_model_grads all-reduces these grads over TP.
             param.sequence_parallel = True
@@ -306,15 +299,6 @@ PATCHES: tuple[CpuPatch, ...] = (
         layouts="TP>1 or CP>1",
         remove_when="validate_args tolerates the absence of a device",
         apply=_patch_device_arch,
-    ),
-    CpuPatch(
-        name="split_sizes_to_numpy",
-        what="moe_utils.maybe_move_tensor_to_cpu(as_numpy=True) always returns numpy",
-        why="the alltoall dispatcher's split sizes become numpy only if tensor.is_cuda; on CPU "
-        "they stay tensors and all_to_all_single rejects them (mappings.py)",
-        layouts="EP>1 or TP>1 with the alltoall dispatcher",
-        remove_when="maybe_move_tensor_to_cpu converts CPU tensors when as_numpy=True",
-        apply=_patch_split_sizes_to_numpy,
     ),
     CpuPatch(
         name="torch_norm_sequence_parallel",

@@ -1,4 +1,4 @@
-"""Pre-train a GPT (MoE) model with Megatron-Core: the equivalent of Megatron-LM's ``pretrain_gpt.py``.
+"""Pre-train a GPT (MoE) model with Megatron-Core: Megatron-LM's ``pretrain_gpt.py``, as a module.
 
 Usage:
     torchrun --nproc-per-node 8 -m megatron_edl.pretrain_gpt <Megatron flags>
@@ -30,12 +30,8 @@ import warnings  # noqa: E402
 CPU_FLAG = "--cpu"
 
 
-def _split_cpu_flag(argv: list[str]) -> tuple[bool, list[str]]:
-    return CPU_FLAG in argv, [a for a in argv if a != CPU_FLAG]
-
-
 def cpu_argv(argv: list[str]) -> list[str]:
-    """Prepend the flags CPU mode needs; a user's later, conflicting value is caught after parsing."""
+    """Prepend the flags CPU mode needs; a user's conflicting value is caught after parsing."""
     from megatron_edl.cpu import CPU_FLAGS
 
     injected: list[str] = []
@@ -76,6 +72,13 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """Our flags next to Megatron's (``parse_and_validate_args(extra_args_provider=...)``)."""
     from megatron_edl.integration import modelopt
 
+    group = parser.add_argument_group(title="megatron-edl")
+    group.add_argument(
+        CPU_FLAG,
+        action="store_true",
+        help="Run on CPU with gloo (tests, CI, the quickstart): applies megatron_edl.cpu and sets "
+        "the flags CPU needs. Refused when CUDA is available.",
+    )
     parser = modelopt.add_args(parser)
     return escape_percent_in_help(parser)
 
@@ -99,7 +102,7 @@ def use_wheel_dataset_helpers() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    on_cpu, argv = _split_cpu_flag(argv)
+    on_cpu = CPU_FLAG in argv
     wants_help = any(a in ("-h", "--help") for a in argv)
 
     import torch

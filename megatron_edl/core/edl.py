@@ -1,0 +1,421 @@
+"""Expert Divergence Loss (EDL): the pure math, for one MoE layer.
+
+Paper: Li et al., *Expert Divergence Learning for MoE-based Language Models*, ICLR 2026,
+arXiv 2603.00054 (no public code). The specification, including the decisions taken where the
+paper is silent, is ``reference/method.md`` section 2 (loss) and section 4 (metrics).
+
+Pipeline (every step is a free function, keyword-only tensor arguments)::
+
+    logits_TE --routing_probs--> probs_TE --domain_sums--> (sums_DE, counts_D)   [per rank]
+        --all-reduce(SUM), done by the caller-->                               [scope of stats]
+        (sums_DE, counts_D) --edl_loss--> loss, mean_jsd, ...
+                            --mutual_information / domain_entropy--> diagnostics (detached)
+
+Everything that crosses ranks is a *sum over tokens*, so one SUM all-reduce of ``sums_DE`` and
+``counts_D`` is all the distribution this module needs; it never talks to other processes itself.
+
+Precision: all math runs in at least fp32 (bf16/fp16 inputs are cast up; fp64 stays fp64 so that
+``torch.autograd.gradcheck`` can run through the whole pipeline). Outputs are fp32 or fp64.
+
+Deviations from the paper: the dense softmax over all experts is used, whatever score function
+the router uses for top-k (decision of method.md); a linear form ``-mean JSD`` is offered next to
+the paper's ``-log(JSD + eps)``; zero entries of a domain mean use the convention 0 log 0 = 0 with
+a zero (finite) gradient, where the exact one-sided derivative would be infinite.
+
+Shape legend (suffixes of tensor names):
+    T  tokens (of the local shard)
+    E  routed experts
+    D  domains (labels 0..D-1; label -1 means "no label")
+    B  samples (rows of a micro-batch)
+    S  sequence positions of one unsharded sample
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EDLLossOutput",
+    "IGNORE_DOMAIN",
+    "domain_entropy",
+    "domain_means",
+    "domain_sums",
+    "edl_loss",
+    "mutual_information",
+    "pairwise_jsd",
+    "routing_probs",
+    "segment_weights_from_ids",
+]
+
+IGNORE_DOMAIN = -1
+"""Domain id of tokens that take no part in EDL (padding, unlabelled text)."""
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: fp32, or fp64 when the input is fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _xlogy(x: Tensor, y: Tensor) -> Tensor:
+    """Elementwise ``x * log(y)`` with ``0 * log(anything) = 0`` and finite gradients there.
+
+    Where ``x == 0`` the ``y`` seen by the log is replaced by 1, so neither the forward (0 * -inf)
+    nor the backward (0 / 0 from d log(y) / dy at y = 0) can produce NaN. Unlike
+    ``torch.xlogy``, whose gradient w.r.t. ``y`` is NaN at ``x = y = 0``, this stays finite, and
+    ``d/dx [x log x]`` at ``x = 0`` comes out as 0.
+
+    Args:
+        x: Non-negative factor.
+        y: Argument of the log; must be positive wherever ``x > 0``.
+
+    Returns:
+        ``x * log(y)`` with the 0 log 0 = 0 convention, broadcast shape of ``x`` and ``y``.
+    """
+    return x * torch.log(torch.where(x > 0, y, 1.0))
+
+
+def _entropy(p_xE: Tensor) -> Tensor:
+    """Shannon entropy (nats) over the last axis: H(p) = -Σ_e p_e log p_e, with 0 log 0 = 0.
+
+    Args:
+        p_xE: Distributions over experts, any leading shape ``x``.
+
+    Returns:
+        Entropies, shape ``x``.
+    """
+    return -_xlogy(p_xE, p_xE).sum(dim=-1)
+
+
+def routing_probs(*, logits_TE: Tensor) -> Tensor:
+    """Dense routing distribution p_t = softmax(z_t) over all E experts, before top-k.
+
+    The softmax is taken in fp32 whatever the dtype of the logits (fp64 stays fp64), independent
+    of the score function (softmax, sigmoid, ...) the router uses to pick its top-k experts.
+
+    Args:
+        logits_TE: Router logits z_t, shape ``(T, E)`` (any leading shape works), local tokens.
+
+    Returns:
+        ``probs_TE``: p_t, same shape as the logits, fp32 (fp64 for fp64 logits).
+    """
+    return torch.softmax(logits_TE, dim=-1, dtype=_compute_dtype(logits_TE.dtype))
+
+
+def segment_weights_from_ids(*, segment_ids_BS: Tensor) -> Tensor:
+    """Per-token weights w_t = 1 / T_s(t) that make every segment weigh the same.
+
+    A *segment* is a maximal run of equal ids inside one row: ``[[7, 7, 3, 7]]`` holds three
+    segments of lengths 2, 1 and 1 (runs never continue into the next row). With these weights
+    ``domain_sums`` gives n_j = number of segments of domain j and A_j / n_j = mean over those
+    segments of the segment mean of p_t, which is the paper's token -> sequence -> domain average.
+
+    Must be called on the *unsharded* sample (before context-parallel / sequence-parallel
+    slicing), because T_s is the full segment length; slice the weights like the tokens afterwards.
+    Padding may form its own segment: give it domain id -1 and it is ignored whatever its weight.
+
+    The other aggregation modes of method.md need no helper: ``token`` is w_t = 1 (pass
+    ``weights_T=None`` to ``domain_sums``), and ``sample`` (one label per sample, every sample
+    weighs the same) is this function with one segment id per row.
+
+    Cost: O(B*S), no host synchronisation (scatter into a buffer of B*S possible runs).
+
+    Args:
+        segment_ids_BS: Integer segment (document) ids of each token, shape ``(B, S)``. Only
+            changes of id between neighbouring positions matter, not the values.
+
+    Returns:
+        ``weights_BS``: fp32 weights 1 / T_s(t), shape ``(B, S)``.
+
+    Raises:
+        ValueError: If ``segment_ids_BS`` is not 2-D or not of an integer dtype.
+    """
+    if segment_ids_BS.ndim != 2:
+        raise ValueError(
+            f"segment_ids_BS must be 2-D (B, S), got shape {tuple(segment_ids_BS.shape)}"
+        )
+    if segment_ids_BS.is_floating_point() or segment_ids_BS.is_complex():
+        raise ValueError(f"segment_ids_BS must be an integer tensor, got {segment_ids_BS.dtype}")
+    device = segment_ids_BS.device
+    starts_BS = torch.ones(segment_ids_BS.shape, dtype=torch.bool, device=device)
+    starts_BS[:, 1:] = segment_ids_BS[:, 1:] != segment_ids_BS[:, :-1]
+    # Every row starts a run, so a flat cumsum numbers the runs of all rows uniquely.
+    run_N = torch.cumsum(starts_BS.flatten().long(), dim=0) - 1
+    lengths_N = torch.zeros(run_N.numel(), dtype=torch.long, device=device)
+    lengths_N.scatter_add_(0, run_N, torch.ones_like(run_N))
+    return (1.0 / lengths_N[run_N].float()).view(segment_ids_BS.shape)
+
+
+def domain_sums(
+    *,
+    probs_TE: Tensor,
+    domain_ids_T: Tensor,
+    weights_T: Tensor | None = None,
+    num_domains: int,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Weighted routing mass and weight per domain: the only statistics that cross ranks.
+
+        A_j = Σ_t w_t · 1[d_t = j] · p_t   ∈ R^E     (sums_DE[j])
+        n_j = Σ_t w_t · 1[d_t = j]                    (counts_D[j])
+
+    Tokens with d_t = -1 are ignored. Both are sums over tokens, so for tokens split across ranks
+    (TP sequence parallel, CP, DP) A = Σ_ranks A^(rank) and n = Σ_ranks n^(rank): one SUM
+    all-reduce of the results over the statistics scope gives the global values (done by the
+    caller; this module does no communication). Accumulation is in fp32 (fp64 for fp64 probs),
+    by ``index_add`` (no one-hot ``(T, D)`` matrix), and differentiable w.r.t. ``probs_TE``.
+
+    Args:
+        probs_TE: Dense routing distributions p_t of the local tokens, shape ``(T, E)``.
+        domain_ids_T: Integer domain labels d_t of the local tokens, in [-1, num_domains),
+            shape ``(T,)``.
+        weights_T: Non-negative token weights w_t, shape ``(T,)``, computed on the unsharded
+            sample (see ``segment_weights_from_ids``). ``None`` means w_t = 1 (``token`` mode).
+        num_domains: D, the size of the label vocabulary (>= 1).
+        validate: Check that every id lies in [-1, num_domains). Costs one min/max reduction
+            over the T ids plus a device-to-host sync; pass ``False`` on the hot path once the
+            data pipeline is trusted (an out-of-range id then fails inside ``index_add`` or, on
+            CUDA, may fail asynchronously). Shape and dtype checks are free and always run.
+
+    Returns:
+        ``(sums_DE, counts_D)``: A of shape ``(D, E)`` and n of shape ``(D,)``, fp32 (fp64 for
+        fp64 probs).
+
+    Raises:
+        ValueError: On inconsistent shapes, a non-integer ``domain_ids_T``, ``num_domains < 1``,
+            or (with ``validate``) an id outside [-1, num_domains); the message names the value.
+    """
+    if num_domains < 1:
+        raise ValueError(f"num_domains must be >= 1, got {num_domains}")
+    if probs_TE.ndim != 2:
+        raise ValueError(f"probs_TE must be 2-D (T, E), got shape {tuple(probs_TE.shape)}")
+    num_tokens = probs_TE.shape[0]
+    if domain_ids_T.shape != (num_tokens,):
+        raise ValueError(
+            f"domain_ids_T must have shape ({num_tokens},) to match probs_TE "
+            f"{tuple(probs_TE.shape)}, got {tuple(domain_ids_T.shape)}"
+        )
+    if domain_ids_T.is_floating_point() or domain_ids_T.is_complex():
+        raise ValueError(f"domain_ids_T must be an integer tensor, got {domain_ids_T.dtype}")
+    if weights_T is not None and weights_T.shape != (num_tokens,):
+        raise ValueError(
+            f"weights_T must have shape ({num_tokens},) to match probs_TE "
+            f"{tuple(probs_TE.shape)}, got {tuple(weights_T.shape)}"
+        )
+    if validate and num_tokens > 0:
+        lo, hi = (int(v) for v in torch.aminmax(domain_ids_T))
+        if lo < IGNORE_DOMAIN:
+            raise ValueError(
+                f"domain id {lo} out of range: ids must lie in [-1, num_domains={num_domains})"
+            )
+        if hi >= num_domains:
+            raise ValueError(
+                f"domain id {hi} out of range: ids must lie in [-1, num_domains={num_domains})"
+            )
+
+    dtype = _compute_dtype(probs_TE.dtype)
+    labelled_T = domain_ids_T >= 0
+    if weights_T is None:
+        w_T = labelled_T.to(dtype)
+    else:
+        # where(), not multiplication, so that a NaN weight on an ignored token cannot leak in.
+        w_T = torch.where(labelled_T, weights_T.to(dtype), 0.0)
+    # Ignored tokens are sent to domain 0 with weight 0: no host sync to drop them.
+    index_T = torch.where(labelled_T, domain_ids_T, torch.zeros_like(domain_ids_T)).long()
+    num_experts = probs_TE.shape[1]
+    sums_DE = torch.zeros(num_domains, num_experts, dtype=dtype, device=probs_TE.device)
+    sums_DE = sums_DE.index_add(0, index_T, probs_TE.to(dtype) * w_T[:, None])
+    counts_D = torch.zeros(num_domains, dtype=dtype, device=probs_TE.device)
+    counts_D = counts_D.index_add(0, index_T, w_T)
+    return sums_DE, counts_D
+
+
+def domain_means(*, sums_DE: Tensor, counts_D: Tensor) -> tuple[Tensor, Tensor]:
+    """Domain means p̄_j = A_j / n_j and the mask of present domains (n_j > 0).
+
+    Args:
+        sums_DE: A, shape ``(D, E)``, at the scope of the statistics (after any all-reduce).
+        counts_D: n, shape ``(D,)``, same scope.
+
+    Returns:
+        ``(means_DE, present_D)``: p̄ in at least fp32, with all-zero rows for absent domains
+        (a safe placeholder, never NaN, so masked-out entries keep finite gradients), and the
+        boolean mask n_j > 0.
+
+    Raises:
+        ValueError: If the shapes are not ``(D, E)`` and ``(D,)``.
+    """
+    if sums_DE.ndim != 2 or counts_D.shape != sums_DE.shape[:1]:
+        raise ValueError(
+            f"expected sums_DE of shape (D, E) and counts_D of shape (D,), got "
+            f"{tuple(sums_DE.shape)} and {tuple(counts_D.shape)}"
+        )
+    dtype = _compute_dtype(sums_DE.dtype)
+    counts_D = counts_D.to(dtype)
+    present_D = counts_D > 0
+    safe_counts_D = torch.where(present_D, counts_D, 1.0)
+    means_DE = sums_DE.to(dtype) / safe_counts_D[:, None]
+    return means_DE, present_D
+
+
+def pairwise_jsd(*, dists_DE: Tensor) -> Tensor:
+    """Jensen-Shannon divergence between every pair of rows.
+
+        JSD(P‖Q) = ½ KL(P‖M) + ½ KL(Q‖M),   M = (P + Q) / 2,   natural log,   0 <= JSD <= ln 2
+
+    Evaluated as KL(P‖M) = Σ_e P_e log(P_e / M_e) with log(P_e / M_e) = log1p(δ_e),
+    δ_e = (P_e - Q_e) / (P_e + Q_e), wherever |δ_e| < 1/2, and log(2 P_e / (P_e + Q_e)) elsewhere
+    (there the log is far from 0 and 1 + δ_e could round to 0). δ carries a *relative* rounding
+    error, so for close distributions the JSD's absolute error scales with the divergence itself
+    (about eps_fp32 · |δ|). This matters because at initialisation the domain means are nearly
+    equal and the loss compares JSD with eps = 1e-6: log(P/M) alone, or
+    H(M) - (H(P) + H(Q)) / 2, would carry an absolute fp32 error of about 1e-8 to 1e-7.
+    Entries with P_e = 0 contribute 0 (0 log 0 = 0) with a finite gradient, also where
+    P_e = Q_e = 0; every branch a ``where`` discards is kept finite so no NaN reaches the
+    backward. Uses KL(Q_k‖M_jk) = K[k, j], so only one ``(D, D, E)`` stack of intermediates is
+    formed.
+
+    Args:
+        dists_DE: Rows that are probability distributions over E, shape ``(D, E)``.
+
+    Returns:
+        ``jsd_DD``: symmetric matrix of JSD values (zero diagonal), shape ``(D, D)``, in at least
+        fp32, clamped at 0 against rounding.
+    """
+    p_DE = dists_DE.to(_compute_dtype(dists_DE.dtype))
+    p_D1E, q_1DE = p_DE[:, None, :], p_DE[None, :, :]  # pair (j, k): P = row j, Q = row k
+    s_DDE = p_D1E + q_1DE
+    safe_s_DDE = torch.where(s_DDE > 0, s_DDE, 1.0)
+    delta_DDE = (p_D1E - q_1DE) / safe_s_DDE
+    near_DDE = delta_DDE.abs() < 0.5
+    # P / M, set to 1 where P = 0 (0 log 0 = 0) so that the log never sees 0.
+    ratio_DDE = torch.where(p_D1E > 0, 2.0 * p_D1E / safe_s_DDE, 1.0)
+    log_ratio_DDE = torch.where(
+        near_DDE, torch.log1p(torch.where(near_DDE, delta_DDE, 0.0)), torch.log(ratio_DDE)
+    )
+    kl_DD = (p_D1E * log_ratio_DDE).sum(dim=-1)  # K[j, k] = KL(P_j || M_jk)
+    return (0.5 * (kl_DD + kl_DD.T)).clamp_min(0.0)
+
+
+class EDLLossOutput(NamedTuple):
+    """Result of ``edl_loss``.
+
+    Attributes:
+        loss: L_ED, differentiable scalar (fp32, or fp64 for fp64 inputs).
+        mean_jsd: Mean JSD over the pairs of present domains, detached scalar (0 when M < 2).
+        num_present: M, the number of domains with n_j > 0, int64 scalar tensor (no host sync).
+        jsd_DD: Detached ``(D, D)`` JSD matrix; NaN in every row/column of an absent domain.
+    """
+
+    loss: Tensor
+    mean_jsd: Tensor
+    num_present: Tensor
+    jsd_DD: Tensor
+
+
+def edl_loss(
+    *,
+    sums_DE: Tensor,
+    counts_D: Tensor,
+    form: Literal["log", "linear"] = "log",
+    eps: float = 1e-6,
+) -> EDLLossOutput:
+    """Expert Divergence Loss of one MoE layer from the (reduced) per-domain statistics.
+
+    With p̄_j = A_j / n_j over the M domains present (n_j > 0) and the C(M, 2) unordered pairs
+    j < k of present domains:
+
+        form "log" (paper):  L_ED = (1 / C(M,2)) Σ_{j<k} -log(JSD(p̄_j‖p̄_k) + eps)
+        form "linear":       L_ED = -(1 / C(M,2)) Σ_{j<k} JSD(p̄_j‖p̄_k)
+
+    For M < 2 the loss is exactly 0 but still a function of ``sums_DE`` (gradient zero, not
+    None), so every rank runs the same backward and no collective is skipped. The pair average is
+    a masked sum divided by max(number of pairs, 1): no ``.item()``, no host sync, no branching
+    on tensor values.
+
+    Levels: ``sums_DE`` and ``counts_D`` come from ``domain_sums`` summed over the statistics
+    scope (``global``: the tp_dp_cp group; ``local``: tp_cp), i.e. *after* the all-reduce. The
+    gradient flows back through ``sums_DE`` only (n_j carries none: weights are data).
+
+    Args:
+        sums_DE: A, shape ``(D, E)``; any float dtype, cast to at least fp32.
+        counts_D: n, shape ``(D,)``.
+        form: ``"log"`` (paper's) or ``"linear"``.
+        eps: eps inside the log of the ``"log"`` form (method.md decision: 1e-6); must be > 0
+            for that form, unused by ``"linear"``.
+
+    Returns:
+        An ``EDLLossOutput`` (loss, detached mean JSD, M, detached JSD matrix).
+
+    Raises:
+        ValueError: On an unknown ``form``, ``eps <= 0`` with the log form, or bad shapes.
+    """
+    if form not in ("log", "linear"):
+        raise ValueError(f"form must be 'log' or 'linear', got {form!r}")
+    if form == "log" and not eps > 0:
+        raise ValueError(f"eps must be > 0 for the 'log' form, got {eps}")
+    means_DE, present_D = domain_means(sums_DE=sums_DE, counts_D=counts_D)
+    jsd_DD = pairwise_jsd(dists_DE=means_DE)
+
+    num_domains = present_D.shape[0]
+    upper_DD = torch.ones(num_domains, num_domains, dtype=torch.bool, device=present_D.device)
+    pairs_DD = present_D[:, None] & present_D[None, :] & upper_DD.triu(diagonal=1)
+    num_pairs = pairs_DD.sum().clamp_min(1).to(jsd_DD.dtype)
+
+    per_pair_DD = -torch.log(jsd_DD + eps) if form == "log" else -jsd_DD
+    loss = torch.where(pairs_DD, per_pair_DD, 0.0).sum() / num_pairs
+
+    jsd_detached_DD = jsd_DD.detach()
+    mean_jsd = torch.where(pairs_DD, jsd_detached_DD, 0.0).sum() / num_pairs
+    both_present_DD = present_D[:, None] & present_D[None, :]
+    jsd_out_DD = torch.where(both_present_DD, jsd_detached_DD, math.nan)
+    return EDLLossOutput(
+        loss=loss, mean_jsd=mean_jsd, num_present=present_D.sum(), jsd_DD=jsd_out_DD
+    )
+
+
+def mutual_information(*, sums_DE: Tensor, counts_D: Tensor) -> Tensor:
+    """Mutual information I(E; D) between expert and domain (nats), detached.
+
+        w_j = n_j / Σ_k n_k,   p̄ = Σ_j w_j p̄_j,   I(E; D) = H(p̄) - Σ_j w_j H(p̄_j)
+
+    over the present domains (absent ones have w_j = 0). This is D_inter of method.md's
+    diversity decomposition: 0 when every domain routes alike, at most min(ln E, ln D), and equal
+    to ln D when D domains of equal weight use disjoint experts. With segment weights, w_j is
+    the share of segments, not of tokens. Returns 0 when no domain is present; clamped at 0
+    against rounding.
+
+    Args:
+        sums_DE: A, shape ``(D, E)``, at the scope to report (after any all-reduce).
+        counts_D: n, shape ``(D,)``, same scope.
+
+    Returns:
+        Scalar tensor, at least fp32, no grad.
+    """
+    means_DE, _ = domain_means(sums_DE=sums_DE.detach(), counts_D=counts_D.detach())
+    counts_D = counts_D.detach().to(means_DE.dtype)
+    w_D = counts_D / counts_D.sum().clamp_min(torch.finfo(means_DE.dtype).tiny)
+    pbar_E = (w_D[:, None] * means_DE).sum(dim=0)
+    return (_entropy(pbar_E) - (w_D * _entropy(means_DE)).sum()).clamp_min(0.0)
+
+
+def domain_entropy(*, sums_DE: Tensor, counts_D: Tensor) -> Tensor:
+    """Entropy of each domain's mean routing distribution, H(p̄_j) (nats), detached.
+
+    The per-domain marginal entropy of method.md section 4: ln E for a domain spread evenly
+    over all experts, 0 for a domain that always uses one expert. Divide by ln E to normalise.
+
+    Args:
+        sums_DE: A, shape ``(D, E)``, at the scope to report (after any all-reduce).
+        counts_D: n, shape ``(D,)``, same scope.
+
+    Returns:
+        ``entropy_D``: shape ``(D,)``, at least fp32, no grad; NaN for absent domains (n_j = 0)
+        so that plots skip them (``entropy_D.isnan()`` recovers the absent mask).
+    """
+    means_DE, present_D = domain_means(sums_DE=sums_DE.detach(), counts_D=counts_D.detach())
+    entropy_D = _entropy(means_DE)
+    return torch.where(present_D, entropy_D, math.nan)

@@ -1,0 +1,134 @@
+"""A small gloo multi-process runner for distributed tests on CPU.
+
+    run_distributed(fn, world_size, *args, timeout_s=120, **kwargs) -> list of fn's return values
+
+Spawns ``world_size`` processes (``spawn`` start method, so no state leaks from pytest), each
+initialising ``torch.distributed`` with gloo on a free local port, then calls
+``fn(rank, world_size, *args, **kwargs)``. ``fn`` must be importable by the children (a
+module-level function of a test module); pass expected tensors in through ``args`` and assert
+inside ``fn``. A rank that raises sends its traceback back and the runner raises
+:class:`DistributedTestError` with every failing rank's traceback; a run still going after
+``timeout_s`` (a hang in a collective, typically) is killed and reported as such, so a hang fails
+the test instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+
+class DistributedTestError(AssertionError):
+    """One or more ranks failed, or the run timed out."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(fn, rank, world_size, port, args, kwargs, results, timeout_s):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        value = fn(rank, world_size, *args, **kwargs)
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120, **kwargs: Any
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks.
+
+    Returns:
+        The per-rank return values (must be picklable), indexed by rank.
+
+    Raises:
+        DistributedTestError: a rank raised (tracebacks included) or the run exceeded
+            ``timeout_s`` seconds (the ranks that did not report are named).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(fn, rank, world_size, port, args, kwargs, results, timeout_s),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    reports: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(reports) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs) and results.empty():
+                    time.sleep(0.5)  # give a crashing rank's report time to arrive
+                    if results.empty():
+                        break
+                continue
+            reports[rank] = (ok, value)
+            if not ok:
+                deadline = min(deadline, time.monotonic() + 10)  # others may hang now
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    failures = [f"--- rank {r} ---\n{v}" for r, (ok, v) in sorted(reports.items()) if not ok]
+    missing = sorted(set(range(world_size)) - set(reports))
+    if missing:
+        codes = {r: procs[r].exitcode for r in missing}
+        failures.append(
+            f"ranks {missing} did not report within {timeout_s:.0f} s "
+            f"(hang or crash; exit codes {codes})"
+        )
+    if failures:
+        raise DistributedTestError(
+            f"{fn.__module__}.{fn.__qualname__} failed on {world_size} ranks:\n"
+            + "\n".join(failures)
+        )
+    return [reports[r][1] for r in range(world_size)]
