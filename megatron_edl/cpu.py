@@ -190,6 +190,19 @@ def _patch_device_arch() -> None:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 
+def _patch_split_sizes_to_numpy() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        # Same contract as the original for non-tensors (ints, None): returned unchanged.
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.cpu().numpy()
+        return tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def _patch_torch_norm_sequence_parallel() -> None:
     from megatron.core.transformer import torch_norm
 
@@ -299,6 +312,15 @@ PATCHES: tuple[CpuPatch, ...] = (
         layouts="TP>1 or CP>1",
         remove_when="validate_args tolerates the absence of a device",
         apply=_patch_device_arch,
+    ),
+    CpuPatch(
+        name="split_sizes_to_numpy",
+        what="moe_utils.maybe_move_tensor_to_cpu(as_numpy=True) always returns numpy",
+        why="the alltoall dispatcher's split sizes become numpy only if tensor.is_cuda; on CPU "
+        "they stay tensors and all_to_all_single rejects them (mappings.py)",
+        layouts="EP>1 or TP>1 with the alltoall dispatcher",
+        remove_when="maybe_move_tensor_to_cpu converts CPU tensors when as_numpy=True",
+        apply=_patch_split_sizes_to_numpy,
     ),
     CpuPatch(
         name="torch_norm_sequence_parallel",

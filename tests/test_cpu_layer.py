@@ -94,26 +94,43 @@ def test_without_cpu_flag_and_gpu_the_launcher_says_what_to_do():
     assert "Pass --cpu" in proc.stderr
 
 
-def _probe_flags(patch: cpu.CpuPatch, tmp_path) -> list[str]:
-    """A 3-iteration run that exercises the code the patch covers."""
+# The run that exercises each patch's code: EP=2 with the alltoall dispatcher and a checkpoint
+# save (RNG state, dist-ckpt), or TP=2 with sequence parallelism.
+PROBES = {
+    "cuda_current_device": "ep2_alltoall_save",
+    "cuda_streams": "ep2_alltoall_save",
+    "cuda_rng_state": "ep2_alltoall_save",
+    "device_redirect": "ep2_alltoall_save",
+    "rng_tracker_fork": "ep2_alltoall_save",
+    "allow_no_cuda": "ep2_alltoall_save",
+    "device_count_in_init": "ep2_alltoall_save",
+    "device_arch": "tp2_sp",
+    "split_sizes_to_numpy": "ep2_alltoall_save",
+    "torch_norm_sequence_parallel": "tp2_sp",
+}
+
+
+def test_every_patch_has_a_probe_run():
+    assert set(PROBES) == {p.name for p in cpu.PATCHES if not p.speed_only}
+
+
+def _probe_flags(name: str, tmp_path) -> list[str]:
     flags = [*TINY_MOE_GPT, "--train-iters", "3"]
-    if "TP>1" in patch.layouts:
+    if PROBES[name] == "tp2_sp":
         return [*flags, *LAYOUTS["tp2_sp"]]
-    # EP=2 with the alltoall dispatcher, saving a checkpoint (RNG state, dist-ckpt).
     return [*flags, *LAYOUTS["ep2_alltoall"], "--save", str(tmp_path), "--save-interval", "3"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [p.name for p in cpu.PATCHES if not p.speed_only])
+@pytest.mark.parametrize("name", sorted(PROBES))
 def test_patch_is_still_needed(name, tmp_path):
     """Ablation: with this one patch off, the run it covers must break.
 
     If this fails after a megatron-core upgrade, the patch is no longer needed: delete it (the
     same runs with every patch on pass in test_pretrain_cpu.py).
     """
-    patch = next(p for p in cpu.PATCHES if p.name == name)
     result = run_pretrain(
-        2, _probe_flags(patch, tmp_path), env={cpu.DISABLE_ENV: name}, timeout_s=180
+        2, _probe_flags(name, tmp_path), env={cpu.DISABLE_ENV: name}, timeout_s=180
     )
     broke = result.returncode != 0 or sorted(result.iterations) != [1, 2, 3]
     assert broke, f"CPU patch {name!r} looks unnecessary with this megatron-core: the run passed"
