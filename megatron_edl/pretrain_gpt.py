@@ -28,6 +28,52 @@ import sys  # noqa: E402
 import warnings  # noqa: E402
 
 CPU_FLAG = "--cpu"
+MOCK_DOMAINS_FLAG = "--moe-edl-mock-domains"
+
+
+def edl_config_from_args(args):
+    """The run's ``EDLConfig`` (validated against the model), or ``None`` when EDL is off."""
+    import dataclasses
+
+    from megatron_edl.config import EDLConfig, EDLConfigError, validate_against_model
+
+    cfg = EDLConfig.from_args(args)
+    if not cfg.enabled:
+        return None
+    validate_against_model(
+        cfg,
+        num_moe_experts=args.num_experts,
+        num_layers=args.num_layers,
+        moe_layer_freq=args.moe_layer_freq,
+    )
+    if not args.mock_data:
+        raise EDLConfigError(
+            "--moe-edl-coeff > 0 needs domain-labelled data; so far only --mock-data provides "
+            f"it (synthetic domains, {MOCK_DOMAINS_FLAG})"
+        )
+    if args.pipeline_model_parallel_size > 2 or args.virtual_pipeline_model_parallel_size:
+        raise EDLConfigError(
+            "EDL with intermediate pipeline stages (--pipeline-model-parallel-size > 2 or a "
+            "virtual pipeline) is not supported yet: those stages receive no data"
+        )
+    return dataclasses.replace(cfg, num_domains=args.moe_edl_mock_domains)
+
+
+def edl_layer_spec(base_spec, edl_config):
+    """A ``GPTModelConfig.transformer_layer_spec`` provider that installs the EDL router."""
+    from megatron.training.models.gpt import default_layer_spec
+
+    from megatron_edl.integration.spec import with_edl_router
+
+    def provider(model_config, vp_stage=None):
+        spec = base_spec
+        if spec is None:
+            spec = default_layer_spec(model_config, vp_stage)
+        elif callable(spec) and not hasattr(spec, "module"):
+            spec = spec(model_config, vp_stage=vp_stage)
+        return with_edl_router(spec, edl_config)
+
+    return provider
 
 
 def cpu_argv(argv: list[str]) -> list[str]:
@@ -70,14 +116,23 @@ def escape_percent_in_help(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Our flags next to Megatron's (``parse_and_validate_args(extra_args_provider=...)``)."""
+    from megatron_edl.config import add_edl_args
     from megatron_edl.integration import modelopt
 
+    parser = add_edl_args(parser)
     group = parser.add_argument_group(title="megatron-edl")
     group.add_argument(
         CPU_FLAG,
         action="store_true",
         help="Run on CPU with gloo (tests, CI, the quickstart): applies megatron_edl.cpu and sets "
         "the flags CPU needs. Refused when CUDA is available.",
+    )
+    group.add_argument(
+        MOCK_DOMAINS_FLAG,
+        type=int,
+        default=4,
+        help="With --mock-data and EDL on: number of synthetic domains (document i belongs to "
+        "domain i %% N, its tokens to that domain's vocabulary band).",
     )
     parser = modelopt.add_args(parser)
     return escape_percent_in_help(parser)
@@ -157,6 +212,14 @@ def main(argv: list[str] | None = None) -> None:
         model_cfg = gpt_config_from_args(args, model_config_cls=modelopt.model_config_cls())
     else:
         model_cfg = gpt_config_from_args(args)
+    args.edl_config = edl_config_from_args(args)
+    if args.edl_config is not None:
+        from megatron_edl.integration.router import register_edl_metrics
+
+        model_cfg.transformer_layer_spec = edl_layer_spec(
+            model_cfg.transformer_layer_spec, args.edl_config
+        )
+        register_edl_metrics()
     run_pretrain(
         pretrain_cfg_container_from_args(args, model_cfg),
         gpt.train_valid_test_datasets_provider,

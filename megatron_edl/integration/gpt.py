@@ -5,7 +5,10 @@ forward step, dataset provider, embedding ranks), written against the installed
 ``megatron-core`` wheel, which does not ship that script. Behaviour is stock: every dataset kind
 (mock, indexed ``GPTDataset``, FIM, SFT), THD packed sequences, CP splitting, the NaN/spiky-loss
 checks of the rerun state machine, cached-logits distillation and ModelOpt (when installed).
-Later features (domain ids for the EDL router loss) extend these functions, not replace them.
+With EDL on (an ``EDLConfig`` the launcher stores as ``args.edl_config``), the batch
+also carries per-token domain ids and EDL weights, broadcast over TP and split over CP like the
+tokens, and :func:`forward_step` queues each micro-batch's labels on the EDL routers before the
+forward. With EDL off every function behaves exactly as stock.
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ from megatron.training.datasets.sft_dataset import SFTDataset
 from megatron.training.training import update_seqlen_stats_from_cu_seqlens
 from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
 
+from megatron_edl.config import EDLConfig
+from megatron_edl.integration import labels as edl_labels
 from megatron_edl.integration import modelopt
+from megatron_edl.integration.dataset import DomainGPTDatasetConfig, DomainMockGPTDataset
 
 # The fields get_batch returns, in this order (alphabetical, as Megatron's callers unpack them).
 BATCH_KEYS = (
@@ -54,8 +60,15 @@ BATCH_KEYS = (
     "tokens",
 )
 
+ALL_KEYS = BATCH_KEYS + edl_labels.EDL_BATCH_KEYS
+
 # A loss this many times the largest loss seen so far counts as a spike (rerun state machine).
 SPIKY_LOSS_FACTOR = 10
+
+
+def edl_config() -> EDLConfig | None:
+    """The run's EDL configuration (set on Megatron's args by the launcher), or ``None``."""
+    return getattr(get_args(), "edl_config", None)
 
 
 def _mtp_on_this_rank(args, vp_stage: int | None) -> bool:
@@ -82,8 +95,9 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
 
     tp_rank = mpu.get_tensor_model_parallel_rank()
     batch: dict = {}
+    next_batch: dict = {}
     if tp_rank == 0:
-        batch = next(data_iterator)
+        batch = next_batch = next(data_iterator)
         for key in BATCH_KEYS:
             value = batch.get(key)
             batch[key] = value.cuda(non_blocking=True) if value is not None else None
@@ -104,12 +118,23 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
         is_pipeline_first_stage=mpu.is_pipeline_first_stage(),
         is_pipeline_last_stage=mpu.is_pipeline_last_stage(),
     )
+    if edl_config() is not None:
+        batch.update(
+            edl_labels.broadcast_labels_over_tp(
+                next_batch,
+                tp_rank=tp_rank,
+                src_rank=mpu.get_tensor_model_parallel_src_rank(),
+                group=mpu.get_tensor_model_parallel_group(),
+                micro_batch_size=args.micro_batch_size,
+                seq_length=args.seq_length,
+            )
+        )
     batch = flatten_batch_for_packed_sequences(batch)
 
     if not edge_stage and not mtp_here:
         # Intermediate stage with packed sequences: only the THD metadata is needed.
         keep = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen")
-        return {key: batch.get(key) if key in keep else None for key in BATCH_KEYS}
+        return {key: batch.get(key) if key in keep else None for key in ALL_KEYS}
 
     batch = get_batch_on_this_cp_rank(
         batch,
@@ -118,7 +143,7 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
         hybrid_cp_group_func=get_hybrid_data_context_parallel_groups,
         use_per_sequence_balancing=args.dataloader_inter_document_masking and not args.sft,
     )
-    return {key: batch.get(key) for key in BATCH_KEYS}
+    return {key: batch.get(key) for key in ALL_KEYS}
 
 
 @lru_cache(maxsize=1)
@@ -218,6 +243,8 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     timers("batch-generator", log_level=2).start()
     batch = get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"))
     packed_seq_params = packed_seq_params_from_batch(batch, args.seq_length)
+    if edl_config() is not None and torch.is_grad_enabled():
+        _push_edl_labels(model, batch, args)
     timers("batch-generator").stop()
 
     tokens, position_ids = batch["tokens"], batch["position_ids"]
@@ -238,6 +265,23 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
         packed_seq_params=packed_seq_params,
     )
     return output_tensor, partial(loss_func, loss_mask, model=model)
+
+
+def _push_edl_labels(model, batch: dict, args) -> None:
+    ids_BS = batch[edl_labels.DOMAIN_IDS_KEY]
+    if ids_BS is None:
+        raise RuntimeError(
+            "EDL is on but this pipeline stage received no domain labels (intermediate stages "
+            "of PP > 2 and virtual pipeline stages are not supported yet)"
+        )
+    labels = edl_labels.router_labels(
+        ids_BS,
+        batch[edl_labels.WEIGHTS_KEY],
+        sequence_parallel=args.sequence_parallel,
+        tp_rank=mpu.get_tensor_model_parallel_rank(),
+        tp_size=args.tensor_model_parallel_size,
+    )
+    edl_labels.push_labels(model, labels)
 
 
 def is_dataset_built_on_rank(vp_stage=None, is_packed_sequence: bool = False) -> bool:
@@ -285,6 +329,11 @@ def gpt_dataset_config_from_args(args) -> GPTDatasetConfig:
         hybrid_context_parallel=args.hybrid_context_parallel,
         inter_document_masking=args.dataloader_inter_document_masking,
     )
+    cfg = edl_config()
+    if cfg is not None:
+        return DomainGPTDatasetConfig(
+            **kwargs, edl_aggregation=str(cfg.aggregation), edl_num_domains=cfg.num_domains
+        )
     if not args.fim_data:
         return GPTDatasetConfig(**kwargs)
     return GPTFIMDatasetConfig(
@@ -308,7 +357,9 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     """Build the train/valid/test datasets with Megatron's ``BlendedMegatronDatasetBuilder``."""
     args = get_args()
     config = gpt_dataset_config_from_args(args)
-    if args.sft:
+    if edl_config() is not None:  # the launcher checked --mock-data
+        dataset_type, packed = DomainMockGPTDataset, False
+    elif args.sft:
         dataset_type, packed = SFTDataset, True
     elif args.mock_data:
         dataset_type, packed = MockGPTDataset, False

@@ -1,0 +1,545 @@
+"""Configuration of Expert Divergence Learning: one frozen dataclass, its flags, its checks.
+
+``EDLConfig`` is the single place the EDL options live. Megatron's argparse namespace feeds it
+through ``add_edl_args`` (registered via ``extra_args_provider``) and ``EDLConfig.from_args``;
+every field is validated once, in ``__post_init__``, and every user-facing error is an
+``EDLConfigError`` (a ``ValueError``) whose message names the command-line flag and the bad value.
+Checks that need the model's shape (is there an MoE at all, which layers are MoE layers) live in
+``validate_against_model``.
+
+This module imports neither ``megatron`` nor ``torch``: the argparse namespace is duck-typed.
+Specification: ``reference/method.md`` section 2.
+
+Example::
+
+    parser = add_edl_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--moe-edl-coeff", "0.01", "--moe-edl-layers", "2-8"])
+    cfg = EDLConfig.from_args(args)
+    validate_against_model(cfg, num_moe_experts=64, num_layers=8, moe_layer_freq=1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+__all__ = [
+    "EDLAggregation",
+    "EDLConfig",
+    "EDLConfigError",
+    "EDLForm",
+    "EDLLabels",
+    "EDLScope",
+    "FLAGS",
+    "add_edl_args",
+    "parse_layers",
+    "validate_against_model",
+]
+
+ARGUMENT_GROUP_TITLE = "expert divergence learning (megatron-edl)"
+
+
+class EDLConfigError(ValueError):
+    """A user-controlled EDL setting (flag, config field, label map) is invalid."""
+
+
+class EDLForm(StrEnum):
+    """Form of the per-pair loss (method.md section 2)."""
+
+    LOG = "log"
+    """The paper's ``-log(JSD + eps)``, averaged over domain pairs."""
+    LINEAR = "linear"
+    """``-JSD``, averaged over domain pairs (decision)."""
+
+
+class EDLScope(StrEnum):
+    """Which ranks' tokens the per-domain statistics are summed over."""
+
+    GLOBAL = "global"
+    """Every rank of the micro-batch step: Megatron's ``tp_dp_cp`` group (default)."""
+    LOCAL = "local"
+    """One data-parallel replica: the ``tp_cp`` group."""
+
+
+class EDLAggregation(StrEnum):
+    """How tokens are weighted inside a domain mean."""
+
+    SEGMENT = "segment"
+    """Every segment (run of one document inside a sample) weighs the same (the paper's)."""
+    TOKEN = "token"
+    """Every token weighs the same."""
+    SAMPLE = "sample"
+    """One label per sample; every sample weighs the same."""
+
+
+class EDLLabels(StrEnum):
+    """Where the domain labels come from."""
+
+    DATA = "data"
+    """The labels stored with the data, through the label map."""
+    RANDOM = "random"
+    """The control of the paper: the documents' labels randomly permuted (seeded)."""
+
+
+FLAGS: Mapping[str, str] = MappingProxyType(
+    {
+        "coeff": "--moe-edl-coeff",
+        "form": "--moe-edl-form",
+        "eps": "--moe-edl-eps",
+        "scope": "--moe-edl-scope",
+        "aggregation": "--moe-edl-aggregation",
+        "accumulate": "--moe-edl-accumulate",
+        "layers": "--moe-edl-layers",
+        "label_map": "--moe-edl-label-map",
+        "labels": "--moe-edl-labels",
+        "random_seed": "--moe-edl-random-seed",
+    }
+)
+"""EDLConfig field -> command-line flag, for every field that has a flag (``num_domains`` has
+none: it comes from the label map or the data). The namespace attribute is the flag's
+argparse ``dest``, e.g. ``--moe-edl-coeff`` -> ``args.moe_edl_coeff``."""
+
+
+def _flag(field: str) -> str:
+    """The flag of ``field``, or the field name itself when it has no flag."""
+    return FLAGS.get(field, field)
+
+
+def _dest(field: str) -> str:
+    """The argparse namespace attribute of ``field``'s flag."""
+    return FLAGS[field].removeprefix("--").replace("-", "_")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EDLConfig:
+    """Options of the Expert Divergence Loss; see ``FLAGS`` for the flag of each field.
+
+    Strings are accepted for the enum fields (case-insensitive) and for ``layers`` (the
+    ``--moe-edl-layers`` syntax of ``parse_layers``); ``__post_init__`` converts them, so the
+    stored values always have the annotated types. Use ``dataclasses.replace`` to derive a copy
+    (for instance to fill in ``num_domains``); it validates again.
+    """
+
+    coeff: float = 0.0
+    """β, the weight of L_ED in the objective (per MoE layer, summed over layers). 0 disables
+    EDL. Must be finite and >= 0."""
+
+    form: EDLForm = EDLForm.LOG
+    """Per-pair loss: ``log`` (-log(JSD + eps), the paper's) or ``linear`` (-JSD)."""
+
+    eps: float = 1e-6
+    """ε inside the log of the ``log`` form; must be finite and > 0 for that form (>= 0 for
+    ``linear``, which ignores it)."""
+
+    scope: EDLScope = EDLScope.GLOBAL
+    """Ranks whose tokens the per-domain statistics sum over: ``global`` (tp_dp_cp) or
+    ``local`` (tp_cp)."""
+
+    aggregation: EDLAggregation = EDLAggregation.SEGMENT
+    """Token weighting inside a domain mean: ``segment`` (paper), ``token`` or ``sample``."""
+
+    accumulate: bool = False
+    """Accumulate the statistics across the micro-batches of one global batch; the earlier
+    micro-batches enter detached."""
+
+    layers: tuple[int, ...] | None = None
+    """1-based Megatron layer numbers EDL applies to, sorted and unique; ``None`` means every
+    MoE layer."""
+
+    label_map: str | None = None
+    """Path of the YAML label map (stored data labels -> loss domains); ``None`` uses the
+    stored ids as they are."""
+
+    labels: EDLLabels = EDLLabels.DATA
+    """Label source: ``data`` or ``random`` (the paper's random-label control)."""
+
+    random_seed: int = 1234
+    """Seed of the label permutation of the ``random`` control; >= 0."""
+
+    num_domains: int | None = None
+    """Number of loss domains D; ``None`` until the label map or the data tells. >= 1."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether EDL is on (``coeff > 0``)."""
+        return self.coeff > 0
+
+    def applies_to(self, layer_number: int) -> bool:
+        """Whether EDL applies to the (MoE) layer with this 1-based Megatron layer number.
+
+        Args:
+            layer_number: 1-based layer number, as Megatron's ``TransformerLayer.layer_number``.
+
+        Returns:
+            ``True`` when EDL is enabled and ``layers`` is ``None`` or lists ``layer_number``.
+        """
+        return self.enabled and (self.layers is None or layer_number in self.layers)
+
+    def __post_init__(self) -> None:
+        """Validate and normalise every field.
+
+        Raises:
+            EDLConfigError: On any invalid field; the message names the flag and the value.
+        """
+        coeff = _as_float("coeff", self.coeff)
+        if not math.isfinite(coeff) or coeff < 0:
+            raise EDLConfigError(f"{_flag('coeff')} must be >= 0 and finite, got {self.coeff!r}")
+
+        form = _as_enum("form", self.form, EDLForm)
+        eps = _as_float("eps", self.eps)
+        if not math.isfinite(eps) or eps < 0:
+            raise EDLConfigError(f"{_flag('eps')} must be >= 0 and finite, got {self.eps!r}")
+        if form is EDLForm.LOG and eps == 0:
+            raise EDLConfigError(
+                f"{_flag('eps')} must be > 0 with {_flag('form')} log, got {self.eps!r}"
+            )
+
+        if not isinstance(self.accumulate, bool):
+            raise EDLConfigError(f"{_flag('accumulate')} must be a bool, got {self.accumulate!r}")
+
+        label_map = self.label_map
+        if isinstance(label_map, os.PathLike):
+            label_map = os.fspath(label_map)
+        if label_map is not None and (not isinstance(label_map, str) or not label_map.strip()):
+            raise EDLConfigError(
+                f"{_flag('label_map')} must be a non-empty path, got {self.label_map!r}"
+            )
+
+        values: dict[str, Any] = {
+            "coeff": coeff,
+            "form": form,
+            "eps": eps,
+            "scope": _as_enum("scope", self.scope, EDLScope),
+            "aggregation": _as_enum("aggregation", self.aggregation, EDLAggregation),
+            "layers": _as_layers(self.layers),
+            "label_map": label_map,
+            "labels": _as_enum("labels", self.labels, EDLLabels),
+            "random_seed": _as_int("random_seed", self.random_seed, minimum=0),
+            "num_domains": (
+                None
+                if self.num_domains is None
+                else _as_int("num_domains", self.num_domains, minimum=1)
+            ),
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_args(cls, args: Any) -> EDLConfig:
+        """Build the config from an argparse namespace (Megatron's ``args``), duck-typed.
+
+        Reads the ``args.moe_edl_*`` attributes that ``add_edl_args`` defines; a missing
+        attribute takes the field's default. When ``args.num_layers`` is an int, the layers of
+        ``--moe-edl-layers`` are checked against it.
+
+        Args:
+            args: Any object with ``moe_edl_*`` attributes.
+
+        Returns:
+            The validated config (``num_domains`` is ``None``).
+
+        Raises:
+            EDLConfigError: On any invalid value.
+        """
+        kwargs: dict[str, Any] = {}
+        for field in FLAGS:
+            if hasattr(args, _dest(field)):
+                kwargs[field] = getattr(args, _dest(field))
+        layers = kwargs.get("layers")
+        if isinstance(layers, str):
+            num_layers = getattr(args, "num_layers", None)
+            if not isinstance(num_layers, int) or isinstance(num_layers, bool):
+                num_layers = None
+            kwargs["layers"] = parse_layers(layers, num_layers)
+        return cls(**kwargs)
+
+
+def _choices(enum: type[StrEnum]) -> str:
+    """``"a, b, c"``: the values of ``enum`` in definition order."""
+    return ", ".join(member.value for member in enum)
+
+
+def _as_enum[E: StrEnum](field: str, value: Any, enum: type[E]) -> E:
+    """Convert an enum member or a (case-insensitive) string to ``enum``."""
+    if isinstance(value, enum):
+        return value
+    if isinstance(value, str):
+        try:
+            return enum(value.strip().lower())
+        except ValueError:
+            pass
+    raise EDLConfigError(f"unknown {_flag(field)} {value!r}; choose from {_choices(enum)}")
+
+
+def _as_float(field: str, value: Any) -> float:
+    """Convert a real number or a numeric string to ``float`` (bools are rejected)."""
+    if isinstance(value, bool):
+        raise EDLConfigError(f"{_flag(field)} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise EDLConfigError(f"{_flag(field)} must be a number, got {value!r}") from None
+
+
+def _as_int(field: str, value: Any, *, minimum: int) -> int:
+    """Convert an integer (or a decimal string) to ``int`` and check ``value >= minimum``."""
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            number = None
+    if number is None:
+        raise EDLConfigError(f"{_flag(field)} must be an integer, got {value!r}")
+    if number < minimum:
+        raise EDLConfigError(f"{_flag(field)} must be >= {minimum}, got {value!r}")
+    return number
+
+
+def _as_layers(value: Any) -> tuple[int, ...] | None:
+    """Normalise ``layers``: ``None``, a ``parse_layers`` spec, or a sequence of ints >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_layers(value)
+    flag = _flag("layers")
+    if not isinstance(value, Sequence):
+        raise EDLConfigError(
+            f"{flag} must be a sequence of layer numbers or a string spec, got {value!r}"
+        )
+    for layer in value:
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 1:
+            raise EDLConfigError(
+                f"{flag}: layer numbers are 1-based integers, got {layer!r} in {value!r}"
+            )
+    if not value:
+        raise EDLConfigError(
+            f"{flag} lists no layer, got {value!r}; to disable EDL set {_flag('coeff')} 0"
+        )
+    return tuple(sorted(set(value)))
+
+
+def parse_layers(spec: str | None, num_layers: int | None = None) -> tuple[int, ...] | None:
+    """Parse the ``--moe-edl-layers`` syntax into sorted, unique 1-based layer numbers.
+
+    ``"all"`` (any case) or ``None`` means every MoE layer and gives ``None``. Otherwise a
+    comma-separated list of layer numbers and inclusive ranges ``a-b``; whitespace is ignored
+    and overlaps are merged: ``"1,3,5-8"`` -> ``(1, 3, 5, 6, 7, 8)``.
+
+    Args:
+        spec: The flag's value.
+        num_layers: The model's number of transformer layers; when given, layers above it are
+            errors.
+
+    Returns:
+        The layer numbers, or ``None`` for every MoE layer.
+
+    Raises:
+        EDLConfigError: On a malformed token, a layer < 1, a reversed range, an empty list or a
+            layer above ``num_layers``; the message names ``--moe-edl-layers`` and the token.
+    """
+    flag = _flag("layers")
+    if spec is None:
+        return None
+    if not isinstance(spec, str):
+        raise EDLConfigError(f"{flag} must be a string, got {spec!r}")
+    if spec.strip().lower() == "all":
+        return None
+    layers: set[int] = set()
+    for raw_token in spec.split(","):
+        token = "".join(raw_token.split())
+        if not token:
+            raise EDLConfigError(f"{flag}: empty entry in {spec!r}; expected e.g. '1,3,5-8'")
+        first, sep, last = token.partition("-")
+        if not first.isdigit() or (sep and not last.isdigit()):
+            raise EDLConfigError(
+                f"{flag}: bad entry {token!r} in {spec!r}; expected a layer number or a "
+                f"range 'a-b' of 1-based layer numbers, or 'all'"
+            )
+        lo = int(first)
+        hi = int(last) if sep else lo
+        if lo < 1:
+            raise EDLConfigError(f"{flag}: layer numbers are 1-based, got {token!r} in {spec!r}")
+        if hi < lo:
+            raise EDLConfigError(f"{flag}: reversed range {token!r} in {spec!r}")
+        if num_layers is not None and hi > num_layers:
+            raise EDLConfigError(
+                f"{flag}: {token!r} in {spec!r} is beyond the model's {num_layers} layers"
+            )
+        layers.update(range(lo, hi + 1))
+    return tuple(sorted(layers))
+
+
+def add_edl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``--moe-edl-*`` flags, in one argument group, for ``extra_args_provider``.
+
+    Defaults equal the ``EDLConfig`` defaults. Enum flags and ``--moe-edl-layers`` take plain
+    strings; ``EDLConfig.from_args`` validates them and names the valid choices on error.
+
+    Args:
+        parser: Megatron's (or any) argument parser.
+
+    Returns:
+        The same parser, as Megatron's ``extra_args_provider`` expects.
+    """
+    default = {f.name: f.default for f in dataclasses.fields(EDLConfig)}
+    group = parser.add_argument_group(title=ARGUMENT_GROUP_TITLE)
+    group.add_argument(
+        FLAGS["coeff"],
+        type=float,
+        default=default["coeff"],
+        help="Weight (beta) of the expert divergence loss, per MoE layer; 0 disables EDL. "
+        "Default: %(default)s.",
+    )
+    group.add_argument(
+        FLAGS["form"],
+        type=str,
+        default=default["form"].value,
+        help=f"Per-pair loss: {_choices(EDLForm)}. log = -log(JSD + eps) (the paper's), "
+        "linear = -JSD. Default: %(default)s.",
+    )
+    group.add_argument(
+        FLAGS["eps"],
+        type=float,
+        default=default["eps"],
+        help="Epsilon inside the log of the log form (> 0). Default: %(default)s.",
+    )
+    group.add_argument(
+        FLAGS["scope"],
+        type=str,
+        default=default["scope"].value,
+        help=f"Ranks the per-domain statistics are summed over: {_choices(EDLScope)}. "
+        "global = tp x dp x cp (every rank of the step), local = tp x cp (one data-parallel "
+        "replica). Default: %(default)s.",
+    )
+    group.add_argument(
+        FLAGS["aggregation"],
+        type=str,
+        default=default["aggregation"].value,
+        help=f"Token weighting inside a domain mean: {_choices(EDLAggregation)}. segment = "
+        "every document segment weighs the same (the paper's), token = every token, "
+        "sample = one label per sample. "
+        "Default: %(default)s.",
+    )
+    group.add_argument(
+        FLAGS["accumulate"],
+        action="store_true",
+        default=default["accumulate"],
+        help="Accumulate the statistics across the micro-batches of one global batch "
+        "(earlier micro-batches enter detached).",
+    )
+    group.add_argument(
+        FLAGS["layers"],
+        type=str,
+        default=default["layers"],
+        help="1-based layer numbers EDL applies to, e.g. '1,3,5-8', or 'all'. "
+        "Default: every MoE layer.",
+    )
+    group.add_argument(
+        FLAGS["label_map"],
+        type=str,
+        default=default["label_map"],
+        help="YAML file mapping the stored data labels to loss domains (groups, ignored "
+        "labels). Default: use the stored ids as they are.",
+    )
+    group.add_argument(
+        FLAGS["labels"],
+        type=str,
+        default=default["labels"].value,
+        help=f"Label source: {_choices(EDLLabels)}. random = the documents' labels randomly "
+        "permuted (the paper's control). Default: %(default)s.",
+    )
+    group.add_argument(
+        FLAGS["random_seed"],
+        type=int,
+        default=default["random_seed"],
+        help="Seed of the label permutation of --moe-edl-labels random. Default: %(default)s.",
+    )
+    return parser
+
+
+def _moe_layer_numbers(num_layers: int, moe_layer_freq: int | Sequence[int]) -> tuple[int, ...]:
+    """1-based numbers of the MoE layers, as Megatron's GPT layer specs derive them.
+
+    An int N puts an MoE layer at every layer number ``l`` with ``(l - 1) % N == 0``; a list
+    holds one 0/1 entry per layer (``--moe-layer-freq`` after Megatron's ``moe_freq_type``).
+    """
+    if isinstance(moe_layer_freq, int) and not isinstance(moe_layer_freq, bool):
+        if moe_layer_freq < 1:
+            raise EDLConfigError(f"--moe-layer-freq must be >= 1, got {moe_layer_freq!r}")
+        return tuple(n for n in range(1, num_layers + 1) if (n - 1) % moe_layer_freq == 0)
+    if isinstance(moe_layer_freq, Sequence) and not isinstance(moe_layer_freq, str):
+        if len(moe_layer_freq) != num_layers or any(v not in (0, 1) for v in moe_layer_freq):
+            raise EDLConfigError(
+                f"--moe-layer-freq must be an int or a list of {num_layers} zeros and ones "
+                f"(one per layer), got {list(moe_layer_freq)!r}"
+            )
+        return tuple(n for n, v in enumerate(moe_layer_freq, start=1) if v)
+    raise EDLConfigError(
+        f"--moe-layer-freq must be an int or a list of 0/1, got {moe_layer_freq!r}"
+    )
+
+
+def validate_against_model(
+    cfg: EDLConfig,
+    *,
+    num_moe_experts: int | None,
+    num_layers: int,
+    moe_layer_freq: int | Sequence[int] = 1,
+) -> tuple[int, ...]:
+    """Check the EDL options against the model's shape.
+
+    Args:
+        cfg: The EDL config.
+        num_moe_experts: Megatron's ``--num-experts`` (``None`` or 0 without MoE).
+        num_layers: Megatron's ``--num-layers``.
+        moe_layer_freq: Megatron's ``--moe-layer-freq``, after ``moe_freq_type``: an int N
+            (an MoE layer every N layers, starting at layer 1) or one 0/1 per layer.
+
+    Returns:
+        The 1-based numbers of the layers EDL applies to (empty when EDL is disabled).
+
+    Raises:
+        EDLConfigError: EDL is enabled without MoE, ``--moe-edl-layers`` lists a layer that
+            does not exist or is not an MoE layer, or the model has no MoE layer at all.
+    """
+    if not cfg.enabled:
+        return ()
+    coeff_flag, layers_flag = _flag("coeff"), _flag("layers")
+    if not num_moe_experts:
+        raise EDLConfigError(
+            f"{coeff_flag} {cfg.coeff} enables EDL, which needs an MoE model, but "
+            f"--num-experts is {num_moe_experts!r}; set --num-experts or {coeff_flag} 0"
+        )
+    if num_layers < 1:
+        raise EDLConfigError(f"--num-layers must be >= 1, got {num_layers!r}")
+    moe_layers = _moe_layer_numbers(num_layers, moe_layer_freq)
+    if not moe_layers:
+        raise EDLConfigError(
+            f"{coeff_flag} {cfg.coeff} enables EDL, but --moe-layer-freq {moe_layer_freq!r} "
+            "makes no layer an MoE layer"
+        )
+    if cfg.layers is None:
+        return moe_layers
+    beyond = [n for n in cfg.layers if n > num_layers]
+    if beyond:
+        raise EDLConfigError(
+            f"{layers_flag} lists layers {beyond} beyond the model's {num_layers} layers "
+            f"(--num-layers)"
+        )
+    dense = [n for n in cfg.layers if n not in moe_layers]
+    if dense:
+        raise EDLConfigError(
+            f"{layers_flag} lists layers {dense} that are not MoE layers (--moe-layer-freq "
+            f"{moe_layer_freq!r}); the MoE layers are {list(moe_layers)}"
+        )
+    return cfg.layers

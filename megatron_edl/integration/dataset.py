@@ -1,0 +1,102 @@
+"""GPT datasets whose samples carry per-token domain ids and EDL weights.
+
+Megatron's ``GPTDataset.__getitem__`` knows which documents a packed sample spans (from
+``_query_document_sample_shuffle_indices``) but discards that. The mixin here keeps the document
+ids and per-document token counts of the sample being built, maps documents to domains, and adds
+``domain_ids`` (int64 [S]) and ``edl_weights`` (fp32 [S]) to the sample (see
+:mod:`megatron_edl.core.segments` for the weights). Everything else is stock.
+
+``DomainMockGPTDataset`` is the labelled counterpart of ``--mock-data`` (smoke tests, CI): document
+``i`` belongs to domain ``i % num_domains`` and its tokens come from that domain's band of the
+vocabulary, so domains are visible in the content and routers can specialise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from megatron.core.datasets.gpt_dataset import (
+    GPTDatasetConfig,
+    MockGPTDataset,
+    MockGPTLowLevelDataset,
+)
+
+from megatron_edl.core.segments import sample_token_labels
+from megatron_edl.integration.labels import DOMAIN_IDS_KEY, WEIGHTS_KEY
+
+
+@dataclasses.dataclass(kw_only=True)
+class DomainGPTDatasetConfig(GPTDatasetConfig):
+    """``GPTDatasetConfig`` plus what the labelled datasets need."""
+
+    edl_aggregation: str = "segment"
+    """Token weighting: ``segment``, ``token`` or ``sample`` (``--moe-edl-aggregation``)."""
+
+    edl_num_domains: int = 1
+    """Number of domains of the mock data (``--moe-edl-num-domains``)."""
+
+    edl_document_domains: np.ndarray | None = None
+    """Optional override: domain of every low-level document (e.g. the random-label control)."""
+
+
+class DomainLabelsMixin:
+    """Adds ``domain_ids``/``edl_weights`` to a ``GPTDataset`` subclass's samples."""
+
+    def document_domains(self, document_ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _query_document_sample_shuffle_indices(self, idx):
+        text, document_ids, document_lengths = super()._query_document_sample_shuffle_indices(idx)
+        # __getitem__ may edit document_lengths in place: keep a copy for the labels.
+        self._sample_documents = (np.asarray(document_ids), list(document_lengths))
+        return text, document_ids, document_lengths
+
+    def __getitem__(self, idx):
+        sample = super().__getitem__(idx)
+        document_ids, lengths = self._sample_documents
+        if idx is None:  # a padding sample: nothing in it is labelled
+            domains = np.full(len(document_ids), -1, dtype=np.int64)
+        else:
+            domains = self.document_domains(document_ids)
+        domain_ids_S, weights_S = sample_token_labels(
+            segment_domains_K=domains,
+            segment_lengths_K=lengths,
+            num_tokens=sample["tokens"].numel(),
+            aggregation=self.config.edl_aggregation,
+        )
+        sample[DOMAIN_IDS_KEY] = torch.from_numpy(domain_ids_S)
+        sample[WEIGHTS_KEY] = torch.from_numpy(weights_S)
+        return sample
+
+
+class DomainMockGPTLowLevelDataset(MockGPTLowLevelDataset):
+    """Mock documents whose tokens lie in a vocabulary band per domain (document i: i % D)."""
+
+    def __init__(self, tokenizer, num_domains: int) -> None:
+        super().__init__(tokenizer)
+        if num_domains < 1:
+            raise ValueError(f"--moe-edl-num-domains must be >= 1, got {num_domains}")
+        self.num_domains = num_domains
+        self.band = max(1, (self.vocab_size - 2) // num_domains)
+
+    def __getitem__(self, idx: int) -> np.ndarray:
+        length = int(self.sequence_lengths[idx])
+        domain = idx % self.num_domains
+        body = 1 + domain * self.band + np.arange(length - 1) % self.band
+        return np.concatenate([body, [self.eod_token]]).astype(np.int64)
+
+
+class DomainMockGPTDataset(DomainLabelsMixin, MockGPTDataset):
+    """``MockGPTDataset`` with domain labels (see the module docstring)."""
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path, config: DomainGPTDatasetConfig):
+        return DomainMockGPTLowLevelDataset(config.tokenizer, config.edl_num_domains)
+
+    def document_domains(self, document_ids: np.ndarray) -> np.ndarray:
+        override = self.config.edl_document_domains
+        if override is not None:
+            return override[document_ids]
+        return document_ids.astype(np.int64) % self.config.edl_num_domains

@@ -1,0 +1,195 @@
+"""``EDLTopKRouter``: Megatron's ``TopKRouter`` plus the Expert Divergence Loss.
+
+Top-k routing, load balancing, z-loss, expert bias, token dropping, checkpoints: all stock
+(``super().routing``). EDL adds no parameter and no persistent buffer, so checkpoints move freely
+between stock and EDL models. Per micro-batch and MoE layer, while training with grad enabled:
+
+1. ``probs_TE = softmax(logits_TE)`` in fp32 (dense, before top-k; method.md decision);
+2. per-domain weighted sums ``A [D, E]`` and counts ``n [D]`` of the local tokens;
+3. one all-reduce (SUM) of ``A`` and ``n`` over the scope's group (``tp_dp_cp`` for ``global``,
+   ``tp_cp`` for ``local``), backward identity (:mod:`megatron_edl.distributed`);
+4. ``L_ED`` from the reduced statistics (:func:`megatron_edl.core.edl.edl_loss`);
+5. ``beta * scale * L_ED`` attached to ``probs`` with ``MoEAuxLossAutoScaler``, exactly like
+   Megatron's load-balancing loss, so the schedule's aux-loss scale applies to it.
+
+Gradient scale (method.md, "Gradient scale"). Megatron's schedule multiplies aux-loss gradients by
+``cp / num_microbatches`` (``calculate_per_token_loss``: by 1), sums the router-weight gradient over
+TP (the weight is a sequence-parallel parameter) and averages it over DP x CP in DDP. With the
+identity backward of step 3 the gradients of all ranks holding tokens sum to the gradient of the
+loss on the whole micro-batch step, so the router-weight gradient after Megatron's reduction is
+
+    (1 / (dp * cp)) * sum_ranks (cp / nmb) * s * grad_r L = (s / (dp * nmb)) * grad L_global.
+
+The ``global`` scope therefore needs ``s = dp`` (dense data-parallel size, EP ranks included),
+giving ``beta * grad L_global / nmb``: Megatron's 1/num_microbatches convention for aux losses. The
+``local`` scope needs ``s = 1``: each DP replica's loss gradient, averaged over replicas, as for
+Megatron's ``aux_loss``. Under ``calculate_per_token_loss`` Megatron divides all gradients by the
+global token count instead; multiplying ``s`` by ``T_local * |tp_cp|`` (as Megatron does for its aux
+loss) restores the same result, exact when every token counts in the LM loss.
+
+Domain labels reach the router through a per-micro-batch FIFO (:meth:`push_labels`) that the
+training step fills with the labels of the tokens this rank's router sees (CP- and SP-sliced,
+s-major). The router consumes one entry per grad-enabled training forward: without recompute in
+forward order, with activation recompute (full, or selective ``moe``/``mlp``) at the recompute,
+which runs in backward order. Per pipeline stage and model chunk both orders are the micro-batch
+order, so each recompute gets its own micro-batch's labels, never a later one's. The no-grad first
+pass of a checkpointed forward consumes nothing, as Megatron's built-in losses compute nothing
+there.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import torch
+from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_edl.config import EDLConfig, EDLScope
+from megatron_edl.core import edl
+from megatron_edl.distributed import (
+    DomainStatsAccumulator,
+    all_reduce_domain_stats,
+    edl_loss_scale,
+)
+
+# Names recorded in Megatron's MoE metrics tracker (and registered for its log line).
+METRIC_NAMES = ("edl_loss", "edl_jsd", "edl_mi", "edl_domains")
+
+
+def register_edl_metrics() -> None:
+    """Make Megatron's iteration log and TensorBoard/W&B report the EDL metrics.
+
+    ``training_log`` passes a fixed whitelist (``track_names``) of MoE metrics to the tracker's
+    ``report``; this wraps the tracker's ``report`` once so the whitelist includes ours.
+    """
+    tracker = get_moe_metrics_tracker()
+    if getattr(tracker, "_edl_metrics_registered", False):
+        return
+    report = tracker.report
+
+    def report_with_edl(*args, track_names=None, **kwargs):
+        if track_names is not None:
+            names = [track_names] if isinstance(track_names, str) else list(track_names)
+            track_names = names + [n for n in METRIC_NAMES if n not in names]
+        return report(*args, track_names=track_names, **kwargs)
+
+    tracker.report = report_with_edl
+    tracker._edl_metrics_registered = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainLabels:
+    """Domain ids and EDL token weights of the tokens one router sees in one micro-batch.
+
+    Both are flattened in the router's token order (s-major over this rank's CP/SP shard).
+    """
+
+    domain_ids_T: torch.Tensor
+    """int64 [T]; -1 = no label."""
+    weights_T: torch.Tensor
+    """fp32 [T]; 1/T_s for the segment mode, 1 for the token mode."""
+
+
+class EDLTopKRouter(TopKRouter):
+    """``TopKRouter`` that attaches ``beta * L_ED`` next to Megatron's aux losses."""
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, edl_config):
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        if not isinstance(edl_config, EDLConfig):
+            raise TypeError(f"edl_config must be an EDLConfig, got {type(edl_config).__name__}")
+        if edl_config.num_domains is None:
+            raise ValueError("EDLTopKRouter needs edl_config.num_domains (number of loss domains)")
+        self.edl_config = edl_config
+        self._edl_labels: collections.deque[DomainLabels] = collections.deque()
+        self._edl_accumulator = DomainStatsAccumulator()
+        self._edl_microbatches_seen = 0
+
+    @property
+    def edl_active(self) -> bool:
+        """Whether EDL applies to this layer (coefficient > 0 and the layer is selected)."""
+        return self.edl_config.applies_to(self.layer_number)
+
+    def push_labels(self, labels: DomainLabels) -> None:
+        """Queue the labels of one micro-batch (called by the training step before forward)."""
+        self._edl_labels.append(labels)
+
+    def clear_labels(self) -> None:
+        self._edl_labels.clear()
+
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        probs, routing_map = super().routing(logits, padding_mask)
+        if self.training and torch.is_grad_enabled() and self.edl_active:
+            probs = self._apply_edl(logits.view(-1, self.config.num_moe_experts), probs)
+        return probs, routing_map
+
+    def _next_labels(self, num_tokens: int) -> DomainLabels:
+        if not self._edl_labels:
+            raise RuntimeError(
+                f"EDL router of layer {self.layer_number} has no domain labels for this "
+                "micro-batch: the training step must push them before the model's forward "
+                "(megatron_edl.integration.gpt.forward_step does)"
+            )
+        labels = self._edl_labels.popleft()
+        if labels.domain_ids_T.numel() != num_tokens:
+            raise ValueError(
+                f"EDL router of layer {self.layer_number} sees {num_tokens} tokens but got "
+                f"{labels.domain_ids_T.numel()} domain labels: labels must be sliced like the "
+                "tokens (CP split, then the sequence-parallel slice, s-major)"
+            )
+        return labels
+
+    def _apply_edl(self, logits_TE: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        cfg = self.edl_config
+        # A new global batch starts every num_microbatches grad-enabled forwards of this router.
+        if self._edl_microbatches_seen % get_num_microbatches() == 0:
+            self._edl_accumulator.reset()
+        self._edl_microbatches_seen += 1
+
+        labels = self._next_labels(logits_TE.shape[0])
+        probs_TE = edl.routing_probs(logits_TE=logits_TE)
+        sums_DE, counts_D = edl.domain_sums(
+            probs_TE=probs_TE,
+            domain_ids_T=labels.domain_ids_T,
+            weights_T=labels.weights_T,
+            num_domains=cfg.num_domains,
+            validate=False,  # ids are validated once, in the data pipeline
+        )
+        group = self.tp_dp_cp_group if cfg.scope == EDLScope.GLOBAL else self.tp_cp_group
+        sums_DE, counts_D = all_reduce_domain_stats(sums_DE, counts_D, group)
+        if cfg.accumulate:  # earlier micro-batches of this global batch enter detached
+            reduced = (sums_DE, counts_D)
+            sums_DE, counts_D = self._edl_accumulator.combine(*reduced)
+            self._edl_accumulator.update(*reduced)
+        out = edl.edl_loss(sums_DE=sums_DE, counts_D=counts_D, form=cfg.form, eps=cfg.eps)
+
+        scale = edl_loss_scale(
+            cfg.scope,
+            dp_size=self.tp_dp_cp_group.size() // self.tp_cp_group.size(),  # dense DP, EP incl.
+            cp_size=self.cp_group.size(),
+            cp_in_aux_loss_scale=True,  # Megatron's schedule multiplies aux losses by cp
+        )
+        if self.calculate_per_token_loss:
+            scale *= logits_TE.shape[0] * self.tp_cp_group.size()
+        probs = MoEAuxLossAutoScaler.apply(probs, out.loss * (cfg.coeff * scale))
+        self._record_edl_metrics(out, sums_DE, counts_D)
+        return probs
+
+    def _record_edl_metrics(self, out, sums_DE, counts_D) -> None:
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        layer = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
+        values = {
+            "edl_loss": out.loss.detach(),
+            "edl_jsd": out.mean_jsd,
+            "edl_mi": edl.mutual_information(sums_DE=sums_DE, counts_D=counts_D),
+            "edl_domains": out.num_present.to(torch.float32),
+        }
+        tracker = get_moe_metrics_tracker()
+        for name, value in values.items():
+            # Values are replicated over the reduce group, not partial: average, never sum.
+            tracker.record(
+                name, value, layer, num_layers, avg_group=self.tp_cp_group, needs_dp_avg=True
+            )

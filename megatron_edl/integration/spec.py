@@ -1,0 +1,88 @@
+"""Install :class:`EDLTopKRouter` into any Megatron layer or block spec.
+
+Megatron builds an MoE layer's router from the ``router`` slot of its ``MoESubmodules`` (a
+``RouterBuilder``: ``builder(config=..., pg_collection=..., is_mtp_layer=...)``). The function
+here walks a spec (``ModuleSpec``, ``TransformerBlockSubmodules`` with per-layer specs, and the
+``functools.partial`` builders Megatron's spec functions return; GPT or Hybrid, TE or local) and
+returns a copy in which every stock ``TopKRouter`` slot builds an ``EDLTopKRouter`` instead;
+every other submodule is the very same object as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_edl.config import EDLConfig
+from megatron_edl.integration.router import EDLTopKRouter
+
+
+def _router_builder(edl_config: EDLConfig):
+    return functools.partial(EDLTopKRouter, edl_config=edl_config)
+
+
+def _replace_routers(node: Any, builder, found: list[int]) -> Any:
+    if isinstance(node, MoESubmodules):
+        router = node.router
+        base = router.func if isinstance(router, functools.partial) else router
+        if base is EDLTopKRouter:
+            raise ValueError("the spec already has an EDL router; install it once")
+        if base is not TopKRouter:
+            raise ValueError(
+                f"cannot add EDL to router {getattr(base, '__qualname__', base)!r}: only "
+                "Megatron's TopKRouter is supported"
+            )
+        found.append(1)
+        return dataclasses.replace(node, router=builder)
+    if isinstance(node, functools.partial):  # Megatron's specs build MoE layers with partials
+        args = _replace_routers(node.args, builder, found)
+        keywords = _replace_routers(node.keywords, builder, found)
+        if args is node.args and keywords is node.keywords:
+            return node
+        return functools.partial(node.func, *args, **keywords)
+    if isinstance(node, dict):
+        items = {k: _replace_routers(v, builder, found) for k, v in node.items()}
+        return items if any(items[k] is not node[k] for k in node) else node
+    if isinstance(node, list | tuple):
+        items = [_replace_routers(item, builder, found) for item in node]
+        changed = any(a is not b for a, b in zip(items, node, strict=True))
+        return type(node)(items) if changed else node
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        changes = {}
+        for field in dataclasses.fields(node):
+            if not field.init:
+                continue
+            value = getattr(node, field.name)
+            new = _replace_routers(value, builder, found)
+            if new is not value:
+                changes[field.name] = new
+        return dataclasses.replace(node, **changes) if changes else node
+    return node
+
+
+def with_edl_router(spec: Any, edl_config: EDLConfig) -> Any:
+    """Return ``spec`` with every MoE router built as an :class:`EDLTopKRouter`.
+
+    Args:
+        spec: A Megatron layer spec (``ModuleSpec``) or block spec
+            (``TransformerBlockSubmodules``), GPT or Hybrid, TE or local.
+        edl_config: The EDL configuration the routers use.
+
+    Returns:
+        A copy of ``spec`` sharing every unchanged submodule; the input is not modified.
+
+    Raises:
+        ValueError: if the spec holds no MoE layer, or an MoE layer uses a router other than
+            Megatron's ``TopKRouter``.
+    """
+    found: list[int] = []
+    new_spec = _replace_routers(spec, _router_builder(edl_config), found)
+    if not found:
+        raise ValueError(
+            "EDL needs MoE layers, but the layer spec has none (is --num-experts set?)"
+        )
+    return new_spec
