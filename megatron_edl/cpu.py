@@ -140,6 +140,13 @@ def _patch_cuda_rng_state() -> None:
     torch.cuda.set_rng_state = lambda *args, **kwargs: None
 
 
+def _patch_checkpoint_rng_state() -> None:
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
 _MODE: list[_CudaToCpuMode] = []
 
 
@@ -263,6 +270,17 @@ PATCHES: tuple[CpuPatch, ...] = (
         layouts="all",
         remove_when="megatron-core skips CUDA RNG state when no device is present",
         apply=_patch_cuda_rng_state,
+    ),
+    CpuPatch(
+        name="checkpoint_rng_state",
+        what="megatron.core.tensor_parallel.random._get_cuda_rng_state returns the CPU state; "
+        "_set_cuda_rng_state is a no-op",
+        why="activation recompute (tensor_parallel.checkpoint, CheckpointWithoutOutput) saves "
+        "and restores the CUDA RNG state through torch.cuda.random.get_rng_state -> "
+        "'Found no NVIDIA driver' (random.py _get_all_rng_states)",
+        layouts="activation recompute (--recompute-granularity full|selective)",
+        remove_when="megatron-core skips the CUDA RNG state when no device is present",
+        apply=_patch_checkpoint_rng_state,
     ),
     CpuPatch(
         name="device_redirect",

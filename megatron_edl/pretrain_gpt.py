@@ -56,7 +56,12 @@ def edl_config_from_args(args):
             "EDL with intermediate pipeline stages (--pipeline-model-parallel-size > 2 or a "
             "virtual pipeline) is not supported yet: those stages receive no data"
         )
-    return dataclasses.replace(cfg, num_domains=args.moe_edl_mock_domains)
+    num_domains = args.moe_edl_mock_domains
+    if cfg.label_map is not None:
+        from megatron_edl.core.labels import LabelMap
+
+        num_domains = LabelMap.from_yaml(cfg.label_map).num_domains
+    return dataclasses.replace(cfg, num_domains=num_domains)
 
 
 def edl_layer_spec(base_spec, edl_config):

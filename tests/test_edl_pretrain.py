@@ -49,38 +49,96 @@ def _from_checkpoint(ckpt, nproc: int, extra: list[str]) -> RunResult:
 
 @pytest.fixture(scope="module")
 def reference(edl_checkpoint):
-    """Single process; the key is the micro-batch size: the tokens one EDL statistic covers."""
-    return {
-        mbs: _from_checkpoint(edl_checkpoint, 1, ["--micro-batch-size", str(mbs)]) for mbs in (2, 4)
-    }
+    """Single-process runs from the checkpoint, cached by their extra flags."""
+    cache: dict[tuple[str, ...], RunResult] = {}
+
+    def get(*extra: str) -> RunResult:
+        if extra not in cache:
+            cache[extra] = _from_checkpoint(edl_checkpoint, 1, list(extra))
+        return cache[extra]
+
+    return get
 
 
-# (layout flags, scope, micro-batch size of the equivalent single-process run).
-# Global scope on DP=2 reduces the statistics over both replicas' micro-batches (4 samples);
-# local scope keeps one replica's (2 samples), like two micro-batches of one process.
+MBS4 = ("--micro-batch-size", "4")
+PER_TOKEN = ("--calculate-per-token-loss",)
+FULL_RECOMPUTE = (
+    "--recompute-granularity", "full",
+    "--recompute-method", "uniform", "--recompute-num-layers", "1",
+)  # fmt: skip
+
+# name -> (layout flags, flags of the equivalent single-process run). The micro-batch size of
+# the reference is the number of samples one EDL statistic covers: global scope on DP=2 reduces
+# over both replicas' micro-batches (4 samples); local scope keeps one replica's (2 samples), like
+# two micro-batches of one process. With one process both scopes are the same statistics.
 CASES = {
-    "dp2_global": (LAYOUTS["dp2"], "global", 4),
-    "dp2_local": (LAYOUTS["dp2"], "local", 2),
-    "ep2_alltoall_global": (LAYOUTS["ep2_alltoall"], "global", 4),
-    "tp2_sp_global": (LAYOUTS["tp2_sp"], "global", 2),
-    "tp2_sp_ep2_global": (
+    "dp2_global": ([*LAYOUTS["dp2"], "--moe-edl-scope", "global"], MBS4),
+    "dp2_local": ([*LAYOUTS["dp2"], "--moe-edl-scope", "local"], ()),
+    "ep2_alltoall_global": (LAYOUTS["ep2_alltoall"], MBS4),
+    "tp2_sp": (LAYOUTS["tp2_sp"], ()),
+    "tp2_sp_per_token_loss": ([*LAYOUTS["tp2_sp"], *PER_TOKEN], PER_TOKEN),
+    "dp2_global_per_token_loss": ([*LAYOUTS["dp2"], *PER_TOKEN], (*MBS4, *PER_TOKEN)),
+    "tp2_sp_ep2": (
         [*LAYOUTS["tp2_sp"], *LAYOUTS["ep2_alltoall"], "--expert-tensor-parallel-size", "1"],
-        "global",
-        2,
+        (),
     ),
-    "pp2_global": (LAYOUTS["pp2"], "global", 2),
+    "pp2": (LAYOUTS["pp2"], ()),
+    # 1F1B with 4 micro-batches: forwards of later micro-batches run before earlier backwards,
+    # and with full recompute each router runs again in the backward: labels must not go stale.
+    "pp2_4_microbatches_recompute": (
+        [*LAYOUTS["pp2"], "--micro-batch-size", "1", *FULL_RECOMPUTE],
+        ("--micro-batch-size", "1"),
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_edl_layout_equivalence(case, edl_checkpoint, reference):
-    extra, scope, ref_mbs = CASES[case]
-    result = _from_checkpoint(edl_checkpoint, 2, [*extra, "--moe-edl-scope", scope])
-    # The reference ran with the default (global) scope: on one process both scopes are the same.
-    ref = reference[ref_mbs]
+    extra, reference_flags = CASES[case]
+    result = _from_checkpoint(edl_checkpoint, 2, list(extra))
+    ref = reference(*reference_flags)
     for name in ("lm loss", "edl_loss"):
         got, want = result.losses(name), ref.losses(name)
         assert got == pytest.approx(want, rel=5e-6), (case, name, got, want)
+
+
+@pytest.mark.parametrize(
+    "recompute",
+    [FULL_RECOMPUTE, ("--recompute-granularity", "selective", "--recompute-modules", "moe")],
+    ids=["full", "selective_moe"],
+)
+def test_recompute_gives_the_same_training(recompute, edl_checkpoint, reference):
+    """The router runs again in the backward (after later micro-batches' forwards)."""
+    flags = ("--micro-batch-size", "1")
+    result = _from_checkpoint(edl_checkpoint, 1, [*flags, *recompute])
+    ref = reference(*flags)
+    assert max(ref.losses("edl_loss")) > 0  # EDL active in these micro-batches
+    for name in ("lm loss", "edl_loss", "grad norm"):
+        assert result.losses(name) == pytest.approx(ref.losses(name), rel=1e-6), name
+
+
+def test_label_map_groups_domains(tmp_path):
+    """3 stored mock domains -> 2 loss domains; stored domain 2 ignored in a second map."""
+    merge = tmp_path / "merge.yaml"
+    merge.write_text("domains: [a, b]\nmap:\n  0: a\n  1: a\n  2: b\n")
+    drop = tmp_path / "drop.yaml"
+    drop.write_text("domains: [a, b]\nmap:\n  0: a\n  1: b\n  2: null\n")
+    flags = [*TINY_MOE_GPT, *EDL, "--train-iters", "3"]
+
+    def most_domains(extra: list[str]) -> float:
+        # edl_domains: domains present per micro-batch, averaged over micro-batches and layers.
+        result = run_pretrain(1, [*flags, *extra])
+        _assert_trained(result, 3)
+        return max(r["edl_domains"] for r in result.iterations.values())
+
+    assert most_domains([]) > 2.0
+    for path in (merge, drop):
+        assert 1.0 < most_domains(["--moe-edl-label-map", str(path)]) <= 2.0, path
+    uncovered = tmp_path / "uncovered.yaml"
+    uncovered.write_text("domains: [a]\nmap:\n  0: a\n")
+    result = run_pretrain(1, [*flags, "--moe-edl-label-map", str(uncovered)])
+    assert result.returncode != 0 and not result.iterations
+    assert "uncovered.yaml" in result.log
 
 
 def test_edl_is_logged_and_raises_divergence():

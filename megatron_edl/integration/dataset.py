@@ -23,6 +23,8 @@ from megatron.core.datasets.gpt_dataset import (
     MockGPTLowLevelDataset,
 )
 
+from megatron_edl.config import EDLConfig, EDLLabels
+from megatron_edl.core.labels import LabelMap, permute_document_labels
 from megatron_edl.core.segments import sample_token_labels
 from megatron_edl.integration.labels import DOMAIN_IDS_KEY, WEIGHTS_KEY
 
@@ -35,10 +37,33 @@ class DomainGPTDatasetConfig(GPTDatasetConfig):
     """Token weighting: ``segment``, ``token`` or ``sample`` (``--moe-edl-aggregation``)."""
 
     edl_num_domains: int = 1
-    """Number of domains of the mock data (``--moe-edl-num-domains``)."""
+    """Number of stored domains of the mock data (``--moe-edl-mock-domains``)."""
 
     edl_document_domains: np.ndarray | None = None
-    """Optional override: domain of every low-level document (e.g. the random-label control)."""
+    """Loss domain of every low-level document (label map and random control applied); ``None``
+    means the stored ids are the loss ids."""
+
+
+def loss_document_domains(stored_N: np.ndarray, edl_config: EDLConfig) -> np.ndarray:
+    """Loss domain ids of documents from their stored ids: label map, then the random control.
+
+    The label map (``--moe-edl-label-map``) maps stored ids to loss domains (or -1); with
+    ``--moe-edl-labels random`` the labelled documents' loss ids are permuted by a seeded random
+    permutation (the paper's random-label ablation: same label frequencies, no relation to
+    content).
+    """
+    loss_N = stored_N
+    if edl_config.label_map is not None:
+        loss_N = LabelMap.from_yaml(edl_config.label_map).apply(stored_N)
+    if edl_config.labels == EDLLabels.RANDOM:
+        loss_N = permute_document_labels(loss_N, edl_config.random_seed)
+    return np.asarray(loss_N, dtype=np.int64)
+
+
+def mock_document_domains(num_stored_domains: int, edl_config: EDLConfig) -> np.ndarray:
+    """Loss domain of every document of the labelled mock data (stored id: document % D)."""
+    stored_N = np.arange(DomainMockGPTLowLevelDataset.size, dtype=np.int64) % num_stored_domains
+    return loss_document_domains(stored_N, edl_config)
 
 
 class DomainLabelsMixin:
@@ -77,7 +102,7 @@ class DomainMockGPTLowLevelDataset(MockGPTLowLevelDataset):
     def __init__(self, tokenizer, num_domains: int) -> None:
         super().__init__(tokenizer)
         if num_domains < 1:
-            raise ValueError(f"--moe-edl-num-domains must be >= 1, got {num_domains}")
+            raise ValueError(f"--moe-edl-mock-domains must be >= 1, got {num_domains}")
         self.num_domains = num_domains
         self.band = max(1, (self.vocab_size - 2) // num_domains)
 
@@ -96,7 +121,7 @@ class DomainMockGPTDataset(DomainLabelsMixin, MockGPTDataset):
         return DomainMockGPTLowLevelDataset(config.tokenizer, config.edl_num_domains)
 
     def document_domains(self, document_ids: np.ndarray) -> np.ndarray:
-        override = self.config.edl_document_domains
-        if override is not None:
-            return override[document_ids]
-        return document_ids.astype(np.int64) % self.config.edl_num_domains
+        domains_N = self.config.edl_document_domains
+        if domains_N is None:
+            return document_ids.astype(np.int64) % self.config.edl_num_domains
+        return domains_N[document_ids]

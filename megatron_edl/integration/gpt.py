@@ -44,7 +44,11 @@ from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_l
 from megatron_edl.config import EDLConfig
 from megatron_edl.integration import labels as edl_labels
 from megatron_edl.integration import modelopt
-from megatron_edl.integration.dataset import DomainGPTDatasetConfig, DomainMockGPTDataset
+from megatron_edl.integration.dataset import (
+    DomainGPTDatasetConfig,
+    DomainMockGPTDataset,
+    mock_document_domains,
+)
 
 # The fields get_batch returns, in this order (alphabetical, as Megatron's callers unpack them).
 BATCH_KEYS = (
@@ -332,7 +336,10 @@ def gpt_dataset_config_from_args(args) -> GPTDatasetConfig:
     cfg = edl_config()
     if cfg is not None:
         return DomainGPTDatasetConfig(
-            **kwargs, edl_aggregation=str(cfg.aggregation), edl_num_domains=cfg.num_domains
+            **kwargs,
+            edl_aggregation=str(cfg.aggregation),
+            edl_num_domains=args.moe_edl_mock_domains,
+            edl_document_domains=mock_document_domains(args.moe_edl_mock_domains, cfg),
         )
     if not args.fim_data:
         return GPTDatasetConfig(**kwargs)
