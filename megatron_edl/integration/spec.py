@@ -21,14 +21,11 @@ from megatron_edl.config import EDLConfig
 from megatron_edl.integration.router import EDLTopKRouter
 
 
-def _router_builder(edl_config: EDLConfig):
-    return functools.partial(EDLTopKRouter, edl_config=edl_config)
-
-
-def _replace_routers(node: Any, builder, found: list[int]) -> Any:
+def _replace_routers(node: Any, edl_config: EDLConfig, found: list[int]) -> Any:
     if isinstance(node, MoESubmodules):
         router = node.router
-        base = router.func if isinstance(router, functools.partial) else router
+        is_partial = isinstance(router, functools.partial)
+        base = router.func if is_partial else router
         if base is EDLTopKRouter:
             raise ValueError("the spec already has an EDL router; install it once")
         if base is not TopKRouter:
@@ -37,18 +34,21 @@ def _replace_routers(node: Any, builder, found: list[int]) -> Any:
                 "Megatron's TopKRouter is supported"
             )
         found.append(1)
+        # Keep any arguments a partial router builder already binds.
+        args, keywords = (router.args, router.keywords) if is_partial else ((), {})
+        builder = functools.partial(EDLTopKRouter, *args, **keywords, edl_config=edl_config)
         return dataclasses.replace(node, router=builder)
     if isinstance(node, functools.partial):  # Megatron's specs build MoE layers with partials
-        args = _replace_routers(node.args, builder, found)
-        keywords = _replace_routers(node.keywords, builder, found)
+        args = _replace_routers(node.args, edl_config, found)
+        keywords = _replace_routers(node.keywords, edl_config, found)
         if args is node.args and keywords is node.keywords:
             return node
         return functools.partial(node.func, *args, **keywords)
     if isinstance(node, dict):
-        items = {k: _replace_routers(v, builder, found) for k, v in node.items()}
+        items = {k: _replace_routers(v, edl_config, found) for k, v in node.items()}
         return items if any(items[k] is not node[k] for k in node) else node
     if isinstance(node, list | tuple):
-        items = [_replace_routers(item, builder, found) for item in node]
+        items = [_replace_routers(item, edl_config, found) for item in node]
         changed = any(a is not b for a, b in zip(items, node, strict=True))
         return type(node)(items) if changed else node
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
@@ -57,7 +57,7 @@ def _replace_routers(node: Any, builder, found: list[int]) -> Any:
             if not field.init:
                 continue
             value = getattr(node, field.name)
-            new = _replace_routers(value, builder, found)
+            new = _replace_routers(value, edl_config, found)
             if new is not value:
                 changes[field.name] = new
         return dataclasses.replace(node, **changes) if changes else node
@@ -80,7 +80,7 @@ def with_edl_router(spec: Any, edl_config: EDLConfig) -> Any:
             Megatron's ``TopKRouter``.
     """
     found: list[int] = []
-    new_spec = _replace_routers(spec, _router_builder(edl_config), found)
+    new_spec = _replace_routers(spec, edl_config, found)
     if not found:
         raise ValueError(
             "EDL needs MoE layers, but the layer spec has none (is --num-experts set?)"
