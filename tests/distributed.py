@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -59,7 +60,9 @@ def _worker(fn, rank, world_size, port, args, kwargs, results, timeout_s):
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         value = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, True, value))
+        # Plain pickle copies tensor data; the queue's own reducer would share it through file
+        # descriptors that vanish when this process exits before the parent reads them.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -109,7 +112,7 @@ def run_distributed(
                     if results.empty():
                         break
                 continue
-            reports[rank] = (ok, value)
+            reports[rank] = (ok, pickle.loads(value) if ok else value)
             if not ok:
                 deadline = min(deadline, time.monotonic() + 10)  # others may hang now
     finally:

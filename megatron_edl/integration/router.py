@@ -144,12 +144,13 @@ class EDLTopKRouter(TopKRouter):
 
     def _apply_edl(self, logits_TE: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         cfg = self.edl_config
-        # A new global batch starts every num_microbatches grad-enabled forwards of this router.
-        if self._edl_microbatches_seen % get_num_microbatches() == 0:
+        # Position of this micro-batch in its global batch: a new global batch starts every
+        # num_microbatches grad-enabled forwards of this router (Megatron updates that number,
+        # e.g. under batch-size ramp-up, before an iteration's first forward).
+        if self._edl_microbatches_seen == 0:
             self._edl_accumulator.reset()
-        self._edl_microbatches_seen += 1
-
         labels = self._next_labels(logits_TE.shape[0])
+        self._edl_microbatches_seen = (self._edl_microbatches_seen + 1) % get_num_microbatches()
         probs_TE = edl.routing_probs(logits_TE=logits_TE)
         sums_DE, counts_D = edl.domain_sums(
             probs_TE=probs_TE,
