@@ -51,10 +51,10 @@ def edl_config_from_args(args):
             "--moe-edl-coeff > 0 needs domain-labelled data; so far only --mock-data provides "
             f"it (synthetic domains, {MOCK_DOMAINS_FLAG})"
         )
-    if args.pipeline_model_parallel_size > 2 or args.virtual_pipeline_model_parallel_size:
+    if args.sft or args.dataloader_inter_document_masking:
         raise EDLConfigError(
-            "EDL with intermediate pipeline stages (--pipeline-model-parallel-size > 2 or a "
-            "virtual pipeline) is not supported yet: those stages receive no data"
+            "EDL with packed (THD) sequences (--sft, --dataloader-inter-document-masking) is not "
+            "supported yet"
         )
     num_domains = args.moe_edl_mock_domains
     if cfg.label_map is not None:

@@ -162,3 +162,33 @@ def test_edl_is_logged_and_raises_divergence():
     base_end = sum(base.iterations[i]["edl_loss"] for i in range(41, 51)) / 10
     assert edl_end < base_end - 0.5, (edl_end, base_end)
     assert edl.iterations[50]["edl_jsd"] > base.iterations[50]["edl_jsd"]
+
+
+def test_virtual_pipeline_intermediate_stages(tmp_path):
+    """PP=2 with 2 virtual stages per rank: the middle model chunks get no tokens from stock
+    Megatron, yet their MoE layers need labels; 4 micro-batches, interleaved 1F1B."""
+    four_layers = [*TINY_MOE_GPT, *EDL, "--num-layers", "4"]
+    ckpt = run_pretrain(
+        1, [*four_layers, "--train-iters", "3", "--save", str(tmp_path), "--save-interval", "3"]
+    )
+    _assert_trained(ckpt, 3)
+    flags = [
+        *four_layers, "--train-iters", str(STEPS), "--micro-batch-size", "1",
+        "--load", str(tmp_path), "--finetune", "--no-load-optim", "--no-load-rng",
+    ]  # fmt: skip
+    ref = run_pretrain(1, flags)
+    vpp = run_pretrain(
+        2,
+        [
+            *flags,
+            "--pipeline-model-parallel-size",
+            "2",
+            "--num-virtual-stages-per-pipeline-rank",
+            "2",
+        ],
+    )
+    for result in (ref, vpp):
+        _assert_trained(result, STEPS)
+    assert max(ref.losses("edl_loss")) > 0
+    for name in ("lm loss", "edl_loss"):
+        assert vpp.losses(name) == pytest.approx(ref.losses(name), rel=5e-6), name

@@ -95,7 +95,9 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
     mtp_here = _mtp_on_this_rank(args, vp_stage)
     edge_stage = is_first_or_last_pipeline_stage(vp_stage)
     if not edge_stage and not mtp_here and not has_cu_seqlens:
-        return dict.fromkeys(BATCH_KEYS)
+        if edl_config() is not None:  # its MoE layers need the domain labels
+            return _get_edl_labels_only(data_iterator, args)
+        return dict.fromkeys(ALL_KEYS)
 
     tp_rank = mpu.get_tensor_model_parallel_rank()
     batch: dict = {}
@@ -148,6 +150,24 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
         use_per_sequence_balancing=args.dataloader_inter_document_masking and not args.sft,
     )
     return {key: batch.get(key) for key in ALL_KEYS}
+
+
+def _get_edl_labels_only(data_iterator, args) -> dict[str, torch.Tensor | None]:
+    """Labels for a stage that gets no tokens: read the batch, keep the EDL keys, slice for CP."""
+    tp_rank = mpu.get_tensor_model_parallel_rank()
+    batch = next(data_iterator) if tp_rank == 0 else {}
+    labels = edl_labels.broadcast_labels_over_tp(
+        batch,
+        tp_rank=tp_rank,
+        src_rank=mpu.get_tensor_model_parallel_src_rank(),
+        group=mpu.get_tensor_model_parallel_group(),
+        micro_batch_size=args.micro_batch_size,
+        seq_length=args.seq_length,
+    )
+    labels = get_batch_on_this_cp_rank(
+        labels, is_hybrid_cp=False, cp_group=get_context_parallel_group()
+    )
+    return {key: labels.get(key) for key in ALL_KEYS}
 
 
 @lru_cache(maxsize=1)
@@ -274,10 +294,7 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
 def _push_edl_labels(model, batch: dict, args) -> None:
     ids_BS = batch[edl_labels.DOMAIN_IDS_KEY]
     if ids_BS is None:
-        raise RuntimeError(
-            "EDL is on but this pipeline stage received no domain labels (intermediate stages "
-            "of PP > 2 and virtual pipeline stages are not supported yet)"
-        )
+        raise RuntimeError("EDL is on but this pipeline stage received no domain labels")
     labels = edl_labels.router_labels(
         ids_BS,
         batch[edl_labels.WEIGHTS_KEY],
@@ -289,10 +306,14 @@ def _push_edl_labels(model, batch: dict, args) -> None:
 
 
 def is_dataset_built_on_rank(vp_stage=None, is_packed_sequence: bool = False) -> bool:
-    """Datasets live on TP rank 0 of the stages that read tokens or labels (or MTP stages)."""
+    """Datasets live on TP rank 0 of the stages that read tokens or labels (or MTP stages).
+
+    With EDL on, on TP rank 0 of every stage: intermediate stages hold MoE layers that need the
+    domain labels, which stock Megatron never sends them.
+    """
     if mpu.get_tensor_model_parallel_rank() != 0:
         return False
-    if is_packed_sequence:
+    if is_packed_sequence or edl_config() is not None:  # EDL: every stage needs labels
         return True
     args = get_args()
     return is_first_or_last_pipeline_stage(vp_stage) or _mtp_on_this_rank(args, vp_stage)
