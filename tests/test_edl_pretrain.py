@@ -192,3 +192,12 @@ def test_virtual_pipeline_intermediate_stages(tmp_path):
     assert max(ref.losses("edl_loss")) > 0
     for name in ("lm loss", "edl_loss"):
         assert vpp.losses(name) == pytest.approx(ref.losses(name), rel=5e-6), name
+
+
+def test_multi_token_prediction_layers():
+    """MTP layers' routers get (and consume) the labels too; a leak would raise at step 2."""
+    flags = [*TINY_MOE_GPT, *EDL, "--train-iters", "3", "--mtp-num-layers", "1"]
+    result = run_pretrain(1, flags)
+    _assert_trained(result, 3)
+    assert "mtp_1 loss" in result.iterations[3]
+    assert max(result.losses("edl_loss")) > 0

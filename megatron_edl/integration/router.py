@@ -149,6 +149,12 @@ class EDLTopKRouter(TopKRouter):
         # e.g. under batch-size ramp-up, before an iteration's first forward).
         if self._edl_microbatches_seen == 0:
             self._edl_accumulator.reset()
+            if len(self._edl_labels) > get_num_microbatches():
+                raise RuntimeError(
+                    f"EDL router of layer {self.layer_number} holds {len(self._edl_labels)} "
+                    "queued label sets at the start of a global batch: labels were pushed for "
+                    "forwards that never consumed them"
+                )
         labels = self._next_labels(logits_TE.shape[0])
         self._edl_microbatches_seen = (self._edl_microbatches_seen + 1) % get_num_microbatches()
         probs_TE = edl.routing_probs(logits_TE=logits_TE)
