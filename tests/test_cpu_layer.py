@@ -95,7 +95,7 @@ def test_without_cpu_flag_and_gpu_the_launcher_says_what_to_do():
 
 
 # The run that exercises each patch's code: EP=2 with the alltoall dispatcher and a checkpoint
-# save (RNG state, dist-ckpt), or TP=2 with sequence parallelism.
+# save (RNG state, dist-ckpt), TP=2 with sequence parallelism, or DP=2 with full recompute.
 PROBES = {
     "cuda_current_device": "ep2_alltoall_save",
     "cuda_streams": "ep2_alltoall_save",
@@ -106,6 +106,7 @@ PROBES = {
     "device_count_in_init": "ep2_alltoall_save",
     "device_arch": "tp2_sp",
     "split_sizes_to_numpy": "ep2_alltoall_save",
+    "checkpoint_rng_state": "dp2_recompute",
     "torch_norm_sequence_parallel": "tp2_sp",
 }
 
@@ -118,6 +119,11 @@ def _probe_flags(name: str, tmp_path) -> list[str]:
     flags = [*TINY_MOE_GPT, "--train-iters", "3"]
     if PROBES[name] == "tp2_sp":
         return [*flags, *LAYOUTS["tp2_sp"]]
+    if PROBES[name] == "dp2_recompute":
+        return [
+            *flags, "--recompute-granularity", "full",
+            "--recompute-method", "uniform", "--recompute-num-layers", "1",
+        ]  # fmt: skip
     return [*flags, *LAYOUTS["ep2_alltoall"], "--save", str(tmp_path), "--save-interval", "3"]
 
 
