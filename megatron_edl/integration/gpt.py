@@ -125,16 +125,7 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
         is_pipeline_last_stage=mpu.is_pipeline_last_stage(),
     )
     if edl_config() is not None:
-        batch.update(
-            edl_labels.broadcast_labels_over_tp(
-                next_batch,
-                tp_rank=tp_rank,
-                src_rank=mpu.get_tensor_model_parallel_src_rank(),
-                group=mpu.get_tensor_model_parallel_group(),
-                micro_batch_size=args.micro_batch_size,
-                seq_length=args.seq_length,
-            )
-        )
+        batch.update(_broadcast_edl_labels(next_batch, args))
     batch = flatten_batch_for_packed_sequences(batch)
 
     if not edge_stage and not mtp_here:
@@ -152,20 +143,25 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
     return {key: batch.get(key) for key in ALL_KEYS}
 
 
-def _get_edl_labels_only(data_iterator, args) -> dict[str, torch.Tensor | None]:
-    """Labels for a stage that gets no tokens: read the batch, keep the EDL keys, slice for CP."""
-    tp_rank = mpu.get_tensor_model_parallel_rank()
-    batch = next(data_iterator) if tp_rank == 0 else {}
-    labels = edl_labels.broadcast_labels_over_tp(
+def _broadcast_edl_labels(batch: dict, args) -> dict[str, torch.Tensor]:
+    """The EDL keys of TP rank 0's ``batch`` on every TP rank."""
+    return edl_labels.broadcast_labels_over_tp(
         batch,
-        tp_rank=tp_rank,
+        tp_rank=mpu.get_tensor_model_parallel_rank(),
         src_rank=mpu.get_tensor_model_parallel_src_rank(),
         group=mpu.get_tensor_model_parallel_group(),
         micro_batch_size=args.micro_batch_size,
         seq_length=args.seq_length,
     )
+
+
+def _get_edl_labels_only(data_iterator, args) -> dict[str, torch.Tensor | None]:
+    """Labels for a stage that gets no tokens: read the batch, keep the EDL keys, slice for CP."""
+    batch = next(data_iterator) if mpu.get_tensor_model_parallel_rank() == 0 else {}
     labels = get_batch_on_this_cp_rank(
-        labels, is_hybrid_cp=False, cp_group=get_context_parallel_group()
+        _broadcast_edl_labels(batch, args),
+        is_hybrid_cp=False,
+        cp_group=get_context_parallel_group(),
     )
     return {key: labels.get(key) for key in ALL_KEYS}
 
