@@ -1,0 +1,171 @@
+"""The domain sidecar: one domain id per sequence of a Megatron indexed dataset.
+
+``<prefix>.bin``/``<prefix>.idx`` stay exactly what megatron-core's ``IndexedDatasetBuilder``
+writes (stock Megatron reads them unchanged); the labels live next to them in
+``<prefix>.domains``, aligned to the index's *sequences* (``GPTDataset`` treats sequences as its
+documents; our preprocessing writes one sequence per document).
+
+Format, version 1 (little-endian)::
+
+    offset  size  field
+    0       8     magic b"EDLDOM\\x00\\x01"
+    8       8     <Q  format version (1)
+    16      1     <B  dtype code of the ids (Megatron's DType codes: 3 = int16, 4 = int32)
+    17      8     <Q  sequence count N (must equal the .idx's)
+    25      8     <Q  document count (must equal the .idx's)
+    33      8     <Q  size in bytes of the .idx file it was written for
+    41      32    sha256 of the .idx's first and last MiB (fingerprint of that index)
+    73      8     <Q  length L of the JSON block
+    81      L     JSON: {"vocabulary": {"<label name>": <id>, ...}}
+    81+L    N*s   domain ids, one per sequence, in the dtype (-1 = unlabelled)
+
+Loading checks the magic, the version, the counts, the size and the fingerprint against the
+``.idx`` and raises :class:`SidecarMismatchError` naming the file and the field that differs, so
+a sidecar from another run, or an edited or truncated one, is an error, never a silent mislabel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"EDLDOM\x00\x01"
+VERSION = 1
+SUFFIX = ".domains"
+_DTYPES = {3: np.int16, 4: np.int32}
+_HEADER = struct.Struct("<8sQBQQQ32sQ")
+_FINGERPRINT_SPAN = 1 << 20
+
+
+class SidecarMismatchError(ValueError):
+    """The sidecar does not belong to the index next to it (or is damaged)."""
+
+
+def sidecar_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}{SUFFIX}")
+
+
+def index_fingerprint(idx_path: str | os.PathLike) -> tuple[int, bytes]:
+    """``(size, sha256 of the first and last MiB)`` of an ``.idx`` file."""
+    size = os.path.getsize(idx_path)
+    digest = hashlib.sha256()
+    with open(idx_path, "rb") as f:
+        digest.update(f.read(_FINGERPRINT_SPAN))
+        if size > _FINGERPRINT_SPAN:
+            f.seek(max(_FINGERPRINT_SPAN, size - _FINGERPRINT_SPAN))
+            digest.update(f.read())
+    return size, digest.digest()
+
+
+def _index_counts(idx_path: str | os.PathLike) -> tuple[int, int]:
+    # Megatron's .idx header: magic (9 bytes), <Q version, <B dtype, <Q sequences, <Q documents.
+    with open(idx_path, "rb") as f:
+        header = f.read(9 + 8 + 1 + 8 + 8)
+    if len(header) < 34:
+        raise SidecarMismatchError(f"{idx_path}: not a Megatron .idx file (too short)")
+    sequences, documents = struct.unpack("<QQ", header[18:34])
+    return sequences, documents
+
+
+def _dtype_code(num_ids: int) -> int:
+    return 3 if num_ids <= np.iinfo(np.int16).max else 4
+
+
+def write_sidecar(
+    prefix: str | os.PathLike,
+    domain_ids_N: np.ndarray,
+    vocabulary: Mapping[str, int],
+) -> Path:
+    """Write ``<prefix>.domains`` for the finished ``<prefix>.idx``, atomically.
+
+    Args:
+        prefix: The dataset prefix (``<prefix>.idx`` must exist and be final).
+        domain_ids_N: One domain id per sequence of the index (-1 = unlabelled).
+        vocabulary: Label name -> id, stored in the sidecar for inspection and label maps.
+
+    Returns:
+        The sidecar's path.
+
+    Raises:
+        SidecarMismatchError: if the number of ids differs from the index's sequence count.
+        ValueError: if an id is < -1 or not in the vocabulary's id range.
+    """
+    idx_path = f"{os.fspath(prefix)}.idx"
+    sequences, documents = _index_counts(idx_path)
+    ids_N = np.asarray(domain_ids_N)
+    if ids_N.shape != (sequences,):
+        raise SidecarMismatchError(
+            f"{idx_path} has {sequences} sequences but {ids_N.shape[0]} domain ids were given"
+        )
+    num_ids = max(vocabulary.values(), default=-1) + 1
+    if ids_N.size and (ids_N.min() < -1 or ids_N.max() >= max(num_ids, 1)):
+        raise ValueError(
+            f"domain ids must lie in [-1, {num_ids}) (the vocabulary's ids), "
+            f"got [{ids_N.min()}, {ids_N.max()}]"
+        )
+    code = _dtype_code(num_ids)
+    size, fingerprint = index_fingerprint(idx_path)
+    block = json.dumps({"vocabulary": dict(vocabulary)}, sort_keys=True).encode()
+    path = sidecar_path(prefix)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(
+            _HEADER.pack(MAGIC, VERSION, code, sequences, documents, size, fingerprint, len(block))
+        )
+        f.write(block)
+        f.write(ids_N.astype(_DTYPES[code]).tobytes())
+    os.replace(tmp, path)
+    return path
+
+
+def read_sidecar(prefix: str | os.PathLike) -> tuple[np.ndarray, dict[str, int]]:
+    """Load and verify ``<prefix>.domains`` against ``<prefix>.idx``.
+
+    Returns:
+        ``(domain_ids_N int64 array, vocabulary)``.
+
+    Raises:
+        FileNotFoundError: if the sidecar is missing.
+        SidecarMismatchError: naming the file and the field, if it does not match the index.
+    """
+    path = sidecar_path(prefix)
+    idx_path = f"{os.fspath(prefix)}.idx"
+    data = path.read_bytes()
+    if len(data) < _HEADER.size:
+        raise SidecarMismatchError(f"{path}: truncated header ({len(data)} bytes)")
+    magic, version, code, sequences, documents, size, fingerprint, block_len = _HEADER.unpack_from(
+        data
+    )
+    if magic != MAGIC:
+        raise SidecarMismatchError(f"{path}: not a domain sidecar (magic {magic!r})")
+    if version != VERSION:
+        raise SidecarMismatchError(f"{path}: format version {version}, this reader knows {VERSION}")
+    if code not in _DTYPES:
+        raise SidecarMismatchError(f"{path}: unknown dtype code {code}")
+    idx_sequences, idx_documents = _index_counts(idx_path)
+    checks = (
+        ("sequence count", sequences, idx_sequences),
+        ("document count", documents, idx_documents),
+    )
+    for field, ours, theirs in checks:
+        if ours != theirs:
+            raise SidecarMismatchError(f"{path}: {field} {ours} != {theirs} in {idx_path}")
+    if (size, fingerprint) != index_fingerprint(idx_path):
+        raise SidecarMismatchError(
+            f"{path} was written for another {idx_path} (size or content fingerprint differs)"
+        )
+    start = _HEADER.size + block_len
+    dtype = np.dtype(_DTYPES[code])
+    if len(data) != start + sequences * dtype.itemsize:
+        raise SidecarMismatchError(
+            f"{path}: {len(data)} bytes, expected {start + sequences * dtype.itemsize}"
+        )
+    vocabulary = json.loads(data[_HEADER.size : start])["vocabulary"]
+    ids_N = np.frombuffer(data, dtype=dtype, offset=start, count=sequences).astype(np.int64)
+    return ids_N, vocabulary
