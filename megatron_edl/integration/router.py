@@ -117,9 +117,6 @@ class EDLTopKRouter(TopKRouter):
         """Queue the labels of one micro-batch (called by the training step before forward)."""
         self._edl_labels.append(labels)
 
-    def clear_labels(self) -> None:
-        self._edl_labels.clear()
-
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs, routing_map = super().routing(logits, padding_mask)
         if self.training and torch.is_grad_enabled() and self.edl_active:
