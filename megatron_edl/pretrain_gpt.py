@@ -46,22 +46,41 @@ def edl_config_from_args(args):
         num_layers=args.num_layers,
         moe_layer_freq=args.moe_layer_freq,
     )
-    if not args.mock_data:
-        raise EDLConfigError(
-            "--moe-edl-coeff > 0 needs domain-labelled data; so far only --mock-data provides "
-            f"it (synthetic domains, {MOCK_DOMAINS_FLAG})"
-        )
     if args.sft or args.dataloader_inter_document_masking:
         raise EDLConfigError(
             "EDL with packed (THD) sequences (--sft, --dataloader-inter-document-masking) is not "
             "supported yet"
         )
-    num_domains = args.moe_edl_mock_domains
+    vocabulary = None
+    if args.mock_data:
+        num_domains = args.moe_edl_mock_domains
+    else:
+        from megatron_edl.integration.dataset import resolve_blend_domains
+
+        blend = resolve_blend_domains(
+            blend_prefixes_from_args(args),
+            "prefix" if args.moe_edl_domains_per_prefix else "sidecar",
+            domains_per_prefix=args.moe_edl_domains_per_prefix,
+        )
+        num_domains, vocabulary = blend.num_stored_domains, blend.vocabulary
     if cfg.label_map is not None:
         from megatron_edl.core.labels import LabelMap
 
-        num_domains = LabelMap.from_yaml(cfg.label_map).num_domains
+        num_domains = LabelMap.from_yaml(cfg.label_map, vocabulary=vocabulary).num_domains
     return dataclasses.replace(cfg, num_domains=num_domains)
+
+
+def blend_prefixes_from_args(args) -> list[str]:
+    """Every dataset prefix of ``--data-path``/``--*-data-path`` (in order of appearance)."""
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    prefixes: list[str] = []
+    for part in [blend, *(blend_per_split or [])]:
+        for prefix in part[0] if part else []:
+            if prefix not in prefixes:
+                prefixes.append(prefix)
+    return prefixes
 
 
 def edl_layer_spec(base_spec, edl_config):
@@ -131,6 +150,12 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         action="store_true",
         help="Run on CPU with gloo (tests, CI, the quickstart): applies megatron_edl.cpu and sets "
         "the flags CPU needs. Refused when CUDA is available.",
+    )
+    group.add_argument(
+        "--moe-edl-domains-per-prefix",
+        default=None,
+        help="YAML: blend prefix (path or glob) -> domain name. Labels every document of a "
+        "prefix with its domain (no .domains sidecar needed).",
     )
     group.add_argument(
         MOCK_DOMAINS_FLAG,

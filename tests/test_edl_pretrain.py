@@ -201,3 +201,46 @@ def test_multi_token_prediction_layers():
     _assert_trained(result, 3)
     assert "mtp_1 loss" in result.iterations[3]
     assert max(result.losses("edl_loss")) > 0
+
+
+def _write_labelled_prefix(prefix, domains: list[int], names: dict[str, int]) -> None:
+    """An indexed dataset whose document i (domain d) has tokens in d's vocabulary band."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_edl.data.sidecar import write_sidecar
+
+    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for domain in domains:
+        length = int(rng.integers(8, 80))
+        tokens = 1 + domain * 300 + rng.integers(0, 300, size=length)
+        builder.add_document(torch.from_numpy(np.append(tokens, 1023)), [length + 1])
+    builder.finalize(f"{prefix}.idx")
+    write_sidecar(prefix, np.asarray(domains), names)
+
+
+def test_indexed_data_with_sidecar_and_per_prefix_domains(tmp_path):
+    """Real indexed data: labels from the .domains sidecar, or one domain per blend prefix."""
+    names = {"code": 0, "prose": 1, "math": 2}
+    mixed = tmp_path / "mixed"
+    _write_labelled_prefix(mixed, [i % 3 for i in range(300)], names)
+    flags = [
+        *TINY_MOE_GPT, "--moe-edl-coeff", "0.1", "--train-iters", "3", "--data-cache-path",
+        str(tmp_path / "cache"),
+    ]  # fmt: skip
+    flags.remove("--mock-data")
+    result = run_pretrain(1, [*flags, "--data-path", str(mixed)])
+    _assert_trained(result, 3)
+    assert max(result.losses("edl_domains")) > 1.0
+
+    code, prose = tmp_path / "code", tmp_path / "prose"
+    _write_labelled_prefix(code, [0] * 150, names)
+    _write_labelled_prefix(prose, [1] * 150, names)
+    per_prefix = tmp_path / "per_prefix.yaml"
+    per_prefix.write_text(f"{code}: code\n{prose}: prose\n")
+    blend = ["--data-path", "1", str(code), "1", str(prose)]
+    result = run_pretrain(1, [*flags, *blend, "--moe-edl-domains-per-prefix", str(per_prefix)])
+    _assert_trained(result, 3)
+    assert 1.0 < max(result.losses("edl_domains")) <= 2.0

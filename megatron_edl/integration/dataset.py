@@ -9,24 +9,62 @@ ids and per-document token counts of the sample being built, maps documents to d
 ``DomainMockGPTDataset`` is the labelled counterpart of ``--mock-data`` (smoke tests, CI): document
 ``i`` belongs to domain ``i % num_domains`` and its tokens come from that domain's band of the
 vocabulary, so domains are visible in the content and routers can specialise.
+
+Real data, through ``BlendedMegatronDatasetBuilder`` like stock ``GPTDataset`` (train/valid/test
+splits, ``--data-path`` blends and per-split blends, index caching: the cached indices depend
+only on the tokens, never on the labels):
+
+* ``DomainGPTDataset``: each prefix's labels come from its ``<prefix>.domains`` sidecar
+  (:mod:`megatron_edl.data.sidecar`), read and verified against the ``.idx`` when the prefix's
+  low-level dataset is built, so a sidecar that does not belong to its index is a
+  ``SidecarMismatchError`` naming the file before any sample is drawn.
+* ``DomainPerPrefixGPTDataset``: no sidecar; every document of a prefix has that prefix's domain,
+  from a YAML file (``PrefixDomains``, ``--moe-edl-domains-per-prefix``).
+
+Labels are resolved for the whole blend at once (``blend_document_domains``), once per build:
+the prefixes of ``blend`` and ``blend_per_split`` in order of first appearance form one label
+space. Sidecar vocabularies are reconciled by name (the merge tool's rules: the same name gets
+the same id, prefixes whose ids differ are remapped, irreconcilable ones are refused), the label
+map (``--moe-edl-label-map``; its name keys and globs see that union vocabulary, its integer
+keys the union's ids: prefer names when vocabularies differ) maps stored ids to loss domains,
+and the random control permutes the labels across *all* documents of the blend (a permutation
+inside each prefix would change nothing when every prefix is one domain).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import logging
+import os
+import struct
+import threading
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import yaml
 from megatron.core.datasets.gpt_dataset import (
+    GPTDataset,
     GPTDatasetConfig,
     MockGPTDataset,
     MockGPTLowLevelDataset,
 )
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.utils import Split
+from megatron.core.utils import log_single_rank
 
-from megatron_edl.config import EDLConfig, EDLLabels
+from megatron_edl.config import EDLConfig, EDLConfigError, EDLLabels
 from megatron_edl.core.labels import LabelMap, permute_document_labels
+from megatron_edl.core.labels import _UniqueKeyLoader as UniqueKeyLoader
 from megatron_edl.core.segments import sample_token_labels
+from megatron_edl.data.merge import reconcile_vocabularies
+from megatron_edl.data.sidecar import SidecarMismatchError, read_sidecar, sidecar_path
 from megatron_edl.integration.labels import DOMAIN_IDS_KEY, WEIGHTS_KEY
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -43,18 +81,39 @@ class DomainGPTDatasetConfig(GPTDatasetConfig):
     """Loss domain of every low-level document (label map and random control applied); ``None``
     means the stored ids are the loss ids."""
 
+    edl_config: EDLConfig | None = None
+    """The run's EDL options, for ``DomainGPTDataset``/``DomainPerPrefixGPTDataset``: the label
+    map and the random control, and ``num_domains`` (loss ids must lie below it). ``None``: the
+    (reconciled) stored ids are the loss ids."""
 
-def loss_document_domains(stored_N: np.ndarray, edl_config: EDLConfig) -> np.ndarray:
+    edl_domains_per_prefix: str | None = None
+    """YAML file of ``DomainPerPrefixGPTDataset``: blend prefix (path or glob) -> domain name
+    (``--moe-edl-domains-per-prefix``; format: ``PrefixDomains``)."""
+
+
+def loss_document_domains(
+    stored_N: np.ndarray,
+    edl_config: EDLConfig,
+    vocabulary: Mapping[str, int] | None = None,
+) -> np.ndarray:
     """Loss domain ids of documents from their stored ids: label map, then the random control.
 
     The label map (``--moe-edl-label-map``) maps stored ids to loss domains (or -1); with
     ``--moe-edl-labels random`` the labelled documents' loss ids are permuted by a seeded random
     permutation (the paper's random-label ablation: same label frequencies, no relation to
     content).
+
+    Args:
+        stored_N: Stored label id of every document (-1: unlabelled).
+        edl_config: The label map path, label source and seed.
+        vocabulary: Stored label name -> id, for the label map's name keys and globs.
+
+    Returns:
+        int64 loss ids, one per document.
     """
     loss_N = stored_N
     if edl_config.label_map is not None:
-        loss_N = LabelMap.from_yaml(edl_config.label_map).apply(stored_N)
+        loss_N = LabelMap.from_yaml(edl_config.label_map, vocabulary=vocabulary).apply(stored_N)
     if edl_config.labels == EDLLabels.RANDOM:
         loss_N = permute_document_labels(loss_N, edl_config.random_seed)
     return np.asarray(loss_N, dtype=np.int64)
@@ -125,3 +184,429 @@ class DomainMockGPTDataset(DomainLabelsMixin, MockGPTDataset):
         if domains_N is None:
             return document_ids.astype(np.int64) % self.config.edl_num_domains
         return domains_N[document_ids]
+
+
+# ----------------------------------------------------------------------------------------------
+# Indexed (real) data: sidecar labels or one domain per blend prefix
+# ----------------------------------------------------------------------------------------------
+
+
+class LabelSource(StrEnum):
+    """Where the indexed datasets' stored labels come from."""
+
+    SIDECAR = "sidecar"
+    """``<prefix>.domains``, one id per sequence (``DomainGPTDataset``)."""
+    PREFIX = "prefix"
+    """One domain per blend prefix, from a YAML file (``DomainPerPrefixGPTDataset``)."""
+
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixDomains:
+    """One domain per blend prefix: the ``--moe-edl-domains-per-prefix`` YAML file.
+
+    Format: a mapping of blend prefix -> domain name (``null``: the prefix is unlabelled)::
+
+        # exact prefixes (as in --data-path, or the same file by absolute path) ...
+        /data/pile/arxiv_text_document: science
+        /data/pile/pubmed_text_document: science
+        # ... or shell-style globs (fnmatch, case-sensitive), tried in file order
+        "/data/pile/github_*": code
+        "*/wikipedia_*": encyclopedia
+        "*/ads_*": null
+
+    The domain names are the stored labels of this mode: their ids follow the order in which
+    the names first appear in the file (above: science 0, code 1, encyclopedia 2), so they are
+    stable for a given file; a label map (``--moe-edl-label-map``) can regroup or drop them by
+    name. A prefix takes the domain of its exact key if there is one (the same string, or the
+    same absolute path; relative paths are relative to the working directory, as in
+    ``--data-path``), otherwise of the first glob, in file order, that matches the prefix as
+    written, normalised or made absolute; a prefix nothing matches is an error. Entries that
+    match no prefix of the run are allowed (one file can serve several blends).
+    """
+
+    entries: tuple[tuple[str, str | None], ...]
+    """``(prefix or glob, domain name or None)``, in file order."""
+
+    source: str = "<dict>"
+    """Where it came from (the file path), for error messages."""
+
+    def __post_init__(self) -> None:
+        if not self.entries:
+            raise EDLConfigError(f"{self.source}: no prefix -> domain entries")
+        for key, name in self.entries:
+            if not isinstance(key, str) or not key.strip():
+                raise EDLConfigError(
+                    f"{self.source}: keys are dataset prefixes or globs, got {key!r}"
+                )
+            if name is not None and (not isinstance(name, str) or not name):
+                raise EDLConfigError(
+                    f"{self.source}: prefix {key!r}: the domain must be a name or null, "
+                    f"got {name!r} (quote names such as yes/no/on/off or numbers)"
+                )
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> PrefixDomains:
+        """Read the file (format: class docstring).
+
+        Raises:
+            EDLConfigError: If it cannot be read or parsed, has duplicate keys or bad entries;
+                the message names the file.
+        """
+        source = os.fspath(path)
+        try:
+            with open(source, encoding="utf-8") as f:
+                data = yaml.load(f, Loader=UniqueKeyLoader)  # a SafeLoader subclass
+        except OSError as err:
+            raise EDLConfigError(f"{source}: cannot read the per-prefix domains: {err}") from err
+        except yaml.YAMLError as err:
+            raise EDLConfigError(f"{source}: invalid YAML: {err}") from err
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<dict>") -> PrefixDomains:
+        """Build from the parsed YAML (a mapping of prefix or glob -> domain name or None)."""
+        if not isinstance(data, Mapping):
+            raise EDLConfigError(
+                f"{source}: expected a mapping of dataset prefix -> domain name, "
+                f"got {type(data).__name__}"
+            )
+        return cls(entries=tuple(data.items()), source=source)
+
+    @property
+    def vocabulary(self) -> dict[str, int]:
+        """Domain name -> stored id, in order of first appearance."""
+        vocabulary: dict[str, int] = {}
+        for _, name in self.entries:
+            if name is not None and name not in vocabulary:
+                vocabulary[name] = len(vocabulary)
+        return vocabulary
+
+    def domain_of(self, prefix: str) -> str | None:
+        """The domain name of a blend prefix (``None``: unlabelled).
+
+        Raises:
+            EDLConfigError: If no key matches the prefix.
+        """
+        forms = {prefix, os.path.normpath(prefix), os.path.abspath(prefix)}
+        for key, name in self.entries:
+            if _GLOB_CHARS.isdisjoint(key) and (
+                key == prefix or os.path.abspath(key) == os.path.abspath(prefix)
+            ):
+                return name
+        for key, name in self.entries:
+            if not _GLOB_CHARS.isdisjoint(key) and any(
+                fnmatch.fnmatchcase(form, key) for form in forms
+            ):
+                return name
+        raise EDLConfigError(
+            f"{self.source}: no entry matches the dataset prefix {prefix!r}; add it (or a glob "
+            "matching it) with its domain name, or null to leave it unlabelled"
+        )
+
+    def stored_id(self, prefix: str) -> int:
+        """Stored id of a prefix's domain (-1: unlabelled)."""
+        name = self.domain_of(prefix)
+        return -1 if name is None else self.vocabulary[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlendDomains:
+    """The labels of every prefix of a blend, resolved together."""
+
+    prefixes: tuple[str, ...]
+    """The blend's prefixes in order of first appearance (train, valid, test blends)."""
+
+    vocabulary: dict[str, int]
+    """Stored label name -> id shared by the blend (reconciled sidecar vocabularies, or the
+    per-prefix domain names)."""
+
+    stored_ids: dict[str, np.ndarray]
+    """Prefix -> stored id of every sequence, in the shared vocabulary's ids."""
+
+    loss_ids: dict[str, np.ndarray]
+    """Prefix -> loss domain id of every sequence (label map and random control applied)."""
+
+    remapped: tuple[str, ...] = ()
+    """Prefixes whose sidecar ids were remapped to the shared vocabulary."""
+
+    @property
+    def num_stored_domains(self) -> int:
+        """Stored label ids in use or named: ``max id + 1`` (the loss's D without a label map)."""
+        top = max(self.vocabulary.values(), default=-1)
+        for ids in self.stored_ids.values():
+            if ids.size:
+                top = max(top, int(ids.max()))
+        return top + 1
+
+
+def blend_prefixes(config: GPTDatasetConfig, extra: str | None = None) -> tuple[str, ...]:
+    """Every dataset prefix of the config's ``blend``/``blend_per_split``, first appearance first.
+
+    Args:
+        config: The dataset config.
+        extra: A prefix to include if the blends lack it (appended last).
+    """
+    blends = [config.blend] if config.blend is not None else list(config.blend_per_split or [])
+    prefixes: list[str] = []
+    for blend in blends:
+        if blend is not None:
+            prefixes.extend(p for p in blend[0] if p not in prefixes)
+    if extra is not None and extra not in prefixes:
+        prefixes.append(extra)
+    return tuple(prefixes)
+
+
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+
+
+def _sequence_count(prefix: str) -> int:
+    """Sequences of ``<prefix>.idx``, from its header."""
+    idx_path = f"{prefix}.idx"
+    with open(idx_path, "rb") as f:
+        header = f.read(34)
+    if len(header) < 34 or header[:9] != _INDEX_HEADER:
+        raise SidecarMismatchError(f"{idx_path}: not a Megatron .idx file")
+    return struct.unpack_from("<Q", header, 18)[0]
+
+
+def _read_sidecar_labels(prefix: str) -> tuple[np.ndarray, dict[str, int]]:
+    try:
+        return read_sidecar(prefix)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{sidecar_path(prefix)}: no domain sidecar for dataset prefix {prefix!r}; "
+            "preprocess it with domain labels, or label whole prefixes with "
+            "--moe-edl-domains-per-prefix"
+        ) from err
+
+
+def _file_state(path: str | os.PathLike | None) -> tuple:
+    if path is None:
+        return (None,)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (os.fspath(path), None)
+    return (os.fspath(path), st.st_size, st.st_mtime_ns)
+
+
+def _compact(ids_N: np.ndarray) -> np.ndarray:
+    top = int(ids_N.max()) if ids_N.size else 0
+    return ids_N.astype(np.int16 if top < np.iinfo(np.int16).max else np.int32)
+
+
+_BLEND_LOCK = threading.Lock()
+_BLEND_CACHE: dict[tuple, BlendDomains] = {}
+
+
+def blend_document_domains(
+    config: DomainGPTDatasetConfig, source: LabelSource | str, extra: str | None = None
+) -> BlendDomains:
+    """Stored and loss domain ids of every sequence of every prefix of the config's blend.
+
+    Args:
+        config: The dataset config (``edl_config``, ``edl_domains_per_prefix``, the blends).
+        source: ``sidecar`` or ``prefix`` (:class:`LabelSource`).
+        extra: A prefix to include if the blends lack it.
+
+    Returns:
+        The :class:`BlendDomains` (see :func:`resolve_blend_domains`).
+
+    Raises:
+        TypeError: If ``config`` is not a ``DomainGPTDatasetConfig``.
+        FileNotFoundError, SidecarMismatchError, VocabularyConflictError, EDLConfigError: see
+            :func:`resolve_blend_domains`.
+    """
+    if not isinstance(config, DomainGPTDatasetConfig):
+        raise TypeError(f"labelled datasets need a DomainGPTDatasetConfig, got {type(config)}")
+    return resolve_blend_domains(
+        blend_prefixes(config, extra),
+        source,
+        domains_per_prefix=config.edl_domains_per_prefix,
+        edl_config=config.edl_config,
+    )
+
+
+def resolve_blend_domains(
+    prefixes: tuple[str, ...] | list[str],
+    source: LabelSource | str,
+    *,
+    domains_per_prefix: str | None = None,
+    edl_config: EDLConfig | None = None,
+) -> BlendDomains:
+    """Stored and loss domain ids of every sequence of the given prefixes, resolved together.
+
+    Computed once and reused (thread-safe): the result is cached under the prefixes, the size
+    and modification time of every file read, and the label options, so a changed file is read
+    again; only the latest result is kept. The launcher can call it with ``edl_config=None``
+    to learn the blend's vocabulary (for the label map's names) and ``num_stored_domains``.
+
+    Args:
+        prefixes: The dataset prefixes, in blend order (their order fixes the remapping and
+            the random permutation).
+        source: ``sidecar`` or ``prefix`` (:class:`LabelSource`).
+        domains_per_prefix: The per-prefix YAML file (needed for ``prefix``).
+        edl_config: Label map and random control; ``None``: loss ids = stored ids.
+
+    Returns:
+        The :class:`BlendDomains`.
+
+    Raises:
+        FileNotFoundError: A sidecar is missing (the message names it).
+        SidecarMismatchError: A sidecar does not match its index (names the file and field).
+        VocabularyConflictError: The prefixes' vocabularies cannot be reconciled.
+        EDLConfigError: No prefixes, a missing or bad per-prefix file or label map, or an
+            uncovered label.
+    """
+    source = LabelSource(source)
+    prefixes = tuple(prefixes)
+    if not prefixes:
+        raise EDLConfigError("labelled indexed datasets need a blend (--data-path)")
+    if source is LabelSource.PREFIX and domains_per_prefix is None:
+        raise EDLConfigError(
+            "DomainPerPrefixGPTDataset needs edl_domains_per_prefix (--moe-edl-domains-per-prefix)"
+        )
+    cfg = edl_config
+    suffixes = (".idx", ".domains") if source is LabelSource.SIDECAR else (".idx",)
+    key = (
+        source,
+        prefixes,
+        tuple(_file_state(p + s) for p in prefixes for s in suffixes),
+        _file_state(domains_per_prefix if source is LabelSource.PREFIX else None),
+        None if cfg is None else (_file_state(cfg.label_map), str(cfg.labels), cfg.random_seed),
+    )
+    with _BLEND_LOCK:
+        if key not in _BLEND_CACHE:
+            _BLEND_CACHE.clear()  # one blend at a time: do not hold old labels
+            _BLEND_CACHE[key] = _resolve_blend(prefixes, source, domains_per_prefix, cfg)
+        return _BLEND_CACHE[key]
+
+
+def _resolve_blend(
+    prefixes: tuple[str, ...],
+    source: LabelSource,
+    per_prefix_file: str | None,
+    cfg: EDLConfig | None,
+) -> BlendDomains:
+    remapped: tuple[str, ...] = ()
+    if source is LabelSource.SIDECAR:
+        labels = [_read_sidecar_labels(p) for p in prefixes]
+        merge = reconcile_vocabularies(
+            [vocabulary for _, vocabulary in labels],
+            [str(sidecar_path(p)) for p in prefixes],
+            [ids for ids, _ in labels],
+        )
+        vocabulary = merge.vocabulary
+        stored = [merge.remap(i, ids) for i, (ids, _) in enumerate(labels)]
+        remapped = tuple(prefixes[i] for i in merge.changed)
+        if remapped:
+            log_single_rank(
+                logger,
+                logging.WARNING,
+                "domain sidecars of the blend have different vocabularies; the ids of "
+                f"{', '.join(remapped)} were remapped by label name to {vocabulary}",
+            )
+    else:
+        assert per_prefix_file is not None
+        table = PrefixDomains.from_yaml(per_prefix_file)
+        vocabulary = table.vocabulary
+        stored = [np.full(_sequence_count(p), table.stored_id(p), dtype=np.int64) for p in prefixes]
+
+    loss = stored
+    if cfg is not None and (cfg.label_map is not None or cfg.labels == EDLLabels.RANDOM):
+        # One call over the whole blend: the random control permutes across prefixes.
+        loss_all = loss_document_domains(
+            np.concatenate(stored) if stored else np.zeros(0, np.int64), cfg, vocabulary
+        )
+        loss = np.split(loss_all, np.cumsum([len(ids) for ids in stored])[:-1])
+    return BlendDomains(
+        prefixes=prefixes,
+        vocabulary=dict(vocabulary),
+        stored_ids={p: _compact(ids) for p, ids in zip(prefixes, stored, strict=True)},
+        loss_ids={p: _compact(np.asarray(ids)) for p, ids in zip(prefixes, loss, strict=True)},
+        remapped=remapped,
+    )
+
+
+class DomainGPTDataset(DomainLabelsMixin, GPTDataset):
+    """``GPTDataset`` whose samples carry ``domain_ids``/``edl_weights`` from domain sidecars.
+
+    Build it like ``GPTDataset``, through ``BlendedMegatronDatasetBuilder`` with a
+    ``DomainGPTDatasetConfig``; everything but the two extra keys is stock (same samples, same
+    order, same index caching). Sequence ids map to stored ids through the prefix's sidecar, and
+    to loss ids through ``blend_document_domains`` (see the module docstring).
+    """
+
+    label_source: ClassVar[LabelSource] = LabelSource.SIDECAR
+
+    def __init__(
+        self,
+        indexed_dataset: IndexedDataset,
+        dataset_path: str | None,
+        indexed_indices: np.ndarray,
+        num_samples: int | None,
+        index_split: Split,
+        config: DomainGPTDatasetConfig,
+    ) -> None:
+        self._document_domains_N = _loss_ids_of(
+            type(self), dataset_path, GPTDataset.numel_low_level_dataset(indexed_dataset), config
+        )
+        super().__init__(
+            indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config
+        )
+
+    @classmethod
+    def build_low_level_dataset(
+        cls, dataset_path: str, config: DomainGPTDatasetConfig
+    ) -> IndexedDataset:
+        """Stock ``IndexedDataset``, after loading and verifying the blend's labels.
+
+        Raises:
+            FileNotFoundError, SidecarMismatchError, VocabularyConflictError, EDLConfigError: see
+                :func:`blend_document_domains`.
+        """
+        dataset = GPTDataset.build_low_level_dataset(dataset_path, config)
+        _loss_ids_of(cls, dataset_path, GPTDataset.numel_low_level_dataset(dataset), config)
+        return dataset
+
+    def document_domains(self, document_ids: np.ndarray) -> np.ndarray:
+        """Loss domain ids of low-level sequences (GPTDataset's document ids)."""
+        return self._document_domains_N[document_ids].astype(np.int64)
+
+
+class DomainPerPrefixGPTDataset(DomainGPTDataset):
+    """``DomainGPTDataset`` without sidecars: each blend prefix is one domain.
+
+    The domains come from ``config.edl_domains_per_prefix`` (format: :class:`PrefixDomains`);
+    every sequence of a prefix gets its domain, so segments and weights work as with sidecars.
+    """
+
+    label_source: ClassVar[LabelSource] = LabelSource.PREFIX
+
+
+def _loss_ids_of(
+    cls: type[DomainGPTDataset],
+    dataset_path: str | None,
+    num_sequences: int,
+    config: DomainGPTDatasetConfig,
+) -> np.ndarray:
+    if dataset_path is None:
+        raise ValueError(f"{cls.__name__} needs a dataset prefix (it has no mock mode)")
+    domains = blend_document_domains(config, cls.label_source, extra=dataset_path)
+    loss_N = domains.loss_ids[dataset_path]
+    if loss_N.shape != (num_sequences,):
+        raise SidecarMismatchError(
+            f"{dataset_path}: {loss_N.shape[0]} domain labels for {num_sequences} sequences"
+        )
+    cfg = config.edl_config
+    if cfg is not None and cfg.num_domains is not None and loss_N.size:
+        top = int(loss_N.max())
+        if top >= cfg.num_domains:
+            raise EDLConfigError(
+                f"{dataset_path}: loss domain id {top} but the run has {cfg.num_domains} "
+                "domains; set a label map (--moe-edl-label-map) or check the data's vocabulary"
+            )
+    return loss_N

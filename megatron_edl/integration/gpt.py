@@ -45,8 +45,10 @@ from megatron_edl.config import EDLConfig
 from megatron_edl.integration import labels as edl_labels
 from megatron_edl.integration import modelopt
 from megatron_edl.integration.dataset import (
+    DomainGPTDataset,
     DomainGPTDatasetConfig,
     DomainMockGPTDataset,
+    DomainPerPrefixGPTDataset,
     mock_document_domains,
 )
 
@@ -352,11 +354,18 @@ def gpt_dataset_config_from_args(args) -> GPTDatasetConfig:
     )
     cfg = edl_config()
     if cfg is not None:
+        if args.mock_data:
+            return DomainGPTDatasetConfig(
+                **kwargs,
+                edl_aggregation=str(cfg.aggregation),
+                edl_num_domains=args.moe_edl_mock_domains,
+                edl_document_domains=mock_document_domains(args.moe_edl_mock_domains, cfg),
+            )
         return DomainGPTDatasetConfig(
             **kwargs,
             edl_aggregation=str(cfg.aggregation),
-            edl_num_domains=args.moe_edl_mock_domains,
-            edl_document_domains=mock_document_domains(args.moe_edl_mock_domains, cfg),
+            edl_config=cfg,
+            edl_domains_per_prefix=args.moe_edl_domains_per_prefix,
         )
     if not args.fim_data:
         return GPTDatasetConfig(**kwargs)
@@ -381,8 +390,14 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     """Build the train/valid/test datasets with Megatron's ``BlendedMegatronDatasetBuilder``."""
     args = get_args()
     config = gpt_dataset_config_from_args(args)
-    if edl_config() is not None:  # the launcher checked --mock-data
-        dataset_type, packed = DomainMockGPTDataset, False
+    if edl_config() is not None:
+        if args.mock_data:
+            dataset_type = DomainMockGPTDataset
+        elif args.moe_edl_domains_per_prefix:
+            dataset_type = DomainPerPrefixGPTDataset
+        else:
+            dataset_type = DomainGPTDataset
+        packed = False
     elif args.sft:
         dataset_type, packed = SFTDataset, True
     elif args.mock_data:
