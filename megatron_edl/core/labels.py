@@ -68,11 +68,11 @@ _UNCOVERED = -2  # lookup-table sentinel, never returned to callers
 _MAX_LISTED = 20  # uncovered ids listed in full in an error message
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that rejects duplicate mapping keys (which it would silently drop)."""
 
 
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:
+def _construct_unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode) -> dict:
     loader.flatten_mapping(node)
     seen: set[Any] = set()
     for key_node, _ in node.value:
@@ -89,7 +89,7 @@ def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) 
     return loader.construct_mapping(node, deep=True)
 
 
-_UniqueKeyLoader.add_constructor(
+UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
 )
 
@@ -184,7 +184,7 @@ class LabelMap:
         source = os.fspath(path)
         try:
             with open(source, encoding="utf-8") as f:
-                data = yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+                data = yaml.load(f, Loader=UniqueKeyLoader)  # a SafeLoader subclass
         except OSError as err:
             raise EDLConfigError(f"{source}: cannot read the label map: {err}") from err
         except yaml.YAMLError as err:

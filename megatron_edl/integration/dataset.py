@@ -57,8 +57,7 @@ from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 
 from megatron_edl.config import EDLConfig, EDLConfigError, EDLLabels
-from megatron_edl.core.labels import LabelMap, permute_document_labels
-from megatron_edl.core.labels import _UniqueKeyLoader as UniqueKeyLoader
+from megatron_edl.core.labels import LabelMap, UniqueKeyLoader, permute_document_labels
 from megatron_edl.core.segments import sample_token_labels
 from megatron_edl.data.merge import reconcile_vocabularies
 from megatron_edl.data.sidecar import SidecarMismatchError, read_sidecar, sidecar_path
