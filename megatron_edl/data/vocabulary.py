@@ -1,0 +1,234 @@
+"""The label vocabulary: stable integer ids for hierarchical domain label names.
+
+Preprocessing stores one integer per document (the ``.domains`` sidecar); the vocabulary says
+which name each integer stands for. Names are hierarchical, ``/``-separated (``en/science``,
+``zh/history``, ``math``), so that a training-side label map (``megatron_edl.core.labels``)
+can send fine labels to coarse loss domains with globs such as ``"en/*"``.
+
+File format (YAML)::
+
+    # label name -> id; ids are stable: never renumber or reuse an id
+    labels:
+      en/science: 0
+      en/history: 1
+      zh/history: 2
+      math: 3
+
+Rules:
+
+* ``labels`` is the only top-level key; each entry maps a name to a non-negative integer id.
+  Names and ids are unique; ids need not be contiguous (a retired label keeps its id reserved).
+* A name is a non-empty string of ``/``-separated non-empty parts without surrounding
+  whitespace, and without the glob characters ``* ? [ ]`` (label maps treat those as patterns).
+  Quote names that YAML would read as something else (``"yes"``, ``"7"``).
+* Extending (``--extend-vocab``) appends new names with ids ``max id + 1, max id + 2, ...`` in
+  the order the labels are first met in the input (deterministic for a given input and flags)
+  and rewrites the file atomically (comments in the file are not kept).
+
+Errors are ``EDLConfigError`` (a ``ValueError``) naming the file and the entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import yaml
+
+from megatron_edl.config import EDLConfigError
+from megatron_edl.core.labels import UniqueKeyLoader
+
+__all__ = ["LabelVocabulary", "label_name_problem", "load_strict_yaml"]
+
+_GLOB_CHARS = frozenset("*?[]")
+_MAX_ID = 2**31 - 1  # the sidecar stores ids as int16 or int32
+
+
+def label_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a label name, or ``None`` if it can.
+
+    Args:
+        name: A candidate label name.
+
+    Returns:
+        A short reason (for error messages), or ``None`` for a valid name.
+    """
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a string"
+    if not name:
+        return "is empty"
+    if name != name.strip():
+        return "has leading or trailing whitespace"
+    if _GLOB_CHARS.intersection(name):
+        return "contains a glob character (* ? [ ])"
+    if any(not part for part in name.split("/")):
+        return "has an empty '/'-separated part"
+    return None
+
+
+def load_strict_yaml(path: str | os.PathLike) -> object:
+    """Parse a YAML file with ``safe_load`` rules, rejecting duplicate mapping keys.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The parsed document (``None`` for an empty file).
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        EDLConfigError: naming the file, if it is not valid YAML or repeats a key.
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise EDLConfigError(f"{os.fspath(path)}: not valid YAML: {e}") from None
+
+
+class LabelVocabulary:
+    """A mutable name -> id mapping with the vocabulary rules of the module docstring.
+
+    Args:
+        ids: Initial ``name -> id`` entries (validated).
+        source: Where the entries come from, for error messages (a file path or a description).
+
+    Raises:
+        EDLConfigError: if a name or an id breaks the rules.
+    """
+
+    def __init__(self, ids: Mapping[str, int] | None = None, *, source: str = "<vocabulary>"):
+        self.source = source
+        self._ids: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        for name, label_id in (ids or {}).items():
+            self._insert(name, label_id)
+
+    def _insert(self, name: object, label_id: object) -> None:
+        problem = label_name_problem(name)
+        if problem is not None:
+            raise EDLConfigError(f"{self.source}: label name {name!r} {problem}")
+        if isinstance(label_id, bool) or not isinstance(label_id, int):
+            raise EDLConfigError(
+                f"{self.source}: id of label {name!r} must be an integer, got {label_id!r}"
+            )
+        if not 0 <= label_id <= _MAX_ID:
+            raise EDLConfigError(
+                f"{self.source}: id of label {name!r} must lie in [0, {_MAX_ID}], got {label_id}"
+            )
+        if name in self._ids:
+            raise EDLConfigError(f"{self.source}: label {name!r} is listed twice")
+        if label_id in self._names:
+            raise EDLConfigError(
+                f"{self.source}: id {label_id} is given to both {self._names[label_id]!r} "
+                f"and {name!r}"
+            )
+        self._ids[name] = label_id
+        self._names[label_id] = name
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> LabelVocabulary:
+        """Load a vocabulary file (format in the module docstring).
+
+        Args:
+            path: The YAML file.
+
+        Returns:
+            The vocabulary, with ``source`` set to the path.
+
+        Raises:
+            FileNotFoundError: if the file does not exist.
+            EDLConfigError: if the file is not a valid vocabulary.
+        """
+        source = os.fspath(path)
+        data = load_strict_yaml(path)
+        if data is None:
+            data = {"labels": {}}
+        if not isinstance(data, dict) or set(data) != {"labels"}:
+            keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+            raise EDLConfigError(
+                f"{source}: a label vocabulary has exactly one top-level key 'labels' "
+                f"(a mapping of name -> id), got {keys}"
+            )
+        labels = data["labels"] if data["labels"] is not None else {}
+        if not isinstance(labels, dict):
+            raise EDLConfigError(
+                f"{source}: 'labels' must map names to ids, got a {type(labels).__name__}"
+            )
+        return cls(labels, source=source)
+
+    def to_yaml(self, path: str | os.PathLike) -> None:
+        """Write the vocabulary atomically (temporary file in the same folder, then rename).
+
+        Args:
+            path: Destination file; its parent folder must exist.
+        """
+        path = Path(path)
+        lines = [
+            "# Label vocabulary (megatron-edl): label name -> stable id.",
+            "# Ids are stored in .domains sidecars: never renumber or reuse one.",
+            "labels:",
+        ]
+        for name, label_id in sorted(self._ids.items(), key=lambda item: item[1]):
+            lines.append(f"  {_yaml_scalar(name)}: {label_id}")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, name: str) -> int | None:
+        """The id of ``name``, or ``None`` if it is not in the vocabulary."""
+        return self._ids.get(name)
+
+    def add(self, name: str) -> int:
+        """Append ``name`` with the next free id (``max id + 1``) and return that id.
+
+        Args:
+            name: A new, valid label name.
+
+        Returns:
+            The new id.
+
+        Raises:
+            EDLConfigError: if the name is invalid or already present.
+        """
+        label_id = max(self._names, default=-1) + 1
+        self._insert(name, label_id)
+        return label_id
+
+    def name_of(self, label_id: int) -> str:
+        """The name of ``label_id`` (``KeyError`` if unknown)."""
+        return self._names[label_id]
+
+    def as_dict(self) -> dict[str, int]:
+        """A copy of the ``name -> id`` entries, in id order."""
+        return dict(sorted(self._ids.items(), key=lambda item: item[1]))
+
+    @property
+    def num_ids(self) -> int:
+        """``max id + 1`` (0 when empty): the size of an id-indexed table."""
+        return max(self._names, default=-1) + 1
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ids
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.as_dict())
+
+    def __repr__(self) -> str:
+        return f"LabelVocabulary({self.as_dict()!r}, source={self.source!r})"
+
+
+def _yaml_scalar(name: str) -> str:
+    """``name`` as a double-quoted YAML key (a JSON string is one) that reads back unchanged."""
+    return json.dumps(name, ensure_ascii=False)

@@ -1,0 +1,270 @@
+"""Benchmark preprocessing with domain labels against the same run without domain handling.
+
+Generates labelled JSONL corpora of the given sizes, then times ``preprocess`` with
+``--domain-field`` against the identical run with domain handling switched off (the hidden
+``--no-domains`` switch: no label extraction, no vocabulary, no sidecar), alternating the two
+(A B B A ...) so that drift affects both alike, for each worker count. Peak memory is measured
+in fresh processes per configuration: ``ru_maxrss`` of the main process (and its growth over
+its state just before the run) and of the largest worker; and, in a separate run (tracemalloc's
+own bookkeeping inflates RSS), the tracemalloc peak of the main process's Python heap.
+
+The tokenizer is a byte-level BPE trained on the spot (tests/data_helpers.py), or any
+HuggingFace tokenizer folder given with --tokenizer-model; nothing downloads.
+
+Usage:
+    python tools/benchmark_preprocess.py                       # 10 and 50 MB, 1 and 2 workers
+    python tools/benchmark_preprocess.py --sizes-mb 10 200 --workers 1 2 4 --repeats 5
+    python tools/benchmark_preprocess.py --tokenizer-model ./my_hf_tokenizer --workdir /scratch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+
+from tests.data_helpers import sentence, tokenizer_args, train_tiny_tokenizer  # noqa: E402
+
+DOMAINS = ("en/science", "en/history", "zh/history", "math")
+
+
+def generate_corpus(path: Path, size_mb: float, seed: int = 0) -> int:
+    """Write labelled JSONL of about ``size_mb`` MiB (documents of 20-800 words).
+
+    Args:
+        path: Output file.
+        size_mb: Target size in MiB.
+        seed: Random seed.
+
+    Returns:
+        The number of documents.
+    """
+    rng = random.Random(seed)
+    target = int(size_mb * 2**20)
+    written = documents = 0
+    with open(path, "wb") as f:
+        while written < target:
+            domain = DOMAINS[rng.randrange(len(DOMAINS))]
+            record = {"text": sentence(rng, domain, rng.randint(20, 800)), "meta": {"src": domain}}
+            line = json.dumps(record, ensure_ascii=False).encode() + b"\n"
+            f.write(line)
+            written += len(line)
+            documents += 1
+    return documents
+
+
+def run_once(
+    corpus: Path, out_dir: Path, tok_args: argparse.Namespace, domains: bool, workers: int
+):
+    """One preprocessing run; returns ``(seconds, tokens written)``; removes its output."""
+    from megatron_edl.data.preprocess import FieldLabel, PreprocessConfig, preprocess
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = PreprocessConfig(
+        inputs=(str(corpus),),
+        output_prefix=str(out_dir / "bench"),
+        label_source=FieldLabel("meta.src") if domains else None,
+        append_eod=True,
+        workers=workers,
+        progress=False,
+    )
+    cpu_before = _cpu_seconds()
+    start = time.perf_counter()
+    stats = preprocess(config, tok_args)
+    seconds = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu_before
+    shutil.rmtree(out_dir)
+    return seconds, cpu, stats["text"]["tokens_written"]
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its reaped children (pool workers)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+class _RssSampler(threading.Thread):
+    """Samples this process's resident set size (Linux ``/proc/self/statm``); keeps the peak."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.interval_s = interval_s
+        self.peak = self.current()
+        self._done = threading.Event()
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval_s):
+            self.peak = max(self.peak, self.current())
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return max(self.peak, self.current())
+
+
+def memory_child(spec: dict) -> dict:
+    """Run once in this (fresh) process and report its memory figures (MiB)."""
+    tok_args = tokenizer_args(spec["tokenizer_dir"])
+    from megatron_edl.data.preprocess import build_megatron_tokenizer
+
+    build_megatron_tokenizer(tok_args)  # imports and tokenizer load count as baseline
+    run = (Path(spec["corpus"]), Path(spec["out_dir"]), tok_args, spec["domains"], spec["workers"])
+    if spec["tracemalloc"]:  # its own bookkeeping inflates RSS: measured in separate runs
+        tracemalloc.start()
+        _, _, tokens = run_once(*run)
+        _, heap_peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return {"heap_peak_mb": heap_peak / 2**20, "tokens": tokens}
+    sampler = _RssSampler()
+    before = sampler.current()
+    sampler.start()
+    _, _, tokens = run_once(*run)
+    peak = sampler.stop()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {
+        "main_rss_before_mb": before / 2**20,
+        "main_rss_peak_mb": peak / 2**20,
+        "worker_rss_peak_mb": children / 2**20 if spec["workers"] > 1 else None,
+        "tokens": tokens,
+    }
+
+
+def measure_memory(spec: dict) -> dict:
+    result = subprocess.run(
+        [sys.executable, __file__, "--memory-child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"memory child failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def time_runs(corpora: dict, worker_counts: list[int], repeats: int, workdir: Path, tok_args):
+    """Print wall and CPU time with and without domain handling, alternated, per configuration."""
+    print(f"\nmedian [min, max] over {repeats} alternated pairs; ratio = with / without")
+    print("wall: elapsed seconds; cpu: CPU seconds of the main process and its workers")
+    header = f"{'MiB':>5} {'workers':>7} {'':>4} | {'with domains':>24} | {'without':>24} | "
+    print(header + f"{'ratio':>24} | tokens/s with, without")
+    for size, corpus in corpora.items():
+        for workers in worker_counts:
+            wall = {True: [], False: []}
+            cpu = {True: [], False: []}
+            tokens = {}
+            for r in range(repeats):
+                order = (True, False) if r % 2 == 0 else (False, True)
+                for domains in order:
+                    w, c, n = run_once(corpus, workdir / "out", tok_args, domains, workers)
+                    wall[domains].append(w)
+                    cpu[domains].append(c)
+                    tokens[domains] = n
+            assert tokens[True] == tokens[False]
+            for name, times in (("wall", wall), ("cpu", cpu)):
+                ratios = [a / b for a, b in zip(times[True], times[False], strict=True)]
+                rate = [tokens[d] / statistics.median(times[d]) for d in (True, False)]
+                print(
+                    f"{size:5g} {workers:7d} {name:>4} | {summary(times[True]):>24} | "
+                    f"{summary(times[False]):>24} | {summary(ratios):>24} | "
+                    f"{rate[0]:,.0f}, {rate[1]:,.0f}"
+                )
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):7.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[10, 50])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="Timed pairs per configuration.")
+    parser.add_argument("--tokenizer-model", help="HF tokenizer folder (default: train a tiny one)")
+    parser.add_argument("--workdir", help="Scratch folder (default: a temporary one)")
+    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="edl-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = args.tokenizer_model or str(train_tiny_tokenizer(workdir / "tokenizer"))
+    tok_args = tokenizer_args(tokenizer_dir)
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, tokenizer {tokenizer_dir}")
+
+    corpora = {}
+    for size in args.sizes_mb:
+        path = workdir / f"corpus_{size:g}mb.jsonl"
+        docs = generate_corpus(path, size)
+        corpora[size] = path
+        print(f"corpus {path.name}: {path.stat().st_size / 2**20:.1f} MiB, {docs} documents")
+
+    if not args.skip_timing:
+        run_once(corpora[args.sizes_mb[0]], workdir / "warmup", tok_args, True, 1)
+        time_runs(corpora, args.workers, args.repeats, workdir, tok_args)
+
+    if not args.skip_memory:
+        print("\nMemory (MiB), fresh processes per row: main process RSS before the run and its")
+        print("peak during it (sampled every 5 ms), largest worker's peak RSS, and the tracemalloc")
+        print("peak of the main process's Python heap (separate run)")
+        print(
+            f"{'MiB':>5} {'workers':>7} {'domains':>7} | {'RSS before':>10} {'peak':>7} "
+            f"{'growth':>7} {'worker RSS':>10} {'py heap':>8}"
+        )
+        for size, corpus in corpora.items():
+            for workers in args.workers:
+                for domains in (True, False):
+                    spec = {
+                        "tokenizer_dir": tokenizer_dir,
+                        "corpus": str(corpus),
+                        "out_dir": str(workdir / "mem"),
+                        "domains": domains,
+                        "workers": workers,
+                    }
+                    m = measure_memory({**spec, "tracemalloc": False})
+                    m.update(measure_memory({**spec, "tracemalloc": True}))
+                    worker = m["worker_rss_peak_mb"]
+                    worker_text = f"{worker:10.0f}" if worker else f"{'-':>10}"
+                    growth = m["main_rss_peak_mb"] - m["main_rss_before_mb"]
+                    print(
+                        f"{size:5g} {workers:7d} {str(domains):>7} | "
+                        f"{m['main_rss_before_mb']:10.0f} {m['main_rss_peak_mb']:7.0f} "
+                        f"{growth:7.1f} {worker_text} {m['heap_peak_mb']:8.1f}"
+                    )
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
