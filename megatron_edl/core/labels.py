@@ -94,6 +94,28 @@ UniqueKeyLoader.add_constructor(
 )
 
 
+def load_strict_yaml(path: str | os.PathLike, *, what: str = "YAML file") -> Any:
+    """Parse a YAML file with ``safe_load`` rules, rejecting duplicate mapping keys.
+
+    Args:
+        path: The file.
+        what: What the file is, for the error message (e.g. ``"label map"``).
+
+    Returns:
+        The parsed document (``None`` for an empty file).
+
+    Raises:
+        OSError: if the file cannot be read (``FileNotFoundError`` if it does not exist).
+        EDLConfigError: naming the file, if it is not valid YAML or repeats a key.
+    """
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise EDLConfigError(f"{os.fspath(path)}: invalid YAML in the {what}: {err}") from None
+
+
 class LabelMap:
     """Maps the stored label ids of the data to loss domain ids (0..D-1) or -1 (ignored).
 
@@ -183,12 +205,9 @@ class LabelMap:
         """
         source = os.fspath(path)
         try:
-            with open(source, encoding="utf-8") as f:
-                data = yaml.load(f, Loader=UniqueKeyLoader)  # a SafeLoader subclass
+            data = load_strict_yaml(source, what="label map")
         except OSError as err:
             raise EDLConfigError(f"{source}: cannot read the label map: {err}") from err
-        except yaml.YAMLError as err:
-            raise EDLConfigError(f"{source}: invalid YAML in the label map: {err}") from err
         return cls.from_dict(data, vocabulary, source=source)
 
     @classmethod

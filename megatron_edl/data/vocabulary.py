@@ -36,10 +36,8 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import yaml
-
 from megatron_edl.config import EDLConfigError
-from megatron_edl.core.labels import UniqueKeyLoader
+from megatron_edl.core.labels import load_strict_yaml
 
 __all__ = ["LabelVocabulary", "label_name_problem", "load_strict_yaml"]
 
@@ -67,26 +65,6 @@ def label_name_problem(name: object) -> str | None:
     if any(not part for part in name.split("/")):
         return "has an empty '/'-separated part"
     return None
-
-
-def load_strict_yaml(path: str | os.PathLike) -> object:
-    """Parse a YAML file with ``safe_load`` rules, rejecting duplicate mapping keys.
-
-    Args:
-        path: The file.
-
-    Returns:
-        The parsed document (``None`` for an empty file).
-
-    Raises:
-        FileNotFoundError: if the file does not exist.
-        EDLConfigError: naming the file, if it is not valid YAML or repeats a key.
-    """
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        return yaml.load(text, Loader=UniqueKeyLoader)
-    except yaml.YAMLError as e:
-        raise EDLConfigError(f"{os.fspath(path)}: not valid YAML: {e}") from None
 
 
 class LabelVocabulary:

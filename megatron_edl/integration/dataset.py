@@ -45,7 +45,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import yaml
 from megatron.core.datasets.gpt_dataset import (
     GPTDataset,
     GPTDatasetConfig,
@@ -57,7 +56,7 @@ from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 
 from megatron_edl.config import EDLConfig, EDLConfigError, EDLLabels
-from megatron_edl.core.labels import LabelMap, UniqueKeyLoader, permute_document_labels
+from megatron_edl.core.labels import LabelMap, load_strict_yaml, permute_document_labels
 from megatron_edl.core.segments import sample_token_labels
 from megatron_edl.data.merge import reconcile_vocabularies
 from megatron_edl.data.sidecar import SidecarMismatchError, read_sidecar, sidecar_path
@@ -256,12 +255,9 @@ class PrefixDomains:
         """
         source = os.fspath(path)
         try:
-            with open(source, encoding="utf-8") as f:
-                data = yaml.load(f, Loader=UniqueKeyLoader)  # a SafeLoader subclass
+            data = load_strict_yaml(source, what="per-prefix domains")
         except OSError as err:
             raise EDLConfigError(f"{source}: cannot read the per-prefix domains: {err}") from err
-        except yaml.YAMLError as err:
-            raise EDLConfigError(f"{source}: invalid YAML: {err}") from err
         return cls.from_dict(data, source=source)
 
     @classmethod
