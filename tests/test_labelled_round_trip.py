@@ -18,9 +18,10 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
 
 from megatron_edl.config import EDLConfig
-from megatron_edl.integration.dataset import DomainGPTDataset, DomainGPTDatasetConfig
+from megatron_edl.integration.dataset import DomainGPTDataset
+from tests.test_domain_dataset import VOCAB, make_config
 
-VOCAB, BAND, SEQ = 1024, 300, 64
+BAND, SEQ = 300, 64
 NAMES = ["code", "prose", "math"]
 
 
@@ -47,16 +48,10 @@ def test_jsonl_to_samples_round_trip(tmp_path):
 
     stats = json.loads((tmp_path / "out_text_document.stats.json").read_text())
     assert stats["documents_written"] == 120, stats
-    config = DomainGPTDatasetConfig(
-        random_seed=1,
+    config = make_config(
+        tmp_path,
         sequence_length=SEQ,
-        split="100,0,0",
-        tokenizer=NullTokenizer(vocab_size=VOCAB),
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
         blend=([str(tmp_path / "out_text_document")], None),
-        path_to_cache=str(tmp_path / "cache"),
         edl_config=EDLConfig(coeff=0.1, num_domains=3),
     )
     train, _, _ = BlendedMegatronDatasetBuilder(
