@@ -166,6 +166,10 @@ class EDLConfig:
     num_domains: int | None = None
     """Number of loss domains D; ``None`` until the label map or the data tells. >= 1."""
 
+    domain_names: tuple[str, ...] | None = None
+    """Names of the loss domains, in id order (``num_domains`` of them), for logs and reports;
+    ``None`` until the label map or the data tells."""
+
     @property
     def enabled(self) -> bool:
         """Whether EDL is on (``coeff > 0``)."""
@@ -228,6 +232,7 @@ class EDLConfig:
                 else _as_int("num_domains", self.num_domains, minimum=1)
             ),
         }
+        values["domain_names"] = _as_names(self.domain_names, values["num_domains"])
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -276,6 +281,19 @@ def _as_enum[E: StrEnum](field: str, value: Any, enum: type[E]) -> E:
         except ValueError:
             pass
     raise EDLConfigError(f"unknown {_flag(field)} {value!r}; choose from {_choices(enum)}")
+
+
+def _as_names(value: Any, num_domains: int | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+        raise EDLConfigError(f"domain_names must be a sequence of non-empty strings, got {value!r}")
+    names = tuple(value)
+    if num_domains is not None and len(names) != num_domains:
+        raise EDLConfigError(f"{len(names)} domain names {names} for {num_domains} domains")
+    if len(set(names)) != len(names):
+        raise EDLConfigError(f"domain names must be unique, got {names}")
+    return names
 
 
 def _as_float(field: str, value: Any) -> float:
