@@ -145,7 +145,21 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
 
     Returns:
         ``(train_valid_test_datasets_provider, forward_step)`` to pass to ``pretrain``.
+
+    Raises:
+        ValueError: ``--cpu`` or ``--config-yaml`` reached a script that does not handle them
+            (only ``python -m megatron_edl.pretrain_gpt`` does).
     """
+    from megatron_edl import cpu
+
+    if getattr(args, "cpu", False) and not cpu.applied():
+        raise ValueError(f"{CPU_FLAG} needs the launcher: python -m megatron_edl.pretrain_gpt")
+    if getattr(args, "config_yaml", None) is not None:
+        raise ValueError(
+            f"{CONFIG_FLAG} {args.config_yaml} was not expanded: it is read by "
+            "python -m megatron_edl.pretrain_gpt (or expand it with python -m "
+            "megatron_edl.yaml_config)"
+        )
     args.edl_config = edl_config_from_args(args)
     if args.edl_config is None:
         return train_valid_test_datasets_provider, forward_step

@@ -99,17 +99,16 @@ def run_pretrain(
     env: dict[str, str] | None = None,
     timeout_s: float = 300,
     cwd: Path | None = None,
+    entry: tuple[str, ...] = ("-m", "megatron_edl.pretrain_gpt", "--cpu"),
 ) -> RunResult:
-    """``torchrun --nproc-per-node nproc -m megatron_edl.pretrain_gpt --cpu *flags``."""
+    """``torchrun --nproc-per-node nproc *entry *flags`` (default: our launcher on CPU)."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc-per-node={nproc}",
         f"--master-port={free_port()}",
-        "-m",
-        "megatron_edl.pretrain_gpt",
-        "--cpu",
+        *entry,
         *flags,
     ]
     full_env = {
