@@ -34,6 +34,7 @@ __all__ = [
     "DomainStatsAccumulator",
     "SCOPES",
     "all_reduce_domain_stats",
+    "all_reduce_sums",
     "edl_loss_scale",
 ]
 
@@ -133,6 +134,60 @@ def all_reduce_domain_stats(
     if group is None:
         return sums_DE, counts_D
     return _AllReduceStatsIdentityBackward.apply(sums_DE, counts_D, group)
+
+
+class _AllReduceSumsIdentityBackward(torch.autograd.Function):
+    """Forward: SUM all-reduce of several tensors packed in one buffer. Backward: identity."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, group: dist.ProcessGroup, *tensors: Tensor
+    ) -> tuple[Tensor, ...]:
+        dtype = torch.float32
+        for tensor in tensors:
+            dtype = torch.promote_types(dtype, tensor.dtype)
+        buffer_N = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+        dist.all_reduce(buffer_N, op=dist.ReduceOp.SUM, group=group)
+        ctx.dtypes = [t.dtype for t in tensors]
+        pieces = torch.split(buffer_N, [t.numel() for t in tensors])
+        return tuple(p.view(t.shape) for p, t in zip(pieces, tensors, strict=True))
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, *grads: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        pairs = zip(grads, ctx.dtypes, strict=True)
+        return (None, *(None if g is None else g.to(d) for g, d in pairs))
+
+
+def all_reduce_sums(
+    tensors: tuple[Tensor, ...] | list[Tensor], group: dist.ProcessGroup | None
+) -> tuple[Tensor, ...]:
+    """Sum any per-rank sums over ``group``: one packed all-reduce, identity backward.
+
+    The generic form of ``all_reduce_domain_stats`` for the other losses whose statistics are
+    sums over tokens (the variance and orthogonality losses of
+    :mod:`megatron_edl.core.specialization`, whose ``*_sums`` functions produce them): every
+    tensor is flattened into one buffer (fp32, or the widest input dtype), reduced with exactly
+    one ``all_reduce(SUM)`` and unpacked into tensors of the input shapes. The backward is the
+    identity for every tensor, for the reason given in ``all_reduce_domain_stats``: each rank
+    then holds the gradient of the *global* loss with respect to its own tokens, and
+    ``edl_loss_scale`` (scope ``global``) turns Megatron's reduction of those pieces into the
+    single-process gradient. A collective: every rank of ``group`` must call it with the same
+    shapes, in the same order.
+
+    Args:
+        tensors: The per-rank sums (any shapes); some may require grad.
+        group: The process group, or ``None`` for no reduction (the inputs come back as they
+            are).
+
+    Returns:
+        The reduced tensors, in order, as views of one buffer: do not modify them in place.
+    """
+    tensors = tuple(tensors)
+    if group is None:
+        return tensors
+    return _AllReduceSumsIdentityBackward.apply(group, *tensors)
 
 
 def edl_loss_scale(

@@ -70,6 +70,22 @@ def edl_config_from_args(args):
     return dataclasses.replace(cfg, num_domains=num_domains)
 
 
+def specialization_config_from_args(args):
+    """The run's ``SpecializationConfig`` (variance/orthogonality losses), checked against the
+    model; disabled (``enabled`` false) when both coefficients are 0."""
+    from megatron_edl.config import SpecializationConfig, validate_specialization_against_model
+
+    cfg = SpecializationConfig.from_args(args)
+    validate_specialization_against_model(
+        cfg,
+        num_moe_experts=args.num_experts,
+        moe_router_topk=args.moe_router_topk,
+        token_dispatcher_type=args.moe_token_dispatcher_type,
+        apply_probs_on_input=getattr(args, "moe_apply_probs_on_input", False),
+    )
+    return cfg
+
+
 def blend_prefixes_from_args(args) -> list[str]:
     """Every dataset prefix of ``--data-path``/``--*-data-path`` (in order of appearance)."""
     from megatron.training.utils import get_blend_and_blend_per_split
@@ -83,8 +99,9 @@ def blend_prefixes_from_args(args) -> list[str]:
     return prefixes
 
 
-def edl_layer_spec(base_spec, edl_config):
-    """A ``GPTModelConfig.transformer_layer_spec`` provider that installs the EDL router."""
+def edl_layer_spec(base_spec, edl_config, specialization_config=None):
+    """A ``GPTModelConfig.transformer_layer_spec`` provider that installs the EDL router (and
+    the variance/orthogonality losses of ``specialization_config``)."""
     from megatron.training.models.gpt import default_layer_spec
 
     from megatron_edl.integration.spec import with_edl_router
@@ -95,7 +112,7 @@ def edl_layer_spec(base_spec, edl_config):
             spec = default_layer_spec(model_config, vp_stage)
         elif callable(spec) and not hasattr(spec, "module"):
             spec = spec(model_config, vp_stage=vp_stage)
-        return with_edl_router(spec, edl_config)
+        return with_edl_router(spec, edl_config, specialization_config)
 
     return provider
 
@@ -140,10 +157,10 @@ def escape_percent_in_help(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Our flags next to Megatron's (``parse_and_validate_args(extra_args_provider=...)``)."""
-    from megatron_edl.config import add_edl_args
+    from megatron_edl.config import add_edl_args, add_specialization_args
     from megatron_edl.integration import modelopt
 
-    parser = add_edl_args(parser)
+    parser = add_specialization_args(add_edl_args(parser))
     group = parser.add_argument_group(title="megatron-edl")
     group.add_argument(
         CPU_FLAG,
@@ -243,13 +260,17 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model_cfg = gpt_config_from_args(args)
     args.edl_config = edl_config_from_args(args)
-    if args.edl_config is not None:
-        from megatron_edl.integration.router import register_edl_metrics
+    args.specialization_config = specialization_config_from_args(args)
+    if args.edl_config is not None or args.specialization_config.enabled:
+        from megatron_edl.integration import router, specialization
 
         model_cfg.transformer_layer_spec = edl_layer_spec(
-            model_cfg.transformer_layer_spec, args.edl_config
+            model_cfg.transformer_layer_spec, args.edl_config, args.specialization_config
         )
-        register_edl_metrics()
+        edl_metrics = router.METRIC_NAMES if args.edl_config is not None else ()
+        router.register_edl_metrics(
+            edl_metrics + specialization.metric_names(args.specialization_config)
+        )
     run_pretrain(
         pretrain_cfg_container_from_args(args, model_cfg),
         gpt.train_valid_test_datasets_provider,
