@@ -118,7 +118,6 @@ class EDLTopKRouter(TopKRouter):
         edl_config: EDLConfig | None,
         specialization_config: SpecializationConfig | None = None,
     ):
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         if edl_config is not None:
             if not isinstance(edl_config, EDLConfig):
                 raise TypeError(
@@ -135,6 +134,7 @@ class EDLTopKRouter(TopKRouter):
                 "specialization_config must be a SpecializationConfig or None, got "
                 f"{type(specialization_config).__name__}"
             )
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self.edl_config = edl_config
         self.specialization_config = specialization_config
         self._variance_term = make_variance_term(self, specialization_config)
