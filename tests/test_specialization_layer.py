@@ -273,7 +273,8 @@ def _first_principles(layer, axis: str, calibrate: bool) -> dict[str, Any]:
         )
     (weights[0] * v_loss + weights[1] * o_loss).backward()
     return {
-        "metrics": {"variance_loss": v_loss.item(), "ortho_loss": o_loss.item()},
+        # The variance metric is Var = -L_v (Megatron's log line hides negative losses).
+        "metrics": {"variance_loss": -v_loss.item(), "ortho_loss": o_loss.item()},
         "ortho_by_expert": by_expert,
         "weights": weights,
         "router_EH": router.weight.grad.clone(),

@@ -46,12 +46,9 @@ def _replace_routers(
         found.append(1)
         # Keep any arguments a partial router builder already binds.
         args, keywords = (router.args, router.keywords) if is_partial else ((), {})
+        extra = {} if specialization is None else {"specialization_config": specialization}
         builder = functools.partial(
-            EDLTopKRouter,
-            *args,
-            **keywords,
-            edl_config=edl_config,
-            specialization_config=specialization,
+            EDLTopKRouter, *args, **keywords, edl_config=edl_config, **extra
         )
         return dataclasses.replace(node, router=builder)
     ortho = specialization is not None and specialization.ortho_enabled

@@ -5,7 +5,8 @@ loss is one :class:`SpecializationTerm` per MoE layer: a weight (the flag's coef
 auto-calibrated one), the gradient scale of :func:`megatron_edl.distributed.edl_loss_scale`
 (scope ``global``), the attachment with Megatron's ``MoEAuxLossAutoScaler`` (so the schedule's
 aux-loss scale applies, as for the load-balancing loss) and a per-layer metric in Megatron's MoE
-metrics tracker (``variance_loss``, ``ortho_loss``: the loss without its weight).
+metrics tracker, without the weight: ``ortho_loss`` = L_o and ``variance_loss`` = Var = −L_v
+(the variance the loss raises; Megatron's iteration log line prints only non-negative losses).
 
 Where they hook in:
 
@@ -112,6 +113,7 @@ class SpecializationTerm:
         config,
         pg_collection,
         is_mtp_layer: bool,
+        record_negated: bool = False,
     ) -> None:
         """Create the term.
 
@@ -122,6 +124,7 @@ class SpecializationTerm:
             config: Megatron's ``TransformerConfig``.
             pg_collection: Megatron's process groups (``tp_dp_cp``, ``tp_cp``, ``cp``).
             is_mtp_layer: Whether the layer is a multi-token-prediction layer (metric index).
+            record_negated: Record ``-loss`` (for a loss <= 0 that Megatron's log would hide).
         """
         self.name = name
         self.weight = coeff
@@ -132,6 +135,7 @@ class SpecializationTerm:
         self.tp_cp_group = pg_collection.tp_cp
         self.cp_group = pg_collection.cp
         self.is_mtp_layer = is_mtp_layer
+        self.record_negated = record_negated
         self.calibrated = calibration_target is None
 
     def _calibrate(self, loss: Tensor, layer_number: int | None) -> None:
@@ -155,7 +159,7 @@ class SpecializationTerm:
     def attach(
         self, activation: Tensor, loss: Tensor, *, num_local_tokens, layer_number: int | None
     ) -> Tensor:
-        """Attach ``weight * scale * loss`` to ``activation`` and record ``loss``.
+        """Attach ``weight * scale * loss`` to ``activation`` and record ``loss`` (or ``-loss``).
 
         Args:
             activation: The tensor whose backward carries the loss (returned unchanged).
@@ -188,7 +192,7 @@ class SpecializationTerm:
         # Replicated over tp_dp_cp (not partial): average, never sum.
         get_moe_metrics_tracker().record(
             self.name,
-            loss.detach().float(),
+            -loss.detach().float() if self.record_negated else loss.detach().float(),
             layer,
             num_layers,
             avg_group=self.tp_cp_group,
@@ -229,6 +233,7 @@ def make_variance_term(router, cfg: SpecializationConfig) -> SpecializationTerm 
         config=router.config,
         pg_collection=_RouterGroups(router),
         is_mtp_layer=router.is_mtp_layer,
+        record_negated=True,
     )
 
 
