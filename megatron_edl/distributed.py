@@ -51,39 +51,6 @@ def _check_stats_shapes(sums_DE: Tensor, counts_D: Tensor) -> None:
         )
 
 
-class _AllReduceStatsIdentityBackward(torch.autograd.Function):
-    """Forward: SUM all-reduce of (A, n) packed in one buffer. Backward: identity for A.
-
-    The same pattern as Megatron's ``reduce_from_tensor_model_parallel_region``. See
-    ``all_reduce_domain_stats`` for why the identity is the right backward.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        sums_DE: Tensor,
-        counts_D: Tensor,
-        group: dist.ProcessGroup,
-    ) -> tuple[Tensor, Tensor]:
-        num_domains, num_experts = sums_DE.shape
-        dtype = torch.promote_types(sums_DE.dtype, torch.float32)
-        # torch.cat copies, so the in-place all-reduce never touches the caller's tensors.
-        buffer_N = torch.cat([sums_DE.reshape(-1).to(dtype), counts_D.reshape(-1).to(dtype)])
-        dist.all_reduce(buffer_N, op=dist.ReduceOp.SUM, group=group)
-        num_sums = num_domains * num_experts
-        reduced_sums_DE = buffer_N[:num_sums].view(num_domains, num_experts)
-        reduced_counts_D = buffer_N[num_sums:]
-        ctx.mark_non_differentiable(reduced_counts_D)
-        ctx.sums_dtype = sums_DE.dtype
-        return reduced_sums_DE, reduced_counts_D
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_sums_DE: Tensor, grad_counts_D: Tensor
-    ) -> tuple[Tensor, None, None]:
-        return grad_sums_DE.to(ctx.sums_dtype), None, None
-
-
 def all_reduce_domain_stats(
     sums_DE: Tensor, counts_D: Tensor, group: dist.ProcessGroup | None
 ) -> tuple[Tensor, Tensor]:
@@ -92,10 +59,10 @@ def all_reduce_domain_stats(
         A = Σ_{r in group} A^r   (sums_DE),      n = Σ_{r in group} n^r   (counts_D)
 
     Packs ``sums_DE`` (flattened) and ``counts_D`` into one contiguous buffer of D*E + D numbers
-    (fp32; fp64 when ``sums_DE`` is fp64, so float64 gradient tests stay tight), runs exactly
-    one ``torch.distributed.all_reduce(SUM)`` over ``group`` and unpacks. It is a collective:
-    every rank of ``group`` must make the same calls in the same order, with the same D and E,
-    including a rank whose tokens are all ignored (it contributes zeros).
+    (fp32; fp64 when an input is fp64, so float64 gradient tests stay tight), runs exactly
+    one ``torch.distributed.all_reduce(SUM)`` over ``group`` and unpacks (``all_reduce_sums``).
+    It is a collective: every rank of ``group`` must make the same calls in the same order,
+    with the same D and E, including a rank whose tokens are all ignored (it contributes zeros).
 
     Autograd: the backward is the identity for ``sums_DE`` (no communication in the backward)
     and ``counts_D`` carries no gradient (the weights w_t are data). Why the identity is right:
@@ -133,7 +100,7 @@ def all_reduce_domain_stats(
     _check_stats_shapes(sums_DE, counts_D)
     if group is None:
         return sums_DE, counts_D
-    return _AllReduceStatsIdentityBackward.apply(sums_DE, counts_D, group)
+    return all_reduce_sums((sums_DE, counts_D.detach()), group)
 
 
 class _AllReduceSumsIdentityBackward(torch.autograd.Function):
@@ -150,7 +117,12 @@ class _AllReduceSumsIdentityBackward(torch.autograd.Function):
         dist.all_reduce(buffer_N, op=dist.ReduceOp.SUM, group=group)
         ctx.dtypes = [t.dtype for t in tensors]
         pieces = torch.split(buffer_N, [t.numel() for t in tensors])
-        return tuple(p.view(t.shape) for p, t in zip(pieces, tensors, strict=True))
+        outputs = tuple(p.view(t.shape) for p, t in zip(pieces, tensors, strict=True))
+        # Sums of inputs that carry no gradient (counts, weights) carry none either.
+        ctx.mark_non_differentiable(
+            *(o for o, t in zip(outputs, tensors, strict=True) if not t.requires_grad)
+        )
+        return outputs
 
     @staticmethod
     def backward(
@@ -165,8 +137,8 @@ def all_reduce_sums(
 ) -> tuple[Tensor, ...]:
     """Sum any per-rank sums over ``group``: one packed all-reduce, identity backward.
 
-    The generic form of ``all_reduce_domain_stats`` for the other losses whose statistics are
-    sums over tokens (the variance and orthogonality losses of
+    The collective under ``all_reduce_domain_stats`` (EDL) and under the other losses whose
+    statistics are sums over tokens (the variance and orthogonality losses of
     :mod:`megatron_edl.core.specialization`, whose ``*_sums`` functions produce them): every
     tensor is flattened into one buffer (fp32, or the widest input dtype), reduced with exactly
     one ``all_reduce(SUM)`` and unpacked into tensors of the input shapes. The backward is the
@@ -183,6 +155,7 @@ def all_reduce_sums(
 
     Returns:
         The reduced tensors, in order, as views of one buffer: do not modify them in place.
+        Those whose input did not require grad are marked non-differentiable.
     """
     tensors = tuple(tensors)
     if group is None:
