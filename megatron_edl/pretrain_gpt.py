@@ -103,6 +103,22 @@ def edl_config_from_args(args):
     return dataclasses.replace(cfg, num_domains=num_domains, domain_names=names)
 
 
+def specialization_config_from_args(args):
+    """The run's ``SpecializationConfig`` (variance/orthogonality losses), checked against the
+    model; disabled (``enabled`` false) when both coefficients are 0."""
+    from megatron_edl.config import SpecializationConfig, validate_specialization_against_model
+
+    cfg = SpecializationConfig.from_args(args)
+    validate_specialization_against_model(
+        cfg,
+        num_moe_experts=args.num_experts,
+        moe_router_topk=args.moe_router_topk,
+        token_dispatcher_type=args.moe_token_dispatcher_type,
+        apply_probs_on_input=getattr(args, "moe_apply_probs_on_input", False),
+    )
+    return cfg
+
+
 def blend_prefixes_from_args(args) -> list[str]:
     """Every dataset prefix of ``--data-path``/``--*-data-path`` (in order of appearance)."""
     from megatron.training.utils import get_blend_and_blend_per_split
@@ -116,8 +132,9 @@ def blend_prefixes_from_args(args) -> list[str]:
     return prefixes
 
 
-def edl_layer_spec(base_spec, edl_config):
-    """A ``GPTModelConfig.transformer_layer_spec`` provider that installs the EDL router."""
+def edl_layer_spec(base_spec, edl_config, specialization_config=None):
+    """A ``GPTModelConfig.transformer_layer_spec`` provider that installs the EDL router (and
+    the variance/orthogonality losses of ``specialization_config``)."""
     from megatron.training.models.gpt import default_layer_spec
 
     from megatron_edl.integration.spec import with_edl_router
@@ -128,7 +145,7 @@ def edl_layer_spec(base_spec, edl_config):
             spec = default_layer_spec(model_config, vp_stage)
         elif callable(spec) and not hasattr(spec, "module"):
             spec = spec(model_config, vp_stage=vp_stage)
-        return with_edl_router(spec, edl_config)
+        return with_edl_router(spec, edl_config, specialization_config)
 
     return provider
 
@@ -136,11 +153,13 @@ def edl_layer_spec(base_spec, edl_config):
 def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_step):
     """Set up megatron-edl on parsed ``args`` and the model config, before ``pretrain``.
 
-    Stores ``args.edl_config`` (:func:`edl_config_from_args`). With no domain labels wanted
-    it changes nothing and returns the two functions it was given: stock training. Otherwise
-    it installs the EDL router into ``model_cfg.transformer_layer_spec`` (EDL loss on),
-    registers the EDL metrics for Megatron's log, and returns megatron-edl's dataset provider
-    and forward step (stock behaviour plus the labels; :mod:`megatron_edl.integration.gpt`).
+    Stores ``args.edl_config`` (:func:`edl_config_from_args`) and
+    ``args.specialization_config``. With no megatron-edl flag it changes nothing and returns
+    the two functions it was given: stock training. With the EDL loss or the label-free
+    variance/orthogonality losses on, it installs the EDL router (and dispatcher) into
+    ``model_cfg.transformer_layer_spec`` and registers their metrics for Megatron's log. With
+    domain labels wanted it returns megatron-edl's dataset provider and forward step (stock
+    behaviour plus the labels; :mod:`megatron_edl.integration.gpt`), otherwise the given ones.
     Used by this launcher and by the patch of Megatron-LM's ``pretrain_gpt.py`` (patches/).
 
     Returns:
@@ -161,17 +180,22 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
             "megatron_edl.yaml_config)"
         )
     args.edl_config = edl_config_from_args(args)
-    if args.edl_config is None:
+    args.specialization_config = specialization_config_from_args(args)
+    edl_on = args.edl_config is not None and args.edl_config.enabled
+    if edl_on or args.specialization_config.enabled:
+        from megatron_edl.integration import router, specialization
+
+        model_cfg.transformer_layer_spec = edl_layer_spec(
+            model_cfg.transformer_layer_spec, args.edl_config, args.specialization_config
+        )
+        edl_metrics = router.METRIC_NAMES if edl_on else ()
+        router.register_edl_metrics(
+            edl_metrics + specialization.metric_names(args.specialization_config)
+        )
+    if args.edl_config is None:  # no labels: the script's own data and step (label-free losses)
         return train_valid_test_datasets_provider, forward_step
     from megatron_edl.integration import gpt
 
-    if args.edl_config.enabled:
-        from megatron_edl.integration.router import register_edl_metrics
-
-        model_cfg.transformer_layer_spec = edl_layer_spec(
-            model_cfg.transformer_layer_spec, args.edl_config
-        )
-        register_edl_metrics()
     return gpt.train_valid_test_datasets_provider, gpt.forward_step
 
 
@@ -215,10 +239,10 @@ def escape_percent_in_help(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Our flags next to Megatron's (``parse_and_validate_args(extra_args_provider=...)``)."""
-    from megatron_edl.config import add_edl_args
+    from megatron_edl.config import add_edl_args, add_specialization_args
     from megatron_edl.integration import modelopt
 
-    parser = add_edl_args(parser)
+    parser = add_specialization_args(add_edl_args(parser))
     group = parser.add_argument_group(title="megatron-edl")
     group.add_argument(
         CPU_FLAG,
