@@ -36,6 +36,7 @@ __all__ = [
     "all_reduce_domain_stats",
     "all_reduce_sums",
     "edl_loss_scale",
+    "sum_over_group",
 ]
 
 SCOPES = ("global", "local")
@@ -320,3 +321,23 @@ class DomainStatsAccumulator:
         self._sums_DE = None
         self._counts_D = None
         self._num_updates = 0
+
+
+def sum_over_group(buffer: Tensor, group: dist.ProcessGroup | None) -> bool:
+    """SUM all-reduce of a statistics buffer over ``group``, in place, outside autograd.
+
+    The routing telemetry's one collective per dump (:mod:`megatron_edl.integration.telemetry`):
+    every MoE layer's packed sums of a pipeline stage travel in one buffer.
+
+    Args:
+        buffer: The local sums; replaced in place by the sum over ``group``.
+        group: The process group, or ``None`` for no reduction (single process).
+
+    Returns:
+        Whether this rank is the group's first rank (the one that writes the result).
+    """
+    if group is None:
+        return True
+    with torch.no_grad():
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    return dist.get_rank(group) == 0
