@@ -63,9 +63,11 @@ __all__ = [
     "RouterStats",
     "StatsWriter",
     "add_telemetry_args",
-    "domain_names",
     "dump_routing_stats",
+    "flags_in_use",
+    "install",
     "install_hooks",
+    "per_domain_lm_loss",
     "telemetry_phase",
 ]
 
@@ -190,8 +192,8 @@ def telemetry_phase(args: argparse.Namespace) -> Phase | None:
     """The statistics phase the flags ask for (``None``: no telemetry).
 
     Raises:
-        ValueError: If both the training statistics and the probe are requested, or the
-            interval is < 1 (names the flag).
+        ValueError: If both the training statistics and the probe are requested, the interval
+            is < 1, or the probe lacks ``--skip-train``/``--eval-iters`` (names the flag).
     """
     interval = getattr(args, "moe_edl_stats_interval", None)
     probe_dir = getattr(args, "moe_edl_probe_dir", None)
@@ -202,8 +204,22 @@ def telemetry_phase(args: argparse.Namespace) -> Phase | None:
     if interval is not None:
         return Phase.TRAIN
     if probe_dir is not None:
+        if not getattr(args, "skip_train", False):
+            raise ValueError(f"{PROBE_DIR_FLAG} evaluates a checkpoint: it needs --skip-train")
+        if not getattr(args, "eval_iters", 0):
+            raise ValueError(f"{PROBE_DIR_FLAG} needs --eval-iters > 0 (the probe's batches)")
         return Phase.EVAL
     return None
+
+
+def flags_in_use(args: argparse.Namespace) -> list[str]:
+    """The telemetry flags set on the command line (reasons to load the domain labels)."""
+    flags = []
+    if getattr(args, "moe_edl_stats_interval", None) is not None:
+        flags.append(INTERVAL_FLAG)
+    if getattr(args, "moe_edl_probe_dir", None) is not None:
+        flags.append(PROBE_DIR_FLAG)
+    return flags
 
 
 def stats_directory(args: argparse.Namespace) -> str:
@@ -221,35 +237,6 @@ def stats_directory(args: argparse.Namespace) -> str:
         if base:
             return os.path.join(base, STATS_SUBDIR)
     raise ValueError(f"{INTERVAL_FLAG} needs {DIR_FLAG}, --save or --tensorboard-dir")
-
-
-def domain_names(
-    num_domains: int,
-    *,
-    label_map_domains: Sequence[str] | None = None,
-    vocabulary: Mapping[str, int] | None = None,
-) -> tuple[str, ...]:
-    """Names of the domain ids the routers receive.
-
-    Args:
-        num_domains: D.
-        label_map_domains: The label map's domains (``--moe-edl-label-map``), if any.
-        vocabulary: Stored label name -> id (sidecar or per-prefix labels), if any.
-
-    Returns:
-        D unique names: the label map's, else the vocabulary's (first name of each id; the id
-        itself where it has none), else ``"0"``, ``"1"``, ...
-    """
-    if label_map_domains is not None:
-        names = tuple(label_map_domains)
-    else:
-        by_id: dict[int, str] = {}
-        for name, stored in sorted((vocabulary or {}).items(), key=lambda kv: (kv[1], kv[0])):
-            by_id.setdefault(int(stored), name)
-        names = tuple(by_id.get(i, str(i)) for i in range(num_domains))
-    if len(names) != num_domains or len(set(names)) != num_domains:
-        names = tuple(str(i) for i in range(num_domains))
-    return names
 
 
 def _layer_number(router) -> int:
@@ -410,12 +397,84 @@ def install_hooks(writer: StatsWriter, get_iteration) -> None:
     def evaluate_with_probe(forward_step_func, data_iterator, model, *a, **kw):
         writer.before_evaluation(model)
         result = evaluate(forward_step_func, data_iterator, model, *a, **kw)
-        writer.after_evaluation(model, get_iteration())
+        total_loss_dict = result[0] if isinstance(result, tuple) else None
+        lm_loss = per_domain_lm_loss(total_loss_dict, writer.domains)
+        writer.after_evaluation(model, get_iteration(), lm_loss)
         return result
 
     post_training_step_callbacks._edl_telemetry = True
     training.post_training_step_callbacks = post_training_step_callbacks
     training.evaluate = evaluate_with_probe
+
+
+def per_domain_lm_loss(
+    total_loss_dict: Mapping[str, Any] | None, domains: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-domain LM loss of Megatron's evaluation, in the dump's form.
+
+    ``evaluate`` returns ratios: ``"lm loss/<d>"`` (the domain's mean loss) and ``"token
+    share/<d>"`` (its share of the loss tokens; :func:`megatron_edl.integration.gpt.
+    domain_loss_report`). The dump stores ``lm_loss_sums_D = share * mean`` and
+    ``lm_loss_tokens_D = share``: token counts normalised by the total, so sums and ratios
+    behave as for counts.
+
+    Args:
+        total_loss_dict: ``evaluate``'s first result (only the last pipeline stage has it).
+        domains: Domain names.
+
+    Returns:
+        ``(sums_D, tokens_D)``, or ``None`` when the entries are missing.
+    """
+    if not total_loss_dict:
+        return None
+    keys = [(f"lm loss/{d}", f"token share/{d}") for d in domains]
+    if not all(loss in total_loss_dict and share in total_loss_dict for loss, share in keys):
+        return None
+    share_D = np.array([float(total_loss_dict[share]) for _, share in keys])
+    mean_D = np.array([float(total_loss_dict[loss]) for loss, _ in keys])
+    present_D = share_D > 0
+    return np.where(present_D, mean_D * share_D, 0.0), np.where(present_D, share_D, 0.0)
+
+
+def _run_description(args: argparse.Namespace) -> dict[str, Any]:
+    names = (
+        "moe_edl_coeff", "moe_edl_label_map", "moe_edl_labels", "num_layers", "num_experts",
+        "moe_router_topk", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+        "expert_model_parallel_size", "context_parallel_size", "data_parallel_size",
+        "sequence_parallel", "micro_batch_size", "global_batch_size", "seq_length", "load",
+        "mock_data", "data_path",
+    )  # fmt: skip
+    return {name: getattr(args, name, None) for name in names}
+
+
+def install(args: argparse.Namespace) -> Phase | None:
+    """Set up the telemetry the flags ask for: the writer and the training-loop hooks.
+
+    Call once per process, after ``args.edl_config`` is set (the domain names), before
+    ``pretrain``.
+
+    Args:
+        args: Megatron's parsed arguments.
+
+    Returns:
+        The phase the routers must record (to bind into the router builder), or ``None``.
+
+    Raises:
+        ValueError: On inconsistent flags (names them).
+    """
+    phase = telemetry_phase(args)
+    if phase is None:
+        return None
+    writer = StatsWriter(
+        phase=phase,
+        directory=stats_directory(args),
+        domains=tuple(args.edl_config.domain_names),
+        interval=getattr(args, "moe_edl_stats_interval", None),
+        train_iters=args.train_iters,
+        run=_run_description(args),
+    )
+    install_hooks(writer, get_iteration=lambda: args.iteration)
+    return phase
 
 
 def add_telemetry_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
