@@ -372,8 +372,19 @@ class StatsWriter:
         )
 
 
+class _Hooks:
+    """What the wrapped Megatron functions call: the current writer (replaced on re-install)."""
+
+    def __init__(self, writer: StatsWriter, get_iteration) -> None:
+        self.writer = writer
+        self.get_iteration = get_iteration
+
+
 def install_hooks(writer: StatsWriter, get_iteration) -> None:
     """Wrap Megatron's ``post_training_step_callbacks`` and ``evaluate`` to call ``writer``.
+
+    Installing again in the same process (tests) points the existing wrappers at the new
+    writer instead of wrapping twice.
 
     Args:
         writer: The writer.
@@ -382,27 +393,30 @@ def install_hooks(writer: StatsWriter, get_iteration) -> None:
     """
     from megatron.training import training
 
-    if getattr(training.post_training_step_callbacks, "_edl_telemetry", False):
-        raise RuntimeError("routing telemetry hooks are already installed")
+    hooks = getattr(training.post_training_step_callbacks, "_edl_telemetry", None)
+    if hooks is not None:
+        hooks.writer, hooks.get_iteration = writer, get_iteration
+        return
+    hooks = _Hooks(writer, get_iteration)
     post_step = training.post_training_step_callbacks
     evaluate = training.evaluate
 
     @functools.wraps(post_step)
     def post_training_step_callbacks(model, optimizer, opt_param_scheduler, iteration, *a, **kw):
         result = post_step(model, optimizer, opt_param_scheduler, iteration, *a, **kw)
-        writer.after_iteration(model, iteration)
+        hooks.writer.after_iteration(model, iteration)
         return result
 
     @functools.wraps(evaluate)
     def evaluate_with_probe(forward_step_func, data_iterator, model, *a, **kw):
-        writer.before_evaluation(model)
+        hooks.writer.before_evaluation(model)
         result = evaluate(forward_step_func, data_iterator, model, *a, **kw)
         total_loss_dict = result[0] if isinstance(result, tuple) else None
-        lm_loss = per_domain_lm_loss(total_loss_dict, writer.domains)
-        writer.after_evaluation(model, get_iteration(), lm_loss)
+        lm_loss = per_domain_lm_loss(total_loss_dict, hooks.writer.domains)
+        hooks.writer.after_evaluation(model, hooks.get_iteration(), lm_loss)
         return result
 
-    post_training_step_callbacks._edl_telemetry = True
+    post_training_step_callbacks._edl_telemetry = hooks
     training.post_training_step_callbacks = post_training_step_callbacks
     training.evaluate = evaluate_with_probe
 
