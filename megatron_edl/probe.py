@@ -38,7 +38,9 @@ def probe_argv(out: str, flags: Sequence[str]) -> list[str]:
         flags: The run's Megatron flags, including ``--load``.
 
     Returns:
-        ``flags`` followed by the evaluate-only flags and ``--moe-edl-probe-dir out``.
+        ``flags`` followed by the evaluate-only flags (``--train-iters 1`` when neither
+        ``--train-iters`` nor ``--train-samples`` is given: Megatron sizes its datasets from it)
+        and ``--moe-edl-probe-dir out``.
 
     Raises:
         ValueError: If ``flags`` has no ``--load`` or already sets ``--moe-edl-probe-dir``.
@@ -49,6 +51,8 @@ def probe_argv(out: str, flags: Sequence[str]) -> list[str]:
     if any(f == PROBE_DIR_FLAG or f.startswith(f"{PROBE_DIR_FLAG}=") for f in flags):
         raise ValueError(f"pass the output directory as --out, not {PROBE_DIR_FLAG}")
     extra = [f for f in PROBE_FLAGS if f not in flags]
+    if not any(f.split("=")[0] in ("--train-iters", "--train-samples") for f in flags):
+        extra += ["--train-iters", "1"]  # Megatron sizes its datasets from it even when skipping
     return [*flags, *extra, PROBE_DIR_FLAG, out]
 
 
