@@ -69,7 +69,7 @@ def test_report_writes_every_figure_and_only_links_existing_files(tmp_path) -> N
         *(f"{kind}_layer{layer:03d}.png" for kind in ("heatmap", "ternary", "pairs")
           for layer in (1, 2, 3)),
         "mi_jsd_vs_step.png", "divergence_by_layer.png", "balance.png", "entropy.png",
-        "lm_loss.png",
+        "lm_loss.png", "overview.png",
     }  # fmt: skip
     assert figures == expected
     for name in figures:

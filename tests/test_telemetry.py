@@ -298,3 +298,58 @@ def test_expected_statistics_discriminate() -> None:
     full = _expected(_weight(), batches)["tokens_LD"]
     one = _expected(_weight(), batches[:1])["tokens_LD"]
     assert not np.array_equal(full, one) and not np.array_equal(full, 2 * full)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher wiring (parsed flags only; nothing is launched)
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse(flags: list[str], monkeypatch):
+    import sys
+
+    from megatron.training.arguments import parse_args
+
+    from megatron_edl.pretrain_gpt import extra_args_provider
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt", *flags])
+    return parse_args(extra_args_provider)
+
+
+def test_launcher_loads_labels_and_builds_recording_routers(tmp_path, monkeypatch) -> None:
+    import types
+
+    from megatron.training import training
+
+    from megatron_edl.pretrain_gpt import domain_labels_wanted, install_edl
+    from tests.megatron_runs import TINY_MOE_GPT
+
+    # install_edl wraps two functions of Megatron's training module: restore them afterwards.
+    for name in ("post_training_step_callbacks", "evaluate"):
+        monkeypatch.setattr(training, name, getattr(training, name))
+    flags = [*TINY_MOE_GPT, "--moe-edl-mock-domains", "3", "--moe-edl-stats-interval", "5"]
+    args = _parse([*flags, "--moe-edl-stats-dir", str(tmp_path)], monkeypatch)
+    assert domain_labels_wanted(args) == ["--moe-edl-stats-interval"]
+    model_cfg = types.SimpleNamespace(transformer_layer_spec=None)
+    install_edl(args, model_cfg, object(), object())
+    assert not args.edl_config.enabled  # the loss stays off: labels for the telemetry only
+    assert args.edl_config.domain_names == ("domain0", "domain1", "domain2")
+    assert callable(model_cfg.transformer_layer_spec)  # the EDL router's spec provider
+    hooks = training.post_training_step_callbacks._edl_telemetry
+    assert hooks.writer.interval == 5 and hooks.writer.directory == str(tmp_path)
+
+    probe = _parse([*TINY_MOE_GPT, "--moe-edl-probe-dir", str(tmp_path)], monkeypatch)
+    with pytest.raises(ValueError, match="--skip-train"):
+        install_edl(probe, types.SimpleNamespace(transformer_layer_spec=None), None, None)
+
+
+def test_probe_command_line() -> None:
+    from megatron_edl.probe import probe_argv
+
+    argv = probe_argv("out", ["--load", "ckpt", "--eval-iters", "3"])
+    assert argv == [
+        "--load", "ckpt", "--eval-iters", "3", "--skip-train", "--no-load-optim",
+        "--no-load-rng", "--train-iters", "1", "--moe-edl-probe-dir", "out",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="--load"):
+        probe_argv("out", ["--eval-iters", "3"])

@@ -28,6 +28,7 @@ __all__ = [
     "fig_lm_loss",
     "fig_pairs",
     "fig_ternary",
+    "fig_overview",
     "fig_vs_step",
     "ternary_xy",
 ]
@@ -101,11 +102,16 @@ def fig_heatmaps(
         The figure.
     """
     fig, axes = _grid(1, len(runs), height=max(_PANEL_H, 0.25 * len(domains) + 1.5))
+    _draw_heatmaps(fig, axes[0], layer, runs, domains, basis)
+    return fig
+
+
+def _draw_heatmaps(fig, axes, layer, runs, domains, basis) -> None:
     key = "load_hard_DE" if basis == "hard" else "load_dense_DE"
     values = [getattr(m, key) for m in runs.values() if m is not None]
     vmax = max((float(np.nanmax(v)) for v in values if np.isfinite(v).any()), default=1.0)
     image = None
-    for ax, (name, metrics) in zip(axes[0], runs.items(), strict=True):
+    for ax, (name, metrics) in zip(axes, runs.items(), strict=True):
         if metrics is None:
             _no_data(ax, name)
             continue
@@ -120,8 +126,7 @@ def fig_heatmaps(
             ax.tick_params(axis="x", labelsize=7)
     if image is not None:
         label = "share of domain's top-k load" if basis == "hard" else "mean routing prob."
-        fig.colorbar(image, ax=axes[0].tolist(), label=label, shrink=0.9)
-    return fig
+        fig.colorbar(image, ax=list(axes), label=label, shrink=0.9)
 
 
 def fig_pairs(
@@ -181,33 +186,37 @@ def fig_ternary(
     if len(domains) != 3:
         raise ValueError(f"a ternary plot needs 3 domains, got {len(domains)}: {list(domains)}")
     fig, axes = _grid(1, len(runs), width=_PANEL_H + 0.6, height=_PANEL_H + 0.4)
-    triangle = np.vstack([TERNARY_CORNERS, TERNARY_CORNERS[:1]])
     for ax, (name, metrics) in zip(axes[0], runs.items(), strict=True):
-        ax.set_title(f"{name}: layer {layer}")
-        ax.set_aspect("equal")
-        ax.set_axis_off()
-        ax.plot(triangle[:, 0], triangle[:, 1], color="black", linewidth=1)
-        ax.plot(*TERNARY_CORNERS.mean(axis=0), marker="+", color="grey", markersize=8)
-        for corner, label, align in zip(
-            TERNARY_CORNERS, domains, ("right", "left", "center"), strict=True
-        ):
-            offset = (0, 0.04) if align == "center" else (0, -0.06)
-            ax.text(corner[0] + offset[0], corner[1] + offset[1], label, ha=align, fontsize=9)
-        ax.set_xlim(-0.15, 1.15)
-        ax.set_ylim(-0.12, 0.98)
-        if metrics is None:
-            ax.text(0.5, 0.3, "no data", ha="center")
-            continue
-        xy_E2 = ternary_xy(metrics.expert_mix_DE)
-        load_E = np.nansum(metrics.load_hard_DE * metrics.tokens_D[:, None], axis=0)
-        share_E = load_E / load_E.sum() if load_E.sum() > 0 else np.zeros_like(load_E)
-        sizes_E = 20 + 600 * share_E
-        ax.scatter(xy_E2[:, 0], xy_E2[:, 1], s=sizes_E, alpha=0.7, edgecolors="black")
-        if xy_E2.shape[0] <= 16:
-            for e, (x, y) in enumerate(xy_E2):
-                if np.isfinite(x):
-                    ax.annotate(str(e), (x, y), fontsize=7, ha="center", va="center")
+        _draw_ternary(ax, f"{name}: layer {layer}", metrics, domains)
     return fig
+
+
+def _draw_ternary(ax, title: str, metrics: LayerMetrics | None, domains: Sequence[str]) -> None:
+    triangle = np.vstack([TERNARY_CORNERS, TERNARY_CORNERS[:1]])
+    ax.set_title(title)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    ax.plot(triangle[:, 0], triangle[:, 1], color="black", linewidth=1)
+    ax.plot(*TERNARY_CORNERS.mean(axis=0), marker="+", color="grey", markersize=8)
+    for corner, label, align in zip(
+        TERNARY_CORNERS, domains, ("right", "left", "center"), strict=True
+    ):
+        offset = (0, 0.04) if align == "center" else (0, -0.07)
+        ax.text(corner[0] + offset[0], corner[1] + offset[1], label, ha=align, fontsize=9)
+    ax.set_xlim(-0.15, 1.15)
+    ax.set_ylim(-0.12, 0.98)
+    if metrics is None:
+        ax.text(0.5, 0.3, "no data", ha="center")
+        return
+    xy_E2 = ternary_xy(metrics.expert_mix_DE)
+    load_E = np.nansum(metrics.load_hard_DE * metrics.tokens_D[:, None], axis=0)
+    share_E = load_E / load_E.sum() if load_E.sum() > 0 else np.zeros_like(load_E)
+    sizes_E = 20 + 600 * share_E
+    ax.scatter(xy_E2[:, 0], xy_E2[:, 1], s=sizes_E, alpha=0.7, edgecolors="black")
+    if xy_E2.shape[0] <= 16:
+        for e, (x, y) in enumerate(xy_E2):
+            if np.isfinite(x):
+                ax.annotate(str(e), (x, y), fontsize=7, ha="center", va="center")
 
 
 def fig_vs_step(
@@ -365,4 +374,51 @@ def fig_lm_loss(losses: Mapping[str, np.ndarray], domains: Sequence[str]) -> Fig
     ax.set_xticks(x, labels=list(domains), rotation=90 if len(domains) > 8 else 0)
     ax.set_ylabel("LM loss (nats/token)")
     ax.legend(fontsize=7)
+    return fig
+
+
+def fig_overview(
+    layer: int,
+    runs: Mapping[str, LayerMetrics | None],
+    series: Mapping[str, Mapping[int, Sequence[tuple[int, float, float]]]],
+    domains: Sequence[str],
+    *,
+    basis: str = "hard",
+) -> Figure:
+    """The report at a glance: one layer's heat maps (and ternary plots with three domains)
+    per run, and I(D;E) versus step averaged over layers, per run.
+
+    Args:
+        layer: The layer of the heat maps and ternary plots.
+        runs: Run name -> that layer's metrics (or ``None``).
+        series: Run name -> layer -> ``[(step, mi, jsd_mean), ...]`` (training dumps).
+        domains: Domain names.
+        basis: Heat-map basis, as in :func:`fig_heatmaps`.
+
+    Returns:
+        The figure.
+    """
+    rows = 2 if len(domains) == 3 else 1
+    fig = Figure(figsize=(_PANEL_W * (len(runs) + 1) + 0.8, _PANEL_H * rows), layout="constrained")
+    grid = fig.add_gridspec(rows, len(runs) + 1)
+    heat_axes = [fig.add_subplot(grid[0, i]) for i in range(len(runs))]
+    _draw_heatmaps(fig, heat_axes, layer, runs, domains, basis)
+    if rows == 2:
+        for i, (name, metrics) in enumerate(runs.items()):
+            _draw_ternary(fig.add_subplot(grid[1, i]), f"{name}: layer {layer}", metrics, domains)
+    ax = fig.add_subplot(grid[:, len(runs)])
+    for i, (name, per_layer) in enumerate(series.items()):
+        by_step: dict[int, list[float]] = {}
+        for points in per_layer.values():
+            for step, mi, _ in points:
+                by_step.setdefault(step, []).append(mi)
+        steps = sorted(by_step)
+        ax.plot(steps, [np.mean(by_step[s]) for s in steps], marker="o", ms=3, color=f"C{i}",
+                label=name)  # fmt: skip
+    if len(domains) > 1:
+        ax.axhline(math.log(len(domains)), color="grey", linestyle="--", lw=0.8, label="ln D")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("I(domain; expert), mean over layers (nats)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
     return fig

@@ -295,6 +295,23 @@ def write_report(
 
     page = _Html(options.title)
     _runs_section(page, runs)
+    series = {
+        run.name: _series_points(run) for run in runs if any(d.source == "train" for d in run.dumps)
+    }
+    overview_layer = chosen[-1]
+    rel = _save(
+        plots.fig_overview(
+            overview_layer, {name: by_run_layer[name].get(overview_layer) for name in names},
+            series, domains, basis=options.basis,
+        ),
+        out_dir, "overview.png", figures,
+    )  # fmt: skip
+    page.para(
+        f"At a glance: layer {overview_layer} of each run's snapshot, and I(domain; expert) "
+        "averaged over layers versus training step.",
+        "note",
+    )
+    page.image(rel, "overview")
 
     page.heading("Domain x expert load")
     basis_text = (
@@ -330,9 +347,6 @@ def write_report(
             page.image(rel, f"ternary plot, layer {layer}")
 
     page.heading("Specialization versus training step")
-    series = {
-        run.name: _series_points(run) for run in runs if any(d.source == "train" for d in run.dumps)
-    }
     if series:
         rel = _save(plots.fig_vs_step(series, num_domains=len(domains)), out_dir,
                     "mi_jsd_vs_step.png", figures)  # fmt: skip
