@@ -72,8 +72,12 @@ def routing_sums(
             f"{tuple(logits_TE.shape)} and {tuple(routing_map_TE.shape)}"
         )
     with torch.no_grad():
-        probs_TE = edl.routing_probs(logits_TE=logits_TE.detach())
-        entropy_T1 = torch.special.entr(probs_TE).sum(dim=-1, keepdim=True)
+        logits_TE = logits_TE.detach()
+        probs_TE = edl.routing_probs(logits_TE=logits_TE)
+        # H(p) = -Σ p log p = logsumexp(z) - Σ p z: no logarithm of the T x E probabilities.
+        z_TE = logits_TE.to(probs_TE.dtype)
+        lse_T1 = torch.logsumexp(z_TE, dim=-1, keepdim=True)
+        entropy_T1 = (lse_T1 - (probs_TE * z_TE).sum(dim=-1, keepdim=True)).clamp_min(0.0)
         features_TF = torch.cat(
             [routing_map_TE.to(probs_TE.dtype), probs_TE, entropy_T1], dim=1
         )  # F - 1 columns; the token count comes from domain_sums' weights
