@@ -277,7 +277,7 @@ def write_stats(
     stem = stats_file_stem(stats.source, stats.step, part)
     arrays = stats.arrays()
     _atomic_write(directory / f"{stem}.npz", lambda f: np.savez(f, **arrays))
-    meta = json.dumps(stats.metadata(part=part), indent=1, sort_keys=False).encode()
+    meta = json.dumps(stats.metadata(part=part), indent=1, default=str).encode()
     json_path = directory / f"{stem}.json"
     _atomic_write(json_path, lambda f: f.write(meta))
     return json_path

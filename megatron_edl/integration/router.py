@@ -36,6 +36,11 @@ order, so each recompute gets its own micro-batch's labels, never a later one's.
 pass of a checkpointed forward consumes nothing, as Megatron's built-in losses compute nothing
 there.
 
+The same FIFO entry feeds the routing telemetry when the router records it (``stats_phase``:
+:mod:`megatron_edl.integration.telemetry`, one ``RouterStats.observe`` call per forward that
+consumed labels): a forward consumes one entry if the EDL loss or the statistics need it
+(:meth:`EDLTopKRouter.wants_labels`), and both read that entry.
+
 The same router also carries the variance loss of arXiv 2505.22323 when its
 ``SpecializationConfig`` turns it on (:func:`megatron_edl.integration.specialization.
 attach_variance_loss`: one packed all-reduce over ``tp_dp_cp``, the ``global`` scale above). EDL
