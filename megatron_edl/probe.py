@@ -1,8 +1,8 @@
 """Evaluation probe: routing statistics and per-domain LM loss of a checkpoint, without training.
 
 Usage:
-    python tools/probe.py --out probes/edl --load runs/edl/checkpoints --eval-iters 20 \\
-        --cpu <the run's model, MoE and data flags>
+    torchrun --nproc-per-node 2 tools/probe.py --out probes/edl --cpu \\
+        --config-yaml examples/configs/tiny_moe_cpu.yaml --load runs/edl/checkpoints --eval-iters 20
     torchrun --nproc-per-node 8 -m megatron_edl.probe --out probes/edl --load CKPT <flags>
 
 The probe is the launcher (:mod:`megatron_edl.pretrain_gpt`) in Megatron's evaluate-only mode:
@@ -12,9 +12,11 @@ with ``--cpu``), the labelled validation data (``--split``/``--valid-data-path``
 ``--mock-data --moe-edl-mock-domains N``) goes through the model in eval mode, the MoE routers
 record their per-domain statistics (:mod:`megatron_edl.integration.telemetry`), and one dump
 (``source = "probe"``, step = the checkpoint's iteration) is written with the per-domain LM loss
-of that evaluation. Pass the flags the model was trained with (or Megatron's
-``--use-checkpoint-args``); ``--eval-iters`` sets the number of evaluation batches. Read the
-output with ``tools/report.py``. Console script: ``megatron-edl-probe``.
+of that evaluation. Pass the flags the model was trained with (with ``--config-yaml``, put it
+first: later flags override the file's); ``--eval-iters`` sets the number of evaluation
+batches. Megatron initialises ``torch.distributed`` from ``torchrun``'s environment, so launch it
+with ``torchrun`` even for one process. Read the output with ``tools/report.py``. Console script:
+``megatron-edl-probe``.
 """
 
 from __future__ import annotations

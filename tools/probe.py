@@ -3,8 +3,8 @@
 
 Usage::
 
-    python tools/probe.py --out probes/edl --load runs/edl/checkpoints --eval-iters 20 \\
-        --cpu <the run's model, MoE and data flags>
+    torchrun --nproc-per-node 2 tools/probe.py --out probes/edl --cpu \\
+        --config-yaml examples/configs/tiny_moe_cpu.yaml --load runs/edl/checkpoints --eval-iters 20
     torchrun --nproc-per-node 8 tools/probe.py --out probes/edl --load CKPT <flags>
 
 See :mod:`megatron_edl.probe` and docs/telemetry.md.
