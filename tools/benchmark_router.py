@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 import torch  # noqa: E402
 
 from megatron_edl.benchmarks.harness import (  # noqa: E402
+    CLOCKS,
     Stats,
     Table,
     alternate,
@@ -43,7 +44,7 @@ from megatron_edl.benchmarks.moe_modules import (  # noqa: E402
     VARIANTS,
     ModuleShape,
     build_router,
-    init_single_process,
+    init_megatron,
     random_router_labels,
     transformer_config,
 )
@@ -86,10 +87,12 @@ def _one_call(router, hidden_sBH, grad_TE, labels, edl: bool):
     return call
 
 
-def measure(shape, configs, device, dtype, repeats, warmup):
+def measure(shape, configs, device, dtype, args):
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     cases = router_cases(shape, configs, device, dtype)
-    return alternate(cases, repeats=repeats, warmup=warmup, sync=sync)
+    return alternate(
+        cases, repeats=args.repeats, warmup=args.warmup, sync=sync, clock=CLOCKS[args.clock]
+    )
 
 
 def main_table(args, device, dtype) -> None:
@@ -109,7 +112,7 @@ def main_table(args, device, dtype) -> None:
                 tokens=args.tokens, hidden=args.hidden, experts=experts, domains=domains,
                 topk=min(args.topk, experts), batch=args.batch,
             )  # fmt: skip
-            samples = measure(shape, configs, device, dtype, args.repeats, args.warmup)
+            samples = measure(shape, configs, device, dtype, args)
             key = (shape.tokens, shape.hidden, experts, domains)
             times.add(*key, *(Stats.of(samples[c]).format(1e3, 2) for c in configs))
             cells = [Stats.of(ratios(samples[a], samples[b])).format() for a, b in pairs]
@@ -155,7 +158,7 @@ def sweep_table(args, device, dtype) -> None:
         ["T", "H", "E", "D", "stock (ms)", "EDL cost (ms)", "ns per T*E", "edl / stock"],
     )
     for shape in sweep_points(args):
-        samples = measure(shape, ["stock", "edl"], device, dtype, args.repeats, args.warmup)
+        samples = measure(shape, ["stock", "edl"], device, dtype, args)
         cost = _edl_cost(samples)
         table.add(
             shape.tokens, shape.hidden, shape.experts, shape.domains,
@@ -187,14 +190,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per shape")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds per shape")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--clock", choices=CLOCKS, default="wall",
+        help="wall time, or CPU time of this process (shared CPU machines; not on a GPU)",
+    )  # fmt: skip
     parser.add_argument("--sweep", action="store_true", help="EDL cost vs T, E, D, H instead")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = init_single_process(args.device)
+    device = init_megatron(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     print(describe_machine(args.device))
-    print(f"dtype {dtype}, top-k {args.topk}, {args.repeats} rounds after {args.warmup} warm-up")
+    print(
+        f"dtype {dtype}, top-k {args.topk}, {args.repeats} rounds after {args.warmup} warm-up, "
+        f"{args.clock} clock"
+    )
+    if args.clock == "cpu" and device.type == "cuda":
+        parser.error("--clock cpu measures the host, not the GPU: use --clock wall")
     if args.sweep:
         sweep_table(args, device, dtype)
     else:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 __all__ = [
+    "CLOCKS",
     "Stats",
     "Table",
     "alternate",
@@ -34,6 +35,13 @@ __all__ = [
     "ratios",
     "read_tables",
 ]
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+"""The ``--clock`` choices of the scripts. ``cpu`` (user + system time of this process) is
+immune to the time slices other processes take on a shared machine; with one torch thread it
+is the work itself, with several it also counts threads spinning at a barrier. A GPU needs
+``wall`` (with a synchronize)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +76,7 @@ def alternate(
     repeats: int,
     warmup: int = 2,
     sync: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Run every case once per round, alternating the order, and collect one sample per round.
 
@@ -81,6 +90,9 @@ def alternate(
         repeats: Timed rounds (>= 1).
         warmup: Untimed rounds before them (>= 0).
         sync: Called before starting and after stopping the clock (e.g. a device synchronize).
+        clock: Seconds counter: wall time by default; ``time.process_time`` (CPU time of this
+            process, all threads) on a shared CPU machine, where wall time also counts the
+            time other processes hold the cores (see :data:`CLOCKS`).
 
     Returns:
         Name -> ``repeats`` samples in seconds, in round order (sample r of every case comes
@@ -101,11 +113,11 @@ def alternate(
         for name in names if r % 2 == 0 else reversed(names):
             if sync is not None:
                 sync()
-            start = time.perf_counter()
+            start = clock()
             reported = cases[name]()
             if sync is not None:
                 sync()
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if r >= warmup:
                 samples[name].append(elapsed if reported is None else float(reported))
     return samples

@@ -35,7 +35,7 @@ __all__ = [
     "Variant",
     "build_moe_layer",
     "build_router",
-    "init_single_process",
+    "init_megatron",
     "random_router_labels",
     "transformer_config",
 ]
@@ -106,11 +106,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_single_process(device: str) -> torch.device:
-    """One-rank process group and Megatron's model-parallel state, for ``device``.
+def init_megatron(
+    device: str, *, tensor_parallel: int = 1, expert_parallel: int = 1
+) -> torch.device:
+    """Process group (if none yet: one rank) and Megatron's model-parallel state on ``device``.
 
-    On CPU applies :mod:`megatron_edl.cpu` and uses gloo; on ``cuda`` uses NCCL on GPU 0.
-    Also sets Megatron's micro-batch calculator to one micro-batch (the EDL router reads it).
+    On CPU applies :mod:`megatron_edl.cpu` and uses gloo; on ``cuda`` uses NCCL. A process
+    group that already exists (several ranks, e.g. under ``tests/distributed.run_distributed``)
+    is used as it is. Also sets Megatron's micro-batch calculator to one micro-batch per
+    data-parallel rank (the EDL router reads it).
 
     Returns:
         The ``torch.device`` to build and run on.
@@ -137,11 +141,17 @@ def init_single_process(device: str) -> torch.device:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group(backend, rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(create_gloo_process_groups=False)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        expert_model_parallel_size=expert_parallel,
+        create_gloo_process_groups=False,
+    )
+    dp = parallel_state.get_data_parallel_world_size()
     num_microbatches_calculator.destroy_num_microbatches_calculator()
     num_microbatches_calculator.init_num_microbatches_calculator(
-        0, None, global_batch_size=1, micro_batch_size=1, data_parallel_size=1
+        0, None, global_batch_size=dp, micro_batch_size=1, data_parallel_size=dp
     )
     return dev
 
@@ -214,7 +224,6 @@ def build_moe_layer(config, edl_config: EDLConfig | None, device: torch.device) 
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
     from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.transformer.spec_utils import build_module
 
     from megatron_edl.integration.spec import with_edl_router
 
@@ -224,8 +233,8 @@ def build_moe_layer(config, edl_config: EDLConfig | None, device: torch.device) 
     )
     if edl_config is not None:
         spec = with_edl_router(spec, edl_config)
-    layer = build_module(
-        spec,
+    # The spec is a builder (a functools.partial of MoELayer binding its submodules).
+    layer = spec(
         config=config,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         layer_number=1,
@@ -242,13 +251,21 @@ def _have_transformer_engine() -> bool:
     return True
 
 
-def random_router_labels(shape: ModuleShape, *, unlabelled: float = 0.1, seed: int = 0):
+def random_router_labels(
+    shape: ModuleShape,
+    *,
+    unlabelled: float = 0.1,
+    seed: int = 0,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+):
     """Domain labels of one micro-batch in the router's token order, with segment weights.
 
     Each of the ``batch`` rows of ``T / batch`` tokens is packed with documents of 32 to 1024
     tokens, each of a random domain in [0, D), or unlabelled (-1) with probability
     ``unlabelled``; the weights are 1 / (document length within the row), as the labelled
-    datasets produce them.
+    datasets produce them. With ``tp_size > 1`` the micro-batch is the whole ``[batch, T /
+    batch]`` one and the result is this TP rank's sequence-parallel slice.
 
     Returns:
         A :class:`~megatron_edl.integration.router.DomainLabels` (CPU tensors).
@@ -272,7 +289,9 @@ def random_router_labels(shape: ModuleShape, *, unlabelled: float = 0.1, seed: i
             pos += length
             doc += 1
     weights_BS = segment_weights_from_ids(segment_ids_BS=doc_BS)
-    return router_labels(domain_BS, weights_BS, sequence_parallel=False, tp_rank=0, tp_size=1)
+    return router_labels(
+        domain_BS, weights_BS, sequence_parallel=tp_size > 1, tp_rank=tp_rank, tp_size=tp_size
+    )
 
 
 class CollectiveCounter(TorchDispatchMode):

@@ -223,8 +223,8 @@ def domain_sums(
     else:
         # where(), not multiplication, so that a NaN weight on an ignored token cannot leak in.
         w_T = torch.where(labelled_T, weights_T.to(dtype), 0.0)
-    # Ignored tokens are sent to domain 0 with weight 0: no host sync to drop them.
-    index_T = torch.where(labelled_T, domain_ids_T, torch.zeros_like(domain_ids_T)).long()
+    # Ignored tokens (ids < 0) are sent to domain 0 with weight 0: no host sync to drop them.
+    index_T = domain_ids_T.clamp_min(0).long()
     sums_DE = _WeightedIndexAdd.apply(probs_TE.to(dtype), index_T, w_T, num_domains)
     counts_D = torch.zeros(num_domains, dtype=dtype, device=probs_TE.device)
     counts_D = counts_D.index_add(0, index_T, w_T)
@@ -438,9 +438,8 @@ def edl_loss(
     means_DE, present_D = domain_means(sums_DE=sums_DE, counts_D=counts_D)
     jsd_DD = pairwise_jsd(dists_DE=means_DE)
 
-    num_domains = present_D.shape[0]
-    upper_DD = torch.ones(num_domains, num_domains, dtype=torch.bool, device=present_D.device)
-    pairs_DD = present_D[:, None] & present_D[None, :] & upper_DD.triu(diagonal=1)
+    both_present_DD = present_D[:, None] & present_D[None, :]
+    pairs_DD = both_present_DD.triu(diagonal=1)
     num_pairs = pairs_DD.sum().clamp_min(1).to(jsd_DD.dtype)
 
     per_pair_DD = -torch.log(jsd_DD + eps) if form == "log" else -jsd_DD
@@ -448,7 +447,6 @@ def edl_loss(
 
     jsd_detached_DD = jsd_DD.detach()
     mean_jsd = torch.where(pairs_DD, jsd_detached_DD, 0.0).sum() / num_pairs
-    both_present_DD = present_D[:, None] & present_D[None, :]
     jsd_out_DD = torch.where(both_present_DD, jsd_detached_DD, math.nan)
     return EDLLossOutput(
         loss=loss, mean_jsd=mean_jsd, num_present=present_D.sum(), jsd_DD=jsd_out_DD
