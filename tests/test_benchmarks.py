@@ -10,7 +10,8 @@ one rank, none otherwise), and the training benchmark's ratio of stubbed iterati
 To stay within a few seconds of CI, the router, MoE-layer and collectives scripts run in one
 subprocess (one interpreter start, one megatron import; the collectives spawn two gloo ranks),
 and the training script runs in-process with a stubbed ``run_pretrain`` (the real loop is
-exercised by test_edl_pretrain.py).
+exercised by test_edl_pretrain.py); the CPU-clock launcher is checked to switch Megatron's timer
+clock and then hand over to the real launcher.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def test_training_benchmark_ratio_of_median_iteration_times(monkeypatch, capsys)
     tool = _load_training_tool()
     calls = []
 
-    def fake_run_pretrain(nproc, flags, timeout_s):
+    def fake_run_training(nproc, flags, clock, timeout_s):
         edl = "--moe-edl-coeff" in flags
         calls.append((nproc, edl, flags[flags.index("--train-iters") + 1]))
         ms = [500.0, 300.0] + ([11.0, 13.0, 12.0] if edl else [10.0, 10.0, 9.0])
@@ -172,7 +173,7 @@ def test_training_benchmark_ratio_of_median_iteration_times(monkeypatch, capsys)
         )
         return RunResult(returncode=0, log=log, iterations=parse_iterations(log))
 
-    monkeypatch.setattr(tool, "run_pretrain", fake_run_pretrain)
+    monkeypatch.setattr(tool, "run_training", fake_run_training)
     assert tool.main(["--rounds", "2", "--iters", "5", "--skip", "2"]) == 0
     tables = read_tables(capsys.readouterr().out)
     # Alternated A B, B A; every run asked for 5 iterations.
@@ -184,6 +185,21 @@ def test_training_benchmark_ratio_of_median_iteration_times(monkeypatch, capsys)
     (ratio,) = _table(tables, "Training iteration ratio edl / baseline")
     assert ratio["ratio of median iteration times"] == "1.200"
     assert ratio["per-round ratios, median [min, max]"] == "1.200 [1.200, 1.200]"
+
+
+def test_cpu_clock_launcher_switches_megatron_timers_then_runs_the_launcher(monkeypatch):
+    import time
+
+    from megatron.core import timers
+
+    import megatron_edl.pretrain_gpt
+    from megatron_edl.benchmarks import cpu_clock_pretrain
+
+    monkeypatch.setattr(timers, "time", timers.time)  # restored after the test
+    ran = []
+    monkeypatch.setattr(megatron_edl.pretrain_gpt, "main", lambda: ran.append(timers.time.time))
+    cpu_clock_pretrain.main()
+    assert ran == [time.process_time]
 
 
 # ------------------------------------------------------------------------------------------

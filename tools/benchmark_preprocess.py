@@ -47,6 +47,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
 from megatron_edl.benchmarks.harness import (  # noqa: E402
+    CLOCKS,
     Stats,
     Table,
     alternate,
@@ -231,7 +232,13 @@ def time_runs(corpora: dict, worker_counts: list[int], repeats: int, workdir: Pa
 
 
 def time_sample_fetch(
-    prefix: str, tok_args, seq_lengths: list[int], samples: int, rounds: int, workdir: Path
+    prefix: str,
+    tok_args,
+    seq_lengths: list[int],
+    samples: int,
+    rounds: int,
+    workdir: Path,
+    clock: str = "wall",
 ):
     """``DomainGPTDataset[i]`` vs ``GPTDataset[i]`` over the same indices, alternated."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
@@ -244,8 +251,8 @@ def time_sample_fetch(
 
     tokenizer = build_megatron_tokenizer(tok_args)
     table = Table(
-        f"Sample fetch dataset[i], us per sample, median [min, max] over {rounds} alternated "
-        f"rounds of {samples} samples (target ratio <= 1.2)",
+        f"Sample fetch dataset[i], us per sample ({clock} clock), median [min, max] over "
+        f"{rounds} alternated rounds of {samples} samples (target ratio <= 1.2)",
         ["S", "attention mask", "GPTDataset", "DomainGPTDataset", "ratio"],
     )
     for seq in seq_lengths:
@@ -279,7 +286,10 @@ def time_sample_fetch(
                 return call
 
             times = alternate(
-                {name: fetch(d) for name, d in datasets.items()}, repeats=rounds, warmup=1
+                {name: fetch(d) for name, d in datasets.items()},
+                repeats=rounds,
+                warmup=1,
+                clock=CLOCKS[clock],
             )
             table.add(
                 seq,
@@ -306,6 +316,10 @@ def main() -> int:
     parser.add_argument("--seq-lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--fetch-samples", type=int, default=200, help="samples per round")
     parser.add_argument("--fetch-rounds", type=int, default=10)
+    parser.add_argument(
+        "--fetch-clock", choices=CLOCKS, default="wall",
+        help="sample fetch: wall time, or this process's CPU time (shared machines)",
+    )  # fmt: skip
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -339,7 +353,13 @@ def main() -> int:
         run_once(first, workdir / "indexed", tok_args, True, 1, keep=True)
         prefix = str(workdir / "indexed" / "bench_text_document")
         time_sample_fetch(
-            prefix, tok_args, args.seq_lengths, args.fetch_samples, args.fetch_rounds, workdir
+            prefix,
+            tok_args,
+            args.seq_lengths,
+            args.fetch_samples,
+            args.fetch_rounds,
+            workdir,
+            args.fetch_clock,
         )
 
     if not args.skip_memory:

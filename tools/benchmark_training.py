@@ -14,9 +14,13 @@ Prints per configuration the median [min, max] over runs of those medians, the r
 median iteration times over all runs (target EDL / baseline <= 1.02), the per-round ratio, and
 tokens per second.
 
+``--clock cpu`` (for shared machines) runs ``megatron_edl.benchmarks.cpu_clock_pretrain``
+instead of the launcher: the same training, with Megatron's timers reading the process's CPU
+time, and one torch thread per process, so other processes' load does not enter the figures.
+
 Usage:
     python tools/benchmark_training.py                         # 4 rounds of 40 iterations
-    python tools/benchmark_training.py --rounds 6 --iters 60
+    python tools/benchmark_training.py --clock cpu --rounds 6 --iters 60
     python tools/benchmark_training.py --nproc 2 --extra "--expert-model-parallel-size 2"
     python tools/benchmark_training.py --rounds 1 --iters 4 --skip 2   # smoke test
 """
@@ -27,6 +31,7 @@ import argparse
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
@@ -38,18 +43,49 @@ from megatron_edl.benchmarks.harness import (  # noqa: E402
     describe_machine,
     ratios,
 )
-from tests.megatron_runs import TINY_MOE_GPT, run_pretrain  # noqa: E402
+from tests.distributed import free_port  # noqa: E402
+from tests.megatron_runs import TINY_MOE_GPT, RunResult, parse_iterations  # noqa: E402
 
 EDL_FLAGS = ["--moe-edl-coeff", "1e-2", "--moe-edl-mock-domains", "3"]
 ITERATION_TIME = "elapsed time per iteration (ms)"
+LAUNCHERS = {
+    "wall": "megatron_edl.pretrain_gpt",
+    "cpu": "megatron_edl.benchmarks.cpu_clock_pretrain",
+}
 
 
-def run_case(nproc: int, flags: list[str], iters: int, skip: int, timeout_s: float, log: dict):
+def run_training(nproc: int, flags: list[str], *, clock: str, timeout_s: float) -> RunResult:
+    """``torchrun -m <launcher> --cpu *flags`` (launcher by ``clock``); the parsed log."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}", "-m", LAUNCHERS[clock], "--cpu", *flags,
+    ]  # fmt: skip
+    threads = 1 if clock == "cpu" else max(1, (os.cpu_count() or 2) // nproc)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)}
+    try:
+        proc = subprocess.run(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            timeout=timeout_s,
+        )  # fmt: skip
+        log, rc = proc.stdout, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout or ""
+        log = (out.decode() if isinstance(out, bytes) else out) + f"\n[timed out: {timeout_s} s]"
+        rc = -9
+    return RunResult(returncode=rc, log=log, iterations=parse_iterations(log))
+
+
+def run_case(
+    nproc: int, flags: list[str], iters: int, skip: int, clock: str, timeout_s: float, log: dict
+):
     """A callable for the harness: one training run, returning its median iteration time (s)."""
 
     def call() -> float:
-        result = run_pretrain(
-            nproc, [*flags, "--train-iters", str(iters), "--log-interval", "1"], timeout_s=timeout_s
+        result = run_training(
+            nproc,
+            [*flags, "--train-iters", str(iters), "--log-interval", "1"],
+            clock=clock,
+            timeout_s=timeout_s,
         )
         times_ms = [
             result.iterations[i][ITERATION_TIME]
@@ -75,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun)")
     parser.add_argument("--extra", default="", help="more Megatron flags for both runs")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    parser.add_argument(
+        "--clock", choices=LAUNCHERS, default="wall",
+        help="Megatron's timers on wall time, or on the process's CPU time (shared machines)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.skip >= args.iters:
         parser.error(f"--skip ({args.skip}) must be below --iters ({args.iters})")
@@ -83,11 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     configs = {"baseline": base, "edl": [*base, *EDL_FLAGS]}
     logs: dict[str, dict] = {name: {} for name in configs}
     cases = {
-        name: run_case(args.nproc, flags, args.iters, args.skip, args.timeout, logs[name])
+        name: run_case(
+            args.nproc, flags, args.iters, args.skip, args.clock, args.timeout, logs[name]
+        )
         for name, flags in configs.items()
     }
     print(describe_machine("cpu"))
-    print(f"{args.nproc} process(es), {args.iters} iterations per run, first {args.skip} skipped")
+    print(
+        f"{args.nproc} process(es), {args.iters} iterations per run, first {args.skip} skipped, "
+        f"{args.clock} clock"
+    )
     print("flags: " + " ".join(base) + "  [edl: + " + " ".join(EDL_FLAGS) + "]", flush=True)
     samples = alternate(cases, repeats=args.rounds, warmup=args.warmup_rounds)
     for log in logs.values():  # warm-up rounds logged too: keep only the timed runs' share
@@ -95,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens = _tokens_per_iteration(base)
     table = Table(
-        "Training iteration (tiny MoE GPT, Megatron's timer), ms",
+        f"Training iteration (tiny MoE GPT, Megatron's timer, {args.clock} clock), ms",
         ["config", "runs", "median of run medians [min, max]", "median of all iterations",
          "tokens/s"],
     )  # fmt: skip

@@ -361,9 +361,9 @@ class _PairwiseJSD(torch.autograd.Function):
         # Derivative kernel of the forward formula (class docstring): log(P/M) where P > 0,
         # -1 where P = 0 < Q, 0 where P = Q = 0. Where P = 0 it multiplies P = 0 below, so
         # K[j, k] = Σ_e P_e kernel_e = KL(P_j || M_jk) with 0 log 0 = 0.
-        minus_q_positive_1DE = -positive_DE.to(dtype)[None, :, :]
+        positive_f_DE = positive_DE.to(dtype)
         kernel_DDE = torch.lerp(
-            minus_q_positive_1DE, log_ratio_DDE, positive_DE.to(dtype)[:, None, :]
+            -positive_f_DE[None, :, :], log_ratio_DDE, positive_f_DE[:, None, :]
         )
         kl_DD = (p_DE[:, None, :] * kernel_DDE).sum(dim=-1)  # K[j, k] = KL(P_j || M_jk)
         raw_DD = 0.5 * (kl_DD + kl_DD.T)
@@ -471,11 +471,17 @@ def mutual_information(*, sums_DE: Tensor, counts_D: Tensor) -> Tensor:
     Returns:
         Scalar tensor, at least fp32, no grad.
     """
-    means_DE, _ = domain_means(sums_DE=sums_DE.detach(), counts_D=counts_D.detach())
-    counts_D = counts_D.detach().to(means_DE.dtype)
-    w_D = counts_D / counts_D.sum().clamp_min(torch.finfo(means_DE.dtype).tiny)
-    pbar_E = (w_D[:, None] * means_DE).sum(dim=0)
-    return (_entropy(pbar_E) - (w_D * _entropy(means_DE)).sum()).clamp_min(0.0)
+    # With N = Σ_j n_j: w_j p̄_j = A_j / N, so p̄ = Σ_j A_j / N and
+    # Σ_j w_j H(p̄_j) = -(1/N) Σ_{j,e} A_je log p̄_je: a handful of ops on (D, E), no graph
+    # (this runs on every layer and micro-batch for the metrics).
+    with torch.no_grad():
+        dtype = _compute_dtype(sums_DE.dtype)
+        sums_DE, counts_D = sums_DE.to(dtype), counts_D.to(dtype)
+        total = counts_D.sum().clamp_min(torch.finfo(dtype).tiny)
+        pbar_E = sums_DE.sum(dim=0) / total
+        means_DE = sums_DE / torch.where(counts_D > 0, counts_D, 1.0)[:, None]
+        mi = torch.xlogy(sums_DE, means_DE).sum() / total - torch.xlogy(pbar_E, pbar_E).sum()
+        return mi.clamp_min(0.0)
 
 
 def domain_entropy(*, sums_DE: Tensor, counts_D: Tensor) -> Tensor:
