@@ -1,20 +1,24 @@
-"""The hand-written backward passes of ``megatron_edl.core.edl`` against plain autograd.
+"""The fast paths of the EDL math and data code against their straightforward definitions.
 
 ``domain_sums`` and ``pairwise_jsd`` run their backward through custom autograd functions (one
 ``embedding_bag`` instead of gather-then-multiply; the analytic JSD derivative instead of the
 graph of ~15 elementwise ops) for speed (docs/BENCHMARKS.md). Here the straightforward autograd
 formulas they replace are the references: same forward values, same gradients, including the
-conventions at exact zeros (0 log 0 = 0) and for absent domains.
+conventions at exact zeros (0 log 0 = 0) and for absent domains. ``sample_token_labels`` works
+on segments and expands with ``np.repeat`` (no masks over the tokens, it runs once per sample in
+the data loader); its reference labels one token at a time.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_edl.core.edl import domain_sums, edl_loss, pairwise_jsd
+from megatron_edl.core.segments import sample_token_labels
 
 
 def _reference_jsd(dists_DE: torch.Tensor) -> torch.Tensor:
@@ -133,3 +137,49 @@ def test_loss_gradient_with_an_absent_domain_matches_the_reference():
         grads.append(leaf_DE.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
     assert torch.all(grads[0][2] == 0)
+
+
+def _reference_token_labels(domains, lengths, num_tokens, aggregation):
+    """One token at a time: the definition of ``sample_token_labels``."""
+    ids, seg = [], []
+    for k, (domain, length) in enumerate(zip(domains, lengths, strict=True)):
+        ids += [domain] * length
+        seg += [k] * length
+    ids, seg = ids[:num_tokens], seg[:num_tokens]
+    ids += [-1] * (num_tokens - len(ids))
+    seg += [-1] * (num_tokens - len(seg))
+    weights = [0.0] * num_tokens
+    labelled = [i for i in range(num_tokens) if ids[i] >= 0]
+    if aggregation == "segment":
+        for i in labelled:
+            weights[i] = 1.0 / seg.count(seg[i])
+    elif aggregation == "token":
+        for i in labelled:
+            weights[i] = 1.0
+    elif labelled:
+        counts = {d: sum(ids[i] == d for i in labelled) for d in {ids[i] for i in labelled}}
+        best = min(counts, key=lambda d: (-counts[d], d))
+        for i in labelled:
+            ids[i], weights[i] = best, 1.0 / len(labelled)
+    return np.array(ids, dtype=np.int64), np.array(weights, dtype=np.float32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    segments=st.lists(st.tuples(st.integers(-1, 4), st.integers(0, 12)), max_size=8),
+    num_tokens=st.integers(1, 40),
+    aggregation=st.sampled_from(["segment", "token", "sample"]),
+)
+def test_sample_token_labels_match_the_token_by_token_definition(segments, num_tokens, aggregation):
+    domains = [d for d, _ in segments]
+    lengths = [n for _, n in segments]
+    ids_S, weights_S = sample_token_labels(
+        segment_domains_K=domains,
+        segment_lengths_K=lengths,
+        num_tokens=num_tokens,
+        aggregation=aggregation,
+    )
+    ref_ids_S, ref_weights_S = _reference_token_labels(domains, lengths, num_tokens, aggregation)
+    assert ids_S.dtype == np.int64 and weights_S.dtype == np.float32
+    np.testing.assert_array_equal(ids_S, ref_ids_S)
+    np.testing.assert_array_equal(weights_S, ref_weights_S)

@@ -61,25 +61,29 @@ def sample_token_labels(
     if (lengths_K < 0).any():
         raise ValueError(f"segment lengths must be >= 0, got {lengths_K.tolist()}")
 
-    # Cut the segments to the first num_tokens tokens.
+    # Cut the segments to the first num_tokens tokens. Everything below works on the K
+    # segments and expands to the S tokens with one np.repeat per output (this runs once per
+    # sample in the data loader: no boolean masks over S).
     ends_K = np.minimum(np.cumsum(lengths_K), num_tokens)
-    starts_K = np.concatenate([[0], ends_K[:-1]]) if len(ends_K) else ends_K
-    kept_K = ends_K - starts_K
-    segment_S = np.full(num_tokens, -1, dtype=np.int64)
-    segment_S[: int(kept_K.sum())] = np.repeat(np.arange(len(kept_K)), kept_K)
+    kept_K = ends_K.copy()
+    kept_K[1:] -= ends_K[:-1]
+    labelled_K = (domains_K >= 0) & (kept_K > 0)
 
-    labelled_S = segment_S >= 0
-    domain_ids_S = np.full(num_tokens, -1, dtype=np.int64)
-    domain_ids_S[labelled_S] = domains_K[segment_S[labelled_S]]
-    labelled_S &= domain_ids_S >= 0
-
-    weights_S = np.zeros(num_tokens, dtype=np.float32)
     if aggregation == "segment":
-        weights_S[labelled_S] = 1.0 / kept_K[segment_S[labelled_S]]
+        segment_w_K = np.divide(1.0, kept_K, out=np.zeros(len(kept_K)), where=labelled_K)
     elif aggregation == "token":
-        weights_S[labelled_S] = 1.0
-    elif labelled_S.any():  # sample
-        counts = np.bincount(domain_ids_S[labelled_S])
-        domain_ids_S[labelled_S] = int(np.argmax(counts))
-        weights_S[labelled_S] = 1.0 / labelled_S.sum()
+        segment_w_K = labelled_K.astype(np.float64)
+    else:  # sample: the domain holding most labelled tokens (ties: smallest id)
+        num_labelled = int(kept_K[labelled_K].sum())
+        if num_labelled:
+            counts = np.bincount(domains_K[labelled_K], weights=kept_K[labelled_K])
+            domains_K = np.where(labelled_K, int(np.argmax(counts)), domains_K)
+        segment_w_K = np.where(labelled_K, 1.0 / max(num_labelled, 1), 0.0)
+
+    domain_ids_S = np.repeat(np.where(labelled_K, domains_K, -1), kept_K)
+    weights_S = np.repeat(segment_w_K.astype(np.float32), kept_K)
+    covered = int(ends_K[-1]) if len(ends_K) else 0
+    if covered < num_tokens:  # a padded sample: the rest is unlabelled
+        domain_ids_S = np.concatenate([domain_ids_S, np.full(num_tokens - covered, -1)])
+        weights_S = np.concatenate([weights_S, np.zeros(num_tokens - covered, np.float32)])
     return domain_ids_S, weights_S
