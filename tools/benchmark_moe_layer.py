@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ratio_table = Table(
         "MoE layer ratios, per-round median [min, max] (target edl / stock <= 1.005)",
-        ["T", "H", "F", "E", "D", *(f"{a} / {b}" for a, b in pairs)],
+        ["T", "H", "F", "E", "D", *(f"{a} / {b}" for a, b in pairs), "EDL cost (ms)"],
     )
     for experts in args.experts:
         for domains in args.domains:
@@ -149,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             key = (shape.tokens, shape.hidden, shape.ffn_hidden, experts, domains)
             times.add(*key, *(Stats.of(samples[c]).format(1e3, 1) for c in configs))
+            cost = "-"
+            if "edl" in samples and "stock" in samples:
+                diffs = [a - b for a, b in zip(samples["edl"], samples["stock"], strict=True)]
+                cost = f"{statistics.median(diffs) * 1e3:.1f}"
             ratio_table.add(
-                *key, *(Stats.of(ratios(samples[a], samples[b])).format() for a, b in pairs)
+                *key, *(Stats.of(ratios(samples[a], samples[b])).format() for a, b in pairs), cost
             )
             print(f"done {key}", flush=True)
     times.print()
