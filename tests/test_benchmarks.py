@@ -45,7 +45,7 @@ tiny = ["--tokens", "32", "--hidden", "16", "--experts", "8", "--topk", "2", "--
         "--warmup", "1"]
 benchmark_router.main([*tiny, "--domains", "3", "5"])
 benchmark_router.main([*tiny, "--domains", "3", "--sweep", "--repeats", "1"])
-benchmark_moe_layer.main([*tiny, "--ffn-hidden", "16", "--domains", "3",
+benchmark_moe_layer.main([*tiny, "--ffn-hidden", "16", "--domains", "3", "--null",
                           "--configs", "stock", "edl", "aux", "aux+edl"])
 benchmark_collectives.main(["--tokens", "32", "--hidden", "16", "--experts", "8",
                             "--topk", "2", "--domains", "3", "5"])
@@ -106,10 +106,12 @@ def test_router_sweep_varies_one_parameter_at_a_time(module_tables):
 def test_moe_layer_benchmark_tables(module_tables):
     times = _table(module_tables, "MoE layer forward+backward")
     assert len(times) == 1 and all(
-        STATS.match(times[0][c]) for c in ("stock", "edl", "aux", "aux+edl")
+        STATS.match(times[0][c]) for c in ("stock", "edl", "aux", "aux+edl", "stock (copy)")
     )
     ratio_rows = _table(module_tables, "MoE layer ratios")
-    assert set(ratio_rows[0]) >= {"edl / stock", "aux / stock", "aux+edl / aux"}
+    columns = ("edl / stock", "aux / stock", "aux+edl / aux", "stock (copy) / stock")
+    assert len(ratio_rows) == 1 and all(STATS.match(ratio_rows[0][c]) for c in columns)
+    float(ratio_rows[0]["EDL cost (ms)"])
 
 
 def test_edl_adds_one_all_reduce_of_d_e_plus_d_per_layer_and_micro_batch(module_tables):

@@ -10,7 +10,9 @@ ratios (target ``edl / stock`` <= 1.005).
 
 Variants (``--configs``, from ``megatron_edl.benchmarks.moe_modules.VARIANTS``): ``stock``,
 ``edl``, ``aux`` (Megatron's aux-loss load balancing), ``aux+edl``. Router losses added later
-(orthogonality, variance) become new entries there and are then selectable here.
+(orthogonality, variance) become new entries there and are then selectable here. ``--null``
+adds a second stock layer built the same way: its ratio to ``stock`` (ideally 1) shows what
+difference the measurement can resolve, which matters for a target of 0.5%.
 
 Usage:
     python tools/benchmark_moe_layer.py                            # T=2048 H=1024 F=512 E=64
@@ -52,8 +54,14 @@ from megatron_edl.benchmarks.moe_modules import (  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+NULL = "stock (copy)"
+
+
 def moe_cases(shape: ModuleShape, configs: list[str], device: torch.device, dtype):
-    """Name -> callable running one forward+backward of that variant's MoE layer."""
+    """Name -> callable running one forward+backward of that variant's MoE layer.
+
+    A name ``NULL`` is a second, separately built stock layer (the A/A check).
+    """
     gen = torch.Generator().manual_seed(1)
     seq = shape.tokens // shape.batch
     hidden_sBH = torch.randn(seq, shape.batch, shape.hidden, generator=gen).to(device, dtype)
@@ -64,7 +72,7 @@ def moe_cases(shape: ModuleShape, configs: list[str], device: torch.device, dtyp
     state = None
     cases = {}
     for name in configs:
-        variant = VARIANTS[name]
+        variant = VARIANTS["stock" if name == NULL else name]
         config = transformer_config(shape, load_balancing=variant.load_balancing, dtype=dtype)
         layer = build_moe_layer(config, variant.edl_config(shape.domains), device)
         # Same weights in every variant (the state dict also holds non-tensor extra states).
@@ -106,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         "--configs", nargs="+", default=["stock", "edl"], choices=list(VARIANTS),
         help="variants to compare, the first is the baseline (default: stock edl)",
     )  # fmt: skip
+    parser.add_argument(
+        "--null", action="store_true",
+        help=f"also time a second stock layer, '{NULL}': the A/A ratio shows the resolution",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds per shape")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per shape")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -126,10 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         f"dtype {dtype}, top-k {args.topk}, F {args.ffn_hidden}, {args.repeats} rounds after "
         f"{args.warmup} warm-up, {args.clock} clock"
     )
-    configs = args.configs
+    configs = list(args.configs)
     pairs = [(a, b) for a, b in RATIOS if a in configs and b in configs]
     if not pairs:
         pairs = [(c, configs[0]) for c in configs[1:]]
+    if args.null:
+        if "stock" not in configs:
+            parser.error("--null compares a second stock layer with stock: add stock to --configs")
+        configs.append(NULL)
+        pairs.append((NULL, "stock"))
     times = Table(
         "MoE layer forward+backward, ms per call, median [min, max]",
         ["T", "H", "F", "E", "D", *configs],
