@@ -51,39 +51,56 @@ def sample_token_labels(
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose from {AGGREGATIONS}")
-    domains_K = np.asarray(segment_domains_K, dtype=np.int64)
-    lengths_K = np.asarray(segment_lengths_K, dtype=np.int64)
-    if domains_K.shape != lengths_K.shape or domains_K.ndim != 1:
+    # The K segments are few (a handful per sample): plain Python on lists, then one np.repeat
+    # per output to expand them to the S tokens. This runs once per sample in the data loader,
+    # where a numpy call costs about a microsecond whatever its size; Megatron's own sample
+    # assembly loops over the same segments in Python.
+    domains_K = _as_list(segment_domains_K, "segment_domains_K")
+    lengths_K = _as_list(segment_lengths_K, "segment_lengths_K")
+    if len(domains_K) != len(lengths_K):
         raise ValueError(
-            f"segment_domains_K {domains_K.shape} and segment_lengths_K {lengths_K.shape} "
+            f"segment_domains_K ({len(domains_K)},) and segment_lengths_K ({len(lengths_K)},) "
             "must be 1-D of equal length"
         )
-    if (lengths_K < 0).any():
-        raise ValueError(f"segment lengths must be >= 0, got {lengths_K.tolist()}")
+    if any(length < 0 for length in lengths_K):
+        raise ValueError(f"segment lengths must be >= 0, got {lengths_K}")
 
-    # Cut the segments to the first num_tokens tokens. Everything below works on the K
-    # segments and expands to the S tokens with one np.repeat per output (this runs once per
-    # sample in the data loader: no boolean masks over S).
-    ends_K = np.minimum(np.cumsum(lengths_K), num_tokens)
-    kept_K = ends_K.copy()
-    kept_K[1:] -= ends_K[:-1]
-    labelled_K = (domains_K >= 0) & (kept_K > 0)
+    # Cut the segments to the first num_tokens tokens; pad with an unlabelled one.
+    kept_K, covered = [], 0
+    for length in lengths_K:
+        kept = min(length, num_tokens - covered)
+        kept_K.append(kept)
+        covered += kept
+    if covered < num_tokens:  # a padded sample: the rest is unlabelled
+        domains_K.append(-1)
+        kept_K.append(num_tokens - covered)
 
     if aggregation == "segment":
-        segment_w_K = np.divide(1.0, kept_K, out=np.zeros(len(kept_K)), where=labelled_K)
+        segment_w_K = [
+            1.0 / k if d >= 0 and k > 0 else 0.0 for d, k in zip(domains_K, kept_K, strict=True)
+        ]
     elif aggregation == "token":
-        segment_w_K = labelled_K.astype(np.float64)
-    else:  # sample: the domain holding most labelled tokens (ties: smallest id)
-        num_labelled = int(kept_K[labelled_K].sum())
+        segment_w_K = [1.0 if d >= 0 else 0.0 for d in domains_K]
+    else:  # sample: the domain holding most labelled tokens (ties: the smallest id)
+        tokens_per_domain: dict[int, int] = {}
+        for d, k in zip(domains_K, kept_K, strict=True):
+            if d >= 0 and k > 0:
+                tokens_per_domain[d] = tokens_per_domain.get(d, 0) + k
+        num_labelled = sum(tokens_per_domain.values())
         if num_labelled:
-            counts = np.bincount(domains_K[labelled_K], weights=kept_K[labelled_K])
-            domains_K = np.where(labelled_K, int(np.argmax(counts)), domains_K)
-        segment_w_K = np.where(labelled_K, 1.0 / max(num_labelled, 1), 0.0)
+            best = min(tokens_per_domain, key=lambda d: (-tokens_per_domain[d], d))
+            domains_K = [best if d >= 0 else d for d in domains_K]
+        segment_w_K = [1.0 / max(num_labelled, 1) if d >= 0 else 0.0 for d in domains_K]
 
-    domain_ids_S = np.repeat(np.where(labelled_K, domains_K, -1), kept_K)
-    weights_S = np.repeat(segment_w_K.astype(np.float32), kept_K)
-    covered = int(ends_K[-1]) if len(ends_K) else 0
-    if covered < num_tokens:  # a padded sample: the rest is unlabelled
-        domain_ids_S = np.concatenate([domain_ids_S, np.full(num_tokens - covered, -1)])
-        weights_S = np.concatenate([weights_S, np.zeros(num_tokens - covered, np.float32)])
+    domain_ids_S = np.repeat(np.array(domains_K, dtype=np.int64), kept_K)
+    weights_S = np.repeat(np.array(segment_w_K, dtype=np.float32), kept_K)
     return domain_ids_S, weights_S
+
+
+def _as_list(values: Sequence[int] | np.ndarray, name: str) -> list[int]:
+    """``values`` as a list of Python ints; ``ValueError`` unless one-dimensional."""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1:
+            raise ValueError(f"{name} must be 1-D of equal length, got shape {values.shape}")
+        return values.tolist()
+    return [int(v) for v in values]
