@@ -62,7 +62,7 @@ def sample_token_labels(
             f"segment_domains_K ({len(domains_K)},) and segment_lengths_K ({len(lengths_K)},) "
             "must be 1-D of equal length"
         )
-    if any(length < 0 for length in lengths_K):
+    if min(lengths_K, default=0) < 0:
         raise ValueError(f"segment lengths must be >= 0, got {lengths_K}")
 
     # Cut the segments to the first num_tokens tokens; pad with an unlabelled one.
