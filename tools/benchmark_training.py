@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens = _tokens_per_iteration(base)
     table = Table(
-        f"Training iteration (tiny MoE GPT, Megatron's timer, {args.clock} clock), ms",
+        f"Training iteration (tiny MoE GPT{' with --extra flags' if args.extra else ''}, "
+        f"Megatron's timer, {args.clock} clock), ms",
         ["config", "runs", "median of run medians [min, max]", "median of all iterations",
          "tokens/s"],
     )  # fmt: skip
