@@ -817,3 +817,49 @@ def test_references_discriminate():
         assert len({round(losses[0], 8) for losses in local_losses}) == len(local_losses)
         assert all(abs(losses[0] - global_loss) > 1e-4 for losses in local_losses)
         assert not torch.allclose(global_grad, local_grad, rtol=1e-3, atol=0)
+
+
+def _aux_reuse_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
+    """EDL next to Megatron's aux loss: gradients with the reused aux-loss softmax vs EDL's own."""
+    import types
+    from unittest import mock
+
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_edl import cpu
+    from megatron_edl.core import edl
+    from megatron_edl.integration.labels import push_labels
+
+    cpu.apply()
+    _setup_layout((1, 1, 1))
+    _set_num_microbatches(1, 1)
+    gen = torch.Generator().manual_seed(seed)
+    job = {"layout": (1, 1, 1), "scope": "global", "weight_EH": _make_weight(gen)}
+    batch = _make_batch(gen, dp=1)
+    out = {}
+    for mode in ("reuse", "own_softmax"):
+        router = _make_router(job)
+        router.config.moe_router_load_balancing_type = "aux_loss"
+        router.routing_type = "aux_loss"
+        router.config.moe_aux_loss_coeff = 0.01
+        if mode == "own_softmax":
+            router._apply_aux_loss = types.MethodType(TopKRouter._apply_aux_loss, router)
+        hidden_sBH, labels = _rank_inputs(batch, job["layout"], (0, 0, 0))
+        push_labels(router, labels)
+        with mock.patch.object(edl, "routing_probs", wraps=edl.routing_probs) as own:
+            probs, _ = router(hidden_sBH)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+        (probs * 0).sum().backward()
+        out[mode] = (own.call_count, _take_edl_loss(), router.weight.grad.clone())
+    return out
+
+
+def test_edl_reuses_the_aux_loss_softmax_with_the_same_gradient():
+    (out,) = run_distributed(_aux_reuse_job, 1, seed=7)
+    calls_reuse, loss_reuse, grad_reuse = out["reuse"]
+    calls_own, loss_own, grad_own = out["own_softmax"]
+    assert (calls_reuse, calls_own) == (0, 1)  # the reused run computed no softmax of its own
+    assert loss_reuse == pytest.approx(loss_own, rel=1e-6)
+    torch.testing.assert_close(grad_reuse, grad_own, rtol=1e-5, atol=1e-7)
+    assert grad_own.abs().max() > 0

@@ -150,6 +150,7 @@ class EDLTopKRouter(TopKRouter):
         self._edl_labels: collections.deque[DomainLabels] = collections.deque()
         self._edl_accumulator = DomainStatsAccumulator()
         self._edl_microbatches_seen = 0
+        self._edl_dense_probs: torch.Tensor | None = None
         self.routing_stats = None
         """Per-domain routing telemetry (:mod:`megatron_edl.integration.telemetry`), or None."""
         if stats_phase is not None:
@@ -181,7 +182,20 @@ class EDLTopKRouter(TopKRouter):
         )
         return edl_here or stats
 
+    def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask=False):
+        # Megatron's aux losses (aux_loss, seq_aux_loss, global_aux_loss share these scores)
+        # already computed softmax(logits) in fp32 over every token: EDL's dense probabilities.
+        # Reuse them (one softmax and one softmax backward fewer; docs/BENCHMARKS.md).
+        if (
+            self.score_function == "softmax"
+            and not self.config.moe_router_fusion
+            and not with_padding_mask
+        ):
+            self._edl_dense_probs = scores_for_aux_loss
+        return super()._apply_aux_loss(probs, scores_for_aux_loss, routing_map, with_padding_mask)
+
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        self._edl_dense_probs = None
         probs, routing_map = super().routing(logits, padding_mask)
         logits_TE = logits.view(-1, self.config.num_moe_experts)
         if self.wants_labels(torch.is_grad_enabled()):
@@ -199,6 +213,7 @@ class EDLTopKRouter(TopKRouter):
                 probs_TE=probs,
                 padding_mask=padding_mask,
             )
+        self._edl_dense_probs = None  # do not keep the activation beyond this forward
         return probs, routing_map
 
     def _next_labels(self, num_tokens: int) -> DomainLabels:
@@ -234,7 +249,10 @@ class EDLTopKRouter(TopKRouter):
                     "forwards that never consumed them"
                 )
         self._edl_microbatches_seen = (self._edl_microbatches_seen + 1) % get_num_microbatches()
-        probs_TE = edl.routing_probs(logits_TE=logits_TE)
+        probs_TE = self._edl_dense_probs  # Megatron's aux-loss softmax, when it computed one
+        wanted = torch.promote_types(logits_TE.dtype, torch.float32)  # fp32, or fp64 for tests
+        if probs_TE is None or probs_TE.shape != logits_TE.shape or probs_TE.dtype != wanted:
+            probs_TE = edl.routing_probs(logits_TE=logits_TE)
         sums_DE, counts_D = edl.domain_sums(
             probs_TE=probs_TE,
             domain_ids_T=labels.domain_ids_T,
