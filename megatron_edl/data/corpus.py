@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import glob
 import gzip
 import hashlib
 import json
@@ -74,7 +75,7 @@ import re
 import sys
 import sysconfig
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 from megatron_edl.config import EDLConfigError
@@ -200,33 +201,35 @@ def _read_man_page(path: Path) -> str | None:
     return roff_to_text(source)
 
 
-def _first_part(path: PurePath) -> str:
-    return path.parts[0]
+def _first_part(path: str) -> str:
+    return path.split("/", 1)[0]
 
 
-def _page_family(path: PurePath) -> str:
-    """``git-log.1.gz`` -> ``git``; ``gcloud_ai_x.1.gz`` -> ``gcloud``."""
-    return re.split(r"[-_.]", path.name, maxsplit=1)[0].lower() or path.name
+def _page_family(path: str) -> str:
+    """``man1/git-log.1.gz`` -> ``git``; ``man1/gcloud_ai_x.1.gz`` -> ``gcloud``."""
+    name = path.rsplit("/", 1)[-1]
+    return re.split(r"[-_.]", name, maxsplit=1)[0].lower() or name
 
 
 def _interleave_families(
-    paths: Sequence[PurePath], family: Callable[[PurePath], str], rng: random.Random
-) -> list[PurePath]:
+    paths: Sequence[str], family: Callable[[str], str], rng: random.Random
+) -> list[str]:
     """Shuffle each family's members and the family order, then take members round-robin."""
-    groups: dict[str, list[PurePath]] = {}
+    groups: dict[str, list[str]] = {}
     for path in sorted(paths):
         groups.setdefault(family(path), []).append(path)
     keys = sorted(groups)
     rng.shuffle(keys)
+    queues = []
     for key in keys:
         rng.shuffle(groups[key])
-    out: list[PurePath] = []
+        queues.append(groups[key])
+    out: list[str] = []
     depth = 0
-    while len(out) < len(paths):
-        for key in keys:
-            if depth < len(groups[key]):
-                out.append(groups[key][depth])
+    while queues:
+        out.extend(queue[depth] for queue in queues)
         depth += 1
+        queues = [queue for queue in queues if len(queue) > depth]
     return out
 
 
@@ -249,7 +252,7 @@ class FileSource:
     root: str
     patterns: tuple[str, ...]
     reader: Callable[[Path], str | None] = _read_text
-    family: Callable[[PurePath], str] = _first_part
+    family: Callable[[str], str] = _first_part
     exclude_parts: frozenset[str] = frozenset()
 
     def open(self, roots: SourceRoots, rng: random.Random) -> OpenedSource:
@@ -270,30 +273,40 @@ class FileSource:
                 except (OSError, EOFError, ValueError) as err:  # unreadable: counted, skipped
                     logger.debug("skipping %s: %s", root / relative, err)
                     text = None
-                yield f"{self.name}:{relative.as_posix()}", text
+                yield f"{self.name}:{relative}", text
 
         return OpenedSource(items(), len(found))
 
-    def _list(self, root: Path) -> list[PurePath]:
-        """Regular files (not links) matching a pattern, relative to ``root``, pruned folders
-        (``exclude_parts``) never entered."""
-        found: set[PurePath] = set()
+    def _list(self, root: Path) -> list[str]:
+        """Regular files (not links) matching a pattern, as ``/``-separated paths relative to
+        ``root``; folders named in ``exclude_parts`` are never entered."""
+        found: set[str] = set()
         for pattern in self.patterns:
-            if pattern.startswith("**/"):
-                name_pattern = pattern.removeprefix("**/")
-                for folder, subfolders, files in os.walk(root):
+            folder_pattern, _, name_pattern = pattern.rpartition("/")
+            if folder_pattern == "**":
+                folders = []
+                for folder, subfolders, _ in os.walk(root):
                     subfolders[:] = sorted(d for d in subfolders if d not in self.exclude_parts)
-                    for name in fnmatch.filter(files, name_pattern):
-                        path = Path(folder, name)
-                        if path.is_file() and not path.is_symlink():
-                            found.add(path.relative_to(root))
+                    folders.append(os.path.relpath(folder, root))
+            elif folder_pattern:
+                folders = [
+                    os.path.relpath(p, root) for p in glob.glob(os.path.join(root, folder_pattern))
+                ]
             else:
-                for path in root.glob(pattern):
-                    relative = path.relative_to(root)
-                    if self.exclude_parts.intersection(relative.parts[:-1]):
-                        continue
-                    if path.is_file() and not path.is_symlink():
-                        found.add(relative)
+                folders = ["."]
+            for folder in folders:
+                if self.exclude_parts.intersection(Path(folder).parts):
+                    continue
+                try:
+                    entries = list(os.scandir(os.path.join(root, folder)))
+                except (NotADirectoryError, FileNotFoundError):
+                    continue
+                for entry in entries:
+                    if entry.is_file(follow_symlinks=False) and fnmatch.fnmatch(
+                        entry.name, name_pattern
+                    ):
+                        relative = entry.name if folder == "." else f"{folder}/{entry.name}"
+                        found.add(relative.replace(os.sep, "/"))
         return sorted(found)
 
 
@@ -539,7 +552,7 @@ class CorpusConfig:
     valid_fraction: float = 0.1
     """Expected fraction of documents in the validation split; in [0, 1)."""
 
-    max_bytes_per_file: int = 16 << 10
+    max_bytes_per_file: int = 8 << 10
     """Bytes of documents taken from one file (more files, more variety). > 0."""
 
     target_chars: int = 1024
@@ -583,6 +596,16 @@ class CorpusConfig:
             unknown = [name for name in self.domains if name not in known]
             if unknown or not self.domains:
                 raise CorpusError(f"--domains: unknown domain(s) {unknown}; known: {known}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as JSON values (the roots resolved to folders)."""
+        out = dataclasses.asdict(self)
+        out["output_dir"] = os.fspath(self.output_dir)
+        out["roots"] = {
+            f.name: os.fspath(self.roots.get(f.name)) for f in dataclasses.fields(self.roots)
+        }
+        out["domains"] = list(self.domains) if self.domains is not None else None
+        return out
 
 
 @dataclasses.dataclass
@@ -823,7 +846,7 @@ def build_corpus(config: CorpusConfig, *, show_progress: bool | None = None) -> 
             "%s: %s, %d documents, %.0f KiB", spec.name, report.status, report.documents,
             report.bytes / 1024,
         )  # fmt: skip
-    result = CorpusReport(_config_json(config), reports, {})
+    result = CorpusReport(config.to_json(), reports, {})
     if config.require_all and result.missing_sources:
         listed = "; ".join(f"{s.name} ({d}): {s.missing}" for d, s in result.missing_sources)
         raise CorpusError(f"--require-all: missing source(s): {listed}")
@@ -852,16 +875,6 @@ def build_corpus(config: CorpusConfig, *, show_progress: bool | None = None) -> 
     tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     os.replace(tmp, output_dir / REPORT_FILE)
     return result
-
-
-def _config_json(config: CorpusConfig) -> dict[str, Any]:
-    out = dataclasses.asdict(config)
-    out["output_dir"] = os.fspath(config.output_dir)
-    out["roots"] = {
-        f.name: os.fspath(config.roots.get(f.name)) for f in dataclasses.fields(config.roots)
-    }
-    out["domains"] = list(config.domains) if config.domains is not None else None
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -901,8 +914,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-bytes-per-file",
         type=parse_size,
-        default=16 << 10,
-        help="Bytes taken from one file (default 16K).",
+        default=8 << 10,
+        help="Bytes taken from one file (default 8K).",
     )
     parser.add_argument(
         "--document-chars",
