@@ -1,4 +1,4 @@
-"""The quickstart pipeline (megatron_edl.quickstart): stage reuse, and a shortened run end to end."""
+"""The quickstart pipeline (megatron_edl.quickstart): stage reuse, a shortened run end to end."""
 
 from __future__ import annotations
 
