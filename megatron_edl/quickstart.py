@@ -126,7 +126,7 @@ class QuickstartConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 8
     lr: float = 2e-3
-    edl_coeff: float = 0.05
+    edl_coeff: float = 0.01
     """β of the EDL runs."""
     eval_iters: int = 20
     """Validation batches evaluated at the end of each run."""
@@ -607,6 +607,7 @@ def evaluate_run(ctx: Context, run: RunSpec) -> dict[str, Any]:
         return sum(values) / len(values) if values else None
 
     return {
+        "validation": trained["validation"],  # every value of Megatron's validation line
         "valid_lm_loss": trained["validation"].get("lm loss value"),
         "train_lm_loss": mean("lm loss"),
         "load_balancing_loss": mean("load_balancing_loss"),
