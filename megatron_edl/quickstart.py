@@ -23,7 +23,7 @@ The routing telemetry, evaluation probe and HTML report of the analysis package 
 stages 4-6 through :func:`telemetry_args`, :func:`evaluate_run` and :func:`write_report`.
 
 Usage:
-    python -m megatron_edl.quickstart                       # baseline vs EDL, ~15 min on 2 cores
+    python -m megatron_edl.quickstart                       # baseline vs EDL, ~11 min on 2 cores
     python -m megatron_edl.quickstart --labels random coarse  # plus the two controls
     python -m megatron_edl.quickstart --train-iters 20 --corpus-bytes 64K   # a smoke run
     make quickstart
