@@ -62,7 +62,7 @@ def test_stages_are_reused_until_an_input_changes(tmp_path):
     # A missing output reruns its stage only.
     (tmp_path / "c.out").unlink()
     assert _run_all(tmp_path, settings)[0] == ["c"]
-    # A stage that fails leaves no stamp: the next call runs it again.
+    # One stamp per stage, holding the result.
     stamps = sorted(p.name for p in (tmp_path / "stamps").iterdir())
     assert stamps == ["a.json", "b.json", "c.json"]
     record = json.loads((tmp_path / "stamps" / "a.json").read_text())
