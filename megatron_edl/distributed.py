@@ -34,6 +34,7 @@ __all__ = [
     "DomainStatsAccumulator",
     "SCOPES",
     "all_reduce_domain_stats",
+    "all_reduce_sums",
     "edl_loss_scale",
 ]
 
@@ -50,39 +51,6 @@ def _check_stats_shapes(sums_DE: Tensor, counts_D: Tensor) -> None:
         )
 
 
-class _AllReduceStatsIdentityBackward(torch.autograd.Function):
-    """Forward: SUM all-reduce of (A, n) packed in one buffer. Backward: identity for A.
-
-    The same pattern as Megatron's ``reduce_from_tensor_model_parallel_region``. See
-    ``all_reduce_domain_stats`` for why the identity is the right backward.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        sums_DE: Tensor,
-        counts_D: Tensor,
-        group: dist.ProcessGroup,
-    ) -> tuple[Tensor, Tensor]:
-        num_domains, num_experts = sums_DE.shape
-        dtype = torch.promote_types(sums_DE.dtype, torch.float32)
-        # torch.cat copies, so the in-place all-reduce never touches the caller's tensors.
-        buffer_N = torch.cat([sums_DE.reshape(-1).to(dtype), counts_D.reshape(-1).to(dtype)])
-        dist.all_reduce(buffer_N, op=dist.ReduceOp.SUM, group=group)
-        num_sums = num_domains * num_experts
-        reduced_sums_DE = buffer_N[:num_sums].view(num_domains, num_experts)
-        reduced_counts_D = buffer_N[num_sums:]
-        ctx.mark_non_differentiable(reduced_counts_D)
-        ctx.sums_dtype = sums_DE.dtype
-        return reduced_sums_DE, reduced_counts_D
-
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_sums_DE: Tensor, grad_counts_D: Tensor
-    ) -> tuple[Tensor, None, None]:
-        return grad_sums_DE.to(ctx.sums_dtype), None, None
-
-
 def all_reduce_domain_stats(
     sums_DE: Tensor, counts_D: Tensor, group: dist.ProcessGroup | None
 ) -> tuple[Tensor, Tensor]:
@@ -91,10 +59,10 @@ def all_reduce_domain_stats(
         A = Σ_{r in group} A^r   (sums_DE),      n = Σ_{r in group} n^r   (counts_D)
 
     Packs ``sums_DE`` (flattened) and ``counts_D`` into one contiguous buffer of D*E + D numbers
-    (fp32; fp64 when ``sums_DE`` is fp64, so float64 gradient tests stay tight), runs exactly
-    one ``torch.distributed.all_reduce(SUM)`` over ``group`` and unpacks. It is a collective:
-    every rank of ``group`` must make the same calls in the same order, with the same D and E,
-    including a rank whose tokens are all ignored (it contributes zeros).
+    (fp32; fp64 when an input is fp64, so float64 gradient tests stay tight), runs exactly
+    one ``torch.distributed.all_reduce(SUM)`` over ``group`` and unpacks (``all_reduce_sums``).
+    It is a collective: every rank of ``group`` must make the same calls in the same order,
+    with the same D and E, including a rank whose tokens are all ignored (it contributes zeros).
 
     Autograd: the backward is the identity for ``sums_DE`` (no communication in the backward)
     and ``counts_D`` carries no gradient (the weights w_t are data). Why the identity is right:
@@ -132,7 +100,67 @@ def all_reduce_domain_stats(
     _check_stats_shapes(sums_DE, counts_D)
     if group is None:
         return sums_DE, counts_D
-    return _AllReduceStatsIdentityBackward.apply(sums_DE, counts_D, group)
+    return all_reduce_sums((sums_DE, counts_D.detach()), group)
+
+
+class _AllReduceSumsIdentityBackward(torch.autograd.Function):
+    """Forward: SUM all-reduce of several tensors packed in one buffer. Backward: identity."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, group: dist.ProcessGroup, *tensors: Tensor
+    ) -> tuple[Tensor, ...]:
+        dtype = torch.float32
+        for tensor in tensors:
+            dtype = torch.promote_types(dtype, tensor.dtype)
+        buffer_N = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+        dist.all_reduce(buffer_N, op=dist.ReduceOp.SUM, group=group)
+        ctx.dtypes = [t.dtype for t in tensors]
+        pieces = torch.split(buffer_N, [t.numel() for t in tensors])
+        outputs = tuple(p.view(t.shape) for p, t in zip(pieces, tensors, strict=True))
+        # Sums of inputs that carry no gradient (counts, weights) carry none either.
+        ctx.mark_non_differentiable(
+            *(o for o, t in zip(outputs, tensors, strict=True) if not t.requires_grad)
+        )
+        return outputs
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, *grads: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        pairs = zip(grads, ctx.dtypes, strict=True)
+        return (None, *(None if g is None else g.to(d) for g, d in pairs))
+
+
+def all_reduce_sums(
+    tensors: tuple[Tensor, ...] | list[Tensor], group: dist.ProcessGroup | None
+) -> tuple[Tensor, ...]:
+    """Sum any per-rank sums over ``group``: one packed all-reduce, identity backward.
+
+    The collective under ``all_reduce_domain_stats`` (EDL) and under the other losses whose
+    statistics are sums over tokens (the variance and orthogonality losses of
+    :mod:`megatron_edl.core.specialization`, whose ``*_sums`` functions produce them): every
+    tensor is flattened into one buffer (fp32, or the widest input dtype), reduced with exactly
+    one ``all_reduce(SUM)`` and unpacked into tensors of the input shapes. The backward is the
+    identity for every tensor, for the reason given in ``all_reduce_domain_stats``: each rank
+    then holds the gradient of the *global* loss with respect to its own tokens, and
+    ``edl_loss_scale`` (scope ``global``) turns Megatron's reduction of those pieces into the
+    single-process gradient. A collective: every rank of ``group`` must call it with the same
+    shapes, in the same order.
+
+    Args:
+        tensors: The per-rank sums (any shapes); some may require grad.
+        group: The process group, or ``None`` for no reduction (the inputs come back as they
+            are).
+
+    Returns:
+        The reduced tensors, in order, as views of one buffer: do not modify them in place.
+        Those whose input did not require grad are marked non-differentiable.
+    """
+    tensors = tuple(tensors)
+    if group is None:
+        return tensors
+    return _AllReduceSumsIdentityBackward.apply(group, *tensors)
 
 
 def edl_loss_scale(

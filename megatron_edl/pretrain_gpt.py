@@ -29,31 +29,60 @@ import warnings  # noqa: E402
 
 CPU_FLAG = "--cpu"
 MOCK_DOMAINS_FLAG = "--moe-edl-mock-domains"
+CONFIG_FLAG = "--config-yaml"
+
+
+EVAL_PER_DOMAIN_FLAG = "--moe-edl-eval-per-domain"
+
+
+def domain_labels_wanted(args) -> list[str]:
+    """The flags that need per-token domain labels in the batch (empty: load none).
+
+    Labels are loaded when the EDL loss is on, or when a feature that only observes them is
+    (per-domain validation loss for a baseline run). With labels loaded the validation loss is
+    always also reported per domain.
+    """
+    from megatron_edl.config import FLAGS
+
+    reasons = []
+    if (args.moe_edl_coeff or 0) > 0:
+        reasons.append(FLAGS["coeff"])
+    if args.moe_edl_eval_per_domain:
+        reasons.append(EVAL_PER_DOMAIN_FLAG)
+    return reasons
 
 
 def edl_config_from_args(args):
-    """The run's ``EDLConfig`` (validated against the model), or ``None`` when EDL is off."""
+    """The run's ``EDLConfig``, or ``None`` when no domain labels are needed.
+
+    A config is returned whenever :func:`domain_labels_wanted` names a reason; its ``enabled``
+    says whether the EDL loss is on. ``num_domains`` and ``domain_names`` are filled in from the
+    label map, the data's vocabulary, or the mock data.
+    """
     import dataclasses
 
     from megatron_edl.config import EDLConfig, EDLConfigError, validate_against_model
 
+    reasons = domain_labels_wanted(args)
     cfg = EDLConfig.from_args(args)
-    if not cfg.enabled:
+    if not reasons:
         return None
-    validate_against_model(
-        cfg,
-        num_moe_experts=args.num_experts,
-        num_layers=args.num_layers,
-        moe_layer_freq=args.moe_layer_freq,
-    )
+    if cfg.enabled:
+        validate_against_model(
+            cfg,
+            num_moe_experts=args.num_experts,
+            num_layers=args.num_layers,
+            moe_layer_freq=args.moe_layer_freq,
+        )
     if args.sft or args.dataloader_inter_document_masking:
         raise EDLConfigError(
-            "EDL with packed (THD) sequences (--sft, --dataloader-inter-document-masking) is not "
-            "supported yet"
+            f"domain labels ({', '.join(reasons)}) with packed (THD) sequences (--sft, "
+            "--dataloader-inter-document-masking) are not supported yet"
         )
-    vocabulary = None
     if args.mock_data:
         num_domains = args.moe_edl_mock_domains
+        names_by_id = {i: f"domain{i}" for i in range(num_domains)}
+        vocabulary = None
     else:
         from megatron_edl.integration.dataset import resolve_blend_domains
 
@@ -63,11 +92,31 @@ def edl_config_from_args(args):
             domains_per_prefix=args.moe_edl_domains_per_prefix,
         )
         num_domains, vocabulary = blend.num_stored_domains, blend.vocabulary
+        names_by_id = {stored: name for name, stored in vocabulary.items()}
     if cfg.label_map is not None:
         from megatron_edl.core.labels import LabelMap
 
-        num_domains = LabelMap.from_yaml(cfg.label_map, vocabulary=vocabulary).num_domains
-    return dataclasses.replace(cfg, num_domains=num_domains)
+        label_map = LabelMap.from_yaml(cfg.label_map, vocabulary=vocabulary)
+        num_domains, names = label_map.num_domains, label_map.domains
+    else:
+        names = tuple(names_by_id.get(i, str(i)) for i in range(num_domains))
+    return dataclasses.replace(cfg, num_domains=num_domains, domain_names=names)
+
+
+def specialization_config_from_args(args):
+    """The run's ``SpecializationConfig`` (variance/orthogonality losses), checked against the
+    model; disabled (``enabled`` false) when both coefficients are 0."""
+    from megatron_edl.config import SpecializationConfig, validate_specialization_against_model
+
+    cfg = SpecializationConfig.from_args(args)
+    validate_specialization_against_model(
+        cfg,
+        num_moe_experts=args.num_experts,
+        moe_router_topk=args.moe_router_topk,
+        token_dispatcher_type=args.moe_token_dispatcher_type,
+        apply_probs_on_input=getattr(args, "moe_apply_probs_on_input", False),
+    )
+    return cfg
 
 
 def blend_prefixes_from_args(args) -> list[str]:
@@ -83,8 +132,9 @@ def blend_prefixes_from_args(args) -> list[str]:
     return prefixes
 
 
-def edl_layer_spec(base_spec, edl_config):
-    """A ``GPTModelConfig.transformer_layer_spec`` provider that installs the EDL router."""
+def edl_layer_spec(base_spec, edl_config, specialization_config=None):
+    """A ``GPTModelConfig.transformer_layer_spec`` provider that installs the EDL router (and
+    the variance/orthogonality losses of ``specialization_config``)."""
     from megatron.training.models.gpt import default_layer_spec
 
     from megatron_edl.integration.spec import with_edl_router
@@ -95,9 +145,58 @@ def edl_layer_spec(base_spec, edl_config):
             spec = default_layer_spec(model_config, vp_stage)
         elif callable(spec) and not hasattr(spec, "module"):
             spec = spec(model_config, vp_stage=vp_stage)
-        return with_edl_router(spec, edl_config)
+        return with_edl_router(spec, edl_config, specialization_config)
 
     return provider
+
+
+def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_step):
+    """Set up megatron-edl on parsed ``args`` and the model config, before ``pretrain``.
+
+    Stores ``args.edl_config`` (:func:`edl_config_from_args`) and
+    ``args.specialization_config``. With no megatron-edl flag it changes nothing and returns
+    the two functions it was given: stock training. With the EDL loss or the label-free
+    variance/orthogonality losses on, it installs the EDL router (and dispatcher) into
+    ``model_cfg.transformer_layer_spec`` and registers their metrics for Megatron's log. With
+    domain labels wanted it returns megatron-edl's dataset provider and forward step (stock
+    behaviour plus the labels; :mod:`megatron_edl.integration.gpt`), otherwise the given ones.
+    Used by this launcher and by the patch of Megatron-LM's ``pretrain_gpt.py`` (patches/).
+
+    Returns:
+        ``(train_valid_test_datasets_provider, forward_step)`` to pass to ``pretrain``.
+
+    Raises:
+        ValueError: ``--cpu`` or ``--config-yaml`` reached a script that does not handle them
+            (only ``python -m megatron_edl.pretrain_gpt`` does).
+    """
+    from megatron_edl import cpu
+
+    if getattr(args, "cpu", False) and not cpu.applied():
+        raise ValueError(f"{CPU_FLAG} needs the launcher: python -m megatron_edl.pretrain_gpt")
+    if getattr(args, "config_yaml", None) is not None:
+        raise ValueError(
+            f"{CONFIG_FLAG} {args.config_yaml} was not expanded: it is read by "
+            "python -m megatron_edl.pretrain_gpt (or expand it with python -m "
+            "megatron_edl.yaml_config)"
+        )
+    args.edl_config = edl_config_from_args(args)
+    args.specialization_config = specialization_config_from_args(args)
+    edl_on = args.edl_config is not None and args.edl_config.enabled
+    if edl_on or args.specialization_config.enabled:
+        from megatron_edl.integration import router, specialization
+
+        model_cfg.transformer_layer_spec = edl_layer_spec(
+            model_cfg.transformer_layer_spec, args.edl_config, args.specialization_config
+        )
+        edl_metrics = router.METRIC_NAMES if edl_on else ()
+        router.register_edl_metrics(
+            edl_metrics + specialization.metric_names(args.specialization_config)
+        )
+    if args.edl_config is None:  # no labels: the script's own data and step (label-free losses)
+        return train_valid_test_datasets_provider, forward_step
+    from megatron_edl.integration import gpt
+
+    return gpt.train_valid_test_datasets_provider, gpt.forward_step
 
 
 def cpu_argv(argv: list[str]) -> list[str]:
@@ -140,10 +239,10 @@ def escape_percent_in_help(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Our flags next to Megatron's (``parse_and_validate_args(extra_args_provider=...)``)."""
-    from megatron_edl.config import add_edl_args
+    from megatron_edl.config import add_edl_args, add_specialization_args
     from megatron_edl.integration import modelopt
 
-    parser = add_edl_args(parser)
+    parser = add_specialization_args(add_edl_args(parser))
     group = parser.add_argument_group(title="megatron-edl")
     group.add_argument(
         CPU_FLAG,
@@ -158,11 +257,25 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "prefix with its domain (no .domains sidecar needed).",
     )
     group.add_argument(
+        CONFIG_FLAG,
+        metavar="YAML",
+        help="Read flags from a YAML run config (megatron_edl.yaml_config; examples/configs), "
+        "expanded in place: flags after it override the file's.",
+    )
+    group.add_argument(
+        EVAL_PER_DOMAIN_FLAG,
+        action="store_true",
+        help="Load the domain labels even with the EDL loss off (baseline runs) and report the "
+        "validation LM loss per domain ('lm loss/<domain>') and each domain's share of the "
+        "validation tokens ('token share/<domain>') next to the overall loss. On whenever "
+        "labels are loaded.",
+    )
+    group.add_argument(
         MOCK_DOMAINS_FLAG,
         type=int,
         default=4,
-        help="With --mock-data and EDL on: number of synthetic domains (document i belongs to "
-        "domain i %% N, its tokens to that domain's vocabulary band).",
+        help="With --mock-data and domain labels: number of synthetic domains (document i "
+        "belongs to domain i %% N, its tokens to that domain's vocabulary band).",
     )
     parser = modelopt.add_args(parser)
     return escape_percent_in_help(parser)
@@ -186,7 +299,9 @@ def use_wheel_dataset_helpers() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from megatron_edl.yaml_config import expand_config_flag
+
+    argv = expand_config_flag(list(sys.argv[1:] if argv is None else argv))
     on_cpu = CPU_FLAG in argv
     wants_help = any(a in ("-h", "--help") for a in argv)
 
@@ -242,19 +357,14 @@ def main(argv: list[str] | None = None) -> None:
         model_cfg = gpt_config_from_args(args, model_config_cls=modelopt.model_config_cls())
     else:
         model_cfg = gpt_config_from_args(args)
-    args.edl_config = edl_config_from_args(args)
-    if args.edl_config is not None:
-        from megatron_edl.integration.router import register_edl_metrics
-
-        model_cfg.transformer_layer_spec = edl_layer_spec(
-            model_cfg.transformer_layer_spec, args.edl_config
-        )
-        register_edl_metrics()
+    datasets_provider, forward_step = install_edl(
+        args, model_cfg, gpt.train_valid_test_datasets_provider, gpt.forward_step
+    )
     run_pretrain(
         pretrain_cfg_container_from_args(args, model_cfg),
-        gpt.train_valid_test_datasets_provider,
+        datasets_provider,
         ModelType.encoder_or_decoder,
-        gpt.forward_step,
+        forward_step,
         store=store,
         get_embedding_ranks=gpt.get_embedding_ranks,
     )

@@ -40,6 +40,8 @@ LAYOUTS: dict[str, list[str]] = {
     "pp2": "--pipeline-model-parallel-size 2".split(),
 }
 
+_VALIDATION_RE = re.compile(r"validation(\S*) loss at (.*?) \| (.*)$")
+_VALUE_RE = re.compile(r"\s*(.+?) value:\s*([-+0-9.eE]+|nan|inf)\s*$")
 _ITERATION_RE = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
 _METRIC_RE = re.compile(r"\s*([^|:]+?):\s*([-+0-9.eE]+|nan|inf)\s*$")
 
@@ -51,11 +53,27 @@ class RunResult:
     iterations: dict[int, dict[str, float]]
     """Megatron's per-iteration log metrics, e.g. ``iterations[3]["lm loss"]``."""
 
+    @property
+    def validations(self) -> list[dict[str, float]]:
+        """Every validation line's ``<key> value`` entries, in log order."""
+        return parse_validations(self.log)
+
     def losses(self, name: str = "lm loss") -> list[float]:
         return [self.iterations[i][name] for i in sorted(self.iterations)]
 
     def describe(self) -> str:
         return f"rc={self.returncode}, iterations={sorted(self.iterations)}\n{self.log[-6000:]}"
+
+
+def parse_validations(log: str) -> list[dict[str, float]]:
+    """The ``<key> value: X`` entries of every Megatron ``validation loss at ...`` line."""
+    out = []
+    for line in log.splitlines():
+        match = _VALIDATION_RE.search(line)
+        if match:
+            fields = (_VALUE_RE.match(f) for f in match.group(3).split("|"))
+            out.append({m.group(1).strip(): float(m.group(2)) for m in fields if m})
+    return out
 
 
 def parse_iterations(log: str) -> dict[int, dict[str, float]]:
@@ -81,17 +99,16 @@ def run_pretrain(
     env: dict[str, str] | None = None,
     timeout_s: float = 300,
     cwd: Path | None = None,
+    entry: tuple[str, ...] = ("-m", "megatron_edl.pretrain_gpt", "--cpu"),
 ) -> RunResult:
-    """``torchrun --nproc-per-node nproc -m megatron_edl.pretrain_gpt --cpu *flags``."""
+    """``torchrun --nproc-per-node nproc *entry *flags`` (default: our launcher on CPU)."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc-per-node={nproc}",
         f"--master-port={free_port()}",
-        "-m",
-        "megatron_edl.pretrain_gpt",
-        "--cpu",
+        *entry,
         *flags,
     ]
     full_env = {

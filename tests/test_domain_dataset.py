@@ -250,6 +250,28 @@ def test_per_prefix_random_control_permutes_across_prefixes(tmp_path):
     assert len(set(loss_a.tolist())) == 2 and len(set(loss_b.tolist())) == 2
 
 
+def test_random_control_applies_to_training_samples_only(tmp_path):
+    """Validation samples carry the real domains: per-domain validation losses of a random-label
+    run must be comparable with the baseline's (the EDL loss is not computed in evaluation)."""
+    a, b, domains = _per_prefix_corpus(tmp_path)
+    config = make_config(
+        tmp_path,
+        blend=([a, b], [0.5, 0.5]),
+        split="80,20,0",
+        edl_domains_per_prefix=str(domains),
+        edl_config=EDLConfig(coeff=0.1, labels="random", random_seed=5),
+    )
+    train, valid, _ = build(DomainPerPrefixGPTDataset, config, [30, 10, 0])
+    for i in range(len(valid)):
+        sample = valid[i]
+        assert (sample["domain_ids"] == int(sample["dataset_id"])).all()
+    mismatched = sum(
+        int((train[i]["domain_ids"] != int(train[i]["dataset_id"])).any())
+        for i in range(len(train))
+    )
+    assert mismatched > 0  # training samples do carry permuted labels
+
+
 def test_per_prefix_file_errors_name_the_file_and_prefix(tmp_path):
     a, b, _ = _per_prefix_corpus(tmp_path)
     only_a = tmp_path / "only_a.yaml"

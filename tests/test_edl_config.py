@@ -102,6 +102,9 @@ def test_replace_revalidates() -> None:
         ("random_seed", 1.5, "--moe-edl-random-seed must be an integer, got 1.5"),
         ("num_domains", 0, "num_domains must be >= 1, got 0"),
         ("num_domains", "three", "num_domains must be an integer, got 'three'"),
+        ("domain_names", "ab", "domain_names must be a sequence of non-empty strings, got 'ab'"),
+        ("domain_names", ("a", ""), "domain_names must be a sequence of non-empty strings"),
+        ("domain_names", ("a", "a"), "domain names must be unique, got ('a', 'a')"),
     ],
 )
 def test_invalid_field_names_flag_and_value(field: str, value: object, message: str) -> None:
@@ -125,10 +128,17 @@ def test_every_flagged_field_has_an_invalid_value_case() -> None:
         "label_map",
         "random_seed",
         "num_domains",
+        "domain_names",
     }
     assert covered == {f.name for f in dataclasses.fields(EDLConfig)}
-    assert set(FLAGS) == covered - {"num_domains"}
+    assert set(FLAGS) == covered - {"num_domains", "domain_names"}
     assert all(flag.startswith("--moe-edl-") for flag in FLAGS.values())
+
+
+def test_domain_names_must_match_num_domains() -> None:
+    assert EDLConfig(num_domains=2, domain_names=["a", "b"]).domain_names == ("a", "b")
+    with pytest.raises(EDLConfigError, match=r"2 domain names \('a', 'b'\) for 3 domains"):
+        EDLConfig(num_domains=3, domain_names=("a", "b"))
 
 
 def test_linear_form_accepts_zero_eps() -> None:

@@ -141,18 +141,42 @@ def test_label_map_groups_domains(tmp_path):
     assert "uncovered.yaml" in result.log
 
 
+def _set(flags: list[str], **values: str) -> list[str]:
+    """``flags`` with the values of existing flags replaced (``eval_iters="2"``)."""
+    out = list(flags)
+    for name, value in values.items():
+        out[out.index("--" + name.replace("_", "-")) + 1] = value
+    return out
+
+
+def _check_per_domain_validation(result: RunResult, domains: list[str]) -> None:
+    """Every validation line has each domain's loss and token share, and the share-weighted
+    mean of the domain losses is the overall loss (every token of the mock data is labelled)."""
+    assert result.validations, result.describe()
+    for values in result.validations:
+        shares = [values[f"token share/{d}"] for d in domains]
+        assert sum(shares) == pytest.approx(1.0, abs=1e-5)
+        mean = sum(s * values[f"lm loss/{d}"] for s, d in zip(shares, domains, strict=True))
+        assert mean == pytest.approx(values["lm loss"], rel=1e-5), values
+
+
 def test_edl_is_logged_and_raises_divergence():
     """EDL's metrics reach Megatron's log line, and the loss makes routing more domain-specific.
 
     ``edl_loss`` (log form: mean over domain pairs of -log(JSD + eps)) is reported by both runs;
     a lower value is a higher divergence. The baseline's coefficient is 1e-9: its EDL gradient is
-    negligible, but the router still computes and logs the statistics.
+    negligible, but the router still computes and logs the statistics. Both runs (DP=2) also
+    report the validation loss per domain.
     """
-    flags = [*TINY_MOE_GPT, "--train-iters", "50", "--moe-edl-mock-domains", "3"]
+    flags = [
+        *_set(TINY_MOE_GPT, eval_iters="2", eval_interval="25", split="90,10,0"),
+        "--train-iters", "50", "--moe-edl-mock-domains", "3",
+    ]  # fmt: skip
     edl = run_pretrain(2, [*flags, "--moe-edl-coeff", "0.3"])
     base = run_pretrain(2, [*flags, "--moe-edl-coeff", "1e-9"])
     for run in (edl, base):
         _assert_trained(run, 50)
+        _check_per_domain_validation(run, ["domain0", "domain1", "domain2"])
         for name in ("edl_loss", "edl_jsd", "edl_mi", "edl_domains", "load_balancing_loss"):
             assert name in run.iterations[50], (name, run.iterations[50])
         assert run.iterations[50]["edl_domains"] == 3.0
@@ -221,19 +245,30 @@ def _write_labelled_prefix(prefix, domains: list[int], names: dict[str, int]) ->
     write_sidecar(prefix, np.asarray(domains), names)
 
 
-def test_indexed_data_with_sidecar_and_per_prefix_domains(tmp_path):
-    """Real indexed data: labels from the .domains sidecar, or one domain per blend prefix."""
+def test_indexed_data_with_sidecar_and_per_prefix_domains(tmp_path, edl_checkpoint):
+    """Real indexed data: labels from the .domains sidecar, or one domain per blend prefix.
+
+    The sidecar run starts from the EDL checkpoint; stock training (no EDL flag: Megatron's own
+    GPTDataset, stock router) loads the same checkpoint and reads the same samples, so its
+    first LM loss (before any update) is the EDL run's, digit for digit: an EDL checkpoint is
+    a stock checkpoint (the router adds no state; tests/test_edl_spec.py checks the keys).
+    """
     names = {"code": 0, "prose": 1, "math": 2}
     mixed = tmp_path / "mixed"
     _write_labelled_prefix(mixed, [i % 3 for i in range(300)], names)
-    flags = [
-        *TINY_MOE_GPT, "--moe-edl-coeff", "0.1", "--train-iters", "3", "--data-cache-path",
-        str(tmp_path / "cache"),
+    stock_flags = [
+        *TINY_MOE_GPT, "--train-iters", "3", "--data-cache-path", str(tmp_path / "cache"),
     ]  # fmt: skip
-    flags.remove("--mock-data")
-    result = run_pretrain(1, [*flags, "--data-path", str(mixed)])
+    stock_flags.remove("--mock-data")
+    flags = [*stock_flags, "--moe-edl-coeff", "0.1"]
+    load = ["--load", str(edl_checkpoint), "--finetune", "--no-load-optim", "--no-load-rng"]
+    result = run_pretrain(1, [*flags, "--data-path", str(mixed), *load])
     _assert_trained(result, 3)
     assert max(result.losses("edl_domains")) > 1.0
+    stock = run_pretrain(1, [*stock_flags, "--data-path", str(mixed), *load])
+    _assert_trained(stock, 3)
+    assert "edl_loss" not in stock.iterations[1]
+    assert stock.iterations[1]["lm loss"] == result.iterations[1]["lm loss"]
 
     code, prose = tmp_path / "code", tmp_path / "prose"
     _write_labelled_prefix(code, [0] * 150, names)

@@ -98,9 +98,16 @@ def test_layout_equivalence(layout, single_process_checkpoint, single_process_re
         assert got == pytest.approx(ref, rel=2e-6), (name, layout, got, ref)
 
 
-def test_checkpoint_resume_matches_uninterrupted(tmp_path):
-    """Save at step 3, resume: steps 4-6 give the losses of a run that never stopped."""
-    schedule = ["--train-iters", "6", "--lr-decay-iters", "6"]
+def test_checkpoint_resume_with_edl_matches_uninterrupted(tmp_path):
+    """Save at step 3, resume: steps 4-6 give the losses of a run that never stopped.
+
+    With the EDL loss on (accumulated over the global batch's micro-batches): EDL keeps no state
+    across iterations, so nothing beyond Megatron's own checkpoint is needed.
+    """
+    schedule = [
+        "--train-iters", "6", "--lr-decay-iters", "6",
+        "--moe-edl-coeff", "0.5", "--moe-edl-mock-domains", "3", "--moe-edl-accumulate",
+    ]  # fmt: skip
     reference = run_pretrain(2, [*TINY_MOE_GPT, *schedule, *LAYOUTS["ep2_alltoall"]])
     _assert_trained(reference, 6)
 
@@ -132,8 +139,9 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path):
         got, ref = resumed.iterations[step], reference.iterations[step]
         assert got["grad norm"] == ref["grad norm"], (step, got, ref)
     for step in (4, 6):
-        got, ref = resumed.iterations[step]["lm loss"], reference.iterations[step]["lm loss"]
-        assert got == pytest.approx(ref, rel=1e-6), (step, got, ref)
+        for name in ("lm loss", "edl_loss"):
+            got, ref = resumed.iterations[step][name], reference.iterations[step][name]
+            assert got == pytest.approx(ref, rel=1e-6), (step, name, got, ref)
     # Megatron's log line for the second iteration after a resume reports the mean of the first
     # two (its loss accumulator is not reset after the first log): the training itself is
     # unaffected (grad norms and step 6 match), the quirk is Megatron's, GPU runs included.

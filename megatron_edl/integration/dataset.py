@@ -79,6 +79,10 @@ class DomainGPTDatasetConfig(GPTDatasetConfig):
     """Loss domain of every low-level document (label map and random control applied); ``None``
     means the stored ids are the loss ids."""
 
+    edl_eval_document_domains: np.ndarray | None = None
+    """The same for the validation and test splits, which never get the random control
+    (:func:`evaluation_labels`); ``None``: ``edl_document_domains``."""
+
     edl_config: EDLConfig | None = None
     """The run's EDL options, for ``DomainGPTDataset``/``DomainPerPrefixGPTDataset``: the label
     map and the random control, and ``num_domains`` (loss ids must lie below it). ``None``: the
@@ -115,6 +119,19 @@ def loss_document_domains(
     if edl_config.labels == EDLLabels.RANDOM:
         loss_N = permute_document_labels(loss_N, edl_config.random_seed)
     return np.asarray(loss_N, dtype=np.int64)
+
+
+def evaluation_labels(edl_config: EDLConfig | None) -> EDLConfig | None:
+    """The label options of the validation and test splits: the data's own labels.
+
+    The random-label control (``--moe-edl-labels random``) permutes the labels the EDL loss sees
+    in training; evaluation computes no EDL loss, and its per-domain losses must refer to the
+    real domains, so validation and test samples carry the unpermuted loss ids (label map
+    applied).
+    """
+    if edl_config is None or edl_config.labels == EDLLabels.DATA:
+        return edl_config
+    return dataclasses.replace(edl_config, labels=EDLLabels.DATA)
 
 
 def mock_document_domains(num_stored_domains: int, edl_config: EDLConfig) -> np.ndarray:
@@ -179,6 +196,8 @@ class DomainMockGPTDataset(DomainLabelsMixin, MockGPTDataset):
 
     def document_domains(self, document_ids: np.ndarray) -> np.ndarray:
         domains_N = self.config.edl_document_domains
+        if self.index_split != Split.train and self.config.edl_eval_document_domains is not None:
+            domains_N = self.config.edl_eval_document_domains
         if domains_N is None:
             return document_ids.astype(np.int64) % self.config.edl_num_domains
         return domains_N[document_ids]
@@ -395,10 +414,16 @@ def _compact(ids_N: np.ndarray) -> np.ndarray:
 
 _BLEND_LOCK = threading.Lock()
 _BLEND_CACHE: dict[tuple, BlendDomains] = {}
+# Training and evaluation labels of one blend (they differ under the random control).
+_BLEND_CACHE_SIZE = 2
 
 
 def blend_document_domains(
-    config: DomainGPTDatasetConfig, source: LabelSource | str, extra: str | None = None
+    config: DomainGPTDatasetConfig,
+    source: LabelSource | str,
+    extra: str | None = None,
+    *,
+    split: Split = Split.train,
 ) -> BlendDomains:
     """Stored and loss domain ids of every sequence of every prefix of the config's blend.
 
@@ -406,6 +431,7 @@ def blend_document_domains(
         config: The dataset config (``edl_config``, ``edl_domains_per_prefix``, the blends).
         source: ``sidecar`` or ``prefix`` (:class:`LabelSource`).
         extra: A prefix to include if the blends lack it.
+        split: The split the labels are for (validation and test: :func:`evaluation_labels`).
 
     Returns:
         The :class:`BlendDomains` (see :func:`resolve_blend_domains`).
@@ -421,7 +447,9 @@ def blend_document_domains(
         blend_prefixes(config, extra),
         source,
         domains_per_prefix=config.edl_domains_per_prefix,
-        edl_config=config.edl_config,
+        edl_config=config.edl_config
+        if split == Split.train
+        else evaluation_labels(config.edl_config),
     )
 
 
@@ -475,7 +503,8 @@ def resolve_blend_domains(
     )
     with _BLEND_LOCK:
         if key not in _BLEND_CACHE:
-            _BLEND_CACHE.clear()  # one blend at a time: do not hold old labels
+            while len(_BLEND_CACHE) >= _BLEND_CACHE_SIZE:  # do not hold old labels
+                _BLEND_CACHE.pop(next(iter(_BLEND_CACHE)))
             _BLEND_CACHE[key] = _resolve_blend(prefixes, source, domains_per_prefix, cfg)
         return _BLEND_CACHE[key]
 
@@ -547,7 +576,11 @@ class DomainGPTDataset(DomainLabelsMixin, GPTDataset):
         config: DomainGPTDatasetConfig,
     ) -> None:
         self._document_domains_N = _loss_ids_of(
-            type(self), dataset_path, GPTDataset.numel_low_level_dataset(indexed_dataset), config
+            type(self),
+            dataset_path,
+            GPTDataset.numel_low_level_dataset(indexed_dataset),
+            config,
+            split=index_split,
         )
         super().__init__(
             indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config
@@ -587,10 +620,12 @@ def _loss_ids_of(
     dataset_path: str | None,
     num_sequences: int,
     config: DomainGPTDatasetConfig,
+    *,
+    split: Split = Split.train,
 ) -> np.ndarray:
     if dataset_path is None:
         raise ValueError(f"{cls.__name__} needs a dataset prefix (it has no mock mode)")
-    domains = blend_document_domains(config, cls.label_source, extra=dataset_path)
+    domains = blend_document_domains(config, cls.label_source, extra=dataset_path, split=split)
     loss_N = domains.loss_ids[dataset_path]
     if loss_N.shape != (num_sequences,):
         raise SidecarMismatchError(

@@ -5,10 +5,12 @@ forward step, dataset provider, embedding ranks), written against the installed
 ``megatron-core`` wheel, which does not ship that script. Behaviour is stock: every dataset kind
 (mock, indexed ``GPTDataset``, FIM, SFT), THD packed sequences, CP splitting, the NaN/spiky-loss
 checks of the rerun state machine, cached-logits distillation and ModelOpt (when installed).
-With EDL on (an ``EDLConfig`` the launcher stores as ``args.edl_config``), the batch
-also carries per-token domain ids and EDL weights, broadcast over TP and split over CP like the
-tokens, and :func:`forward_step` queues each micro-batch's labels on the EDL routers before the
-forward. With EDL off every function behaves exactly as stock.
+With domain labels on (an ``EDLConfig`` the launcher stores as ``args.edl_config``: the EDL loss
+is on, or ``--moe-edl-eval-per-domain``), the batch also carries per-token domain ids and EDL
+weights, broadcast over TP and split over CP like the tokens, on every pipeline stage;
+:func:`forward_step` queues each training micro-batch's labels on the EDL routers before the
+forward (EDL loss on), and :func:`loss_func` reports the validation loss per domain. With labels
+off every function behaves exactly as stock.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from megatron_edl.integration.dataset import (
     DomainGPTDatasetConfig,
     DomainMockGPTDataset,
     DomainPerPrefixGPTDataset,
+    evaluation_labels,
     mock_document_domains,
 )
 
@@ -97,7 +100,7 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
     mtp_here = _mtp_on_this_rank(args, vp_stage)
     edge_stage = is_first_or_last_pipeline_stage(vp_stage)
     if not edge_stage and not mtp_here and not has_cu_seqlens:
-        if edl_config() is not None:  # its MoE layers need the domain labels
+        if edl_config() is not None:  # its MoE layers may need the domain labels
             return _get_edl_labels_only(data_iterator, args)
         return dict.fromkeys(ALL_KEYS)
 
@@ -182,12 +185,68 @@ def _cached_logits_loss(logprobs_dir, threads, prefetch, msc_depth, alpha, ignor
     )
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
+def domain_loss_report(
+    losses_BS: torch.Tensor,
+    loss_mask_BS: torch.Tensor,
+    domain_ids_BS: torch.Tensor,
+    domain_names: tuple[str, ...] | list[str],
+) -> dict[str, torch.Tensor]:
+    """Per-domain LM loss entries for Megatron's evaluation, ``[numerator, denominator]`` each.
+
+    Megatron's ``evaluate`` sums every ``[numerator, denominator]`` entry over micro-batches
+    and the DP x CP group and prints ``numerator / denominator``. For each domain ``d``
+    (``n_d`` = its loss-masked tokens, ``n`` = all loss-masked tokens, labelled or not)::
+
+        "lm loss/<d>":     [sum_{t in d} mask_t * loss_t, n_d]  -> the domain's mean LM loss
+        "token share/<d>": [n_d, n]                             -> its share of the tokens
+
+    so ``sum_d share_d * loss_d`` is the overall ``lm loss`` when every token is labelled.
+    Every domain has both entries on every rank and micro-batch (the reduction needs the same
+    keys everywhere); a domain absent from the whole validation set prints ``nan``.
+
+    Args:
+        losses_BS: Per-token LM loss.
+        loss_mask_BS: 1 for tokens in the loss, same shape.
+        domain_ids_BS: Domain id per token (-1: unlabelled), same shape.
+        domain_names: Name of each domain id.
+    """
+    if not (losses_BS.shape == loss_mask_BS.shape == domain_ids_BS.shape):
+        raise ValueError(
+            f"losses {tuple(losses_BS.shape)}, loss mask {tuple(loss_mask_BS.shape)} and "
+            f"domain ids {tuple(domain_ids_BS.shape)} must have the same shape"
+        )
+    num_domains = len(domain_names)
+    mask_T = loss_mask_BS.reshape(-1).float()
+    ids_T = domain_ids_BS.reshape(-1)
+    labelled_T = ids_T >= 0
+    rows_T = torch.where(labelled_T, ids_T, 0)
+    weight_T = mask_T * labelled_T
+    sums_D = torch.zeros(num_domains, device=mask_T.device).index_add_(
+        0, rows_T, losses_BS.reshape(-1).float().detach() * weight_T
+    )
+    tokens_D = torch.zeros(num_domains, device=mask_T.device).index_add_(0, rows_T, weight_T)
+    total = mask_T.sum()
+    report = {}
+    for d, name in enumerate(domain_names):
+        report[f"lm loss/{name}"] = torch.stack([sums_D[d], tokens_D[d]])
+    for d, name in enumerate(domain_names):
+        report[f"token share/{name}"] = torch.stack([tokens_D[d], total])
+    return report
+
+
+def loss_func(
+    loss_mask: torch.Tensor,
+    output_tensor: torch.Tensor,
+    model=None,
+    domain_ids: torch.Tensor | None = None,
+):
     """Masked sum of per-token LM losses.
 
     Returns:
-        ``(loss_sum, num_tokens, {"lm loss": [loss_sum, num_tokens]})``, the contract of
-        Megatron's schedules (they divide by the token count across DP).
+        ``(loss_sum, num_tokens, {"lm loss": [loss_sum, num_tokens], ...})``, the contract of
+        Megatron's schedules (they divide by the token count across DP). In evaluation with
+        domain labels (``domain_ids`` given, model in eval mode), the report also holds
+        :func:`domain_loss_report`'s per-domain entries.
     """
     args = get_args()
     if args.logits_load_dir is not None:
@@ -207,6 +266,13 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
         loss = torch.sum(output_tensor.view(-1).float() * mask_T)
         num_tokens = mask_T.sum().clone().detach().to(torch.int)
         report = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
+    if domain_ids is not None and model is not None and not model.training:
+        cfg = edl_config()
+        report.update(
+            domain_loss_report(
+                output_tensor.view_as(loss_mask), loss_mask, domain_ids, cfg.domain_names
+            )
+        )
 
     rerun = get_rerun_state_machine()
     if args.check_for_nan_in_loss_and_grad:
@@ -265,19 +331,21 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     timers("batch-generator", log_level=2).start()
     batch = get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"))
     packed_seq_params = packed_seq_params_from_batch(batch, args.seq_length)
-    if edl_config() is not None and torch.is_grad_enabled():
+    cfg = edl_config()
+    if cfg is not None and cfg.enabled and torch.is_grad_enabled():
         _push_edl_labels(model, batch, args)
     timers("batch-generator").stop()
 
     tokens, position_ids = batch["tokens"], batch["position_ids"]
     attention_mask, labels, loss_mask = batch["attention_mask"], batch["labels"], batch["loss_mask"]
+    domain_ids = batch[edl_labels.DOMAIN_IDS_KEY]
     if return_schedule_plan:
         if not args.overlap_moe_expert_parallel_comm:
             raise ValueError("a schedule plan needs --overlap-moe-expert-parallel-comm")
         plan = model.build_schedule_plan(
             tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask
         )
-        return plan, partial(loss_func, loss_mask, model=model)
+        return plan, partial(loss_func, loss_mask, model=model, domain_ids=domain_ids)
     output_tensor = model(
         tokens,
         position_ids,
@@ -286,7 +354,7 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
         loss_mask=loss_mask,
         packed_seq_params=packed_seq_params,
     )
-    return output_tensor, partial(loss_func, loss_mask, model=model)
+    return output_tensor, partial(loss_func, loss_mask, model=model, domain_ids=domain_ids)
 
 
 def _push_edl_labels(model, batch: dict, args) -> None:
@@ -360,6 +428,9 @@ def gpt_dataset_config_from_args(args) -> GPTDatasetConfig:
                 edl_aggregation=str(cfg.aggregation),
                 edl_num_domains=args.moe_edl_mock_domains,
                 edl_document_domains=mock_document_domains(args.moe_edl_mock_domains, cfg),
+                edl_eval_document_domains=mock_document_domains(
+                    args.moe_edl_mock_domains, evaluation_labels(cfg)
+                ),
             )
         return DomainGPTDatasetConfig(
             **kwargs,

@@ -1,4 +1,4 @@
-"""``EDLTopKRouter``: Megatron's ``TopKRouter`` plus the Expert Divergence Loss.
+"""``EDLTopKRouter``: Megatron's ``TopKRouter`` plus the Expert Divergence Loss (and variance loss).
 
 Top-k routing, load balancing, z-loss, expert bias, token dropping, checkpoints: all stock
 (``super().routing``). EDL adds no parameter and no persistent buffer, so checkpoints move freely
@@ -35,6 +35,11 @@ which runs in backward order. Per pipeline stage and model chunk both orders are
 order, so each recompute gets its own micro-batch's labels, never a later one's. The no-grad first
 pass of a checkpointed forward consumes nothing, as Megatron's built-in losses compute nothing
 there.
+
+The same router also carries the variance loss of arXiv 2505.22323 when its
+``SpecializationConfig`` turns it on (:func:`megatron_edl.integration.specialization.
+attach_variance_loss`: one packed all-reduce over ``tp_dp_cp``, the ``global`` scale above). EDL
+and the variance loss are independent: ``edl_config=None`` builds a router without EDL.
 """
 
 from __future__ import annotations
@@ -48,37 +53,44 @@ from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_edl.config import EDLConfig, EDLScope
+from megatron_edl.config import EDLConfig, EDLScope, SpecializationConfig
 from megatron_edl.core import edl
 from megatron_edl.distributed import (
     DomainStatsAccumulator,
     all_reduce_domain_stats,
     edl_loss_scale,
 )
+from megatron_edl.integration.specialization import attach_variance_loss, make_variance_term
 
 # Names recorded in Megatron's MoE metrics tracker (and registered for its log line).
 METRIC_NAMES = ("edl_loss", "edl_jsd", "edl_mi", "edl_domains")
 
 
-def register_edl_metrics() -> None:
-    """Make Megatron's iteration log and TensorBoard/W&B report the EDL metrics.
+def register_edl_metrics(names: tuple[str, ...] = METRIC_NAMES) -> None:
+    """Make Megatron's iteration log and TensorBoard/W&B report the EDL metrics (or ``names``).
 
     ``training_log`` passes a fixed whitelist (``track_names``) of MoE metrics to the tracker's
-    ``report``; this wraps the tracker's ``report`` once so the whitelist includes ours.
+    ``report``; this wraps the tracker's ``report`` once so the whitelist includes ours. Later
+    calls add their ``names`` (e.g. ``variance_loss``, ``ortho_loss``) to the same wrapper.
+    Register only the metrics that are recorded: Megatron pre-creates every listed name.
+
+    Args:
+        names: The metric names to add.
     """
     tracker = get_moe_metrics_tracker()
-    if getattr(tracker, "_edl_metrics_registered", False):
-        return
-    report = tracker.report
+    registered = getattr(tracker, "_edl_metric_names", None)
+    if registered is None:
+        registered = tracker._edl_metric_names = []
+        report = tracker.report
 
-    def report_with_edl(*args, track_names=None, **kwargs):
-        if track_names is not None:
-            names = [track_names] if isinstance(track_names, str) else list(track_names)
-            track_names = names + [n for n in METRIC_NAMES if n not in names]
-        return report(*args, track_names=track_names, **kwargs)
+        def report_with_edl(*args, track_names=None, **kwargs):
+            if track_names is not None:
+                listed = [track_names] if isinstance(track_names, str) else list(track_names)
+                track_names = listed + [n for n in registered if n not in listed]
+            return report(*args, track_names=track_names, **kwargs)
 
-    tracker.report = report_with_edl
-    tracker._edl_metrics_registered = True
+        tracker.report = report_with_edl
+    registered.extend(n for n in names if n not in registered)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,15 +107,37 @@ class DomainLabels:
 
 
 class EDLTopKRouter(TopKRouter):
-    """``TopKRouter`` that attaches ``beta * L_ED`` next to Megatron's aux losses."""
+    """``TopKRouter`` that attaches ``beta * L_ED`` (and ``gamma * L_v``) next to Megatron's."""
 
-    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, edl_config):
+    def __init__(
+        self,
+        config,
+        pg_collection=None,
+        is_mtp_layer: bool = False,
+        *,
+        edl_config: EDLConfig | None,
+        specialization_config: SpecializationConfig | None = None,
+    ):
+        if edl_config is not None:
+            if not isinstance(edl_config, EDLConfig):
+                raise TypeError(
+                    f"edl_config must be an EDLConfig or None, got {type(edl_config).__name__}"
+                )
+            if edl_config.num_domains is None:
+                raise ValueError(
+                    "EDLTopKRouter needs edl_config.num_domains (number of loss domains)"
+                )
+        if specialization_config is None:
+            specialization_config = SpecializationConfig()
+        elif not isinstance(specialization_config, SpecializationConfig):
+            raise TypeError(
+                "specialization_config must be a SpecializationConfig or None, got "
+                f"{type(specialization_config).__name__}"
+            )
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        if not isinstance(edl_config, EDLConfig):
-            raise TypeError(f"edl_config must be an EDLConfig, got {type(edl_config).__name__}")
-        if edl_config.num_domains is None:
-            raise ValueError("EDLTopKRouter needs edl_config.num_domains (number of loss domains)")
         self.edl_config = edl_config
+        self.specialization_config = specialization_config
+        self._variance_term = make_variance_term(self, specialization_config)
         self._edl_labels: collections.deque[DomainLabels] = collections.deque()
         self._edl_accumulator = DomainStatsAccumulator()
         self._edl_microbatches_seen = 0
@@ -111,7 +145,7 @@ class EDLTopKRouter(TopKRouter):
     @property
     def edl_active(self) -> bool:
         """Whether EDL applies to this layer (coefficient > 0 and the layer is selected)."""
-        return self.edl_config.applies_to(self.layer_number)
+        return self.edl_config is not None and self.edl_config.applies_to(self.layer_number)
 
     def push_labels(self, labels: DomainLabels) -> None:
         """Queue the labels of one micro-batch (called by the training step before forward)."""
@@ -119,8 +153,19 @@ class EDLTopKRouter(TopKRouter):
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs, routing_map = super().routing(logits, padding_mask)
-        if self.training and torch.is_grad_enabled() and self.edl_active:
-            probs = self._apply_edl(logits.view(-1, self.config.num_moe_experts), probs)
+        if self.training and torch.is_grad_enabled():
+            logits_TE = logits.view(-1, self.config.num_moe_experts)
+            if self.edl_active:
+                probs = self._apply_edl(logits_TE, probs)
+            if self._variance_term is not None:
+                probs = attach_variance_loss(
+                    self,
+                    self._variance_term,
+                    self.specialization_config.variance_axis,
+                    logits_TE=logits_TE,
+                    probs_TE=probs,
+                    padding_mask=padding_mask,
+                )
         return probs, routing_map
 
     def _next_labels(self, num_tokens: int) -> DomainLabels:

@@ -1,0 +1,359 @@
+"""Variance and orthogonality losses of *Advancing Expert Specialization for Better MoE*.
+
+Paper: arXiv 2505.22323 (NeurIPS 2025), which adds two losses next to load balancing: a variance
+loss on routing scores (more discriminative routing) and an orthogonality loss on expert outputs
+(experts that process tokens differently). Specification and decisions: ``reference/method.md``
+section 3. This module is the pure math for one MoE layer; it never communicates and imports
+neither ``megatron`` nor ``torch.distributed``. Everything that crosses ranks is a *sum over
+tokens*, returned by a ``*_sums`` function for the caller to all-reduce (SUM) before the matching
+``*_from_sums`` function turns it into the loss::
+
+    variance, axis "tokens" (the paper's):
+        scores_TE --variance_sums--> (sums_E, sumsq_E, count) --all-reduce-->
+            --variance_loss_from_sums--> L_v
+    variance, axis "experts" (the released code's):
+        scores_TE --variance_sums--> (var_sum, count) --all-reduce--> --...from_sums--> L_v
+    orthogonality:
+        permuted expert outputs rows_RH --group_rows_by_token--> outputs_TKH
+            --orthogonality_sums--> (loss_sum, count) --all-reduce-->
+            --orthogonality_loss_from_sums--> L_o
+
+Definitions (w_t in {0, 1} marks the tokens that count, N = Σ_t w_t):
+
+    tokens axis:   Var_e = (1/N) Σ_t w_t s_te² − ((1/N) Σ_t w_t s_te)²,   L_v = −(1/E) Σ_e Var_e
+    experts axis:  v_t = (1/E) Σ_e (p_te − p̄_t)²,  p̄_t = (1/E) Σ_e p_te,  L_v = −(1/N) Σ_t w_t v_t
+    orthogonality: L_t = Σ_i Σ_{j≠i} ⟨x_ti, x_tj⟩² / (⟨x_tj, x_tj⟩ + ε),   L_o = (1/N) Σ_t w_t L_t
+
+where s_t is a token's post-top-k score row (zero outside its k experts), p_t its dense softmax
+over all E experts, and x_t1..x_tk the raw outputs (before gate weighting) of its k selected
+experts. Decisions (method.md leaves them open): population variances (1/N, 1/E, not 1/(N−1)),
+so a single token is well defined; the tokens-axis variances are averaged over experts; with
+N = 0 the loss is 0 and still part of the graph. The one-pass form E[s²] − E[s]² of the tokens
+axis is what makes a single all-reduce possible; scores lie in [0, 1], where fp32 loses nothing
+that matters to it.
+
+Grouping by token: Megatron's token permutation lays the rows of the expert computation out
+expert-major (all tokens of expert 0 in ascending token order, then expert 1, ...). A token's k
+rows are therefore scattered, not consecutive: ``permuted_row_tokens`` and ``token_slots`` give
+every row its token and its slot (the rank of the expert among the token's selected experts), and
+``group_rows_by_token`` gathers the k rows of each token into ``outputs_TKH``.
+
+Precision: the math runs in at least fp32 (fp64 stays fp64, for ``gradcheck``).
+
+Shape legend (suffixes of tensor names):
+    T  tokens (of the local shard)
+    E  routed experts
+    K  slots: a token's selected experts (k = top-k)
+    R  rows of the permuted expert computation (one per selected (token, expert) pair)
+    H  hidden size
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "group_rows_by_token",
+    "orthogonality_loss",
+    "orthogonality_loss_from_sums",
+    "orthogonality_per_token",
+    "orthogonality_sums",
+    "permuted_row_tokens",
+    "token_slots",
+    "variance_loss",
+    "variance_loss_from_sums",
+    "variance_sums",
+]
+
+VarianceAxis = Literal["tokens", "experts"]
+AXES = ("tokens", "experts")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: fp32, or fp64 when the input is fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_axis(axis: str) -> None:
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+
+
+def _token_weights(valid_T: Tensor | None, num_tokens: int, like: Tensor) -> Tensor:
+    """w_t as a float tensor of shape ``(T,)``: 1 for a counted token, 0 otherwise."""
+    if valid_T is None:
+        return torch.ones(num_tokens, dtype=like.dtype, device=like.device)
+    if valid_T.shape != (num_tokens,):
+        raise ValueError(f"valid_T must have shape ({num_tokens},), got {tuple(valid_T.shape)}")
+    return valid_T.to(like.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variance loss
+# ---------------------------------------------------------------------------------------------
+
+
+def variance_sums(
+    *, scores_TE: Tensor, axis: VarianceAxis, valid_T: Tensor | None = None
+) -> tuple[Tensor, ...]:
+    """This shard's sums over tokens for the variance loss; all-reduce (SUM) them across shards.
+
+    tokens axis:  ``(sums_E, sumsq_E, count)`` = (Σ_t w_t s_te, Σ_t w_t s_te², Σ_t w_t)
+    experts axis: ``(var_sum, count)`` = (Σ_t w_t v_t, Σ_t w_t), v_t the variance across experts
+
+    Args:
+        scores_TE: Scores, shape ``(T, E)``: the post-top-k scores for ``tokens``, the dense
+            softmax for ``experts``. May require grad.
+        axis: ``"tokens"`` (the paper's) or ``"experts"`` (the released code's).
+        valid_T: Optional bool mask of the tokens that count (``False``: padding).
+
+    Returns:
+        The sums, fp32 (fp64 for fp64 scores); ``count`` carries no gradient.
+
+    Raises:
+        ValueError: On an unknown axis or bad shapes.
+    """
+    _check_axis(axis)
+    if scores_TE.ndim != 2:
+        raise ValueError(f"scores_TE must have shape (T, E), got {tuple(scores_TE.shape)}")
+    scores_TE = scores_TE.to(_compute_dtype(scores_TE.dtype))
+    w_T = _token_weights(valid_T, scores_TE.shape[0], scores_TE)
+    count = w_T.sum()
+    if axis == "tokens":
+        weighted_TE = scores_TE * w_T[:, None]
+        return weighted_TE.sum(0), (weighted_TE * scores_TE).sum(0), count
+    var_T = scores_TE.var(dim=1, correction=0)
+    return (var_T * w_T).sum(), count
+
+
+def variance_loss_from_sums(*sums: Tensor, axis: VarianceAxis) -> Tensor:
+    """L_v from the (reduced) output of ``variance_sums``; 0 when no token counts.
+
+    Args:
+        *sums: ``(sums_E, sumsq_E, count)`` for ``tokens``, ``(var_sum, count)`` for
+            ``experts``.
+        axis: The axis ``variance_sums`` used.
+
+    Returns:
+        The scalar loss (negative or zero).
+
+    Raises:
+        ValueError: On an unknown axis or the wrong number of sums.
+    """
+    _check_axis(axis)
+    expected = 3 if axis == "tokens" else 2
+    if len(sums) != expected:
+        raise ValueError(f"axis {axis!r} takes {expected} sums, got {len(sums)}")
+    count = sums[-1].detach()
+    safe_count = count.clamp_min(1.0)  # N = 0: every sum is 0, so is the loss
+    if axis == "tokens":
+        sums_E, sumsq_E, _ = sums
+        mean_E = sums_E / safe_count
+        var_E = sumsq_E / safe_count - mean_E * mean_E
+        return -var_E.mean()
+    var_sum, _ = sums
+    return -var_sum / safe_count
+
+
+def variance_loss(
+    *, scores_TE: Tensor, axis: VarianceAxis = "tokens", valid_T: Tensor | None = None
+) -> Tensor:
+    """L_v of one shard (or one process): ``variance_sums`` then ``variance_loss_from_sums``.
+
+    Args:
+        scores_TE: Scores, shape ``(T, E)`` (post-top-k for ``tokens``, dense for ``experts``).
+        axis: ``"tokens"`` (default, the paper's) or ``"experts"``.
+        valid_T: Optional bool mask of the tokens that count.
+
+    Returns:
+        The scalar loss.
+    """
+    sums = variance_sums(scores_TE=scores_TE, axis=axis, valid_T=valid_T)
+    return variance_loss_from_sums(*sums, axis=axis)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orthogonality loss
+# ---------------------------------------------------------------------------------------------
+
+
+def orthogonality_per_token(
+    *, outputs_TKH: Tensor, eps: float, valid_TK: Tensor | None = None
+) -> Tensor:
+    """L_t = Σ_i Σ_{j≠i} ⟨x_ti, x_tj⟩² / (⟨x_tj, x_tj⟩ + ε) for every token.
+
+    Each term is the squared length of x_i's projection onto x_j times |x_j|² / (|x_j|² + ε),
+    i.e. |x_i|² cos²(x_i, x_j) for ε → 0: zero for orthogonal outputs, and it does not
+    shrink when the outputs are merely scaled down.
+
+    Args:
+        outputs_TKH: Raw expert outputs of each token's k selected experts, shape
+            ``(T, K, H)``. May require grad.
+        eps: ε > 0 in the denominator.
+        valid_TK: Optional bool mask of the slots that hold an output (a dropped token has fewer
+            than k); invalid slots take no part.
+
+    Returns:
+        ``loss_T``, shape ``(T,)``, fp32 (fp64 for fp64 outputs).
+
+    Raises:
+        ValueError: On ``eps <= 0`` or bad shapes.
+    """
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if outputs_TKH.ndim != 3:
+        raise ValueError(f"outputs_TKH must have shape (T, K, H), got {tuple(outputs_TKH.shape)}")
+    x_TKH = outputs_TKH.to(_compute_dtype(outputs_TKH.dtype))
+    num_tokens, num_slots, _ = x_TKH.shape
+    if valid_TK is not None:
+        if valid_TK.shape != (num_tokens, num_slots):
+            raise ValueError(
+                f"valid_TK must have shape ({num_tokens}, {num_slots}), got {tuple(valid_TK.shape)}"
+            )
+        x_TKH = x_TKH * valid_TK[..., None].to(x_TKH.dtype)
+    gram_TKK = x_TKH @ x_TKH.transpose(1, 2)  # [t, i, j] = <x_ti, x_tj>
+    norms_TK = torch.diagonal(gram_TKK, dim1=1, dim2=2)  # [t, j] = <x_tj, x_tj>
+    off_diagonal_KK = ~torch.eye(num_slots, dtype=torch.bool, device=x_TKH.device)
+    terms_TKK = gram_TKK.square() / (norms_TK[:, None, :] + eps)
+    return (terms_TKK * off_diagonal_KK).sum(dim=(1, 2))
+
+
+def orthogonality_sums(
+    *, outputs_TKH: Tensor, eps: float, valid_TK: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """This shard's ``(Σ_t L_t, N)``; all-reduce (SUM) them across shards.
+
+    Every token of ``outputs_TKH`` counts in N, also one with fewer than two outputs (its L_t is
+    0).
+
+    Args:
+        outputs_TKH: Raw expert outputs, shape ``(T, K, H)``.
+        eps: ε > 0.
+        valid_TK: Optional bool mask of the slots that hold an output.
+
+    Returns:
+        ``(loss_sum, count)``; ``count`` carries no gradient.
+    """
+    loss_T = orthogonality_per_token(outputs_TKH=outputs_TKH, eps=eps, valid_TK=valid_TK)
+    return loss_T.sum(), loss_T.new_tensor(float(loss_T.shape[0]))
+
+
+def orthogonality_loss_from_sums(loss_sum: Tensor, count: Tensor) -> Tensor:
+    """L_o = (Σ_t L_t) / N from the (reduced) sums; 0 when N = 0.
+
+    Args:
+        loss_sum: Σ_t L_t.
+        count: N.
+
+    Returns:
+        The scalar loss.
+    """
+    return loss_sum / count.detach().clamp_min(1.0)
+
+
+def orthogonality_loss(
+    *, outputs_TKH: Tensor, eps: float, valid_TK: Tensor | None = None
+) -> Tensor:
+    """L_o of one shard (or one process): the mean of ``orthogonality_per_token``.
+
+    Args:
+        outputs_TKH: Raw expert outputs, shape ``(T, K, H)``.
+        eps: ε > 0.
+        valid_TK: Optional bool mask of the slots that hold an output.
+
+    Returns:
+        The scalar loss.
+    """
+    sums = orthogonality_sums(outputs_TKH=outputs_TKH, eps=eps, valid_TK=valid_TK)
+    return orthogonality_loss_from_sums(*sums)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouping the permuted rows by token
+# ---------------------------------------------------------------------------------------------
+
+
+def permuted_row_tokens(*, routing_map_TE: Tensor) -> tuple[Tensor, Tensor]:
+    """Token and expert of every row of the expert-major permutation of ``routing_map_TE``.
+
+    The permutation (Megatron's ``permute``, fused or not) orders the selected (token, expert)
+    pairs by expert, then by token: row r holds pair ``(token_R[r], expert_R[r])``.
+
+    Args:
+        routing_map_TE: Bool routing map, shape ``(T, E)``.
+
+    Returns:
+        ``(token_R, expert_R)``, int64, one entry per ``True`` of the map.
+    """
+    if routing_map_TE.ndim != 2:
+        raise ValueError(
+            f"routing_map_TE must have shape (T, E), got {tuple(routing_map_TE.shape)}"
+        )
+    expert_R, token_R = routing_map_TE.bool().T.nonzero(as_tuple=True)
+    return token_R, expert_R
+
+
+def token_slots(*, selected_TE: Tensor) -> Tensor:
+    """Slot of every selected (token, expert) pair: the expert's rank among the token's selected.
+
+    ``slot_TE[t, e]`` = number of selected experts of token t with an index below e. Entries
+    where ``selected_TE`` is ``False`` are meaningless.
+
+    Args:
+        selected_TE: Bool map of the pairs that hold an output, shape ``(T, E)``.
+
+    Returns:
+        ``slot_TE``, int64, shape ``(T, E)``.
+    """
+    return selected_TE.long().cumsum(dim=1) - 1
+
+
+def group_rows_by_token(
+    *,
+    rows_RH: Tensor,
+    token_R: Tensor,
+    slot_R: Tensor,
+    num_tokens: int,
+    num_slots: int,
+    valid_R: Tensor | None = None,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Gather permuted rows into one ``(K, H)`` block per token: ``outputs[t, s] = rows[r]``.
+
+    Differentiable with respect to ``rows_RH``. Each valid (token, slot) pair must occur once.
+
+    Args:
+        rows_RH: Rows, shape ``(R, H)``.
+        token_R: Token of each row, int64 in ``[0, num_tokens)``.
+        slot_R: Slot of each row, int64 in ``[0, num_slots)`` where valid.
+        num_tokens: T.
+        num_slots: K.
+        valid_R: Optional bool mask of the rows to place (others, e.g. padding, are skipped).
+        validate: Check the slot range (a device-to-host sync); the training path, whose slots
+            come from ``token_slots``, skips it.
+
+    Returns:
+        ``(outputs_TKH, valid_TK)``: zeros where no row was placed, and the mask of placed slots.
+
+    Raises:
+        ValueError: On a valid slot outside ``[0, num_slots)`` or mismatched lengths.
+    """
+    if not (rows_RH.shape[0] == token_R.shape[0] == slot_R.shape[0]):
+        raise ValueError(
+            f"rows_RH, token_R and slot_R must have one entry per row, got "
+            f"{rows_RH.shape[0]}, {token_R.shape[0]} and {slot_R.shape[0]}"
+        )
+    if valid_R is not None:
+        rows_RH, token_R, slot_R = rows_RH[valid_R], token_R[valid_R], slot_R[valid_R]
+    if validate and slot_R.numel() and (int(slot_R.min()) < 0 or int(slot_R.max()) >= num_slots):
+        raise ValueError(
+            f"slots must lie in [0, {num_slots}), got [{int(slot_R.min())}, {int(slot_R.max())}]"
+        )
+    outputs_TKH = rows_RH.new_zeros(num_tokens, num_slots, rows_RH.shape[1])
+    outputs_TKH = outputs_TKH.index_put((token_R, slot_R), rows_RH)
+    valid_TK = torch.zeros(num_tokens, num_slots, dtype=torch.bool, device=rows_RH.device)
+    valid_TK[token_R, slot_R] = True
+    return outputs_TKH, valid_TK

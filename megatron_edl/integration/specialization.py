@@ -1,0 +1,517 @@
+"""The variance and orthogonality losses (arXiv 2505.22323) inside Megatron's MoE layer.
+
+The math is :mod:`megatron_edl.core.specialization`; this module attaches it to Megatron. Each
+loss is one :class:`SpecializationTerm` per MoE layer: a weight (the flag's coefficient, or the
+auto-calibrated one), the gradient scale of :func:`megatron_edl.distributed.edl_loss_scale`
+(scope ``global``), the attachment with Megatron's ``MoEAuxLossAutoScaler`` (so the schedule's
+aux-loss scale applies, as for the load-balancing loss) and a per-layer metric in Megatron's MoE
+metrics tracker, without the weight: ``ortho_loss`` = L_o and ``variance_loss`` = Var = −L_v
+(the variance the loss raises; Megatron's iteration log line prints only non-negative losses).
+
+Where they hook in:
+
+- **Variance** (:func:`attach_variance_loss`): in ``EDLTopKRouter.routing``, after Megatron's
+  top-k, on the router's output ``probs`` (axis ``tokens``: those post-top-k scores; axis
+  ``experts``: the dense fp32 softmax of the logits).
+- **Orthogonality**: in the token dispatcher's combine path, where a token's k expert outputs
+  are back on the token's own rank before they are summed. The layer spec builds the MoE layer
+  as :class:`SpecializationMoELayer` (a ``MoELayer`` whose only change is its dispatcher), which
+  rebuilds Megatron's dispatcher as the subclass below; each subclass calls the stock methods
+  and only reads their tensors, so the layer's output is bit-identical.
+
+  * ``alltoall`` (:class:`OrthogonalityAlltoAllTokenDispatcher`): after the combine all-to-all
+    the token's rank holds one row per selected (token, expert) pair, expert-major; the hook in
+    ``combine_postprocess`` groups them by token (not by expert) before Megatron's unpermute.
+  * ``allgather`` (:class:`OrthogonalityAllGatherTokenDispatcher`): Megatron sums a token's
+    expert outputs on the expert ranks (unpermute) and reduce-scatters the sums, so the k
+    outputs never meet. The hook places each raw output in its token's slot of a
+    ``[T_global, k, H]`` buffer on the expert rank (zeros elsewhere) and reduce-scatters that
+    over the same ``tp_ep`` group: k times the combine's traffic, in fp32 like Megatron's own
+    combine. Its backward is the all-gather Megatron's function provides.
+  * ``flex`` (DeepEP/HybridEP fused combine): not supported yet; refused at start.
+
+  The raw output of an expert (before gate weighting) is recovered as ``y / p``: Megatron's
+  experts multiply the gate p into the activation before ``fc2`` (and the expert bias by p), so
+  their output is y = p * x exactly. The gradient of L_o reaches the expert weights (and, through
+  the expert inputs, the layers below) through y; the two gradients it sends to p (through y
+  and through 1/p) cancel, so it does not move the router. Pairs with p = 0 (capacity padding)
+  carry no output and are skipped.
+
+Statistics and reductions, per layer and micro-batch (every quantity is a sum over tokens, so one
+packed all-reduce (SUM) over ``tp_dp_cp`` with identity backward suffices,
+:func:`megatron_edl.distributed.all_reduce_sums`):
+
+    variance, tokens axis:  Σ_t s_te, Σ_t s_te², N        2E + 1 numbers
+    variance, experts axis: Σ_t Var_e(p_t), N             2 numbers
+    orthogonality:          Σ_t L_t, N                    2 numbers
+
+Nothing else needs a reduction: a token's scores are complete on its rank (the router sees all E
+experts), and its k outputs are complete after the combine (expert-TP partial sums included).
+With these sums every rank gets the loss of the whole micro-batch step, so the gradient after
+Megatron's reduction is the single-process one when the attached loss carries the factor
+``s = dp`` (``edl_loss_scale("global", ...)``; the router docstring derives it; under
+``--calculate-per-token-loss`` times the local token count times ``|tp_cp|``). The expert weights
+follow the same rule: DDP sums their gradients over the expert-data-parallel group and scales
+them by 1 / (dp * cp), like the dense ones.
+
+Auto-calibration (released code): at a term's first training forward its weight becomes
+``target / |L_0|``; that number is averaged over ``tp_dp_cp`` so every rank uses the same weight
+(the loss is already identical there; the reduction makes the weight independent of any rounding
+difference). Calibration is per MoE layer and is not saved in checkpoints: a resumed run
+calibrates again (pass the logged weights as coefficients to avoid that).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from megatron.core.tensor_parallel import reduce_scatter_to_sequence_parallel_region
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    get_default_pg_collection,
+)
+from megatron.core.transformer.moe.token_dispatcher import (
+    MoEAllGatherTokenDispatcher,
+    MoEAlltoAllTokenDispatcher,
+)
+from torch import Tensor
+
+from megatron_edl.config import SpecializationConfig, VarianceAxis
+from megatron_edl.core import specialization as spec_math
+from megatron_edl.distributed import all_reduce_sums, edl_loss_scale
+
+logger = logging.getLogger(__name__)
+
+VARIANCE_METRIC = "variance_loss"
+ORTHO_METRIC = "ortho_loss"
+METRIC_NAMES = (VARIANCE_METRIC, ORTHO_METRIC)
+"""Names recorded in Megatron's MoE metrics tracker (register them with
+``megatron_edl.integration.router.register_edl_metrics``)."""
+
+
+def metric_names(cfg: SpecializationConfig) -> tuple[str, ...]:
+    """The metric names of the losses ``cfg`` turns on."""
+    return tuple(
+        name
+        for name, on in ((VARIANCE_METRIC, cfg.variance_enabled), (ORTHO_METRIC, cfg.ortho_enabled))
+        if on
+    )
+
+
+class SpecializationTerm:
+    """One weighted loss term of one MoE layer: weight, gradient scale, attachment, metric."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        coeff: float,
+        calibration_target: float | None,
+        config,
+        pg_collection,
+        is_mtp_layer: bool,
+        record_negated: bool = False,
+    ) -> None:
+        """Create the term.
+
+        Args:
+            name: Metric name.
+            coeff: The flag's coefficient (> 0 when the term is on).
+            calibration_target: ``target`` of the auto-calibration, or ``None`` for none.
+            config: Megatron's ``TransformerConfig``.
+            pg_collection: Megatron's process groups (``tp_dp_cp``, ``tp_cp``, ``cp``).
+            is_mtp_layer: Whether the layer is a multi-token-prediction layer (metric index).
+            record_negated: Record ``-loss`` (for a loss <= 0 that Megatron's log would hide).
+        """
+        self.name = name
+        self.weight = coeff
+        """The weight in use: the coefficient, replaced once by the calibrated value."""
+        self.calibration_target = calibration_target
+        self.config = config
+        self.tp_dp_cp_group = pg_collection.tp_dp_cp
+        self.tp_cp_group = pg_collection.tp_cp
+        self.cp_group = pg_collection.cp
+        self.is_mtp_layer = is_mtp_layer
+        self.record_negated = record_negated
+        self.calibrated = calibration_target is None
+
+    def _calibrate(self, loss: Tensor, layer_number: int | None) -> None:
+        magnitude = loss.detach().abs().to(torch.float64)
+        weight = torch.where(
+            magnitude > 0, self.calibration_target / magnitude, magnitude.new_tensor(self.weight)
+        )
+        (total,) = all_reduce_sums((weight.reshape(1),), self.tp_dp_cp_group)
+        self.weight = total.item() / self.tp_dp_cp_group.size()
+        self.calibrated = True
+        if self.tp_dp_cp_group.rank() == 0:
+            logger.info(
+                "layer %s: %s weight auto-calibrated to %.6g (target %.3g, first value %.6g)",
+                layer_number,
+                self.name,
+                self.weight,
+                self.calibration_target,
+                magnitude.item(),
+            )
+
+    def attach(
+        self, activation: Tensor, loss: Tensor, *, num_local_tokens, layer_number: int | None
+    ) -> Tensor:
+        """Attach ``weight * scale * loss`` to ``activation`` and record ``loss`` (or ``-loss``).
+
+        Args:
+            activation: The tensor whose backward carries the loss (returned unchanged).
+            loss: The layer's loss, identical on every rank of ``tp_dp_cp``.
+            num_local_tokens: This rank's tokens in the layer (for the per-token-loss scale).
+            layer_number: The 1-based layer number (metric index).
+
+        Returns:
+            ``activation``, with the loss attached.
+        """
+        if not self.calibrated:
+            self._calibrate(loss, layer_number)
+        scale = edl_loss_scale(
+            "global",
+            dp_size=self.tp_dp_cp_group.size() // self.tp_cp_group.size(),  # dense DP, EP incl.
+            cp_size=self.cp_group.size(),
+            cp_in_aux_loss_scale=True,  # Megatron's schedule multiplies aux losses by cp
+        )
+        if self.config.calculate_per_token_loss:
+            scale = scale * num_local_tokens * self.tp_cp_group.size()
+        activation = MoEAuxLossAutoScaler.apply(activation, loss * (self.weight * scale))
+        self._record(loss, layer_number)
+        return activation
+
+    def _record(self, loss: Tensor, layer_number: int | None) -> None:
+        if layer_number is None:
+            return
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        layer = layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
+        # Replicated over tp_dp_cp (not partial): average, never sum.
+        get_moe_metrics_tracker().record(
+            self.name,
+            -loss.detach().float() if self.record_negated else loss.detach().float(),
+            layer,
+            num_layers,
+            avg_group=self.tp_cp_group,
+            needs_dp_avg=True,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Variance loss (in the router)
+# ---------------------------------------------------------------------------------------------
+
+
+class _RouterGroups:
+    """``pg_collection``-like view of a router's ``*_group`` attributes."""
+
+    def __init__(self, router) -> None:
+        self.tp_dp_cp = router.tp_dp_cp_group
+        self.tp_cp = router.tp_cp_group
+        self.cp = router.cp_group
+
+
+def make_variance_term(router, cfg: SpecializationConfig) -> SpecializationTerm | None:
+    """The variance term of ``router`` (a ``TopKRouter``), or ``None`` when the loss is off.
+
+    Args:
+        router: The router (its config, process groups and MTP flag are used).
+        cfg: The specialization config.
+
+    Returns:
+        The term, or ``None``.
+    """
+    if not cfg.variance_enabled:
+        return None
+    return SpecializationTerm(
+        name=VARIANCE_METRIC,
+        coeff=cfg.variance_coeff,
+        calibration_target=cfg.variance_target if cfg.auto_calibrate else None,
+        config=router.config,
+        pg_collection=_RouterGroups(router),
+        is_mtp_layer=router.is_mtp_layer,
+        record_negated=True,
+    )
+
+
+def attach_variance_loss(
+    router,
+    term: SpecializationTerm,
+    axis: VarianceAxis,
+    *,
+    logits_TE: Tensor,
+    probs_TE: Tensor,
+    padding_mask: Tensor | None,
+) -> Tensor:
+    """Compute L_v of this micro-batch step and attach it to the router output ``probs_TE``.
+
+    One all-reduce (SUM) of the variance sums over ``tp_dp_cp``; then every rank holds the loss
+    of all tokens of the step.
+
+    Args:
+        router: The router (process groups, layer number).
+        term: Its variance term.
+        axis: ``tokens`` (post-top-k ``probs_TE``) or ``experts`` (dense softmax of
+            ``logits_TE``).
+        logits_TE: Router logits, shape ``(T, E)``.
+        probs_TE: Post-top-k probabilities, shape ``(T, E)`` (Megatron's router output).
+        padding_mask: Megatron's padding mask (``True`` = padding, as its aux and z losses read
+            it), any shape with T elements, or ``None``.
+
+    Returns:
+        ``probs_TE`` with the loss attached.
+    """
+    valid_T = None if padding_mask is None else ~padding_mask.reshape(-1).bool()
+    if axis == VarianceAxis.TOKENS:
+        scores_TE = probs_TE
+    else:
+        scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    sums = spec_math.variance_sums(scores_TE=scores_TE, axis=axis.value, valid_T=valid_T)
+    sums = all_reduce_sums(sums, router.tp_dp_cp_group)
+    loss = spec_math.variance_loss_from_sums(*sums, axis=axis.value)
+    num_local_tokens = logits_TE.shape[0] if valid_T is None else valid_T.sum()
+    return term.attach(
+        probs_TE, loss, num_local_tokens=num_local_tokens, layer_number=router.layer_number
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Orthogonality loss (in the token dispatcher)
+# ---------------------------------------------------------------------------------------------
+
+
+class OrthogonalityLoss:
+    """The orthogonality term of one MoE layer, shared by the layer and its dispatcher."""
+
+    def __init__(
+        self, *, config, cfg: SpecializationConfig, pg_collection, is_mtp_layer: bool
+    ) -> None:
+        """Create the term.
+
+        Args:
+            config: Megatron's ``TransformerConfig``.
+            cfg: The specialization config.
+            pg_collection: Megatron's process groups.
+            is_mtp_layer: Whether the layer is a multi-token-prediction layer.
+        """
+        self.eps = cfg.ortho_eps
+        self.num_slots = config.moe_router_topk
+        self.enabled = cfg.ortho_enabled
+        self.group = pg_collection.tp_dp_cp
+        self.term = SpecializationTerm(
+            name=ORTHO_METRIC,
+            coeff=cfg.ortho_coeff,
+            calibration_target=cfg.ortho_target if cfg.auto_calibrate else None,
+            config=config,
+            pg_collection=pg_collection,
+            is_mtp_layer=is_mtp_layer,
+        )
+        self.training = True
+        """Mirrors the MoE layer's ``training`` flag (the dispatcher is not a module)."""
+        self.layer_number: int | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether this forward computes the loss: enabled, training, grad enabled."""
+        return self.enabled and self.training and torch.is_grad_enabled()
+
+    @staticmethod
+    def raw_rows(rows_RH: Tensor, probs_R: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw expert outputs ``y / p`` (fp32) of gate-weighted rows; rows with p = 0 invalid."""
+        positive_R = probs_R != 0
+        safe_R = torch.where(positive_R, probs_R, torch.ones_like(probs_R))
+        raw_RH = rows_RH.float() / safe_R.float()[:, None]
+        return raw_RH, positive_R
+
+    def attach(
+        self, output: Tensor, outputs_TKH: Tensor, valid_TK: Tensor, num_local_tokens: int
+    ) -> Tensor:
+        """Reduce (Σ_t L_t, N) over ``tp_dp_cp`` and attach L_o to the layer output.
+
+        Args:
+            output: The combined output of this rank's tokens.
+            outputs_TKH: This rank's tokens' raw expert outputs, by slot.
+            valid_TK: The slots that hold an output.
+            num_local_tokens: T.
+
+        Returns:
+            ``output`` with the loss attached.
+        """
+        sums = spec_math.orthogonality_sums(
+            outputs_TKH=outputs_TKH, eps=self.eps, valid_TK=valid_TK
+        )
+        loss = spec_math.orthogonality_loss_from_sums(*all_reduce_sums(sums, self.group))
+        return self.term.attach(
+            output, loss, num_local_tokens=num_local_tokens, layer_number=self.layer_number
+        )
+
+
+def _valid_slots(selected_TE: Tensor, num_slots: int) -> Tensor:
+    """valid_TK: slot s of token t holds an output iff s < the token's number of outputs."""
+    counts_T = selected_TE.sum(dim=1)
+    return torch.arange(num_slots, device=selected_TE.device)[None, :] < counts_T[:, None]
+
+
+class OrthogonalityAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
+    """Megatron's alltoall dispatcher plus the orthogonality loss in ``combine_postprocess``."""
+
+    def __init__(self, *args, orthogonality: OrthogonalityLoss, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.orthogonality = orthogonality
+
+    def combine_postprocess(self, permutated_local_input_tokens: Tensor) -> Tensor:
+        """Megatron's unpermute; the loss is computed on its input, attached to its output."""
+        routing_map_TE, probs_TE = self.routing_map, self.probs
+        output = super().combine_postprocess(permutated_local_input_tokens)
+        ortho = self.orthogonality
+        if not ortho.active:
+            return output
+        num_tokens = routing_map_TE.shape[0]
+        token_R, expert_R = spec_math.permuted_row_tokens(routing_map_TE=routing_map_TE)
+        raw_RH, valid_R = ortho.raw_rows(permutated_local_input_tokens, probs_TE[token_R, expert_R])
+        selected_TE = routing_map_TE & (probs_TE != 0)
+        slot_R = spec_math.token_slots(selected_TE=selected_TE)[token_R, expert_R]
+        outputs_TKH, _ = spec_math.group_rows_by_token(
+            rows_RH=raw_RH,
+            token_R=token_R,
+            slot_R=slot_R,
+            num_tokens=num_tokens,
+            num_slots=ortho.num_slots,
+            valid_R=valid_R,
+            validate=False,
+        )
+        valid_TK = _valid_slots(selected_TE, ortho.num_slots)
+        return ortho.attach(output, outputs_TKH, valid_TK, num_tokens)
+
+
+class OrthogonalityAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
+    """Megatron's allgather dispatcher plus the orthogonality loss (see the module docstring)."""
+
+    def __init__(self, *args, orthogonality: OrthogonalityLoss, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.orthogonality = orthogonality
+        self._ortho_active = False
+
+    def dispatch_preprocess(self, hidden_states: Tensor, routing_map: Tensor, probs: Tensor):
+        """Megatron's; notes which slots of this rank's tokens will hold an output."""
+        self._ortho_active = self.orthogonality.active
+        if self._ortho_active:
+            self._ortho_valid_TK = _valid_slots(
+                routing_map & (probs != 0), self.orthogonality.num_slots
+            )
+        return super().dispatch_preprocess(hidden_states, routing_map, probs)
+
+    def dispatch_postprocess(self, hidden_states: Tensor, probs: Tensor):
+        """Megatron's; first keeps the slots of the local experts' (gathered) tokens."""
+        if self._ortho_active:
+            first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
+            selected_TE = self.routing_map & (probs != 0)  # global tokens of the tp_ep group
+            self._ortho_slot_TL = spec_math.token_slots(selected_TE=selected_TE)[:, first:last]
+        return super().dispatch_postprocess(hidden_states, probs)
+
+    def combine_preprocess(self, hidden_states: Tensor) -> Tensor:
+        """Megatron's unpermute; also places the raw outputs in ``[T_global, k, H]`` slots."""
+        output = super().combine_preprocess(hidden_states)
+        if self._ortho_active:
+            token_R, local_R = spec_math.permuted_row_tokens(routing_map_TE=self.local_map)
+            raw_RH, valid_R = self.orthogonality.raw_rows(hidden_states, self.local_probs)
+            self._ortho_outputs_TKH, _ = spec_math.group_rows_by_token(
+                rows_RH=raw_RH,
+                token_R=token_R,
+                slot_R=self._ortho_slot_TL[token_R, local_R],
+                num_tokens=self.local_map.shape[0],
+                num_slots=self.orthogonality.num_slots,
+                valid_R=valid_R,
+                validate=False,
+            )
+        return output
+
+    def token_combine(self, hidden_states: Tensor) -> Tensor:
+        """Megatron's reduce-scatter; the raw outputs follow it to their tokens' ranks."""
+        output = super().token_combine(hidden_states)
+        if not self._ortho_active:
+            return output
+        outputs_TKH, self._ortho_outputs_TKH = self._ortho_outputs_TKH, None
+        num_global, num_slots, hidden = outputs_TKH.shape
+        if self.tp_size > 1 or self.ep_size > 1:
+            outputs_TKH = reduce_scatter_to_sequence_parallel_region(
+                outputs_TKH.reshape(num_global, num_slots * hidden), group=self.tp_ep_group
+            ).view(-1, num_slots, hidden)
+        valid_TK, self._ortho_valid_TK = self._ortho_valid_TK, None
+        return self.orthogonality.attach(output, outputs_TKH, valid_TK, outputs_TKH.shape[0])
+
+
+_ORTHOGONALITY_DISPATCHERS = {
+    MoEAllGatherTokenDispatcher: OrthogonalityAllGatherTokenDispatcher,
+    MoEAlltoAllTokenDispatcher: OrthogonalityAlltoAllTokenDispatcher,
+}
+
+
+class SpecializationMoELayer(MoELayer):
+    """``MoELayer`` whose token dispatcher adds the orthogonality loss; nothing else differs.
+
+    Same parameters, buffers and checkpoint layout as ``MoELayer``; installed through the layer
+    spec (:func:`megatron_edl.integration.spec.with_edl_router`).
+    """
+
+    def __init__(
+        self,
+        config,
+        submodules=None,
+        layer_number: int | None = None,
+        pg_collection=None,
+        is_mtp_layer: bool = False,
+        name: str | None = None,
+        *,
+        specialization_config: SpecializationConfig,
+    ) -> None:
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        super().__init__(
+            config=config,
+            submodules=submodules,
+            layer_number=layer_number,
+            pg_collection=pg_collection,
+            is_mtp_layer=is_mtp_layer,
+            name=name,
+        )
+        self.orthogonality = OrthogonalityLoss(
+            config=config,
+            cfg=specialization_config,
+            pg_collection=pg_collection,
+            is_mtp_layer=is_mtp_layer,
+        )
+        self.orthogonality.training = self.training
+        self.orthogonality.layer_number = layer_number
+        dispatcher_cls = _ORTHOGONALITY_DISPATCHERS.get(type(self.token_dispatcher))
+        if dispatcher_cls is None:
+            raise ValueError(
+                "the orthogonality loss supports the allgather and alltoall token dispatchers, "
+                f"not {type(self.token_dispatcher).__name__} (--moe-token-dispatcher-type "
+                f"{config.moe_token_dispatcher_type})"
+            )
+        self.token_dispatcher = dispatcher_cls(
+            self.num_local_experts,
+            self.local_expert_indices,
+            config=self.config,
+            pg_collection=pg_collection,
+            orthogonality=self.orthogonality,
+        )
+        if self.use_shared_expert and self.shared_expert_overlap:
+            self.token_dispatcher.set_shared_experts(self.shared_experts)
+        if hasattr(self, "_training_token_dispatcher"):  # inference-optimized layers
+            self._training_token_dispatcher = self.token_dispatcher
+
+    def set_layer_number(self, layer_number: int) -> None:
+        """Megatron's; the orthogonality metric is recorded under this layer number too."""
+        super().set_layer_number(layer_number)
+        self.orthogonality.layer_number = layer_number
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``; the dispatcher (not a module) follows the mode."""
+        super().train(mode)
+        self.orthogonality.training = mode
+        return self

@@ -1,0 +1,302 @@
+"""Tests of ``megatron_edl.core.specialization``: variance and orthogonality losses, grouping.
+
+Hand-computed values on tiny tensors, float64 gradchecks, sharding additivity of the sums (what
+makes one all-reduce enough), and the grouping of Megatron's expert-major rows by token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_edl.core.specialization import (
+    group_rows_by_token,
+    orthogonality_loss,
+    orthogonality_loss_from_sums,
+    orthogonality_per_token,
+    orthogonality_sums,
+    permuted_row_tokens,
+    token_slots,
+    variance_loss,
+    variance_loss_from_sums,
+    variance_sums,
+)
+
+EPS = 1e-6
+
+# ---------------------------------------------------------------------------------------------
+# Orthogonality: hand-computed values
+# ---------------------------------------------------------------------------------------------
+
+
+def test_orthogonal_outputs_give_zero() -> None:
+    outputs_TKH = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]])
+    assert orthogonality_per_token(outputs_TKH=outputs_TKH, eps=EPS).tolist() == [0.0]
+
+
+def test_parallel_outputs_give_the_expected_value() -> None:
+    # x1 = (1, 0), x2 = (2, 0): <x1,x2> = 2, |x1|^2 = 1, |x2|^2 = 4
+    # L = 2^2 / (4 + eps) + 2^2 / (1 + eps)  (-> 1 + 4 = 5 for eps -> 0)
+    outputs_TKH = torch.tensor([[[1.0, 0.0], [2.0, 0.0]]], dtype=torch.float64)
+    (got,) = orthogonality_per_token(outputs_TKH=outputs_TKH, eps=EPS).tolist()
+    assert got == pytest.approx(4 / (4 + EPS) + 4 / (1 + EPS), rel=1e-12)
+    assert got == pytest.approx(5.0, rel=1e-5)
+
+
+def test_three_outputs_and_the_mean_over_tokens() -> None:
+    # Token 0: x1 = (1, 1), x2 = (1, 0), x3 = (0, 3):
+    #   <x1,x2> = 1, <x1,x3> = 3, <x2,x3> = 0; |x1|^2 = 2, |x2|^2 = 1, |x3|^2 = 9
+    #   L = 1/|x2|^2 + 9/|x3|^2 (i = 1) + 1/|x1|^2 (i = 2) + 9/|x1|^2 (i = 3) = 1 + 1 + .5 + 4.5
+    # Token 1: parallel (1, 0) and (-1, 0), third slot empty (a dropped pair): 1 + 1 = 2
+    outputs_TKH = torch.tensor(
+        [[[1.0, 1.0], [1.0, 0.0], [0.0, 3.0]], [[1.0, 0.0], [-1.0, 0.0], [5.0, 5.0]]],
+        dtype=torch.float64,
+    )
+    valid_TK = torch.tensor([[True, True, True], [True, True, False]])
+    loss_T = orthogonality_per_token(outputs_TKH=outputs_TKH, eps=1e-12, valid_TK=valid_TK)
+    torch.testing.assert_close(loss_T, torch.tensor([7.0, 2.0], dtype=torch.float64))
+    loss = orthogonality_loss(outputs_TKH=outputs_TKH, eps=1e-12, valid_TK=valid_TK)
+    assert loss.item() == pytest.approx(4.5, rel=1e-9)
+
+
+def test_loss_is_scale_covariant_and_not_symmetric_in_the_denominator() -> None:
+    """Scaling every output by a scales L by a^2; eps only matters near zero vectors."""
+    gen = torch.Generator().manual_seed(0)
+    x_TKH = torch.randn(5, 3, 7, generator=gen, dtype=torch.float64)
+    base = orthogonality_per_token(outputs_TKH=x_TKH, eps=1e-12)
+    scaled = orthogonality_per_token(outputs_TKH=3.0 * x_TKH, eps=1e-12)
+    torch.testing.assert_close(scaled, 9.0 * base)
+
+
+def test_zero_vectors_and_empty_input_are_safe() -> None:
+    x_TKH = torch.zeros(2, 2, 3, requires_grad=True)
+    loss = orthogonality_loss(outputs_TKH=x_TKH, eps=EPS)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(x_TKH.grad).all()
+    empty = orthogonality_sums(outputs_TKH=torch.zeros(0, 2, 3), eps=EPS)
+    assert orthogonality_loss_from_sums(*empty).item() == 0.0
+
+
+def test_bad_arguments_name_the_value() -> None:
+    with pytest.raises(ValueError, match="eps must be > 0, got 0"):
+        orthogonality_per_token(outputs_TKH=torch.zeros(1, 2, 3), eps=0.0)
+    with pytest.raises(ValueError, match=r"\(T, K, H\)"):
+        orthogonality_per_token(outputs_TKH=torch.zeros(2, 3), eps=EPS)
+    with pytest.raises(ValueError, match="axis"):
+        variance_loss(scores_TE=torch.zeros(2, 3), axis="rows")  # type: ignore[arg-type]
+
+
+def test_orthogonality_gradcheck_float64() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x_TKH = torch.randn(3, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    valid_TK = torch.tensor([[True, True, True], [True, False, True], [True, True, True]])
+    assert torch.autograd.gradcheck(
+        lambda x: orthogonality_loss(outputs_TKH=x, eps=1e-3, valid_TK=valid_TK), (x_TKH,)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Variance: hand-computed values
+# ---------------------------------------------------------------------------------------------
+
+SCORES_TE = torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.7, 0.3]], dtype=torch.float64)
+
+
+def test_variance_across_tokens_hand_computed() -> None:
+    # Columns: (0.6, 0) var .09; (0.4, 0.7) var .0225; (0, 0.3) var .0225 -> -mean = -.045
+    loss = variance_loss(scores_TE=SCORES_TE, axis="tokens")
+    assert loss.item() == pytest.approx(-0.045, rel=1e-12)
+
+
+def test_variance_across_experts_hand_computed() -> None:
+    # (0.5, 0.3, 0.2): mean 1/3, var = ((1/6)^2 + (1/30)^2 + (2/15)^2) / 3 = 7/450; uniform: 0
+    probs_TE = torch.tensor([[0.5, 0.3, 0.2], [1 / 3, 1 / 3, 1 / 3]], dtype=torch.float64)
+    loss = variance_loss(scores_TE=probs_TE, axis="experts")
+    assert loss.item() == pytest.approx(-(7 / 450) / 2, rel=1e-12)
+
+
+def test_the_two_axes_differ() -> None:
+    tokens = variance_loss(scores_TE=SCORES_TE, axis="tokens").item()
+    experts = variance_loss(scores_TE=SCORES_TE, axis="experts").item()
+    assert abs(tokens - experts) > 1e-3
+
+
+def test_masked_tokens_do_not_count() -> None:
+    padded_TE = torch.cat([SCORES_TE, torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)])
+    valid_T = torch.tensor([True, True, False])
+    for axis in ("tokens", "experts"):
+        masked = variance_loss(scores_TE=padded_TE, axis=axis, valid_T=valid_T)
+        plain = variance_loss(scores_TE=SCORES_TE, axis=axis)
+        assert masked.item() == pytest.approx(plain.item(), rel=1e-12)
+        unmasked = variance_loss(scores_TE=padded_TE, axis=axis)
+        assert abs(unmasked.item() - plain.item()) > 1e-3
+
+
+def test_no_counted_token_gives_zero_in_the_graph() -> None:
+    scores_TE = SCORES_TE.clone().requires_grad_(True)
+    for axis in ("tokens", "experts"):
+        loss = variance_loss(scores_TE=scores_TE, axis=axis, valid_T=torch.zeros(2, dtype=bool))
+        loss.backward()
+        assert loss.item() == 0.0 and scores_TE.grad.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("axis", ["tokens", "experts"])
+def test_variance_gradcheck_float64(axis) -> None:
+    gen = torch.Generator().manual_seed(2)
+    scores_TE = torch.rand(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    valid_T = torch.tensor([True, True, False, True, True])
+    assert torch.autograd.gradcheck(
+        lambda s: variance_loss(scores_TE=s, axis=axis, valid_T=valid_T), (scores_TE,)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding: the sums are additive, so one all-reduce of them gives the single-process loss
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_tokens=st.integers(1, 12),
+    num_experts=st.integers(2, 6),
+    cut=st.floats(0.0, 1.0),
+    axis=st.sampled_from(["tokens", "experts"]),
+    seed=st.integers(0, 10_000),
+)
+def test_variance_sums_of_shards_give_the_whole_loss(num_tokens, num_experts, cut, axis, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores_TE = torch.rand(num_tokens, num_experts, generator=gen, dtype=torch.float64)
+    valid_T = torch.rand(num_tokens, generator=gen) > 0.2
+    split = int(cut * num_tokens)
+    shards = [
+        variance_sums(scores_TE=scores_TE[sl], axis=axis, valid_T=valid_T[sl])
+        for sl in (slice(0, split), slice(split, None))
+    ]
+    summed = [a + b for a, b in zip(*shards, strict=True)]
+    whole = variance_loss(scores_TE=scores_TE, axis=axis, valid_T=valid_T)
+    assert variance_loss_from_sums(*summed, axis=axis).item() == pytest.approx(
+        whole.item(), rel=1e-9, abs=1e-12
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(num_tokens=st.integers(1, 10), cut=st.floats(0.0, 1.0), seed=st.integers(0, 10_000))
+def test_orthogonality_sums_of_shards_give_the_whole_loss(num_tokens, cut, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x_TKH = torch.randn(num_tokens, 3, 4, generator=gen, dtype=torch.float64)
+    split = int(cut * num_tokens)
+    shards = [
+        orthogonality_sums(outputs_TKH=x_TKH[sl], eps=EPS)
+        for sl in (slice(0, split), slice(split, None))
+    ]
+    summed = [a + b for a, b in zip(*shards, strict=True)]
+    whole = orthogonality_loss(outputs_TKH=x_TKH, eps=EPS)
+    assert orthogonality_loss_from_sums(*summed).item() == pytest.approx(whole.item(), rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouping Megatron's expert-major rows by token
+# ---------------------------------------------------------------------------------------------
+
+# Token 0 -> experts {0, 2}, token 1 -> {0, 1}, token 2 -> {1, 2}
+ROUTING_MAP_TE = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
+
+
+def test_rows_are_expert_major_like_megatrons_permute() -> None:
+    from megatron.core.transformer.moe.moe_utils import permute
+
+    token_R, expert_R = permuted_row_tokens(routing_map_TE=ROUTING_MAP_TE)
+    assert token_R.tolist() == [0, 1, 1, 2, 0, 2]
+    assert expert_R.tolist() == [0, 0, 1, 1, 2, 2]
+    gen = torch.Generator().manual_seed(3)
+    routing_map_TE = torch.rand(9, 5, generator=gen) > 0.5
+    hidden_TH = torch.randn(9, 4, generator=gen)
+    permuted_RH, _, sorted_indices_R, _, _ = permute(
+        hidden_TH, routing_map_TE, num_out_tokens=int(routing_map_TE.sum())
+    )
+    token_R, _ = permuted_row_tokens(routing_map_TE=routing_map_TE)
+    assert torch.equal(token_R, sorted_indices_R)
+    assert torch.equal(permuted_RH, hidden_TH[token_R])
+
+
+def test_token_slots() -> None:
+    slot_TE = token_slots(selected_TE=ROUTING_MAP_TE)
+    assert [[slot_TE[t, e].item() for e in range(3) if ROUTING_MAP_TE[t, e]] for t in range(3)] == [
+        [0, 1],
+        [0, 1],
+        [0, 1],
+    ]
+
+
+def _outputs_by_pair() -> dict[tuple[int, int], torch.Tensor]:
+    """(token, expert) -> raw output, chosen so that each token's two outputs are orthogonal
+    while the outputs of one expert for different tokens are parallel."""
+    return {
+        (0, 0): torch.tensor([1.0, 0.0]),
+        (0, 2): torch.tensor([0.0, 2.0]),
+        (1, 0): torch.tensor([3.0, 0.0]),
+        (1, 1): torch.tensor([0.0, 1.0]),
+        (2, 1): torch.tensor([0.0, 4.0]),
+        (2, 2): torch.tensor([5.0, 0.0]),
+    }
+
+
+def test_grouping_by_token_not_by_expert() -> None:
+    """The rows of one token are scattered in the expert-major layout: grouping consecutive rows
+    (which belong to one expert) gives a different, wrong loss."""
+    pairs = _outputs_by_pair()
+    token_R, expert_R = permuted_row_tokens(routing_map_TE=ROUTING_MAP_TE)
+    rows_RH = torch.stack(
+        [pairs[(t, e)] for t, e in zip(token_R.tolist(), expert_R.tolist(), strict=True)]
+    )
+    slot_R = token_slots(selected_TE=ROUTING_MAP_TE)[token_R, expert_R]
+    outputs_TKH, valid_TK = group_rows_by_token(
+        rows_RH=rows_RH, token_R=token_R, slot_R=slot_R, num_tokens=3, num_slots=2
+    )
+    assert valid_TK.all()
+    expected_TKH = torch.stack(
+        [torch.stack([pairs[(t, e)] for e in range(3) if ROUTING_MAP_TE[t, e]]) for t in range(3)]
+    )
+    assert torch.equal(outputs_TKH, expected_TKH)
+    by_token = orthogonality_loss(outputs_TKH=outputs_TKH, eps=EPS)
+    by_expert = orthogonality_loss(outputs_TKH=rows_RH.view(3, 2, 2), eps=EPS)
+    assert by_token.item() == 0.0  # each token's outputs are orthogonal
+    assert by_expert.item() > 1.0  # one expert's outputs are parallel
+
+
+def test_grouping_skips_invalid_rows_and_is_differentiable() -> None:
+    rows_RH = torch.arange(12.0).view(6, 2).requires_grad_(True)
+    token_R = torch.tensor([0, 1, 1, 2, 0, 2])
+    slot_R = torch.tensor([0, 0, 1, 0, 1, 1])
+    valid_R = torch.tensor([True, True, True, False, True, True])
+    outputs_TKH, valid_TK = group_rows_by_token(
+        rows_RH=rows_RH, token_R=token_R, slot_R=slot_R, num_tokens=3, num_slots=2,
+        valid_R=valid_R,
+    )  # fmt: skip
+    assert valid_TK.tolist() == [[True, True], [True, True], [False, True]]
+    assert outputs_TKH[2, 0].tolist() == [0.0, 0.0]
+    (outputs_TKH * torch.arange(1.0, 13.0).view(3, 2, 2)).sum().backward()
+    assert rows_RH.grad[3].tolist() == [0.0, 0.0]
+    assert rows_RH.grad[0].tolist() == [1.0, 2.0]  # row 0 -> token 0, slot 0
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 2\)"):
+        group_rows_by_token(
+            rows_RH=rows_RH, token_R=token_R, slot_R=slot_R + 1, num_tokens=3, num_slots=2
+        )
+
+
+def test_no_megatron_or_distributed_import() -> None:
+    import ast
+    import inspect
+
+    import megatron_edl.core.specialization as module
+
+    tree = ast.parse(inspect.getsource(module))
+    names = [
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    ] + [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not any(n.startswith(("megatron", "torch.distributed")) for n in names), names
