@@ -55,6 +55,7 @@ __all__ = [
     "RunSpec",
     "main",
     "parse_iteration_line",
+    "per_domain_table",
     "run_quickstart",
     "run_specs",
 ]
@@ -128,8 +129,9 @@ class QuickstartConfig:
     lr: float = 2e-3
     edl_coeff: float = 0.01
     """β of the EDL runs."""
-    eval_iters: int = 20
-    """Validation batches evaluated at the end of each run."""
+    eval_iters: int | None = None
+    """Validation batches evaluated at the end of each run; ``None``: as many as the validation
+    split fills (every validation token once)."""
     nproc: int = 2
     """Training processes (expert parallelism = nproc)."""
     extra_train_args: tuple[str, ...] = ()
@@ -139,9 +141,9 @@ class QuickstartConfig:
         unknown = [c for c in self.controls if c not in CONTROLS]
         if unknown:
             raise ValueError(f"--labels must be among {list(CONTROLS)}, got {unknown}")
-        if self.train_iters < 1 or self.eval_iters < 0:
+        if self.train_iters < 1 or (self.eval_iters is not None and self.eval_iters < 1):
             raise ValueError(
-                f"--train-iters must be >= 1 and --eval-iters >= 0, got {self.train_iters}, "
+                f"--train-iters and --eval-iters must be >= 1, got {self.train_iters}, "
                 f"{self.eval_iters}"
             )
         if self.nproc < 1 or self.model.num_experts % self.nproc:
@@ -158,11 +160,11 @@ class QuickstartConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """One training run of the comparison: its name and its EDL flags (empty: EDL off)."""
+    """One training run of the comparison: its name and the flags only it has (EDL's)."""
 
     name: str
     description: str
-    edl_args: tuple[str, ...]
+    flags: tuple[str, ...]
 
 
 def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
@@ -177,7 +179,12 @@ def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
     """
     beta = ("--moe-edl-coeff", str(config.edl_coeff))
     runs = [
-        RunSpec("baseline", "EDL off (Megatron's load-balancing loss only)", ()),
+        RunSpec(
+            "baseline",
+            "EDL off (Megatron's load-balancing loss only); the domain labels are loaded for the "
+            "per-domain validation loss only",
+            ("--moe-edl-eval-per-domain",),
+        ),
         RunSpec("edl", f"EDL on the fine domains, beta = {config.edl_coeff}", beta),
     ]
     if "random" in config.controls:
@@ -408,7 +415,7 @@ def preprocess_stage(ctx: Context) -> dict[str, Any]:
 
 _ITERATION_RE = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
 _VALIDATION_RE = re.compile(r"validation loss at iteration (\d+) on validation set \|(.*)$")
-_METRIC_RE = re.compile(r"\s*([^|:]+?):\s*([-+0-9.eE]+|nan|inf)\s*$")
+_METRIC_RE = re.compile(r"\s*([^|:]+?):\s*([-+0-9.eE]+|nan|inf)\s*$", re.IGNORECASE)
 
 
 def _metrics(fields: str) -> dict[str, float]:
@@ -463,13 +470,21 @@ def train_args(ctx: Context, run: RunSpec) -> list[str]:
         *("--lr-warmup-iters", str(max(1, config.train_iters // 20))),
         *("--weight-decay", "0.01", "--clip-grad", "1.0", "--seed", str(config.seed)),
         *("--log-interval", str(_log_interval(config.train_iters))),
-        *("--eval-iters", str(config.eval_iters)),
+        *("--eval-iters", str(_eval_iters(ctx))),
         *("--eval-interval", str(config.train_iters + 1)),  # only the final evaluation
         *("--save", str(run_dir / "checkpoints"), "--save-interval", str(config.train_iters)),
-        *run.edl_args,
+        *run.flags,
         *telemetry_args(ctx, run),
         *config.extra_train_args,
     ]
+
+
+def _eval_iters(ctx: Context) -> int:
+    if ctx.config.eval_iters is not None:
+        return ctx.config.eval_iters
+    tokens = ctx.results["preprocess"]["tokens"]["valid"]
+    per_iteration = ctx.config.global_batch_size * ctx.config.model.seq_length
+    return max(1, tokens // per_iteration)
 
 
 def _log_interval(train_iters: int) -> int:
@@ -589,14 +604,22 @@ LAST_LOG_LINES = 5
 """Training metrics are averaged over this many last log lines (the log is noisy)."""
 
 
+_PER_DOMAIN_RE = re.compile(r"^(lm loss|token share)/(.+) value$")
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else value
+
+
 def evaluate_run(ctx: Context, run: RunSpec) -> dict[str, Any]:
     """Stage 5: the numbers of one run.
 
-    Today: Megatron's validation LM loss at the end of training, and the mean of the last
-    :data:`LAST_LOG_LINES` logged values of the training LM loss, the load-balancing loss and,
-    for EDL runs, the EDL metrics (mean pairwise JSD and I(domain; expert), averaged over MoE
-    layers). The plug-in point of the evaluation probe (per-domain validation loss and routing
-    statistics of the checkpoint, EDL on or off).
+    Today: Megatron's validation LM loss at the end of training, overall and per loss domain
+    (``lm loss/<domain>``, with each domain's share of the validation tokens; a domain absent
+    from the validation batches has none), and the mean of the last :data:`LAST_LOG_LINES`
+    logged values of the training LM loss, the load-balancing loss and, for EDL runs, the EDL
+    metrics (mean pairwise JSD and I(domain; expert), averaged over MoE layers). The plug-in
+    point of the evaluation probe (routing statistics of the checkpoint, EDL on or off).
     """
     trained = ctx.results[f"train:{run.name}"]
     iterations = [trained["iterations"][k] for k in sorted(trained["iterations"], key=int)]
@@ -604,11 +627,19 @@ def evaluate_run(ctx: Context, run: RunSpec) -> dict[str, Any]:
 
     def mean(name: str) -> float | None:
         values = [m[name] for m in recent if name in m]
-        return sum(values) / len(values) if values else None
+        return _finite(sum(values) / len(values)) if values else None
 
+    per_domain: dict[str, float | None] = {}
+    shares: dict[str, float | None] = {}
+    for key, value in trained["validation"].items():
+        match = _PER_DOMAIN_RE.match(key)
+        if match:
+            target = per_domain if match.group(1) == "lm loss" else shares
+            target[match.group(2)] = _finite(value)
     return {
-        "validation": trained["validation"],  # every value of Megatron's validation line
-        "valid_lm_loss": trained["validation"].get("lm loss value"),
+        "valid_lm_loss": _finite(trained["validation"].get("lm loss value")),
+        "valid_lm_loss_per_domain": per_domain,
+        "valid_token_share_per_domain": shares,
         "train_lm_loss": mean("lm loss"),
         "load_balancing_loss": mean("load_balancing_loss"),
         "edl_jsd": mean("edl_jsd"),
@@ -625,17 +656,40 @@ _TABLE_COLUMNS = (
 )
 
 
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def summary_table(runs: Sequence[RunSpec], evaluations: dict[str, dict[str, Any]]) -> str:
     """A Markdown table: one row per run, the evaluation's numbers as columns."""
     header = "| run | " + " | ".join(title for _, title in _TABLE_COLUMNS) + " |"
     lines = [header, "|" + " --- |" * (len(_TABLE_COLUMNS) + 1)]
     for run in runs:
         values = evaluations[run.name]
-        cells = []
-        for key, _ in _TABLE_COLUMNS:
-            value = values.get(key)
-            cells.append("n/a" if value is None or math.isnan(value) else f"{value:.3f}")
+        cells = [_cell(values.get(key)) for key, _ in _TABLE_COLUMNS]
         lines.append(f"| {run.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_domain_table(runs: Sequence[RunSpec], evaluations: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table of the validation LM loss: one row per domain, one column per run.
+
+    Rows are the union of the runs' loss domains in order of appearance (a run with other loss
+    domains, e.g. the coarse groups, has ``n/a`` in the others), then the overall loss.
+    """
+    domains: dict[str, None] = {}
+    for run in runs:
+        domains.update(dict.fromkeys(evaluations[run.name].get("valid_lm_loss_per_domain", {})))
+    header = "| domain | " + " | ".join(run.name for run in runs) + " |"
+    lines = [header, "|" + " --- |" * (len(runs) + 1)]
+    for domain in domains:
+        cells = [
+            _cell(evaluations[run.name].get("valid_lm_loss_per_domain", {}).get(domain))
+            for run in runs
+        ]
+        lines.append(f"| {domain} | " + " | ".join(cells) + " |")
+    overall = [_cell(evaluations[run.name].get("valid_lm_loss")) for run in runs]
+    lines.append("| all | " + " | ".join(overall) + " |")
     return "\n".join(lines)
 
 
@@ -648,6 +702,7 @@ def write_report(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, Any]:
     ctx.report_dir.mkdir(parents=True, exist_ok=True)
     evaluations = {run.name: ctx.results[f"evaluate:{run.name}"] for run in runs}
     table = summary_table(runs, evaluations)
+    domain_table = per_domain_table(runs, evaluations)
     summary = {
         "runs": [dataclasses.asdict(run) for run in runs],
         "evaluations": evaluations,
@@ -666,13 +721,18 @@ def write_report(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, Any]:
         "",
         "valid LM loss: Megatron's validation loss after the last iteration; the other columns "
         f"average the last {LAST_LOG_LINES} training log lines. I(D;E) and mean JSD are the EDL "
-        "metrics of the training log (averaged over MoE layers; n/a where EDL is off).",
+        "metrics of the training log (averaged over MoE layers, over each run's own loss "
+        "domains; n/a where EDL is off).",
+        "",
+        "## Validation LM loss per domain",
+        "",
+        domain_table,
         "",
         "Runs:",
         *[f"- {run.name}: {run.description}" for run in runs],
     ]
     (ctx.report_dir / "summary.md").write_text("\n".join(notes) + "\n")
-    return {"table": table}
+    return {"table": table, "per_domain_table": domain_table}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -767,6 +827,8 @@ def run_quickstart(
     log("")
     log(ctx.results["report"]["table"])
     log("")
+    log(ctx.results["report"]["per_domain_table"])
+    log("")
     log(f"Report: {ctx.report_dir / 'summary.md'} (numbers: {ctx.report_dir / 'summary.json'})")
     return summary
 
@@ -804,7 +866,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
     parser.add_argument("--train-iters", type=int, default=defaults.train_iters)
-    parser.add_argument("--eval-iters", type=int, default=defaults.eval_iters)
+    parser.add_argument(
+        "--eval-iters",
+        type=int,
+        default=defaults.eval_iters,
+        help="Validation batches at the end of each run (default: the whole validation split).",
+    )
     parser.add_argument("--edl-coeff", type=float, default=defaults.edl_coeff, help="beta.")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--nproc", type=int, default=defaults.nproc, help="Processes (= EP).")

@@ -91,10 +91,11 @@ def test_run_specs_and_controls(tmp_path):
     config = QuickstartConfig(workdir=tmp_path, controls=("coarse", "random"), edl_coeff=0.1)
     runs = {run.name: run for run in run_specs(config, label_map)}
     assert list(runs) == ["baseline", "edl", "edl-random", "edl-coarse"]
-    assert runs["baseline"].edl_args == ()
-    assert runs["edl"].edl_args == ("--moe-edl-coeff", "0.1")
-    assert runs["edl-random"].edl_args[2:4] == ("--moe-edl-labels", "random")
-    assert runs["edl-coarse"].edl_args[2:] == ("--moe-edl-label-map", str(label_map))
+    # The baseline loads the labels for the per-domain validation loss only.
+    assert runs["baseline"].flags == ("--moe-edl-eval-per-domain",)
+    assert runs["edl"].flags == ("--moe-edl-coeff", "0.1")
+    assert runs["edl-random"].flags[2:4] == ("--moe-edl-labels", "random")
+    assert runs["edl-coarse"].flags[2:] == ("--moe-edl-label-map", str(label_map))
     with pytest.raises(ValueError, match="--labels must be among"):
         QuickstartConfig(controls=("fine",))
     with pytest.raises(ValueError, match=r"--nproc \(3\) must divide"):
@@ -104,16 +105,20 @@ def test_run_specs_and_controls(tmp_path):
 def test_same_flags_for_every_run_but_edl(tmp_path):
     config = QuickstartConfig(workdir=tmp_path, controls=("random", "coarse"))
     ctx = Context(config=config)
+    ctx.results["preprocess"] = {"tokens": {"valid": 10_000}}
     runs = run_specs(config, tmp_path / "map.yaml")
     flags = {run.name: quickstart.train_args(ctx, run) for run in runs}
 
     def without_run_specific(args, run):
         args = [a.replace(f"/runs/{run.name}/", "/runs/RUN/") for a in args]
-        return args[: len(args) - len(run.edl_args)] if run.edl_args else args
+        return args[: len(args) - len(run.flags)]
 
     common = {tuple(without_run_specific(flags[r.name], r)) for r in runs}
     assert len(common) == 1  # same model, data, seed, schedule
     assert "--seed" in flags["baseline"] and "--moe-edl-coeff" not in flags["baseline"]
+    # The whole validation split once: 10,000 tokens in batches of 8 x 256 tokens.
+    eval_iters = flags["edl"][flags["edl"].index("--eval-iters") + 1]
+    assert eval_iters == str(10_000 // (8 * 256))
 
 
 def test_parse_iteration_line_and_table():
@@ -159,7 +164,6 @@ def test_shortened_quickstart_end_to_end(tmp_path):
         train_iters=4,
         micro_batch_size=2,
         global_batch_size=4,
-        eval_iters=1,
     )
     lines: list[str] = []
     summary = quickstart.run_quickstart(config, log=lines.append)
@@ -199,7 +203,22 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     assert "edl_jsd" in edl["iterations"]["4"] and "edl_jsd" not in base["iterations"]["4"]
     evaluations = summary["evaluations"]
     assert evaluations["baseline"]["edl_mi"] is None and evaluations["edl"]["edl_mi"] >= 0
-    assert evaluations["baseline"]["valid_lm_loss"] > 0 and evaluations["edl"]["valid_lm_loss"] > 0
+    # Per-domain validation loss in both runs (the baseline loads the labels for it): the same
+    # validation tokens, and the token-weighted mean of the domains' losses is the overall loss.
+    fine = summary["corpus"]["domains"]
+    for name in ("baseline", "edl"):
+        values = evaluations[name]
+        shares = values["valid_token_share_per_domain"]
+        assert list(shares) == fine and sum(shares.values()) == pytest.approx(1.0, abs=1e-5)
+        weighted = sum(
+            share * values["valid_lm_loss_per_domain"][d] for d, share in shares.items() if share
+        )
+        assert weighted == pytest.approx(values["valid_lm_loss"], rel=1e-4)
+    assert (
+        evaluations["baseline"]["valid_token_share_per_domain"]
+        == evaluations["edl"]["valid_token_share_per_domain"]
+    )
+    assert "## Validation LM loss per domain" in report
     assert list(summary["stage_seconds"]) == [
         "corpus",
         "tokenizer",
@@ -219,4 +238,6 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     assert len(reused) == 7, lines  # all but the new run, its evaluation and the report
     assert any("train:edl-coarse: done" in line for line in lines)
     assert "| edl-coarse |" in (workdir / "report" / "summary.md").read_text()
-    assert summary["evaluations"]["edl-coarse"]["edl_mi"] >= 0
+    coarse = summary["evaluations"]["edl-coarse"]
+    assert coarse["edl_mi"] >= 0
+    assert list(coarse["valid_lm_loss_per_domain"]) == ["code", "text", "math"]
