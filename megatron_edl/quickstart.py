@@ -15,9 +15,11 @@ its outputs, its wall time), so that re-running reuses what is done and redoes w
    same seed and therefore the same initialisation and data order: ``baseline`` (EDL off) and
    ``edl``, plus ``edl-random`` (the random-label control, ``--labels random``) and
    ``edl-coarse`` (the three coarse groups as loss domains, ``--labels coarse``).
-5. ``evaluate:<run>``: the run's numbers (today: Megatron's final validation loss and the
-   iteration log's last values).
-6. ``report``: ``<workdir>/report/summary.{json,md}``, and the table printed at the end.
+5. ``evaluate:<run>``: the run's numbers: Megatron's validation loss after the last iteration
+   over the whole validation split, overall and per domain (every run loads the domain labels;
+   the baseline with ``--moe-edl-eval-per-domain``, which leaves its training stock), and the
+   iteration log's last values.
+6. ``report``: ``<workdir>/report/summary.{json,md}``, and the tables printed at the end.
 
 The routing telemetry, evaluation probe and HTML report of the analysis package plug into
 stages 4-6 through :func:`telemetry_args`, :func:`evaluate_run` and :func:`write_report`.
