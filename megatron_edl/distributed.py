@@ -36,6 +36,7 @@ __all__ = [
     "all_reduce_domain_stats",
     "all_reduce_sums",
     "edl_loss_scale",
+    "sum_over_group",
 ]
 
 SCOPES = ("global", "local")
@@ -60,9 +61,10 @@ def all_reduce_domain_stats(
 
     Packs ``sums_DE`` (flattened) and ``counts_D`` into one contiguous buffer of D*E + D numbers
     (fp32; fp64 when an input is fp64, so float64 gradient tests stay tight), runs exactly
-    one ``torch.distributed.all_reduce(SUM)`` over ``group`` and unpacks (``all_reduce_sums``).
-    It is a collective: every rank of ``group`` must make the same calls in the same order,
-    with the same D and E, including a rank whose tokens are all ignored (it contributes zeros).
+    one ``torch.distributed.all_reduce(SUM)`` over ``group`` and unpacks (``all_reduce_sums``);
+    over a group of one rank there is nothing to sum and no collective is issued. It is a
+    collective: every rank of ``group`` must make the same calls in the same order, with the
+    same D and E, including a rank whose tokens are all ignored (it contributes zeros).
 
     Autograd: the backward is the identity for ``sums_DE`` (no communication in the backward)
     and ``counts_D`` carries no gradient (the weights w_t are data). Why the identity is right:
@@ -141,7 +143,8 @@ def all_reduce_sums(
     statistics are sums over tokens (the variance and orthogonality losses of
     :mod:`megatron_edl.core.specialization`, whose ``*_sums`` functions produce them): every
     tensor is flattened into one buffer (fp32, or the widest input dtype), reduced with exactly
-    one ``all_reduce(SUM)`` and unpacked into tensors of the input shapes. The backward is the
+    one ``all_reduce(SUM)`` (none over a one-rank group) and unpacked into tensors of the input
+    shapes. The backward is the
     identity for every tensor, for the reason given in ``all_reduce_domain_stats``: each rank
     then holds the gradient of the *global* loss with respect to its own tokens, and
     ``edl_loss_scale`` (scope ``global``) turns Megatron's reduction of those pieces into the
@@ -160,6 +163,13 @@ def all_reduce_sums(
     tensors = tuple(tensors)
     if group is None:
         return tensors
+    if group.size() == 1:
+        # The sum over one rank is the identity (and so is the backward): skip the collective,
+        # which costs a kernel launch on a GPU and ~0.2 ms on gloo, per layer and micro-batch.
+        dtype = torch.float32
+        for tensor in tensors:
+            dtype = torch.promote_types(dtype, tensor.dtype)
+        return tuple(t.to(dtype) for t in tensors)
     return _AllReduceSumsIdentityBackward.apply(group, *tensors)
 
 
@@ -320,3 +330,23 @@ class DomainStatsAccumulator:
         self._sums_DE = None
         self._counts_D = None
         self._num_updates = 0
+
+
+def sum_over_group(buffer: Tensor, group: dist.ProcessGroup | None) -> bool:
+    """SUM all-reduce of a statistics buffer over ``group``, in place, outside autograd.
+
+    The routing telemetry's one collective per dump (:mod:`megatron_edl.integration.telemetry`):
+    every MoE layer's packed sums of a pipeline stage travel in one buffer.
+
+    Args:
+        buffer: The local sums; replaced in place by the sum over ``group``.
+        group: The process group, or ``None`` for no reduction (single process).
+
+    Returns:
+        Whether this rank is the group's first rank (the one that writes the result).
+    """
+    if group is None:
+        return True
+    with torch.no_grad():
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    return dist.get_rank(group) == 0

@@ -43,12 +43,14 @@ def domain_labels_wanted(args) -> list[str]:
     always also reported per domain.
     """
     from megatron_edl.config import FLAGS
+    from megatron_edl.integration import telemetry
 
     reasons = []
     if (args.moe_edl_coeff or 0) > 0:
         reasons.append(FLAGS["coeff"])
     if args.moe_edl_eval_per_domain:
         reasons.append(EVAL_PER_DOMAIN_FLAG)
+    reasons += telemetry.flags_in_use(args)
     return reasons
 
 
@@ -132,9 +134,10 @@ def blend_prefixes_from_args(args) -> list[str]:
     return prefixes
 
 
-def edl_layer_spec(base_spec, edl_config, specialization_config=None):
+def edl_layer_spec(base_spec, edl_config, specialization_config=None, **router_kwargs):
     """A ``GPTModelConfig.transformer_layer_spec`` provider that installs the EDL router (and
-    the variance/orthogonality losses of ``specialization_config``)."""
+    the variance/orthogonality losses of ``specialization_config``; ``router_kwargs``: further
+    keyword arguments of ``EDLTopKRouter``)."""
     from megatron.training.models.gpt import default_layer_spec
 
     from megatron_edl.integration.spec import with_edl_router
@@ -145,7 +148,7 @@ def edl_layer_spec(base_spec, edl_config, specialization_config=None):
             spec = default_layer_spec(model_config, vp_stage)
         elif callable(spec) and not hasattr(spec, "module"):
             spec = spec(model_config, vp_stage=vp_stage)
-        return with_edl_router(spec, edl_config, specialization_config)
+        return with_edl_router(spec, edl_config, specialization_config, **router_kwargs)
 
     return provider
 
@@ -157,7 +160,9 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
     ``args.specialization_config``. With no megatron-edl flag it changes nothing and returns
     the two functions it was given: stock training. With the EDL loss or the label-free
     variance/orthogonality losses on, it installs the EDL router (and dispatcher) into
-    ``model_cfg.transformer_layer_spec`` and registers their metrics for Megatron's log. With
+    ``model_cfg.transformer_layer_spec`` and registers their metrics for Megatron's log; so it
+    does for the routing telemetry (``--moe-edl-stats-interval``, the probe:
+    :mod:`megatron_edl.integration.telemetry`, whose training-loop hooks it also installs). With
     domain labels wanted it returns megatron-edl's dataset provider and forward step (stock
     behaviour plus the labels; :mod:`megatron_edl.integration.gpt`), otherwise the given ones.
     Used by this launcher and by the patch of Megatron-LM's ``pretrain_gpt.py`` (patches/).
@@ -182,11 +187,20 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
     args.edl_config = edl_config_from_args(args)
     args.specialization_config = specialization_config_from_args(args)
     edl_on = args.edl_config is not None and args.edl_config.enabled
-    if edl_on or args.specialization_config.enabled:
+    stats_phase = None
+    if args.edl_config is not None:  # the routing telemetry needs the labels
+        from megatron_edl.integration import telemetry
+
+        stats_phase = telemetry.install(args)
+    if edl_on or args.specialization_config.enabled or stats_phase is not None:
         from megatron_edl.integration import router, specialization
 
+        router_kwargs = {} if stats_phase is None else {"stats_phase": str(stats_phase)}
         model_cfg.transformer_layer_spec = edl_layer_spec(
-            model_cfg.transformer_layer_spec, args.edl_config, args.specialization_config
+            model_cfg.transformer_layer_spec,
+            args.edl_config,
+            args.specialization_config,
+            **router_kwargs,
         )
         edl_metrics = router.METRIC_NAMES if edl_on else ()
         router.register_edl_metrics(
@@ -240,7 +254,7 @@ def escape_percent_in_help(parser: argparse.ArgumentParser) -> argparse.Argument
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Our flags next to Megatron's (``parse_and_validate_args(extra_args_provider=...)``)."""
     from megatron_edl.config import add_edl_args, add_specialization_args
-    from megatron_edl.integration import modelopt
+    from megatron_edl.integration import modelopt, telemetry
 
     parser = add_specialization_args(add_edl_args(parser))
     group = parser.add_argument_group(title="megatron-edl")
@@ -277,6 +291,7 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="With --mock-data and domain labels: number of synthetic domains (document i "
         "belongs to domain i %% N, its tokens to that domain's vocabulary band).",
     )
+    parser = telemetry.add_telemetry_args(parser)
     parser = modelopt.add_args(parser)
     return escape_percent_in_help(parser)
 

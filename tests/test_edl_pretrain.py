@@ -9,8 +9,13 @@ demands. The load-balancing loss is off here so that only EDL's gradient scale i
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+from megatron_edl.analysis.routing_stats import load_run
 from tests.megatron_runs import LAYOUTS, TINY_MOE_GPT, RunResult, run_pretrain
 
 pytestmark = pytest.mark.slow
@@ -37,14 +42,38 @@ def edl_checkpoint(tmp_path_factory):
     return ckpt
 
 
+def _stats_dir(ckpt, nproc: int, extra) -> Path:
+    """Where a run from the checkpoint writes its routing statistics (one dump per step)."""
+    key = hashlib.sha1(repr((nproc, tuple(extra))).encode()).hexdigest()[:12]
+    return Path(ckpt).parent / f"routing_stats_{key}"
+
+
 def _from_checkpoint(ckpt, nproc: int, extra: list[str]) -> RunResult:
     flags = [
         *TINY_MOE_GPT, *EDL, "--train-iters", str(STEPS),
         "--load", str(ckpt), "--finetune", "--no-load-optim", "--no-load-rng", *extra,
+        "--moe-edl-stats-interval", "1", "--moe-edl-stats-dir", str(_stats_dir(ckpt, nproc, extra)),
     ]  # fmt: skip
     result = run_pretrain(nproc, flags)
     _assert_trained(result, STEPS)
     return result
+
+
+def _assert_same_routing_stats(got_dir: Path, want_dir: Path) -> None:
+    """The routing telemetry of a layout equals the single-process run's, step by step.
+
+    Token counts must match exactly (no token counted twice or lost, whatever the sharding,
+    pipeline stage or recompute); top-k counts up to a near-tie flipped by rounding.
+    """
+    got, want = load_run(got_dir), load_run(want_dir)
+    assert [s.step for s in got] == [s.step for s in want] == list(range(1, STEPS + 1))
+    for g, w in zip(got, want, strict=True):
+        assert g.layers == w.layers == (1, 2) and g.num_iterations == 1
+        np.testing.assert_array_equal(g.tokens_LD, w.tokens_LD)
+        assert g.tokens_LD.sum() == 2 * 4 * 64  # layers x global batch x sequence
+        np.testing.assert_allclose(g.topk_counts_LDE, w.topk_counts_LDE, atol=2)
+        np.testing.assert_allclose(g.prob_sums_LDE, w.prob_sums_LDE, rtol=1e-4)
+        np.testing.assert_allclose(g.entropy_sums_LD, w.entropy_sums_LD, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +129,9 @@ def test_edl_layout_equivalence(case, edl_checkpoint, reference):
     for name in ("lm loss", "edl_loss"):
         got, want = result.losses(name), ref.losses(name)
         assert got == pytest.approx(want, rel=5e-6), (case, name, got, want)
+    _assert_same_routing_stats(
+        _stats_dir(edl_checkpoint, 2, extra), _stats_dir(edl_checkpoint, 1, reference_flags)
+    )
 
 
 @pytest.mark.parametrize(
@@ -115,6 +147,9 @@ def test_recompute_gives_the_same_training(recompute, edl_checkpoint, reference)
     assert max(ref.losses("edl_loss")) > 0  # EDL active in these micro-batches
     for name in ("lm loss", "edl_loss", "grad norm"):
         assert result.losses(name) == pytest.approx(ref.losses(name), rel=1e-6), name
+    _assert_same_routing_stats(
+        _stats_dir(edl_checkpoint, 1, [*flags, *recompute]), _stats_dir(edl_checkpoint, 1, flags)
+    )
 
 
 def test_label_map_groups_domains(tmp_path):

@@ -8,6 +8,15 @@ in fresh processes per configuration: ``ru_maxrss`` of the main process (and its
 its state just before the run) and of the largest worker; and, in a separate run (tracemalloc's
 own bookkeeping inflates RSS), the tracemalloc peak of the main process's Python heap.
 
+Sample fetch: the first corpus, preprocessed with domains, is read through Megatron's
+``GPTDataset`` and through ``DomainGPTDataset`` (the same samples plus ``domain_ids`` and
+``edl_weights``), built with the same config by ``BlendedMegatronDatasetBuilder``; the time of
+``dataset[i]`` over the same sample indices is compared, alternated, for each sequence length,
+with and without the causal attention mask that Megatron builds in the data loader by default.
+
+Timing uses megatron_edl.benchmarks.harness (alternated rounds, per-round ratios,
+median [min, max]); tables are printed in Markdown (docs/BENCHMARKS.md).
+
 The tokenizer is a byte-level BPE trained on the spot (tests/data_helpers.py), or any
 HuggingFace tokenizer folder given with --tokenizer-model; nothing downloads.
 
@@ -15,6 +24,7 @@ Usage:
     python tools/benchmark_preprocess.py                       # 10 and 50 MB, 1 and 2 workers
     python tools/benchmark_preprocess.py --sizes-mb 10 200 --workers 1 2 4 --repeats 5
     python tools/benchmark_preprocess.py --tokenizer-model ./my_hf_tokenizer --workdir /scratch
+    python tools/benchmark_preprocess.py --skip-timing --skip-memory --seq-lengths 4096
 """
 
 from __future__ import annotations
@@ -36,6 +46,14 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
+from megatron_edl.benchmarks.harness import (  # noqa: E402
+    CLOCKS,
+    Stats,
+    Table,
+    alternate,
+    describe_machine,
+    ratios,
+)
 from tests.data_helpers import sentence, tokenizer_args, train_tiny_tokenizer  # noqa: E402
 
 DOMAINS = ("en/science", "en/history", "zh/history", "math")
@@ -67,9 +85,17 @@ def generate_corpus(path: Path, size_mb: float, seed: int = 0) -> int:
 
 
 def run_once(
-    corpus: Path, out_dir: Path, tok_args: argparse.Namespace, domains: bool, workers: int
+    corpus: Path,
+    out_dir: Path,
+    tok_args: argparse.Namespace,
+    domains: bool,
+    workers: int,
+    keep: bool = False,
 ):
-    """One preprocessing run; returns ``(seconds, tokens written)``; removes its output."""
+    """One preprocessing run; returns ``(seconds, CPU seconds, tokens written)``.
+
+    Removes its output unless ``keep`` (then it is ``out_dir / "bench_text_document"``).
+    """
     from megatron_edl.data.preprocess import FieldLabel, PreprocessConfig, preprocess
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +112,8 @@ def run_once(
     stats = preprocess(config, tok_args)
     seconds = time.perf_counter() - start
     cpu = _cpu_seconds() - cpu_before
-    shutil.rmtree(out_dir)
+    if not keep:
+        shutil.rmtree(out_dir)
     return seconds, cpu, stats["text"]["tokens_written"]
 
 
@@ -163,36 +190,115 @@ def measure_memory(spec: dict) -> dict:
 
 
 def time_runs(corpora: dict, worker_counts: list[int], repeats: int, workdir: Path, tok_args):
-    """Print wall and CPU time with and without domain handling, alternated, per configuration."""
-    print(f"\nmedian [min, max] over {repeats} alternated pairs; ratio = with / without")
-    print("wall: elapsed seconds; cpu: CPU seconds of the main process and its workers")
-    header = f"{'MiB':>5} {'workers':>7} {'':>4} | {'with domains':>24} | {'without':>24} | "
-    print(header + f"{'ratio':>24} | tokens/s with, without")
+    """Wall and CPU time with and without domain handling, alternated, per configuration."""
+    table = Table(
+        "Preprocessing time with / without domain handling, s, median [min, max] over "
+        f"{repeats} alternated rounds (target ratio <= 1.03)",
+        ["MiB", "workers", "clock", "with domains", "without", "ratio", "tokens/s with, without"],
+    )
     for size, corpus in corpora.items():
         for workers in worker_counts:
-            wall = {True: [], False: []}
-            cpu = {True: [], False: []}
-            tokens = {}
-            for r in range(repeats):
-                order = (True, False) if r % 2 == 0 else (False, True)
-                for domains in order:
-                    w, c, n = run_once(corpus, workdir / "out", tok_args, domains, workers)
-                    wall[domains].append(w)
-                    cpu[domains].append(c)
+            cpu: dict[bool, list[float]] = {True: [], False: []}
+            tokens: dict[bool, int] = {}
+
+            def case(domains: bool, corpus=corpus, workers=workers, cpu=cpu, tokens=tokens):
+                def call() -> float:
+                    wall, cpu_s, n = run_once(corpus, workdir / "out", tok_args, domains, workers)
+                    cpu[domains].append(cpu_s)
                     tokens[domains] = n
+                    return wall
+
+                return call
+
+            wall = alternate(
+                {"with": case(True), "without": case(False)}, repeats=repeats, warmup=0
+            )
             assert tokens[True] == tokens[False]
-            for name, times in (("wall", wall), ("cpu", cpu)):
-                ratios = [a / b for a, b in zip(times[True], times[False], strict=True)]
-                rate = [tokens[d] / statistics.median(times[d]) for d in (True, False)]
-                print(
-                    f"{size:5g} {workers:7d} {name:>4} | {summary(times[True]):>24} | "
-                    f"{summary(times[False]):>24} | {summary(ratios):>24} | "
-                    f"{rate[0]:,.0f}, {rate[1]:,.0f}"
+            for clock, times in (
+                ("wall", wall),
+                ("cpu", {"with": cpu[True], "without": cpu[False]}),
+            ):
+                rate = [tokens[True] / statistics.median(times[k]) for k in ("with", "without")]
+                table.add(
+                    f"{size:g}",
+                    workers,
+                    clock,
+                    Stats.of(times["with"]).format(),
+                    Stats.of(times["without"]).format(),
+                    Stats.of(ratios(times["with"], times["without"])).format(),
+                    f"{rate[0]:,.0f}, {rate[1]:,.0f}",
                 )
+    table.print()
 
 
-def summary(values: list[float]) -> str:
-    return f"{statistics.median(values):7.3f} [{min(values):.3f}, {max(values):.3f}]"
+def time_sample_fetch(
+    prefix: str,
+    tok_args,
+    seq_lengths: list[int],
+    samples: int,
+    rounds: int,
+    workdir: Path,
+    clock: str = "wall",
+):
+    """``DomainGPTDataset[i]`` vs ``GPTDataset[i]`` over the same indices, alternated."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from megatron_edl.data.preprocess import build_megatron_tokenizer
+    from megatron_edl.integration.dataset import DomainGPTDataset, DomainGPTDatasetConfig
+
+    tokenizer = build_megatron_tokenizer(tok_args)
+    table = Table(
+        f"Sample fetch dataset[i], us per sample ({clock} clock), median [min, max] over "
+        f"{rounds} alternated rounds of {samples} samples (target ratio <= 1.2)",
+        ["S", "attention mask", "GPTDataset", "DomainGPTDataset", "ratio"],
+    )
+    for seq in seq_lengths:
+        for mask in (True, False):
+            datasets = {}
+            for name, cls, config_cls in (
+                ("GPTDataset", GPTDataset, GPTDatasetConfig),
+                ("DomainGPTDataset", DomainGPTDataset, DomainGPTDatasetConfig),
+            ):
+                config = config_cls(
+                    random_seed=1,
+                    sequence_length=seq,
+                    blend=([prefix], None),
+                    split="100,0,0",
+                    tokenizer=tokenizer,
+                    reset_position_ids=False,
+                    reset_attention_mask=False,
+                    eod_mask_loss=False,
+                    create_attention_mask=mask,
+                    path_to_cache=str(workdir / "index-cache"),
+                )
+                builder = BlendedMegatronDatasetBuilder(cls, [samples, 0, 0], lambda: True, config)
+                datasets[name] = builder.build()[0]
+            count = min(samples, *(len(d) for d in datasets.values()))
+
+            def fetch(dataset, count=count):
+                def call() -> None:
+                    for i in range(count):
+                        dataset[i]
+
+                return call
+
+            times = alternate(
+                {name: fetch(d) for name, d in datasets.items()},
+                repeats=rounds,
+                warmup=1,
+                clock=CLOCKS[clock],
+            )
+            table.add(
+                seq,
+                "yes" if mask else "no",
+                Stats.of(times["GPTDataset"]).format(1e6 / count, 1),
+                Stats.of(times["DomainGPTDataset"]).format(1e6 / count, 1),
+                Stats.of(ratios(times["DomainGPTDataset"], times["GPTDataset"])).format(),
+            )
+    table.print()
 
 
 def main() -> int:
@@ -206,6 +312,14 @@ def main() -> int:
     parser.add_argument("--workdir", help="Scratch folder (default: a temporary one)")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-fetch", action="store_true", help="no sample-fetch comparison")
+    parser.add_argument("--seq-lengths", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--fetch-samples", type=int, default=200, help="samples per round")
+    parser.add_argument("--fetch-rounds", type=int, default=10)
+    parser.add_argument(
+        "--fetch-clock", choices=CLOCKS, default="wall",
+        help="sample fetch: wall time, or this process's CPU time (shared machines)",
+    )  # fmt: skip
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -220,7 +334,8 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = args.tokenizer_model or str(train_tiny_tokenizer(workdir / "tokenizer"))
     tok_args = tokenizer_args(tokenizer_dir)
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, tokenizer {tokenizer_dir}")
+    print(describe_machine("cpu"))
+    print(f"tokenizer {tokenizer_dir}")
 
     corpora = {}
     for size in args.sizes_mb:
@@ -233,13 +348,26 @@ def main() -> int:
         run_once(corpora[args.sizes_mb[0]], workdir / "warmup", tok_args, True, 1)
         time_runs(corpora, args.workers, args.repeats, workdir, tok_args)
 
+    if not args.skip_fetch:
+        first = corpora[args.sizes_mb[0]]
+        run_once(first, workdir / "indexed", tok_args, True, 1, keep=True)
+        prefix = str(workdir / "indexed" / "bench_text_document")
+        time_sample_fetch(
+            prefix,
+            tok_args,
+            args.seq_lengths,
+            args.fetch_samples,
+            args.fetch_rounds,
+            workdir,
+            args.fetch_clock,
+        )
+
     if not args.skip_memory:
-        print("\nMemory (MiB), fresh processes per row: main process RSS before the run and its")
-        print("peak during it (sampled every 5 ms), largest worker's peak RSS, and the tracemalloc")
-        print("peak of the main process's Python heap (separate run)")
-        print(
-            f"{'MiB':>5} {'workers':>7} {'domains':>7} | {'RSS before':>10} {'peak':>7} "
-            f"{'growth':>7} {'worker RSS':>10} {'py heap':>8}"
+        memory = Table(
+            "Preprocessing memory, MiB, fresh process per row: main-process RSS before the run, "
+            "its peak during it (sampled every 5 ms) and growth, the largest worker's peak RSS, "
+            "the tracemalloc peak of the main process's Python heap (separate run)",
+            ["MiB", "workers", "domains", "RSS before", "peak", "growth", "worker RSS", "py heap"],
         )
         for size, corpus in corpora.items():
             for workers in args.workers:
@@ -254,13 +382,17 @@ def main() -> int:
                     m = measure_memory({**spec, "tracemalloc": False})
                     m.update(measure_memory({**spec, "tracemalloc": True}))
                     worker = m["worker_rss_peak_mb"]
-                    worker_text = f"{worker:10.0f}" if worker else f"{'-':>10}"
-                    growth = m["main_rss_peak_mb"] - m["main_rss_before_mb"]
-                    print(
-                        f"{size:5g} {workers:7d} {str(domains):>7} | "
-                        f"{m['main_rss_before_mb']:10.0f} {m['main_rss_peak_mb']:7.0f} "
-                        f"{growth:7.1f} {worker_text} {m['heap_peak_mb']:8.1f}"
+                    memory.add(
+                        f"{size:g}",
+                        workers,
+                        "yes" if domains else "no",
+                        f"{m['main_rss_before_mb']:.0f}",
+                        f"{m['main_rss_peak_mb']:.0f}",
+                        f"{m['main_rss_peak_mb'] - m['main_rss_before_mb']:.1f}",
+                        f"{worker:.0f}" if worker else "-",
+                        f"{m['heap_peak_mb']:.1f}",
                     )
+        memory.print()
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

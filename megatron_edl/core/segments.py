@@ -51,35 +51,56 @@ def sample_token_labels(
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose from {AGGREGATIONS}")
-    domains_K = np.asarray(segment_domains_K, dtype=np.int64)
-    lengths_K = np.asarray(segment_lengths_K, dtype=np.int64)
-    if domains_K.shape != lengths_K.shape or domains_K.ndim != 1:
+    # The K segments are few (a handful per sample): plain Python on lists, then one np.repeat
+    # per output to expand them to the S tokens. This runs once per sample in the data loader,
+    # where a numpy call costs about a microsecond whatever its size; Megatron's own sample
+    # assembly loops over the same segments in Python.
+    domains_K = _as_list(segment_domains_K, "segment_domains_K")
+    lengths_K = _as_list(segment_lengths_K, "segment_lengths_K")
+    if len(domains_K) != len(lengths_K):
         raise ValueError(
-            f"segment_domains_K {domains_K.shape} and segment_lengths_K {lengths_K.shape} "
+            f"segment_domains_K ({len(domains_K)},) and segment_lengths_K ({len(lengths_K)},) "
             "must be 1-D of equal length"
         )
-    if (lengths_K < 0).any():
-        raise ValueError(f"segment lengths must be >= 0, got {lengths_K.tolist()}")
+    if min(lengths_K, default=0) < 0:
+        raise ValueError(f"segment lengths must be >= 0, got {lengths_K}")
 
-    # Cut the segments to the first num_tokens tokens.
-    ends_K = np.minimum(np.cumsum(lengths_K), num_tokens)
-    starts_K = np.concatenate([[0], ends_K[:-1]]) if len(ends_K) else ends_K
-    kept_K = ends_K - starts_K
-    segment_S = np.full(num_tokens, -1, dtype=np.int64)
-    segment_S[: int(kept_K.sum())] = np.repeat(np.arange(len(kept_K)), kept_K)
+    # Cut the segments to the first num_tokens tokens; pad with an unlabelled one.
+    kept_K, covered = [], 0
+    for length in lengths_K:
+        kept = min(length, num_tokens - covered)
+        kept_K.append(kept)
+        covered += kept
+    if covered < num_tokens:  # a padded sample: the rest is unlabelled
+        domains_K.append(-1)
+        kept_K.append(num_tokens - covered)
 
-    labelled_S = segment_S >= 0
-    domain_ids_S = np.full(num_tokens, -1, dtype=np.int64)
-    domain_ids_S[labelled_S] = domains_K[segment_S[labelled_S]]
-    labelled_S &= domain_ids_S >= 0
-
-    weights_S = np.zeros(num_tokens, dtype=np.float32)
     if aggregation == "segment":
-        weights_S[labelled_S] = 1.0 / kept_K[segment_S[labelled_S]]
+        segment_w_K = [
+            1.0 / k if d >= 0 and k > 0 else 0.0 for d, k in zip(domains_K, kept_K, strict=True)
+        ]
     elif aggregation == "token":
-        weights_S[labelled_S] = 1.0
-    elif labelled_S.any():  # sample
-        counts = np.bincount(domain_ids_S[labelled_S])
-        domain_ids_S[labelled_S] = int(np.argmax(counts))
-        weights_S[labelled_S] = 1.0 / labelled_S.sum()
+        segment_w_K = [1.0 if d >= 0 else 0.0 for d in domains_K]
+    else:  # sample: the domain holding most labelled tokens (ties: the smallest id)
+        tokens_per_domain: dict[int, int] = {}
+        for d, k in zip(domains_K, kept_K, strict=True):
+            if d >= 0 and k > 0:
+                tokens_per_domain[d] = tokens_per_domain.get(d, 0) + k
+        num_labelled = sum(tokens_per_domain.values())
+        if num_labelled:
+            best = min(tokens_per_domain, key=lambda d: (-tokens_per_domain[d], d))
+            domains_K = [best if d >= 0 else d for d in domains_K]
+        segment_w_K = [1.0 / max(num_labelled, 1) if d >= 0 else 0.0 for d in domains_K]
+
+    domain_ids_S = np.repeat(np.array(domains_K, dtype=np.int64), kept_K)
+    weights_S = np.repeat(np.array(segment_w_K, dtype=np.float32), kept_K)
     return domain_ids_S, weights_S
+
+
+def _as_list(values: Sequence[int] | np.ndarray, name: str) -> list[int]:
+    """``values`` as a list of Python ints; ``ValueError`` unless one-dimensional."""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1:
+            raise ValueError(f"{name} must be 1-D of equal length, got shape {values.shape}")
+        return values.tolist()
+    return [int(v) for v in values]

@@ -332,7 +332,7 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     batch = get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"))
     packed_seq_params = packed_seq_params_from_batch(batch, args.seq_length)
     cfg = edl_config()
-    if cfg is not None and cfg.enabled and torch.is_grad_enabled():
+    if cfg is not None and edl_labels.routers_wanting_labels(model):  # EDL loss or telemetry
         _push_edl_labels(model, batch, args)
     timers("batch-generator").stop()
 

@@ -103,8 +103,14 @@ def edl_routers(model: torch.nn.Module) -> list[EDLTopKRouter]:
     return routers
 
 
+def routers_wanting_labels(model: torch.nn.Module) -> list[EDLTopKRouter]:
+    """The routers of ``model`` whose next forward (in the current grad mode) consumes labels."""
+    grad_enabled = torch.is_grad_enabled()
+    return [r for r in edl_routers(model) if r.wants_labels(grad_enabled)]
+
+
 def push_labels(model: torch.nn.Module, labels: DomainLabels) -> None:
-    """Queue one micro-batch's labels on every EDL router of ``model`` that will consume them."""
-    for router in edl_routers(model):
-        if router.edl_active:
-            router.push_labels(labels)
+    """Queue one micro-batch's labels on every EDL router of ``model`` that will consume them
+    (the EDL loss in training forwards, the routing telemetry in the forwards it counts)."""
+    for router in routers_wanting_labels(model):
+        router.push_labels(labels)

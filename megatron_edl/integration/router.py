@@ -36,6 +36,11 @@ order, so each recompute gets its own micro-batch's labels, never a later one's.
 pass of a checkpointed forward consumes nothing, as Megatron's built-in losses compute nothing
 there.
 
+The same FIFO entry feeds the routing telemetry when the router records it (``stats_phase``:
+:mod:`megatron_edl.integration.telemetry`, one ``RouterStats.observe`` call per forward that
+consumed labels): a forward consumes one entry if the EDL loss or the statistics need it
+(:meth:`EDLTopKRouter.wants_labels`), and both read that entry.
+
 The same router also carries the variance loss of arXiv 2505.22323 when its
 ``SpecializationConfig`` turns it on (:func:`megatron_edl.integration.specialization.
 attach_variance_loss`: one packed all-reduce over ``tp_dp_cp``, the ``global`` scale above). EDL
@@ -61,6 +66,7 @@ from megatron_edl.distributed import (
     edl_loss_scale,
 )
 from megatron_edl.integration.specialization import attach_variance_loss, make_variance_term
+from megatron_edl.integration.telemetry import RouterStats
 
 # Names recorded in Megatron's MoE metrics tracker (and registered for its log line).
 METRIC_NAMES = ("edl_loss", "edl_jsd", "edl_mi", "edl_domains")
@@ -117,6 +123,7 @@ class EDLTopKRouter(TopKRouter):
         *,
         edl_config: EDLConfig | None,
         specialization_config: SpecializationConfig | None = None,
+        stats_phase: str | None = None,
     ):
         if edl_config is not None:
             if not isinstance(edl_config, EDLConfig):
@@ -127,6 +134,8 @@ class EDLTopKRouter(TopKRouter):
                 raise ValueError(
                     "EDLTopKRouter needs edl_config.num_domains (number of loss domains)"
                 )
+        if stats_phase is not None and edl_config is None:
+            raise ValueError("routing statistics (stats_phase) need an edl_config (the domains)")
         if specialization_config is None:
             specialization_config = SpecializationConfig()
         elif not isinstance(specialization_config, SpecializationConfig):
@@ -141,6 +150,15 @@ class EDLTopKRouter(TopKRouter):
         self._edl_labels: collections.deque[DomainLabels] = collections.deque()
         self._edl_accumulator = DomainStatsAccumulator()
         self._edl_microbatches_seen = 0
+        self.routing_stats = None
+        """Per-domain routing telemetry (:mod:`megatron_edl.integration.telemetry`), or None."""
+        if stats_phase is not None:
+            # Without sequence parallelism the TP ranks route the same tokens: count them once.
+            tp_size = self.tp_group.size() if self.tp_group is not None else 1
+            records = tp_size == 1 or config.sequence_parallel or self.tp_group.rank() == 0
+            self.routing_stats = RouterStats(
+                num_domains=edl_config.num_domains, phase=stats_phase, records=records
+            )
 
     @property
     def edl_active(self) -> bool:
@@ -151,21 +169,36 @@ class EDLTopKRouter(TopKRouter):
         """Queue the labels of one micro-batch (called by the training step before forward)."""
         self._edl_labels.append(labels)
 
+    def wants_labels(self, grad_enabled: bool) -> bool:
+        """Whether a forward in the current mode consumes one entry of labels (EDL or stats).
+
+        Args:
+            grad_enabled: ``torch.is_grad_enabled()`` during the forward.
+        """
+        edl_here = self.training and grad_enabled and self.edl_active
+        stats = self.routing_stats is not None and self.routing_stats.counts_forward(
+            training=self.training, grad_enabled=grad_enabled
+        )
+        return edl_here or stats
+
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs, routing_map = super().routing(logits, padding_mask)
-        if self.training and torch.is_grad_enabled():
-            logits_TE = logits.view(-1, self.config.num_moe_experts)
-            if self.edl_active:
-                probs = self._apply_edl(logits_TE, probs)
-            if self._variance_term is not None:
-                probs = attach_variance_loss(
-                    self,
-                    self._variance_term,
-                    self.specialization_config.variance_axis,
-                    logits_TE=logits_TE,
-                    probs_TE=probs,
-                    padding_mask=padding_mask,
-                )
+        logits_TE = logits.view(-1, self.config.num_moe_experts)
+        if self.wants_labels(torch.is_grad_enabled()):
+            labels = self._next_labels(logits_TE.shape[0])  # one entry: EDL and the statistics
+            if self.training and torch.is_grad_enabled() and self.edl_active:
+                probs = self._apply_edl(logits_TE, probs, labels)
+            if self.routing_stats is not None:
+                self.routing_stats.observe(self, logits_TE, routing_map, labels, padding_mask)
+        if self.training and torch.is_grad_enabled() and self._variance_term is not None:
+            probs = attach_variance_loss(
+                self,
+                self._variance_term,
+                self.specialization_config.variance_axis,
+                logits_TE=logits_TE,
+                probs_TE=probs,
+                padding_mask=padding_mask,
+            )
         return probs, routing_map
 
     def _next_labels(self, num_tokens: int) -> DomainLabels:
@@ -184,20 +217,22 @@ class EDLTopKRouter(TopKRouter):
             )
         return labels
 
-    def _apply_edl(self, logits_TE: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    def _apply_edl(
+        self, logits_TE: torch.Tensor, probs: torch.Tensor, labels: DomainLabels
+    ) -> torch.Tensor:
         cfg = self.edl_config
         # Position of this micro-batch in its global batch: a new global batch starts every
         # num_microbatches grad-enabled forwards of this router (Megatron updates that number,
         # e.g. under batch-size ramp-up, before an iteration's first forward).
         if self._edl_microbatches_seen == 0:
             self._edl_accumulator.reset()
-            if len(self._edl_labels) > get_num_microbatches():
+            queued = len(self._edl_labels) + 1  # this forward's labels are already taken
+            if queued > get_num_microbatches():
                 raise RuntimeError(
-                    f"EDL router of layer {self.layer_number} holds {len(self._edl_labels)} "
+                    f"EDL router of layer {self.layer_number} holds {queued} "
                     "queued label sets at the start of a global batch: labels were pushed for "
                     "forwards that never consumed them"
                 )
-        labels = self._next_labels(logits_TE.shape[0])
         self._edl_microbatches_seen = (self._edl_microbatches_seen + 1) % get_num_microbatches()
         probs_TE = edl.routing_probs(logits_TE=logits_TE)
         sums_DE, counts_D = edl.domain_sums(

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
@@ -31,6 +33,7 @@ def _replace_routers(
     edl_config: EDLConfig | None,
     found: list[int],
     specialization: SpecializationConfig | None = None,
+    router_kwargs: Mapping[str, Any] = MappingProxyType({}),
 ) -> Any:
     if isinstance(node, MoESubmodules):
         router = node.router
@@ -47,14 +50,15 @@ def _replace_routers(
         # Keep any arguments a partial router builder already binds.
         args, keywords = (router.args, router.keywords) if is_partial else ((), {})
         extra = {} if specialization is None else {"specialization_config": specialization}
+        extra.update(router_kwargs)
         builder = functools.partial(
             EDLTopKRouter, *args, **keywords, edl_config=edl_config, **extra
         )
         return dataclasses.replace(node, router=builder)
     ortho = specialization is not None and specialization.ortho_enabled
     if isinstance(node, functools.partial):  # Megatron's specs build MoE layers with partials
-        args = _replace_routers(node.args, edl_config, found, specialization)
-        keywords = _replace_routers(node.keywords, edl_config, found, specialization)
+        args = _replace_routers(node.args, edl_config, found, specialization, router_kwargs)
+        keywords = _replace_routers(node.keywords, edl_config, found, specialization, router_kwargs)
         if ortho and node.func is MoELayer:
             keywords = {**keywords, "specialization_config": specialization}
             return functools.partial(SpecializationMoELayer, *args, **keywords)
@@ -62,16 +66,24 @@ def _replace_routers(
             return node
         return functools.partial(node.func, *args, **keywords)
     if ortho and isinstance(node, ModuleSpec) and node.module is MoELayer:
-        submodules = _replace_routers(node.submodules, edl_config, found, specialization)
+        submodules = _replace_routers(
+            node.submodules, edl_config, found, specialization, router_kwargs
+        )
         params = {**node.params, "specialization_config": specialization}
         return dataclasses.replace(
             node, module=SpecializationMoELayer, submodules=submodules, params=params
         )
     if isinstance(node, dict):
-        items = {k: _replace_routers(v, edl_config, found, specialization) for k, v in node.items()}
+        items = {
+            k: _replace_routers(v, edl_config, found, specialization, router_kwargs)
+            for k, v in node.items()
+        }
         return items if any(items[k] is not node[k] for k in node) else node
     if isinstance(node, list | tuple):
-        items = [_replace_routers(item, edl_config, found, specialization) for item in node]
+        items = [
+            _replace_routers(item, edl_config, found, specialization, router_kwargs)
+            for item in node
+        ]
         changed = any(a is not b for a, b in zip(items, node, strict=True))
         return type(node)(items) if changed else node
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
@@ -80,7 +92,7 @@ def _replace_routers(
             if not field.init:
                 continue
             value = getattr(node, field.name)
-            new = _replace_routers(value, edl_config, found, specialization)
+            new = _replace_routers(value, edl_config, found, specialization, router_kwargs)
             if new is not value:
                 changes[field.name] = new
         return dataclasses.replace(node, **changes) if changes else node
@@ -91,6 +103,7 @@ def with_edl_router(
     spec: Any,
     edl_config: EDLConfig | None,
     specialization: SpecializationConfig | None = None,
+    **router_kwargs: Any,
 ) -> Any:
     """Return ``spec`` with every MoE router built as an :class:`EDLTopKRouter`.
 
@@ -102,6 +115,8 @@ def with_edl_router(
             (``TransformerBlockSubmodules``), GPT or Hybrid, TE or local.
         edl_config: The EDL configuration the routers use (``None``: no EDL).
         specialization: The variance/orthogonality configuration (``None``: neither loss).
+        **router_kwargs: Further keyword arguments of every ``EDLTopKRouter`` (e.g.
+            ``stats_phase``, the routing telemetry).
 
     Returns:
         A copy of ``spec`` sharing every unchanged submodule; the input is not modified.
@@ -111,7 +126,7 @@ def with_edl_router(
             Megatron's ``TopKRouter``.
     """
     found: list[int] = []
-    new_spec = _replace_routers(spec, edl_config, found, specialization)
+    new_spec = _replace_routers(spec, edl_config, found, specialization, router_kwargs)
     if not found:
         raise ValueError(
             "EDL and the specialization losses need MoE layers, but the layer spec has none "

@@ -1,0 +1,83 @@
+"""Evaluation probe: routing statistics and per-domain LM loss of a checkpoint, without training.
+
+Usage:
+    torchrun --nproc-per-node 2 tools/probe.py --out probes/edl --cpu \\
+        --config-yaml examples/configs/tiny_moe_cpu.yaml --load runs/edl/checkpoints --eval-iters 20
+    torchrun --nproc-per-node 8 -m megatron_edl.probe --out probes/edl --load CKPT <flags>
+
+The probe is the launcher (:mod:`megatron_edl.pretrain_gpt`) in Megatron's evaluate-only mode:
+it appends ``--skip-train --no-load-optim --no-load-rng --moe-edl-probe-dir OUT`` to the given
+flags, so the checkpoint is loaded with Megatron's own loader (any parallel layout; the CPU layer
+with ``--cpu``), the labelled validation data (``--split``/``--valid-data-path``, or
+``--mock-data --moe-edl-mock-domains N``) goes through the model in eval mode, the MoE routers
+record their per-domain statistics (:mod:`megatron_edl.integration.telemetry`), and one dump
+(``source = "probe"``, step = the checkpoint's iteration) is written with the per-domain LM loss
+of that evaluation. Pass the flags the model was trained with (with ``--config-yaml``, put it
+first: later flags override the file's); ``--eval-iters`` sets the number of evaluation
+batches. Megatron initialises ``torch.distributed`` from ``torchrun``'s environment, so launch it
+with ``torchrun`` even for one process. Read the output with ``tools/report.py``. Console script:
+``megatron-edl-probe``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from megatron_edl.integration.telemetry import PROBE_DIR_FLAG
+
+__all__ = ["main", "probe_argv"]
+
+PROBE_FLAGS = ("--skip-train", "--no-load-optim", "--no-load-rng")
+
+
+def probe_argv(out: str, flags: Sequence[str]) -> list[str]:
+    """The launcher command line of a probe.
+
+    Args:
+        out: Output directory of the dump.
+        flags: The run's Megatron flags, including ``--load``.
+
+    Returns:
+        ``flags`` followed by the evaluate-only flags (``--train-iters 1`` when neither
+        ``--train-iters`` nor ``--train-samples`` is given: Megatron sizes its datasets from it)
+        and ``--moe-edl-probe-dir out``.
+
+    Raises:
+        ValueError: If ``flags`` has no ``--load`` or already sets ``--moe-edl-probe-dir``.
+    """
+    flags = list(flags)
+    if not any(f == "--load" or f.startswith("--load=") for f in flags):
+        raise ValueError("the probe needs --load CHECKPOINT_DIR")
+    if any(f == PROBE_DIR_FLAG or f.startswith(f"{PROBE_DIR_FLAG}=") for f in flags):
+        raise ValueError(f"pass the output directory as --out, not {PROBE_DIR_FLAG}")
+    extra = [f for f in PROBE_FLAGS if f not in flags]
+    if not any(f.split("=")[0] in ("--train-iters", "--train-samples") for f in flags):
+        extra += ["--train-iters", "1"]  # Megatron sizes its datasets from it even when skipping
+    return [*flags, *extra, PROBE_DIR_FLAG, out]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the probe (under ``torchrun`` for several processes).
+
+    Args:
+        argv: ``--out DIR`` plus the launcher's flags (default ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n", 1)[0],
+        epilog="Every other flag goes to megatron_edl.pretrain_gpt (Megatron's flags).",
+    )
+    parser.add_argument("--out", required=True, help="output directory of the probe's dump")
+    args, flags = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        launcher_argv = probe_argv(args.out, flags)
+    except ValueError as err:
+        parser.error(str(err))
+    from megatron_edl import pretrain_gpt
+
+    pretrain_gpt.main(launcher_argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""A training iteration through Megatron's real loop, EDL vs baseline (``pretrain_gpt --cpu``).
+
+Each run is ``torchrun -m megatron_edl.pretrain_gpt --cpu`` with the tiny MoE GPT of the tests
+(2 layers, H=64, 4 experts top-2, sequence 64, 2 micro-batches of 2, mock data; flags:
+``tests/megatron_runs.TINY_MOE_GPT``), ``--log-interval 1`` so that Megatron's own timer logs the
+``elapsed time per iteration`` of every iteration. The baseline is that model as it is (stock
+router with its aux loss, stock mock dataset); the EDL run adds ``--moe-edl-coeff 1e-2
+--moe-edl-mock-domains 3`` (labelled mock dataset, labels pushed to the routers, the EDL loss and
+its all-reduce in every layer, four more logged metrics). Runs alternate (A B B A ...); a run's
+sample is the median of its iteration times after ``--skip`` warm-up iterations.
+
+Prints per configuration the median [min, max] over runs of those medians, the ratio of the
+median iteration times over all runs (target EDL / baseline <= 1.02), the per-round ratio, and
+tokens per second.
+
+``--clock cpu`` (for shared machines) runs ``megatron_edl.benchmarks.cpu_clock_pretrain``
+instead of the launcher: the same training, with Megatron's timers reading the process's CPU
+time, and one torch thread per process, so other processes' load does not enter the figures.
+
+Usage:
+    python tools/benchmark_training.py                         # 4 rounds of 40 iterations
+    python tools/benchmark_training.py --clock cpu --rounds 6 --iters 60
+    python tools/benchmark_training.py --nproc 2 --extra "--expert-model-parallel-size 2"
+    python tools/benchmark_training.py --rounds 1 --iters 4 --skip 2   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+
+from megatron_edl.benchmarks.harness import (  # noqa: E402
+    Stats,
+    Table,
+    alternate,
+    describe_machine,
+    ratios,
+)
+from tests.distributed import free_port  # noqa: E402
+from tests.megatron_runs import TINY_MOE_GPT, RunResult, parse_iterations  # noqa: E402
+
+EDL_FLAGS = ["--moe-edl-coeff", "1e-2", "--moe-edl-mock-domains", "3"]
+ITERATION_TIME = "elapsed time per iteration (ms)"
+LAUNCHERS = {
+    "wall": "megatron_edl.pretrain_gpt",
+    "cpu": "megatron_edl.benchmarks.cpu_clock_pretrain",
+}
+
+
+def run_training(nproc: int, flags: list[str], *, clock: str, timeout_s: float) -> RunResult:
+    """``torchrun -m <launcher> --cpu *flags`` (launcher by ``clock``); the parsed log."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}", "-m", LAUNCHERS[clock], "--cpu", *flags,
+    ]  # fmt: skip
+    threads = 1 if clock == "cpu" else max(1, (os.cpu_count() or 2) // nproc)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)}
+    try:
+        proc = subprocess.run(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            timeout=timeout_s,
+        )  # fmt: skip
+        log, rc = proc.stdout, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout or ""
+        log = (out.decode() if isinstance(out, bytes) else out) + f"\n[timed out: {timeout_s} s]"
+        rc = -9
+    return RunResult(returncode=rc, log=log, iterations=parse_iterations(log))
+
+
+def run_case(
+    nproc: int, flags: list[str], iters: int, skip: int, clock: str, timeout_s: float, log: dict
+):
+    """A callable for the harness: one training run, returning its median iteration time (s)."""
+
+    def call() -> float:
+        result = run_training(
+            nproc,
+            [*flags, "--train-iters", str(iters), "--log-interval", "1"],
+            clock=clock,
+            timeout_s=timeout_s,
+        )
+        times_ms = [
+            result.iterations[i][ITERATION_TIME]
+            for i in sorted(result.iterations)
+            if i > skip and ITERATION_TIME in result.iterations[i]
+        ]
+        if result.returncode != 0 or len(times_ms) != iters - skip:
+            raise RuntimeError(f"training run failed or logged too little:\n{result.describe()}")
+        log.setdefault("iterations", []).extend(times_ms)
+        return statistics.median(times_ms) / 1e3
+
+    return call
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds (one run each)")
+    parser.add_argument("--warmup-rounds", type=int, default=0, help="untimed rounds first")
+    parser.add_argument("--iters", type=int, default=40, help="training iterations per run")
+    parser.add_argument("--skip", type=int, default=10, help="warm-up iterations not counted")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun)")
+    parser.add_argument("--extra", default="", help="more Megatron flags for both runs")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    parser.add_argument(
+        "--clock", choices=LAUNCHERS, default="wall",
+        help="Megatron's timers on wall time, or on the process's CPU time (shared machines)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.skip >= args.iters:
+        parser.error(f"--skip ({args.skip}) must be below --iters ({args.iters})")
+
+    base = [*TINY_MOE_GPT, *shlex.split(args.extra)]
+    configs = {"baseline": base, "edl": [*base, *EDL_FLAGS]}
+    logs: dict[str, dict] = {name: {} for name in configs}
+    cases = {
+        name: run_case(
+            args.nproc, flags, args.iters, args.skip, args.clock, args.timeout, logs[name]
+        )
+        for name, flags in configs.items()
+    }
+    print(describe_machine("cpu"))
+    print(
+        f"{args.nproc} process(es), {args.iters} iterations per run, first {args.skip} skipped, "
+        f"{args.clock} clock"
+    )
+    print("flags: " + " ".join(base) + "  [edl: + " + " ".join(EDL_FLAGS) + "]", flush=True)
+    samples = alternate(cases, repeats=args.rounds, warmup=args.warmup_rounds)
+    for log in logs.values():  # warm-up rounds logged too: keep only the timed runs' share
+        log["iterations"] = log["iterations"][-args.rounds * (args.iters - args.skip) :]
+
+    tokens = _tokens_per_iteration(base)
+    table = Table(
+        f"Training iteration (tiny MoE GPT{' with --extra flags' if args.extra else ''}, "
+        f"Megatron's timer, {args.clock} clock), ms",
+        ["config", "runs", "median of run medians [min, max]", "median of all iterations",
+         "tokens/s"],
+    )  # fmt: skip
+    pooled = {name: statistics.median(log["iterations"]) for name, log in logs.items()}
+    for name in configs:
+        table.add(
+            name,
+            len(samples[name]),
+            Stats.of(samples[name]).format(1e3, 1),
+            f"{pooled[name]:.1f}",
+            f"{tokens / (pooled[name] / 1e3):,.0f}",
+        )
+    table.print()
+    ratio_table = Table(
+        "Training iteration ratio edl / baseline (target <= 1.02)",
+        ["ratio of median iteration times", "per-round ratios, median [min, max]"],
+    )
+    ratio_table.add(
+        f"{pooled['edl'] / pooled['baseline']:.3f}",
+        Stats.of(ratios(samples["edl"], samples["baseline"])).format(),
+    )
+    ratio_table.print()
+    return 0
+
+
+def _tokens_per_iteration(flags: list[str]) -> int:
+    def value(name: str) -> int:
+        return int(flags[len(flags) - 1 - flags[::-1].index(name) + 1])
+
+    return value("--global-batch-size") * value("--seq-length")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
