@@ -2,6 +2,8 @@
 #   make demo   - the main job: tiny MoE GPT pre-training through megatron.training.pretrain on CPU
 #   make test   - lint + the whole test suite (what CI runs)
 # Both create/reuse the virtual environment $(VENV) and install what they need.
+# make quickstart: raw text -> corpus -> tokenizer -> labelled data -> baseline and EDL runs ->
+# report (docs/quickstart.md); QUICKSTART_ARGS="--labels random coarse" adds the controls.
 
 SHELL := /bin/bash
 VENV ?= .venv
@@ -12,8 +14,9 @@ PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.1
 	&& { echo "$$p"; break; }; done)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+QUICKSTART_ARGS ?=
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo quickstart test lint format clean
 
 venv: $(STAMP)
 
@@ -27,6 +30,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/pretrain_tiny_moe_cpu.sh
+
+quickstart: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" python -m megatron_edl.quickstart $(QUICKSTART_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -29,8 +29,6 @@ from pathlib import Path
 
 import pytest
 
-EOD_TOKEN = "<|endoftext|>"
-
 # Words of a few "domains", so that generated text has structure a BPE can learn; non-ASCII
 # on purpose (the tokenizer is byte-level: any text, including emoji, has an encoding).
 DOMAIN_WORDS: dict[str, list[str]] = {
@@ -51,6 +49,8 @@ def sentence(rng: random.Random, domain: str, num_words: int) -> str:
 def train_tiny_tokenizer(directory: str | os.PathLike, vocab_size: int = 512) -> Path:
     """Train a byte-level BPE on generated text and save it where AutoTokenizer can load it.
 
+    The library's trainer (``megatron_edl.data.tokenizer``, the quickstart's) on generated text.
+
     Args:
         directory: Folder to write ``tokenizer.json`` and ``tokenizer_config.json`` into.
         vocab_size: Target vocabulary size (the result may be smaller: the corpus is tiny).
@@ -58,32 +58,11 @@ def train_tiny_tokenizer(directory: str | os.PathLike, vocab_size: int = 512) ->
     Returns:
         The folder.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from megatron_edl.data.tokenizer import train_bpe_tokenizer
 
     rng = random.Random(0)
     texts = [sentence(rng, domain, 16) for domain in DOMAIN_WORDS for _ in range(300)]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": EOD_TOKEN,
-        "bos_token": EOD_TOKEN,
-        "unk_token": EOD_TOKEN,
-        "model_max_length": 1 << 30,
-    }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return directory
+    return train_bpe_tokenizer(texts, directory, vocab_size=vocab_size)
 
 
 def tokenizer_args(tokenizer_dir: str | os.PathLike) -> argparse.Namespace:

@@ -1,0 +1,913 @@
+"""The quickstart: one command from raw text to "baseline vs EDL" on a CPU machine, offline.
+
+Stages, each a function of the run's context, each finished stage remembered by a stamp file
+(``<workdir>/stamps/<stage>.json``: a fingerprint of everything the stage's output depends on,
+its outputs, its wall time), so that re-running reuses what is done and redoes what changed:
+
+1. ``corpus``: the offline multi-domain corpus (:mod:`megatron_edl.data.corpus`): labelled
+   train/validation JSONL, label vocabulary, coarse label map.
+2. ``tokenizer``: a byte-level BPE trained on the train split
+   (:mod:`megatron_edl.data.tokenizer`), loaded by Megatron as ``HuggingFaceTokenizer``.
+3. ``preprocess``: both splits into Megatron's indexed format with the domain sidecar
+   (:mod:`megatron_edl.data.preprocess`).
+4. ``train:<run>``: one pre-training run per comparison arm through the launcher
+   (``torchrun -m megatron_edl.pretrain_gpt --cpu``), 2 processes, expert parallelism 2, the
+   same seed and therefore the same initialisation and data order: ``baseline`` (EDL off) and
+   ``edl``, plus ``edl-random`` (the random-label control, ``--labels random``) and
+   ``edl-coarse`` (the three coarse groups as loss domains, ``--labels coarse``).
+5. ``evaluate:<run>``: the run's numbers: Megatron's validation loss after the last iteration
+   over the whole validation split, overall and per domain (every run loads the domain labels;
+   the baseline with ``--moe-edl-eval-per-domain``, which leaves its training stock), and the
+   iteration log's last values.
+6. ``report``: ``<workdir>/report/summary.{json,md}``, and the tables printed at the end.
+
+The routing telemetry, evaluation probe and HTML report of the analysis package plug into
+stages 4-6 through :func:`telemetry_args`, :func:`evaluate_run` and :func:`write_report`.
+
+Usage:
+    python -m megatron_edl.quickstart                       # baseline vs EDL, ~11 min on 2 cores
+    python -m megatron_edl.quickstart --labels random coarse  # plus the two controls
+    python -m megatron_edl.quickstart --train-iters 20 --corpus-bytes 64K   # a smoke run
+    make quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CONTROLS",
+    "ModelConfig",
+    "QuickstartConfig",
+    "QuickstartError",
+    "RunSpec",
+    "main",
+    "parse_iteration_line",
+    "per_domain_table",
+    "run_quickstart",
+    "run_specs",
+]
+
+STAMP_VERSION = 1
+CONTROLS = ("random", "coarse")
+"""Values of ``--labels``: each adds a run."""
+
+
+class QuickstartError(RuntimeError):
+    """A stage failed; the message names the stage and where its log is."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The MoE GPT trained by the quickstart (Megatron flags in :meth:`megatron_args`)."""
+
+    num_layers: int = 4
+    """Transformer layers; every one is an MoE layer."""
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_experts: int = 8
+    topk: int = 2
+    moe_ffn_hidden_size: int = 256
+    seq_length: int = 256
+    aux_loss_coeff: float = 1e-2
+    """α of Megatron's load-balancing loss (``aux_loss``)."""
+
+    def megatron_args(self) -> list[str]:
+        """The model's Megatron flags."""
+        return [
+            *("--num-layers", str(self.num_layers), "--hidden-size", str(self.hidden_size)),
+            *("--num-attention-heads", str(self.num_attention_heads)),
+            *("--ffn-hidden-size", str(4 * self.hidden_size)),
+            *("--seq-length", str(self.seq_length)),
+            *("--max-position-embeddings", str(self.seq_length)),
+            *("--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu"),
+            *("--disable-bias-linear", "--untie-embeddings-and-output-weights"),
+            *("--attention-dropout", "0.0", "--hidden-dropout", "0.0"),
+            *("--num-experts", str(self.num_experts), "--moe-router-topk", str(self.topk)),
+            *("--moe-ffn-hidden-size", str(self.moe_ffn_hidden_size)),
+            *("--moe-router-load-balancing-type", "aux_loss"),
+            *("--moe-aux-loss-coeff", str(self.aux_loss_coeff)),
+            *("--moe-token-dispatcher-type", "alltoall"),
+        ]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuickstartConfig:
+    """Everything the quickstart's outputs depend on (its command-line flags)."""
+
+    workdir: Path = Path("runs/quickstart")
+    """Where every stage writes (corpus/, tokenizer/, data/, runs/<run>/, report/, stamps/)."""
+    seed: int = 1234
+    """One seed for the corpus, the initialisation and the data order of every run."""
+    controls: tuple[str, ...] = ()
+    """Extra runs: ``random`` and/or ``coarse`` (see :data:`CONTROLS`)."""
+    corpus_bytes_per_domain: int = 384 << 10
+    """Text per fine domain (train + validation)."""
+    valid_fraction: float = 0.1
+    vocab_size: int = 4096
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train_iters: int = 500
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    lr: float = 2e-3
+    edl_coeff: float = 0.01
+    """β of the EDL runs."""
+    eval_iters: int | None = None
+    """Validation batches evaluated at the end of each run; ``None``: as many as the validation
+    split fills (every validation token once)."""
+    nproc: int = 2
+    """Training processes (expert parallelism = nproc)."""
+    extra_train_args: tuple[str, ...] = ()
+    """Megatron flags appended to every run's command line."""
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.controls if c not in CONTROLS]
+        if unknown:
+            raise ValueError(f"--labels must be among {list(CONTROLS)}, got {unknown}")
+        if self.train_iters < 1 or (self.eval_iters is not None and self.eval_iters < 1):
+            raise ValueError(
+                f"--train-iters and --eval-iters must be >= 1, got {self.train_iters}, "
+                f"{self.eval_iters}"
+            )
+        if self.nproc < 1 or self.model.num_experts % self.nproc:
+            raise ValueError(
+                f"--nproc ({self.nproc}) must divide the number of experts "
+                f"({self.model.num_experts})"
+            )
+        if self.global_batch_size % (self.micro_batch_size * self.nproc):
+            raise ValueError(
+                f"the global batch ({self.global_batch_size}) must be a multiple of micro batch "
+                f"({self.micro_batch_size}) x processes ({self.nproc})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One training run of the comparison: its name and the flags only it has (EDL's)."""
+
+    name: str
+    description: str
+    flags: tuple[str, ...]
+
+
+def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
+    """The runs to train: baseline, EDL, then the chosen controls (in :data:`CONTROLS` order).
+
+    Args:
+        config: The quickstart's configuration.
+        label_map: The corpus's coarse label map (for the ``coarse`` control).
+
+    Returns:
+        The runs, baseline first.
+    """
+    beta = ("--moe-edl-coeff", str(config.edl_coeff))
+    runs = [
+        RunSpec(
+            "baseline",
+            "EDL off (Megatron's load-balancing loss only); the domain labels are loaded for the "
+            "per-domain validation loss only",
+            ("--moe-edl-eval-per-domain",),
+        ),
+        RunSpec("edl", f"EDL on the fine domains, beta = {config.edl_coeff}", beta),
+    ]
+    if "random" in config.controls:
+        runs.append(
+            RunSpec(
+                "edl-random",
+                "EDL with the documents' labels randomly permuted (the control)",
+                (*beta, "--moe-edl-labels", "random", "--moe-edl-random-seed", str(config.seed)),
+            )
+        )
+    if "coarse" in config.controls:
+        runs.append(
+            RunSpec(
+                "edl-coarse",
+                "EDL on the 3 coarse groups (code, text, math)",
+                (*beta, "--moe-edl-label-map", os.fspath(label_map)),
+            )
+        )
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages and stamps
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Context:
+    """What stages share: the configuration, the folders, the results of earlier stages."""
+
+    config: QuickstartConfig
+    fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
+    results: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    times: dict[str, float] = dataclasses.field(default_factory=dict)
+    cpu_times: dict[str, float] = dataclasses.field(default_factory=dict)
+    reused: list[str] = dataclasses.field(default_factory=list)
+    log: Callable[[str], None] = print
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.config.workdir)
+
+    @property
+    def corpus_dir(self) -> Path:
+        return self.workdir / "corpus"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.workdir / "tokenizer"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    def run_dir(self, run: str) -> Path:
+        return self.workdir / "runs" / run
+
+    @property
+    def report_dir(self) -> Path:
+        return self.workdir / "report"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A step of the pipeline.
+
+    Attributes:
+        name: Stage name (``train:edl``); also the stamp's file name.
+        inputs: Context -> JSON-able description of what the output depends on, besides the
+            stages in ``after`` (whose fingerprints are included).
+        run: Context -> result (JSON-able; stored in the stamp and given to later stages).
+        outputs: Context -> paths that must exist for a stamp to count.
+        after: Earlier stages whose output this one reads.
+    """
+
+    name: str
+    inputs: Callable[[Context], Any]
+    run: Callable[[Context], dict[str, Any]]
+    outputs: Callable[[Context], list[Path]]
+    after: tuple[str, ...] = ()
+
+
+def _fingerprint(stage: Stage, ctx: Context) -> str:
+    payload = {
+        "version": STAMP_VERSION,
+        "stage": stage.name,
+        "inputs": stage.inputs(ctx),
+        "after": {name: ctx.fingerprints[name] for name in stage.after},
+    }
+    text = json.dumps(payload, sort_keys=True, default=os.fspath)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _stamp_path(ctx: Context, stage: Stage) -> Path:
+    return ctx.workdir / "stamps" / (stage.name.replace(":", "-") + ".json")
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished child processes."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def run_stage(stage: Stage, ctx: Context, index: int, total: int) -> dict[str, Any]:
+    """Run ``stage``, or reuse its earlier result when its stamp matches (see module doc)."""
+    fingerprint = _fingerprint(stage, ctx)
+    ctx.fingerprints[stage.name] = fingerprint
+    stamp = _stamp_path(ctx, stage)
+    prefix = f"[quickstart {index}/{total}] {stage.name}"
+    if stamp.exists():
+        saved = json.loads(stamp.read_text())
+        if saved.get("fingerprint") == fingerprint and all(p.exists() for p in stage.outputs(ctx)):
+            ctx.results[stage.name] = saved["result"]
+            ctx.times[stage.name] = saved["seconds"]
+            ctx.cpu_times[stage.name] = saved["cpu_seconds"]
+            ctx.reused.append(stage.name)
+            ctx.log(f"{prefix}: reused (finished earlier in {saved['seconds']:.1f} s)")
+            return saved["result"]
+    stamp.unlink(missing_ok=True)
+    ctx.log(f"{prefix}: running")
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    result = stage.run(ctx)
+    seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
+    ctx.results[stage.name] = result
+    ctx.times[stage.name] = seconds
+    ctx.cpu_times[stage.name] = cpu_seconds
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    record = {"stage": stage.name, "fingerprint": fingerprint, "seconds": seconds}
+    record.update(cpu_seconds=cpu_seconds, result=result)
+    tmp = stamp.with_name(stamp.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=os.fspath) + "\n")
+    os.replace(tmp, stamp)
+    ctx.log(f"{prefix}: done in {seconds:.1f} s ({cpu_seconds:.1f} s of CPU)")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# 1-3: corpus, tokenizer, preprocessing
+# ----------------------------------------------------------------------------------------------
+
+
+def _corpus_config(ctx: Context):
+    from megatron_edl.data.corpus import CorpusConfig
+
+    return CorpusConfig(
+        output_dir=ctx.corpus_dir,
+        seed=ctx.config.seed,
+        max_bytes_per_domain=ctx.config.corpus_bytes_per_domain,
+        valid_fraction=ctx.config.valid_fraction,
+    )
+
+
+def _corpus_inputs(ctx: Context) -> Any:
+    config = _corpus_config(ctx).to_json()
+    config.pop("output_dir")
+    return config
+
+
+def build_corpus_stage(ctx: Context) -> dict[str, Any]:
+    """Stage 1: the corpus; logs its table."""
+    from megatron_edl.data.corpus import build_corpus
+
+    report = build_corpus(_corpus_config(ctx))
+    ctx.log(report.table())
+    return {
+        "domains": [d.name for d in report.present],
+        "groups": {d.name: d.group for d in report.present},
+        "documents": {d.name: d.documents for d in report.present},
+        "missing_sources": [f"{s.name} ({d}): {s.missing}" for d, s in report.missing_sources],
+    }
+
+
+def train_tokenizer_stage(ctx: Context) -> dict[str, Any]:
+    """Stage 2: the BPE tokenizer, trained on the corpus's train split."""
+    from megatron_edl.data.tokenizer import jsonl_texts, train_bpe_tokenizer
+
+    if ctx.tokenizer_dir.exists():
+        shutil.rmtree(ctx.tokenizer_dir)
+    train_bpe_tokenizer(
+        jsonl_texts([ctx.corpus_dir / "train.jsonl"]),
+        ctx.tokenizer_dir,
+        vocab_size=ctx.config.vocab_size,
+        min_frequency=2,
+    )
+    vocab = json.loads((ctx.tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    return {"vocab_size": len(vocab)}
+
+
+def _tokenizer_args(ctx: Context) -> list[str]:
+    return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(ctx.tokenizer_dir)]
+
+
+def _prefix(ctx: Context, split: str) -> Path:
+    return ctx.data_dir / f"{split}_text_document"
+
+
+def preprocess_stage(ctx: Context) -> dict[str, Any]:
+    """Stage 3: both splits to Megatron's indexed format plus the domain sidecar."""
+    from megatron_edl.data import preprocess
+
+    if ctx.data_dir.exists():
+        shutil.rmtree(ctx.data_dir)
+    ctx.data_dir.mkdir(parents=True)
+    tokens = {}
+    for split in ("train", "valid"):
+        argv = [
+            *("--input", str(ctx.corpus_dir / f"{split}.jsonl")),
+            *("--output-prefix", str(ctx.data_dir / split)),
+            *_tokenizer_args(ctx),
+            "--append-eod",
+            *("--domain-field", "domain", "--label-vocab", str(ctx.corpus_dir / "labels.yaml")),
+            *("--workers", "1"),  # a few MB: worker start-up would cost more than it saves
+            *("--log-interval", "100000"),
+        ]
+        if preprocess.main(argv) != 0:
+            raise QuickstartError(f"preprocess: preprocessing the {split} split failed (above)")
+        stats = json.loads(Path(f"{_prefix(ctx, split)}.stats.json").read_text())
+        tokens[split] = stats["tokens_written"]
+        ctx.log(
+            f"  {split}: {stats['documents_written']} documents, {stats['tokens_written']} tokens"
+        )
+    return {"tokens": tokens}
+
+
+# ----------------------------------------------------------------------------------------------
+# 4: training
+# ----------------------------------------------------------------------------------------------
+
+_ITERATION_RE = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
+_VALIDATION_RE = re.compile(r"validation loss at iteration (\d+) on validation set \|(.*)$")
+_METRIC_RE = re.compile(r"\s*([^|:]+?):\s*([-+0-9.eE]+|nan|inf)\s*$", re.IGNORECASE)
+
+
+def _metrics(fields: str) -> dict[str, float]:
+    out = {}
+    for field in fields.split("|"):
+        match = _METRIC_RE.match(field)
+        if match:
+            out[match.group(1).strip()] = float(match.group(2))
+    return out
+
+
+def parse_iteration_line(line: str) -> tuple[int, int, dict[str, float]] | None:
+    """``(iteration, train_iters, metrics)`` of a Megatron ``iteration N/M | k: v | ...`` line.
+
+    Args:
+        line: A line of Megatron's log.
+
+    Returns:
+        The parsed line, or ``None`` for any other line.
+    """
+    match = _ITERATION_RE.search(line)
+    if not match:
+        return None
+    return int(match.group(1)), int(match.group(2)), _metrics(match.group(3))
+
+
+def telemetry_args(ctx: Context, run: RunSpec) -> list[str]:
+    """Flags that make a run write routing statistics (the analysis package's telemetry).
+
+    The plug-in point of the telemetry stage: the same flags for every run, EDL on or off, so
+    the baseline's routing is measured like EDL's. None yet.
+    """
+    return []
+
+
+def train_args(ctx: Context, run: RunSpec) -> list[str]:
+    """Every Megatron flag of ``run`` after ``--cpu`` (the model, data, schedule, EDL flags)."""
+    config = ctx.config
+    run_dir = ctx.run_dir(run.name)
+    return [
+        *config.model.megatron_args(),
+        *("--expert-model-parallel-size", str(config.nproc)),
+        *("--train-data-path", str(_prefix(ctx, "train"))),
+        *("--valid-data-path", str(_prefix(ctx, "valid"))),
+        *_tokenizer_args(ctx),
+        *("--num-workers", "0"),
+        *("--micro-batch-size", str(config.micro_batch_size)),
+        *("--global-batch-size", str(config.global_batch_size)),
+        *("--train-iters", str(config.train_iters)),
+        *("--lr", str(config.lr), "--min-lr", str(config.lr / 10)),
+        *("--lr-decay-style", "cosine"),
+        *("--lr-warmup-iters", str(max(1, config.train_iters // 20))),
+        *("--weight-decay", "0.01", "--clip-grad", "1.0", "--seed", str(config.seed)),
+        *("--log-interval", str(_log_interval(config.train_iters))),
+        *("--eval-iters", str(_eval_iters(ctx))),
+        *("--eval-interval", str(config.train_iters + 1)),  # only the final evaluation
+        *("--save", str(run_dir / "checkpoints"), "--save-interval", str(config.train_iters)),
+        *run.flags,
+        *telemetry_args(ctx, run),
+        *config.extra_train_args,
+    ]
+
+
+def _eval_iters(ctx: Context) -> int:
+    if ctx.config.eval_iters is not None:
+        return ctx.config.eval_iters
+    tokens = ctx.results["preprocess"]["tokens"]["valid"]
+    per_iteration = ctx.config.global_batch_size * ctx.config.model.seq_length
+    return max(1, tokens // per_iteration)
+
+
+def _log_interval(train_iters: int) -> int:
+    return max(1, min(10, train_iters // 20))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def training_command(ctx: Context, run: RunSpec) -> list[str]:
+    """``python -m torch.distributed.run ... -m megatron_edl.pretrain_gpt --cpu <flags>``."""
+    return [
+        sys.executable,
+        *("-m", "torch.distributed.run", f"--nproc-per-node={ctx.config.nproc}"),
+        f"--master-port={_free_port()}",
+        *("-m", "megatron_edl.pretrain_gpt", "--cpu"),
+        *train_args(ctx, run),
+    ]
+
+
+def _training_env(ctx: Context) -> dict[str, str]:
+    threads = max(1, (os.cpu_count() or 1) // ctx.config.nproc)
+    return {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+class _TrainProgress:
+    """A tqdm bar over iterations on a terminal, else a line every tenth of the run."""
+
+    def __init__(self, ctx: Context, run: str, total: int) -> None:
+        from tqdm import tqdm
+
+        self.ctx, self.run, self.total = ctx, run, total
+        self.bar = tqdm(total=total, desc=f"  {run}", unit="it", file=sys.stderr, disable=None)
+        self.start = time.perf_counter()
+        self.done = 0
+        self.step = max(1, total // 10)
+
+    def update(self, iteration: int, metrics: dict[str, float]) -> None:
+        shown = {k: metrics[k] for k in ("lm loss", "edl_jsd", "edl_mi") if k in metrics}
+        text = ", ".join(f"{k} {v:.3f}" for k, v in shown.items())
+        if not self.bar.disable:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(iteration - self.done)
+        elif iteration // self.step > self.done // self.step or iteration == self.total:
+            elapsed = time.perf_counter() - self.start
+            self.ctx.log(
+                f"  {self.run}: iteration {iteration}/{self.total}, {text} ({elapsed:.0f} s)"
+            )
+        self.done = iteration
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def train_stage(ctx: Context, run: RunSpec) -> dict[str, Any]:
+    """Stage 4: one training run; its full log is ``runs/<run>/train.log``."""
+    run_dir = ctx.run_dir(run.name)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    command = training_command(ctx, run)
+    (run_dir / "command.txt").write_text(" ".join(command[1:]) + "\n")
+    log_path = run_dir / "train.log"
+    iterations: dict[int, dict[str, float]] = {}
+    validation: dict[str, float] = {}
+    progress = _TrainProgress(ctx, run.name, ctx.config.train_iters)
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(
+            command,
+            env=_training_env(ctx),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            parsed = parse_iteration_line(line)
+            if parsed is not None:
+                iterations[parsed[0]] = parsed[2]
+                progress.update(parsed[0], parsed[2])
+            match = _VALIDATION_RE.search(line)
+            if match:
+                validation = _metrics(match.group(2))
+        returncode = process.wait()
+    progress.close()
+    last = max(iterations, default=0)
+    if returncode != 0 or last != ctx.config.train_iters:
+        tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-30:])
+        raise QuickstartError(
+            f"train:{run.name}: exit status {returncode}, last iteration {last} of "
+            f"{ctx.config.train_iters}; full log: {log_path}\n{tail}"
+        )
+    return {
+        "iterations": {str(k): v for k, v in sorted(iterations.items())},
+        "validation": validation,
+        "checkpoint": os.fspath(run_dir / "checkpoints"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# 5-6: evaluation and report
+# ----------------------------------------------------------------------------------------------
+
+LAST_LOG_LINES = 5
+"""Training metrics are averaged over this many last log lines (the log is noisy)."""
+
+
+_PER_DOMAIN_RE = re.compile(r"^(lm loss|token share)/(.+) value$")
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else value
+
+
+def evaluate_run(ctx: Context, run: RunSpec) -> dict[str, Any]:
+    """Stage 5: the numbers of one run.
+
+    Today: Megatron's validation LM loss at the end of training, overall and per loss domain
+    (``lm loss/<domain>``, with each domain's share of the validation tokens; a domain absent
+    from the validation batches has none), and the mean of the last :data:`LAST_LOG_LINES`
+    logged values of the training LM loss, the load-balancing loss and, for EDL runs, the EDL
+    metrics (mean pairwise JSD and I(domain; expert), averaged over MoE layers). The plug-in
+    point of the evaluation probe (routing statistics of the checkpoint, EDL on or off).
+    """
+    trained = ctx.results[f"train:{run.name}"]
+    iterations = [trained["iterations"][k] for k in sorted(trained["iterations"], key=int)]
+    recent = iterations[-LAST_LOG_LINES:]
+
+    def mean(name: str) -> float | None:
+        values = [m[name] for m in recent if name in m]
+        return _finite(sum(values) / len(values)) if values else None
+
+    per_domain: dict[str, float | None] = {}
+    shares: dict[str, float | None] = {}
+    for key, value in trained["validation"].items():
+        match = _PER_DOMAIN_RE.match(key)
+        if match:
+            target = per_domain if match.group(1) == "lm loss" else shares
+            target[match.group(2)] = _finite(value)
+    return {
+        "valid_lm_loss": _finite(trained["validation"].get("lm loss value")),
+        "valid_lm_loss_per_domain": per_domain,
+        "valid_token_share_per_domain": shares,
+        "train_lm_loss": mean("lm loss"),
+        "load_balancing_loss": mean("load_balancing_loss"),
+        "edl_jsd": mean("edl_jsd"),
+        "edl_mi": mean("edl_mi"),
+    }
+
+
+_TABLE_COLUMNS = (
+    ("valid_lm_loss", "valid LM loss"),
+    ("train_lm_loss", "train LM loss"),
+    ("load_balancing_loss", "load balance"),
+    ("edl_mi", "I(D;E)"),
+    ("edl_jsd", "mean JSD"),
+)
+
+
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def summary_table(runs: Sequence[RunSpec], evaluations: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table: one row per run, the evaluation's numbers as columns."""
+    header = "| run | " + " | ".join(title for _, title in _TABLE_COLUMNS) + " |"
+    lines = [header, "|" + " --- |" * (len(_TABLE_COLUMNS) + 1)]
+    for run in runs:
+        values = evaluations[run.name]
+        cells = [_cell(values.get(key)) for key, _ in _TABLE_COLUMNS]
+        lines.append(f"| {run.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_domain_table(runs: Sequence[RunSpec], evaluations: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table of the validation LM loss: one row per domain, one column per run.
+
+    Rows are the union of the runs' loss domains in order of appearance (a run with other loss
+    domains, e.g. the coarse groups, has ``n/a`` in the others), then the overall loss.
+    """
+    domains: dict[str, None] = {}
+    for run in runs:
+        domains.update(dict.fromkeys(evaluations[run.name].get("valid_lm_loss_per_domain", {})))
+    header = "| domain | " + " | ".join(run.name for run in runs) + " |"
+    lines = [header, "|" + " --- |" * (len(runs) + 1)]
+    for domain in domains:
+        cells = [
+            _cell(evaluations[run.name].get("valid_lm_loss_per_domain", {}).get(domain))
+            for run in runs
+        ]
+        lines.append(f"| {domain} | " + " | ".join(cells) + " |")
+    overall = [_cell(evaluations[run.name].get("valid_lm_loss")) for run in runs]
+    lines.append("| all | " + " | ".join(overall) + " |")
+    return "\n".join(lines)
+
+
+def write_report(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, Any]:
+    """Stage 6: ``report/summary.json`` and ``report/summary.md``.
+
+    The plug-in point of the analysis report (heat maps, ternary plot, I(D;E) and JSD per layer
+    and step from the runs' routing statistics).
+    """
+    ctx.report_dir.mkdir(parents=True, exist_ok=True)
+    evaluations = {run.name: ctx.results[f"evaluate:{run.name}"] for run in runs}
+    table = summary_table(runs, evaluations)
+    domain_table = per_domain_table(runs, evaluations)
+    summary = {
+        "runs": [dataclasses.asdict(run) for run in runs],
+        "evaluations": evaluations,
+        "corpus": ctx.results.get("corpus", {}),
+        "stage_seconds": dict(ctx.times),
+        "stage_cpu_seconds": dict(ctx.cpu_times),
+        "config": _config_json(ctx.config),
+    }
+    (ctx.report_dir / "summary.json").write_text(
+        json.dumps(summary, indent=2, default=os.fspath) + "\n"
+    )
+    notes = [
+        "# Quickstart: baseline vs EDL",
+        "",
+        table,
+        "",
+        "valid LM loss: Megatron's validation loss after the last iteration; the other columns "
+        f"average the last {LAST_LOG_LINES} training log lines. I(D;E) and mean JSD are the EDL "
+        "metrics of the training log (averaged over MoE layers, over each run's own loss "
+        "domains; n/a where EDL is off).",
+        "",
+        "## Validation LM loss per domain",
+        "",
+        domain_table,
+        "",
+        "Runs:",
+        *[f"- {run.name}: {run.description}" for run in runs],
+    ]
+    (ctx.report_dir / "summary.md").write_text("\n".join(notes) + "\n")
+    return {"table": table, "per_domain_table": domain_table}
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------
+
+
+def _config_json(config: QuickstartConfig) -> dict[str, Any]:
+    out = dataclasses.asdict(config)
+    out["workdir"] = os.fspath(config.workdir)
+    return out
+
+
+def pipeline(ctx: Context) -> tuple[list[Stage], list[RunSpec]]:
+    """The stages, in order, and the runs they train."""
+    config = ctx.config
+    runs = run_specs(config, ctx.corpus_dir / "label_map_coarse.yaml")
+    stages = [
+        Stage(
+            "corpus",
+            _corpus_inputs,
+            build_corpus_stage,
+            lambda c: [c.corpus_dir / "corpus.json"],
+        ),
+        Stage(
+            "tokenizer",
+            lambda c: {"vocab_size": c.config.vocab_size},
+            train_tokenizer_stage,
+            lambda c: [c.tokenizer_dir / "tokenizer.json"],
+            after=("corpus",),
+        ),
+        Stage(
+            "preprocess",
+            lambda c: {},
+            preprocess_stage,
+            lambda c: [Path(f"{_prefix(c, s)}.idx") for s in ("train", "valid")],
+            after=("corpus", "tokenizer"),
+        ),
+    ]
+    for run in runs:
+        stages.append(
+            Stage(
+                f"train:{run.name}",
+                lambda c, run=run: {"args": train_args(c, run)},
+                lambda c, run=run: train_stage(c, run),
+                lambda c, run=run: [c.run_dir(run.name) / "train.log"],
+                after=("preprocess",),
+            )
+        )
+    for run in runs:
+        stages.append(
+            Stage(
+                f"evaluate:{run.name}",
+                lambda c: {},
+                lambda c, run=run: evaluate_run(c, run),
+                lambda c: [],
+                after=(f"train:{run.name}",),
+            )
+        )
+    stages.append(
+        Stage(
+            "report",
+            lambda c: {"runs": [r.name for r in runs]},
+            lambda c: write_report(c, runs),
+            lambda c: [c.report_dir / "summary.md"],
+            after=tuple(f"evaluate:{r.name}" for r in runs),
+        )
+    )
+    return stages, runs
+
+
+def run_quickstart(
+    config: QuickstartConfig, *, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Run (or reuse) every stage; returns the report's summary (``report/summary.json``)."""
+    ctx = Context(config=config, log=log)
+    stages, runs = pipeline(ctx)
+    start = time.perf_counter()
+    for index, stage in enumerate(stages, 1):
+        run_stage(stage, ctx, index, len(stages))
+    # The report's stamp keeps the times of the run that wrote it; these are this call's.
+    total = time.perf_counter() - start
+    summary = json.loads((ctx.report_dir / "summary.json").read_text())
+    log("")
+    log(
+        "Stage times, wall (CPU) s: "
+        + ", ".join(f"{k} {v:.1f} ({ctx.cpu_times[k]:.1f})" for k, v in ctx.times.items())
+    )
+    if ctx.reused:
+        log(f"Reused from an earlier call: {', '.join(ctx.reused)}")
+    log(f"Total: {total:.1f} s")
+    log("")
+    log(ctx.results["report"]["table"])
+    log("")
+    log(ctx.results["report"]["per_domain_table"])
+    log("")
+    log(f"Report: {ctx.report_dir / 'summary.md'} (numbers: {ctx.report_dir / 'summary.json'})")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The quickstart's flags."""
+    from megatron_edl.data.corpus import parse_size
+
+    defaults = QuickstartConfig()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--workdir", default=os.fspath(defaults.workdir), help="Output folder (reused)."
+    )
+    parser.add_argument(
+        "--labels",
+        nargs="+",
+        action="extend",
+        choices=CONTROLS,
+        default=[],
+        help="Controls, each adding a run: random (permuted labels), coarse (3 groups).",
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--corpus-bytes",
+        type=parse_size,
+        default=defaults.corpus_bytes_per_domain,
+        help="Text per fine domain, e.g. 384K (default).",
+    )
+    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
+    parser.add_argument("--train-iters", type=int, default=defaults.train_iters)
+    parser.add_argument(
+        "--eval-iters",
+        type=int,
+        default=defaults.eval_iters,
+        help="Validation batches at the end of each run (default: the whole validation split).",
+    )
+    parser.add_argument("--edl-coeff", type=float, default=defaults.edl_coeff, help="beta.")
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--nproc", type=int, default=defaults.nproc, help="Processes (= EP).")
+    parser.add_argument(
+        "--train-args",
+        default="",
+        help="Extra Megatron flags for every run, one string (e.g. '--num-layers 2').",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``megatron-edl-quickstart``); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = QuickstartConfig(
+            workdir=Path(args.workdir),
+            seed=args.seed,
+            controls=tuple(c for c in CONTROLS if c in args.labels),
+            corpus_bytes_per_domain=args.corpus_bytes,
+            vocab_size=args.vocab_size,
+            train_iters=args.train_iters,
+            eval_iters=args.eval_iters,
+            edl_coeff=args.edl_coeff,
+            lr=args.lr,
+            nproc=args.nproc,
+            extra_train_args=tuple(args.train_args.split()),
+        )
+        run_quickstart(config)
+    except (QuickstartError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
