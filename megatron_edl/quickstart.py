@@ -64,6 +64,13 @@ __all__ = [
 
 STAMP_VERSION = 1
 CONTROLS = ("random", "coarse")
+COMPARE = ("ortho+variance", "all")
+"""Extra runs with the losses of arXiv 2505.22323 (``--compare``): both losses with EDL off, and
+EDL with both losses, each auto-calibrated to the released code's targets."""
+SPECIALIZATION_FLAGS = (
+    "--moe-ortho-loss-coeff", "1.0", "--moe-variance-loss-coeff", "1.0",
+    "--moe-specialization-auto-calibrate",
+)  # fmt: skip
 """Values of ``--labels``: each adds a run."""
 
 
@@ -120,6 +127,8 @@ class QuickstartConfig:
     """One seed for the corpus, the initialisation and the data order of every run."""
     controls: tuple[str, ...] = ()
     """Extra runs: ``random`` and/or ``coarse`` (see :data:`CONTROLS`)."""
+    compare: tuple[str, ...] = ()
+    """Extra runs with the orthogonality and variance losses (see :data:`COMPARE`)."""
     corpus_bytes_per_domain: int = 384 << 10
     """Text per fine domain (train + validation)."""
     valid_fraction: float = 0.1
@@ -143,6 +152,9 @@ class QuickstartConfig:
         unknown = [c for c in self.controls if c not in CONTROLS]
         if unknown:
             raise ValueError(f"--labels must be among {list(CONTROLS)}, got {unknown}")
+        unknown = [c for c in self.compare if c not in COMPARE]
+        if unknown:
+            raise ValueError(f"--compare must be among {list(COMPARE)}, got {unknown}")
         if self.train_iters < 1 or (self.eval_iters is not None and self.eval_iters < 1):
             raise ValueError(
                 f"--train-iters and --eval-iters must be >= 1, got {self.train_iters}, "
@@ -167,6 +179,9 @@ class RunSpec:
     name: str
     description: str
     flags: tuple[str, ...]
+    fine_labels: bool = True
+    """Whether the run trains on the fine data labels (its training telemetry then shares the
+    probe's domains); False for the controls (permuted labels, coarse groups)."""
 
 
 def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
@@ -195,6 +210,7 @@ def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
                 "edl-random",
                 "EDL with the documents' labels randomly permuted (the control)",
                 (*beta, "--moe-edl-labels", "random", "--moe-edl-random-seed", str(config.seed)),
+                fine_labels=False,
             )
         )
     if "coarse" in config.controls:
@@ -203,6 +219,23 @@ def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
                 "edl-coarse",
                 "EDL on the 3 coarse groups (code, text, math)",
                 (*beta, "--moe-edl-label-map", os.fspath(label_map)),
+                fine_labels=False,
+            )
+        )
+    if "ortho+variance" in config.compare:
+        runs.append(
+            RunSpec(
+                "ortho+variance",
+                "EDL off; orthogonality and variance losses (arXiv 2505.22323), auto-calibrated",
+                ("--moe-edl-eval-per-domain", *SPECIALIZATION_FLAGS),
+            )
+        )
+    if "all" in config.compare:
+        runs.append(
+            RunSpec(
+                "edl+ortho+variance",
+                f"EDL (beta = {config.edl_coeff}) with the orthogonality and variance losses",
+                (*beta, *SPECIALIZATION_FLAGS),
             )
         )
     return runs
@@ -447,13 +480,51 @@ def parse_iteration_line(line: str) -> tuple[int, int, dict[str, float]] | None:
 def telemetry_args(ctx: Context, run: RunSpec) -> list[str]:
     """Flags that make a run write routing statistics (the analysis package's telemetry).
 
-    The plug-in point of the telemetry stage: the same flags for every run, EDL on or off, so
-    the baseline's routing is measured like EDL's. None yet.
+    The same flags for every run, EDL on or off, so the baseline's routing is measured like
+    EDL's: about ten dumps per run into ``runs/<run>/stats`` (training labels: the fine domains,
+    or the control's labels).
     """
-    return []
+    interval = max(1, ctx.config.train_iters // 10)
+    stats = ctx.run_dir(run.name) / "stats"
+    return ["--moe-edl-stats-interval", str(interval), "--moe-edl-stats-dir", os.fspath(stats)]
 
 
-def train_args(ctx: Context, run: RunSpec) -> list[str]:
+def probe_dir(ctx: Context, run: RunSpec) -> Path:
+    """Where the probe's dump of ``run`` goes: next to its training dumps when both use the fine
+    labels (the report then has the run's series and the probe snapshot), else its own folder."""
+    return ctx.run_dir(run.name) / ("stats" if run.fine_labels else "probe")
+
+
+# The run flags the probe drops: it evaluates every run on the data's own fine labels.
+_TRAINING_LABEL_FLAGS = ("--moe-edl-labels", "--moe-edl-random-seed", "--moe-edl-label-map")
+
+
+def probe_command(ctx: Context, run: RunSpec) -> list[str]:
+    """``torchrun ... -m megatron_edl.probe --out DIR <the run's flags> --load CKPT``."""
+    flags: list[str] = []
+    run_flags = list(run.flags)
+    i = 0
+    while i < len(run_flags):
+        if run_flags[i] in _TRAINING_LABEL_FLAGS:
+            i += 2
+            continue
+        flags.append(run_flags[i])
+        i += 1
+    probe_run = dataclasses.replace(run, flags=(*flags, "--moe-edl-eval-per-domain"))
+    args = train_args(ctx, probe_run, telemetry=False)
+    save = args.index("--save")
+    del args[save : save + 4]  # --save DIR --save-interval N
+    return [
+        sys.executable,
+        *("-m", "torch.distributed.run", f"--nproc-per-node={ctx.config.nproc}"),
+        f"--master-port={_free_port()}",
+        *("-m", "megatron_edl.probe", "--out", os.fspath(probe_dir(ctx, run)), "--cpu"),
+        *args,
+        *("--load", os.fspath(ctx.run_dir(run.name) / "checkpoints")),
+    ]
+
+
+def train_args(ctx: Context, run: RunSpec, *, telemetry: bool = True) -> list[str]:
     """Every Megatron flag of ``run`` after ``--cpu`` (the model, data, schedule, EDL flags)."""
     config = ctx.config
     run_dir = ctx.run_dir(run.name)
@@ -475,8 +546,8 @@ def train_args(ctx: Context, run: RunSpec) -> list[str]:
         *("--eval-iters", str(_eval_iters(ctx))),
         *("--eval-interval", str(config.train_iters + 1)),  # only the final evaluation
         *("--save", str(run_dir / "checkpoints"), "--save-interval", str(config.train_iters)),
+        *(telemetry_args(ctx, run) if telemetry else []),
         *run.flags,
-        *telemetry_args(ctx, run),
         *config.extra_train_args,
     ]
 
@@ -620,9 +691,24 @@ def evaluate_run(ctx: Context, run: RunSpec) -> dict[str, Any]:
     (``lm loss/<domain>``, with each domain's share of the validation tokens; a domain absent
     from the validation batches has none), and the mean of the last :data:`LAST_LOG_LINES`
     logged values of the training LM loss, the load-balancing loss and, for EDL runs, the EDL
-    metrics (mean pairwise JSD and I(domain; expert), averaged over MoE layers). The plug-in
-    point of the evaluation probe (routing statistics of the checkpoint, EDL on or off).
+    metrics (mean pairwise JSD and I(domain; expert), averaged over MoE layers). Then the
+    evaluation probe (:mod:`megatron_edl.probe`) runs the checkpoint over the validation split
+    on the data's fine labels (every run alike, controls included) and writes the routing
+    statistics the report reads (:func:`probe_dir`).
     """
+    command = probe_command(ctx, run)
+    log_path = ctx.run_dir(run.name) / "probe.log"
+    with open(log_path, "w", encoding="utf-8") as log:
+        returncode = subprocess.run(
+            command, env=_training_env(ctx), stdout=log, stderr=subprocess.STDOUT
+        ).returncode
+    dumps = list(probe_dir(ctx, run).glob("*probe*.json"))
+    if returncode != 0 or not dumps:
+        tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-30:])
+        raise QuickstartError(
+            f"evaluate:{run.name}: probe exit status {returncode}, {len(dumps)} probe dumps; "
+            f"full log: {log_path}\n{tail}"
+        )
     trained = ctx.results[f"train:{run.name}"]
     iterations = [trained["iterations"][k] for k in sorted(trained["iterations"], key=int)]
     recent = iterations[-LAST_LOG_LINES:]
@@ -652,9 +738,10 @@ def evaluate_run(ctx: Context, run: RunSpec) -> dict[str, Any]:
 _TABLE_COLUMNS = (
     ("valid_lm_loss", "valid LM loss"),
     ("train_lm_loss", "train LM loss"),
-    ("load_balancing_loss", "load balance"),
-    ("edl_mi", "I(D;E)"),
-    ("edl_jsd", "mean JSD"),
+    ("probe_mi", "I(D;E)"),
+    ("probe_jsd", "mean JSD"),
+    ("probe_balance", "load max/mean"),
+    ("load_balancing_loss", "LB loss"),
 )
 
 
@@ -695,14 +782,44 @@ def per_domain_table(runs: Sequence[RunSpec], evaluations: dict[str, dict[str, A
     return "\n".join(lines)
 
 
-def write_report(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, Any]:
-    """Stage 6: ``report/summary.json`` and ``report/summary.md``.
+def analysis_reports(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, dict[str, float]]:
+    """The analysis reports of the runs' probes (:mod:`megatron_edl.analysis.report`).
 
-    The plug-in point of the analysis report (heat maps, ternary plot, I(D;E) and JSD per layer
-    and step from the runs' routing statistics).
+    ``report/fine/index.html``: the fine domains (heat maps per layer, I(D;E) and JSD versus step
+    from the training dumps of the runs trained on fine labels, load balance, Jaccard, entropy);
+    ``report/coarse/index.html``: the same grouped into the 3 coarse domains with the corpus's
+    label map, with the ternary plot. Returns, per run, the probe's I(D;E), mean JSD (dense
+    probabilities, fine domains) and max/mean expert load, averaged over the MoE layers.
     """
+    from megatron_edl.analysis import report
+
+    options = report.ReportOptions(source="probe", title="Quickstart: expert specialization")
+    label_map = ctx.corpus_dir / "label_map_coarse.yaml"
+    numbers: dict[str, dict[str, float]] = {}
+    for name, grouping in (("fine", None), ("coarse", label_map)):
+        loaded = [
+            report.load_report_run(run.name, probe_dir(ctx, run), options, label_map=grouping)
+            for run in runs
+        ]
+        report.write_report(loaded, ctx.report_dir / name, options)
+        if grouping is None:
+            for data in loaded:
+                layers = data.snapshot_metrics
+                numbers[data.name] = {
+                    "probe_mi": sum(m.mi for m in layers) / len(layers),
+                    "probe_jsd": sum(m.jsd_mean for m in layers) / len(layers),
+                    "probe_balance": sum(m.balance.max_over_mean for m in layers) / len(layers),
+                }
+    return numbers
+
+
+def write_report(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, Any]:
+    """Stage 6: the analysis reports (:func:`analysis_reports`), ``report/summary.json`` and
+    ``report/summary.md``."""
     ctx.report_dir.mkdir(parents=True, exist_ok=True)
-    evaluations = {run.name: ctx.results[f"evaluate:{run.name}"] for run in runs}
+    evaluations = {run.name: dict(ctx.results[f"evaluate:{run.name}"]) for run in runs}
+    for name, values in analysis_reports(ctx, runs).items():
+        evaluations[name].update(values)
     table = summary_table(runs, evaluations)
     domain_table = per_domain_table(runs, evaluations)
     summary = {
@@ -721,10 +838,13 @@ def write_report(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, Any]:
         "",
         table,
         "",
-        "valid LM loss: Megatron's validation loss after the last iteration; the other columns "
-        f"average the last {LAST_LOG_LINES} training log lines. I(D;E) and mean JSD are the EDL "
-        "metrics of the training log (averaged over MoE layers, over each run's own loss "
-        "domains; n/a where EDL is off).",
+        "valid LM loss: Megatron's validation loss after the last iteration; train LM loss and "
+        f"LB loss (load-balancing loss) average the last {LAST_LOG_LINES} training log lines. "
+        "I(D;E) (nats), mean pairwise JSD (dense routing probabilities) and max/mean expert load "
+        "come from the evaluation probe of each checkpoint on the validation split with the "
+        "fine domain labels (every run alike), averaged over the MoE layers. Figures: "
+        "fine/index.html (heat maps, I(D;E) and JSD versus step) and coarse/index.html "
+        "(3 groups, ternary plot).",
         "",
         "## Validation LM loss per domain",
         "",
@@ -859,6 +979,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="Controls, each adding a run: random (permuted labels), coarse (3 groups).",
     )
+    parser.add_argument(
+        "--compare",
+        type=lambda text: [part for part in text.split(",") if part],
+        action="extend",
+        default=[],
+        help="Extra runs with the losses of arXiv 2505.22323, comma-separated: ortho+variance "
+        "(EDL off), all (EDL with both).",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
         "--corpus-bytes",
@@ -893,6 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workdir=Path(args.workdir),
             seed=args.seed,
             controls=tuple(c for c in CONTROLS if c in args.labels),
+            compare=tuple(c for c in COMPARE if c in args.compare),
             corpus_bytes_per_domain=args.corpus_bytes,
             vocab_size=args.vocab_size,
             train_iters=args.train_iters,

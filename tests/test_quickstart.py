@@ -98,6 +98,14 @@ def test_run_specs_and_controls(tmp_path):
     assert runs["edl-coarse"].flags[2:] == ("--moe-edl-label-map", str(label_map))
     with pytest.raises(ValueError, match="--labels must be among"):
         QuickstartConfig(controls=("fine",))
+    config = QuickstartConfig(workdir=tmp_path, compare=("ortho+variance", "all"))
+    runs = {run.name: run for run in run_specs(config, label_map)}
+    assert list(runs) == ["baseline", "edl", "ortho+variance", "edl+ortho+variance"]
+    assert "--moe-edl-coeff" not in runs["ortho+variance"].flags
+    for name in ("ortho+variance", "edl+ortho+variance"):
+        assert {"--moe-ortho-loss-coeff", "--moe-variance-loss-coeff"} <= set(runs[name].flags)
+    with pytest.raises(ValueError, match="--compare must be among"):
+        QuickstartConfig(compare=("ortho",))
     with pytest.raises(ValueError, match=r"--nproc \(3\) must divide"):
         QuickstartConfig(nproc=3)
 
@@ -135,8 +143,8 @@ def test_parse_iteration_line_and_table():
     table = summary_table(
         runs,
         {
-            "baseline": {"valid_lm_loss": 5.0, "edl_mi": None},
-            "edl": {"valid_lm_loss": 4.5, "edl_mi": 0.25},
+            "baseline": {"valid_lm_loss": 5.0, "probe_mi": None},
+            "edl": {"valid_lm_loss": 4.5, "probe_mi": 0.25},
         },
     )
     lines = table.splitlines()
@@ -219,6 +227,12 @@ def test_shortened_quickstart_end_to_end(tmp_path):
         == evaluations["edl"]["valid_token_share_per_domain"]
     )
     assert "## Validation LM loss per domain" in report
+    # The probe evaluated both checkpoints on the fine labels; the analysis reports exist.
+    for name in ("baseline", "edl"):
+        assert evaluations[name]["probe_mi"] >= 0 and evaluations[name]["probe_balance"] >= 1
+    assert (workdir / "report" / "fine" / "index.html").is_file()
+    coarse_html = (workdir / "report" / "coarse" / "index.html").read_text()
+    assert "ternary" in coarse_html
     assert list(summary["stage_seconds"]) == [
         "corpus",
         "tokenizer",
@@ -232,12 +246,18 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     # Again with a control: everything finished is reused, only the new run (its evaluation and
     # the report) runs.
     lines.clear()
-    config = QuickstartConfig(**{**config.__dict__, "controls": ("coarse",)})
+    config = QuickstartConfig(
+        **{**config.__dict__, "controls": ("coarse",), "compare": ("ortho+variance",)}
+    )
     summary = quickstart.run_quickstart(config, log=lines.append)
     reused = [line for line in lines if line.endswith("s)") and ": reused (" in line]
-    assert len(reused) == 7, lines  # all but the new run, its evaluation and the report
+    assert len(reused) == 7, lines  # all but the new runs, their evaluations and the report
     assert any("train:edl-coarse: done" in line for line in lines)
-    assert "| edl-coarse |" in (workdir / "report" / "summary.md").read_text()
+    assert any("train:ortho+variance: done" in line for line in lines)
+    table = (workdir / "report" / "summary.md").read_text()
+    assert "| edl-coarse |" in table and "| ortho+variance |" in table
+    ortho = json.loads((workdir / "stamps" / "train-ortho+variance.json").read_text())["result"]
+    assert "ortho_loss" in ortho["iterations"]["4"] and "edl_jsd" not in ortho["iterations"]["4"]
     coarse = summary["evaluations"]["edl-coarse"]
     assert coarse["edl_mi"] >= 0
     assert list(coarse["valid_lm_loss_per_domain"]) == ["code", "text", "math"]
