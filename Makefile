@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (see README.md):
-#   make demo   - the main job: tiny MoE GPT pre-training through megatron.training.pretrain on CPU
+#   make demo   - the main job: the CPU quickstart (raw text -> baseline vs EDL -> report)
 #   make test   - lint + the whole test suite (what CI runs)
 # Both create/reuse the virtual environment $(VENV) and install what they need.
 # make quickstart: raw text -> corpus -> tokenizer -> labelled data -> baseline and EDL runs ->
@@ -16,7 +16,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 QUICKSTART_ARGS ?=
 
-.PHONY: venv demo quickstart test lint format clean
+.PHONY: venv demo tiny quickstart test lint format clean
 
 venv: $(STAMP)
 
@@ -28,7 +28,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt -e '.[test]'
 	@touch $(STAMP)
 
-demo: $(STAMP)
+demo: quickstart
+
+tiny: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/pretrain_tiny_moe_cpu.sh
 
 quickstart: $(STAMP)

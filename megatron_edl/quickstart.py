@@ -951,6 +951,10 @@ def run_quickstart(
     log("")
     log(ctx.results["report"]["per_domain_table"])
     log("")
+    log(
+        f"Figures: {ctx.report_dir / 'fine' / 'index.html'} and "
+        f"{ctx.report_dir / 'coarse' / 'index.html'} (3 groups, ternary plots)"
+    )
     log(f"Report: {ctx.report_dir / 'summary.md'} (numbers: {ctx.report_dir / 'summary.json'})")
     return summary
 
