@@ -14,6 +14,7 @@ the test instead of blocking CI.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
@@ -22,7 +23,7 @@ import queue
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -135,3 +136,22 @@ def run_distributed(
             + "\n".join(failures)
         )
     return [reports[r][1] for r in range(world_size)]
+
+
+@contextlib.contextmanager
+def count_all_reduce() -> Iterator[list[int]]:
+    """Record the numel of every ``torch.distributed.all_reduce`` issued inside the block."""
+    import torch.distributed as dist
+
+    real = dist.all_reduce
+    calls: list[int] = []
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = real

@@ -65,6 +65,14 @@ class RunResult:
         return f"rc={self.returncode}, iterations={sorted(self.iterations)}\n{self.log[-6000:]}"
 
 
+def with_flag_values(flags: list[str] | tuple[str, ...], **values: str) -> list[str]:
+    """``flags`` with the values of existing flags replaced (``eval_iters="2"``)."""
+    out = list(flags)
+    for name, value in values.items():
+        out[out.index("--" + name.replace("_", "-")) + 1] = value
+    return out
+
+
 def parse_validations(log: str) -> list[dict[str, float]]:
     """The ``<key> value: X`` entries of every Megatron ``validation loss at ...`` line."""
     out = []

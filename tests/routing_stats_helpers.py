@@ -5,6 +5,9 @@ Shape legend: L layers, D domains, E experts.
 
 from __future__ import annotations
 
+from html.parser import HTMLParser
+from pathlib import Path
+
 import numpy as np
 
 from megatron_edl.analysis.routing_stats import RoutingStats
@@ -74,3 +77,19 @@ def specialised_loads(
     for d in range(num_domains):
         loads_LDE[:, d, d * block : (d + 1) * block] += strength / block
     return loads_LDE
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+def html_links(index: Path) -> list[str]:
+    """Every ``src``/``href`` of an HTML file, in order."""
+    parser = _Links()
+    parser.feed(Path(index).read_text(encoding="utf-8"))
+    return parser.links

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from megatron_edl.analysis.routing_stats import load_run
-from tests.megatron_runs import LAYOUTS, TINY_MOE_GPT, RunResult, run_pretrain
+from tests.megatron_runs import LAYOUTS, TINY_MOE_GPT, RunResult, run_pretrain, with_flag_values
 
 pytestmark = pytest.mark.slow
 
@@ -176,14 +176,6 @@ def test_label_map_groups_domains(tmp_path):
     assert "uncovered.yaml" in result.log
 
 
-def _set(flags: list[str], **values: str) -> list[str]:
-    """``flags`` with the values of existing flags replaced (``eval_iters="2"``)."""
-    out = list(flags)
-    for name, value in values.items():
-        out[out.index("--" + name.replace("_", "-")) + 1] = value
-    return out
-
-
 def _check_per_domain_validation(result: RunResult, domains: list[str]) -> None:
     """Every validation line has each domain's loss and token share, and the share-weighted
     mean of the domain losses is the overall loss (every token of the mock data is labelled)."""
@@ -204,7 +196,7 @@ def test_edl_is_logged_and_raises_divergence():
     report the validation loss per domain.
     """
     flags = [
-        *_set(TINY_MOE_GPT, eval_iters="2", eval_interval="25", split="90,10,0"),
+        *with_flag_values(TINY_MOE_GPT, eval_iters="2", eval_interval="25", split="90,10,0"),
         "--train-iters", "50", "--moe-edl-mock-domains", "3",
     ]  # fmt: skip
     edl = run_pretrain(2, [*flags, "--moe-edl-coeff", "0.3"])

@@ -29,7 +29,6 @@ Shape legend: B samples, S sequence, s local sequence, H hidden, E experts, D do
 
 from __future__ import annotations
 
-import contextlib
 import re
 from typing import Any
 
@@ -37,7 +36,7 @@ import pytest
 import torch
 
 from megatron_edl.core.edl import domain_sums, edl_loss, routing_probs
-from tests.distributed import run_distributed
+from tests.distributed import count_all_reduce, run_distributed
 
 NUM_EXPERTS = 8
 NUM_DOMAINS = 4
@@ -232,25 +231,6 @@ def _expected(job: dict[str, Any]) -> tuple[list[list[float]], list[torch.Tensor
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _count_all_reduce():
-    """Record the numel of every ``torch.distributed.all_reduce`` issued inside the block."""
-    import torch.distributed as dist
-
-    real = dist.all_reduce
-    calls: list[int] = []
-
-    def counting(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
-        return real(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        yield calls
-    finally:
-        dist.all_reduce = real
-
-
 def _setup_layout(layout: tuple[int, int, int]) -> None:
     from megatron.core import parallel_state
 
@@ -423,12 +403,12 @@ def _run_training(job: dict[str, Any]) -> dict[str, Any]:
         for _ in range(nmb):
             hidden_sBH, labels = _rank_inputs(next(batches), job["layout"], coords)
             push_labels(router, labels)
-            with _count_all_reduce() as calls:
+            with count_all_reduce() as calls:
                 probs, _ = router(hidden_sBH)
             out["fwd_calls"].append(calls)
             out["losses"].append(_take_edl_loss())
             _set_aux_loss_scale(job, nmb)
-            with _count_all_reduce() as calls:
+            with count_all_reduce() as calls:
                 (probs * 0).sum().backward()
             out["bwd_calls"].append(calls)
             lm_tokens += MBS * SEQ // job["layout"][1]
@@ -449,12 +429,12 @@ def _run_recompute(job: dict[str, Any]) -> dict[str, Any]:
         push_labels(router, labels)
     out: dict[str, Any] = {"nograd_calls": [], "nograd_losses": [], "losses": [], "fwd_calls": []}
     for hidden_sBH, _ in inputs:  # first pass of a checkpointed forward
-        with torch.no_grad(), _count_all_reduce() as calls:
+        with torch.no_grad(), count_all_reduce() as calls:
             router(hidden_sBH)
         out["nograd_calls"].append(calls)
         out["nograd_losses"].append(_take_edl_loss())
     for hidden_sBH, _ in inputs:  # the recompute, in backward order = micro-batch order
-        with _count_all_reduce() as calls:
+        with count_all_reduce() as calls:
             probs, _ = router(hidden_sBH)
         out["fwd_calls"].append(calls)
         out["losses"].append(_take_edl_loss())
@@ -474,7 +454,7 @@ def _run_collectives(job: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def forward(router, name, *, grad=True):
-        with torch.set_grad_enabled(grad), _count_all_reduce() as calls:
+        with torch.set_grad_enabled(grad), count_all_reduce() as calls:
             probs, _ = router(hidden_sBH)
         out[name] = calls
         out[f"{name}-loss"] = _take_edl_loss()
@@ -487,10 +467,10 @@ def _run_collectives(job: dict[str, Any]) -> dict[str, Any]:
     forward(router, "eval")  # grad enabled but eval mode: nothing either
     router.train()
     probs = forward(router, "enabled")  # consumes the labels pushed above
-    with _count_all_reduce() as calls:
+    with count_all_reduce() as calls:
         (probs * 0).sum().backward()
     out["enabled-backward"] = calls
-    with _count_all_reduce() as calls:  # the enabled forward consumed the one entry
+    with count_all_reduce() as calls:  # the enabled forward consumed the one entry
         try:
             router(hidden_sBH)
         except RuntimeError as err:
@@ -521,7 +501,7 @@ def _run_errors(job: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"num_tokens": labels.domain_ids_T.numel()}
 
     router = _make_router(job)
-    with _count_all_reduce() as calls:
+    with count_all_reduce() as calls:
         try:
             router(hidden_sBH)
         except RuntimeError as err:
@@ -531,7 +511,7 @@ def _run_errors(job: dict[str, Any]) -> dict[str, Any]:
     router = _make_router(job)
     short = DomainLabels(labels.domain_ids_T[:-1], labels.weights_T[:-1])
     router.push_labels(short)
-    with _count_all_reduce() as calls:
+    with count_all_reduce() as calls:
         try:
             router(hidden_sBH)
         except ValueError as err:

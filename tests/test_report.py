@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -17,24 +16,9 @@ import pytest
 
 from megatron_edl.analysis import metrics, plots, report
 from megatron_edl.analysis.routing_stats import write_stats
-from tests.routing_stats_helpers import specialised_loads, stats_from_loads
+from tests.routing_stats_helpers import html_links, specialised_loads, stats_from_loads
 
 DOMAINS = ("web", "code", "math")
-
-
-class _Links(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.links: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        self.links += [v for k, v in attrs if k in ("src", "href") and v]
-
-
-def _links(index: Path) -> list[str]:
-    parser = _Links()
-    parser.feed(index.read_text(encoding="utf-8"))
-    return parser.links
 
 
 def _write_run(directory: Path, strengths: list[float], *, probe_loss=None) -> None:
@@ -75,7 +59,7 @@ def test_report_writes_every_figure_and_only_links_existing_files(tmp_path) -> N
     for name in figures:
         assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
-    links = _links(out / "index.html")
+    links = html_links(out / "index.html")
     assert links, "the report links nothing"
     for link in links:
         assert not link.startswith(("http:", "https:", "/")), link

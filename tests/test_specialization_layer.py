@@ -30,13 +30,12 @@ Shape legend: S sequence, B samples, H hidden, F expert FFN, E experts, T tokens
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from tests.distributed import count_all_reduce, run_distributed
 
 NUM_EXPERTS, TOPK, HIDDEN, FFN = 4, 2, 8, 12
 SEQ, GLOBAL_BATCH = 4, 4
@@ -72,23 +71,6 @@ DATA = _data()
 # ---------------------------------------------------------------------------------------------
 # Workers (module level, so the spawned children can import them)
 # ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _count_all_reduce():
-    import torch.distributed as dist
-
-    real, calls = dist.all_reduce, []
-
-    def counting(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
-        return real(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        yield calls
-    finally:
-        dist.all_reduce = real
 
 
 def _build(tp: int, ep: int, dispatcher: str, axis: str, calibrate: bool, *, stock=False):
@@ -194,7 +176,7 @@ def _reduced_grads(layer, first_expert: int, rows: slice) -> dict[str, Any]:
 def _train_step(layer, hidden_sBH) -> tuple[torch.Tensor, list[int]]:
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    with _count_all_reduce() as calls:
+    with count_all_reduce() as calls:
         output, _ = layer(hidden_sBH)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))  # cp / num_microbatches
     (output * 0).sum().backward()
@@ -309,7 +291,7 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
         )
         for mode in ("no-grad", "eval"):
             layer.train(mode != "eval")
-            with torch.set_grad_enabled(mode != "no-grad"), _count_all_reduce() as calls:
+            with torch.set_grad_enabled(mode != "no-grad"), count_all_reduce() as calls:
                 layer(hidden_sBH)
             out[(mode, dispatcher)] = (calls, _take_metrics())
     return out

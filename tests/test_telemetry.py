@@ -12,7 +12,6 @@ Shape legend: B samples, S sequence, s local sequence, H hidden, E experts, D do
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from megatron_edl.analysis.routing_stats import load_run
 from megatron_edl.core.routing_sums import routing_sums, unpack_routing_sums
 from megatron_edl.integration import telemetry
-from tests.distributed import run_distributed
+from tests.distributed import count_all_reduce, run_distributed
 
 NUM_EXPERTS = 4
 NUM_DOMAINS = 3
@@ -159,24 +158,6 @@ def _expected(weight_EH: torch.Tensor, batches: list[dict]) -> dict[str, np.ndar
     return unpack_routing_sums(total_XF[None].numpy(), NUM_EXPERTS)
 
 
-@contextlib.contextmanager
-def _count_all_reduce():
-    import torch.distributed as dist
-
-    real = dist.all_reduce
-    calls: list[int] = []
-
-    def counting(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
-        return real(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        yield calls
-    finally:
-        dist.all_reduce = real
-
-
 def _make_router(tp: int, sequence_parallel: bool, coeff: float, weight_EH: torch.Tensor):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -230,7 +211,7 @@ def _run_layout(name: str, weight_EH, batches, out_dir) -> dict:
             sequence_parallel=sequence_parallel, tp_rank=tp_rank, tp_size=tp,
         )  # fmt: skip
         push_labels(router, labels)
-        with _count_all_reduce() as calls:
+        with count_all_reduce() as calls:
             router(hidden_sBH)
         forward_calls.append(calls)
         with torch.no_grad():  # the no-grad pass of a checkpointed forward: neither counts
@@ -240,7 +221,7 @@ def _run_layout(name: str, weight_EH, batches, out_dir) -> dict:
         router(hidden_sBH)
         router.train()
     assert not router._edl_labels, "labels left in the queue"
-    with _count_all_reduce() as dump_calls:
+    with count_all_reduce() as dump_calls:
         path = telemetry.dump_routing_stats(
             [router], directory=out_dir, step=7, num_iterations=1, source="train",
             domains=("a", "b", "c"),

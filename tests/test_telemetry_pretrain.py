@@ -9,36 +9,18 @@ single process is asserted on the layout-equivalence runs of ``test_edl_pretrain
 
 from __future__ import annotations
 
-from html.parser import HTMLParser
-
 import numpy as np
 import pytest
 
 from megatron_edl.analysis import report
 from megatron_edl.analysis.routing_stats import load_run
-from tests.megatron_runs import LAYOUTS, TINY_MOE_GPT, run_pretrain
+from tests.megatron_runs import LAYOUTS, TINY_MOE_GPT, run_pretrain, with_flag_values
+from tests.routing_stats_helpers import html_links
 
 pytestmark = pytest.mark.slow
 
 DOMAINS = ("domain0", "domain1", "domain2")
 TOKENS_PER_ITERATION = 4 * 64  # global batch x sequence length of TINY_MOE_GPT
-
-
-def _with(flags: list[str], **values: str) -> list[str]:
-    """``flags`` with the values of existing flags replaced (``eval_iters="2"``)."""
-    out = list(flags)
-    for name, value in values.items():
-        out[out.index("--" + name.replace("_", "-")) + 1] = value
-    return out
-
-
-class _Links(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.links: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        self.links += [v for k, v in attrs if k in ("src", "href") and v]
 
 
 def test_baseline_dumps_probe_and_report(tmp_path):
@@ -66,7 +48,8 @@ def test_baseline_dumps_probe_and_report(tmp_path):
     probe = run_pretrain(
         1,
         [
-            "--out", str(probe_dir), *_with(TINY_MOE_GPT, eval_iters="2", split="50,50,0"),
+            "--out", str(probe_dir),
+            *with_flag_values(TINY_MOE_GPT, eval_iters="2", split="50,50,0"),
             "--moe-edl-mock-domains", "3", "--load", str(ckpt),
         ],
         entry=("-m", "megatron_edl.probe", "--cpu"),
@@ -87,8 +70,7 @@ def test_baseline_dumps_probe_and_report(tmp_path):
 
     argv = ["--out", str(out), f"baseline={ckpt / 'routing_stats'}", f"probe={probe_dir}"]
     assert report.main(argv) == 0
-    parser = _Links()
-    parser.feed((out / "index.html").read_text(encoding="utf-8"))
-    assert "figures/lm_loss.png" in parser.links and "figures/ternary_layer001.png" in parser.links
-    for link in parser.links:
+    links = html_links(out / "index.html")
+    assert "figures/lm_loss.png" in links and "figures/ternary_layer001.png" in links
+    for link in links:
         assert (out / link).is_file(), link
