@@ -76,10 +76,16 @@ def edl_config_from_args(args):
             num_layers=args.num_layers,
             moe_layer_freq=args.moe_layer_freq,
         )
-    if args.sft or args.dataloader_inter_document_masking:
+    if args.hybrid_context_parallel:
         raise EDLConfigError(
-            f"domain labels ({', '.join(reasons)}) with packed (THD) sequences (--sft, "
-            "--dataloader-inter-document-masking) are not supported yet"
+            f"domain labels ({', '.join(reasons)}) with --hybrid-context-parallel are not "
+            "supported: its per-sample CP groups change which ranks share a micro-batch"
+        )
+    if args.sft and (args.mock_data or not args.moe_edl_domains_per_prefix):
+        raise EDLConfigError(
+            f"domain labels ({', '.join(reasons)}) with --sft need --moe-edl-domains-per-prefix "
+            "(one domain per SFT JSONL file of --data-path; SFT data has no sidecars and no "
+            "mock mode)"
         )
     if args.mock_data:
         num_domains = args.moe_edl_mock_domains

@@ -20,6 +20,12 @@ only on the tokens, never on the labels):
   ``SidecarMismatchError`` naming the file before any sample is drawn.
 * ``DomainPerPrefixGPTDataset``: no sidecar; every document of a prefix has that prefix's domain,
   from a YAML file (``PrefixDomains``, ``--moe-edl-domains-per-prefix``).
+* ``DomainSFTDataset`` (``--sft``): Megatron's ``SFTDataset`` (JSONL conversations packed into
+  THD samples), one domain per JSONL file of the blend from the same per-prefix YAML; a JSONL
+  line is one "document" (its conversations share its domain), padding is unlabelled.
+
+With ``--dataloader-inter-document-masking`` the GPT datasets above need nothing more: the labels
+follow the documents whatever the attention sees.
 
 Labels are resolved for the whole blend at once (``blend_document_domains``), once per build:
 the prefixes of ``blend`` and ``blend_per_split`` in order of first appearance form one label
@@ -54,6 +60,7 @@ from megatron.core.datasets.gpt_dataset import (
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
+from megatron.training.datasets.sft_dataset import SFTDataset
 
 from megatron_edl.config import EDLConfig, EDLConfigError, EDLLabels
 from megatron_edl.core.labels import LabelMap, load_strict_yaml, permute_document_labels
@@ -374,10 +381,27 @@ def blend_prefixes(config: GPTDatasetConfig, extra: str | None = None) -> tuple[
 
 
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
+_JSONL_SUFFIXES = (".jsonl", ".json")
+"""Blend entries that are SFT JSON Lines files (``SFTDataset``'s paths), not indexed prefixes."""
+
+
+def _label_files(prefix: str, source: LabelSource) -> tuple[str, ...]:
+    """The files a prefix's labels depend on (their sizes and times key the label cache)."""
+    if prefix.endswith(_JSONL_SUFFIXES):
+        return (prefix,)
+    return (
+        (prefix + ".idx", prefix + ".domains")
+        if source is LabelSource.SIDECAR
+        else (prefix + ".idx",)
+    )
 
 
 def _sequence_count(prefix: str) -> int:
-    """Sequences of ``<prefix>.idx``, from its header."""
+    """Sequences of ``<prefix>.idx`` (from its header), or records (non-blank lines) of an SFT
+    JSON Lines file."""
+    if prefix.endswith(_JSONL_SUFFIXES):
+        with open(prefix, "rb") as f:
+            return sum(1 for line in f if line.strip())
     idx_path = f"{prefix}.idx"
     with open(idx_path, "rb") as f:
         header = f.read(34)
@@ -493,11 +517,10 @@ def resolve_blend_domains(
             "DomainPerPrefixGPTDataset needs edl_domains_per_prefix (--moe-edl-domains-per-prefix)"
         )
     cfg = edl_config
-    suffixes = (".idx", ".domains") if source is LabelSource.SIDECAR else (".idx",)
     key = (
         source,
         prefixes,
-        tuple(_file_state(p + s) for p in prefixes for s in suffixes),
+        tuple(_file_state(f) for p in prefixes for f in _label_files(p, source)),
         _file_state(domains_per_prefix if source is LabelSource.PREFIX else None),
         None if cfg is None else (_file_state(cfg.label_map), str(cfg.labels), cfg.random_seed),
     )
@@ -615,8 +638,69 @@ class DomainPerPrefixGPTDataset(DomainGPTDataset):
     label_source: ClassVar[LabelSource] = LabelSource.PREFIX
 
 
+class DomainSFTDataset(SFTDataset):
+    """Megatron's ``SFTDataset`` whose packed samples carry ``domain_ids``/``edl_weights``.
+
+    Each JSONL file of the blend is one domain (``config.edl_domains_per_prefix``, format:
+    :class:`PrefixDomains`; label map and random control apply per line). In a sample, every
+    conversation of the line is one segment of the line's domain (``cu_seqlens``), and the pad
+    tokens ``SFTDataset`` inserts (CP granularity, end of pack) are unlabelled.
+    """
+
+    label_source: ClassVar[LabelSource] = LabelSource.PREFIX
+
+    def __init__(
+        self,
+        dataset,
+        dataset_path: str | None,
+        indices: np.ndarray,
+        num_samples: int | None,
+        index_split: Split,
+        config: DomainGPTDatasetConfig,
+    ) -> None:
+        self._document_domains_N = _loss_ids_of(
+            type(self), dataset_path, len(dataset), config, split=index_split
+        )
+        super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
+
+    @classmethod
+    def build_low_level_dataset(cls, dataset_path: str, config: DomainGPTDatasetConfig):
+        """Megatron's JSONL reader, after resolving and checking the blend's labels."""
+        dataset = SFTDataset.build_low_level_dataset(dataset_path, config)
+        _loss_ids_of(cls, dataset_path, len(dataset), config)
+        return dataset
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        sample = super().__getitem__(idx)
+        line = int(self.indices[idx % len(self.indices)])
+        domain = int(self._document_domains_N[line])
+        num_tokens = sample["tokens"].numel()
+        cu_S = sample["cu_seqlens"].tolist()
+        cu_S = cu_S[: cu_S.index(num_tokens) + 1]  # drop the collation padding
+        is_pad_S = (sample["tokens"] == self.config.tokenizer.pad).tolist()
+        domains_K: list[int] = []
+        lengths_K: list[int] = []
+        for start, end in zip(cu_S[:-1], cu_S[1:], strict=True):
+            # SFTDataset pads only at the end of a conversation: [tokens][pads] (like its loss
+            # mask, a token equal to the pad id counts as padding).
+            pads = 0
+            while pads < end - start and is_pad_S[end - 1 - pads]:
+                pads += 1
+            domains_K += [domain, -1]
+            lengths_K += [end - start - pads, pads]
+        domain_ids_S, weights_S = sample_token_labels(
+            segment_domains_K=domains_K,
+            segment_lengths_K=lengths_K,
+            num_tokens=num_tokens,
+            aggregation=self.config.edl_aggregation,
+        )
+        sample[DOMAIN_IDS_KEY] = torch.from_numpy(domain_ids_S)
+        sample[WEIGHTS_KEY] = torch.from_numpy(weights_S)
+        return sample
+
+
 def _loss_ids_of(
-    cls: type[DomainGPTDataset],
+    cls: type,
     dataset_path: str | None,
     num_sequences: int,
     config: DomainGPTDatasetConfig,

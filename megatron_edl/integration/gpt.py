@@ -51,6 +51,7 @@ from megatron_edl.integration.dataset import (
     DomainGPTDatasetConfig,
     DomainMockGPTDataset,
     DomainPerPrefixGPTDataset,
+    DomainSFTDataset,
     evaluation_labels,
     mock_document_domains,
 )
@@ -93,7 +94,10 @@ def _mtp_on_this_rank(args, vp_stage: int | None) -> bool:
 def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Tensor | None]:
     """Fetch one micro-batch on TP rank 0, broadcast it over TP, then slice it for this CP rank.
 
-    Intermediate pipeline stages receive no data (unless packed sequences need their metadata).
+    Intermediate pipeline stages receive no data (unless packed sequences need their metadata,
+    or their MoE layers need domain labels). With packed (THD) sequences, the domain labels are
+    flattened to ``[1, b * s]`` like the tokens and cut for CP by the same split (including the
+    per-document one of ``--sft``), so every router sees the labels of its tokens.
     """
     args = get_args()
     has_cu_seqlens = args.sft or args.dataloader_inter_document_masking
@@ -129,23 +133,62 @@ def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Ten
         is_pipeline_first_stage=mpu.is_pipeline_first_stage(),
         is_pipeline_last_stage=mpu.is_pipeline_last_stage(),
     )
-    if edl_config() is not None:
-        batch.update(_broadcast_edl_labels(next_batch, args))
+    labels = _broadcast_edl_labels(next_batch, args) if edl_config() is not None else {}
+    for key in edl_labels.EDL_BATCH_KEYS:  # TP rank 0's loader copies; `labels` is split below
+        batch.pop(key, None)
     batch = flatten_batch_for_packed_sequences(batch)
+    if labels and batch.get("cu_seqlens") is not None:
+        labels = {key: value.reshape(1, -1) for key, value in labels.items()}  # as the tokens
 
     if not edge_stage and not mtp_here:
-        # Intermediate stage with packed sequences: only the THD metadata is needed.
+        # Intermediate stage with packed sequences: the THD metadata (and, with domain labels,
+        # this CP rank's labels for its MoE layers).
         keep = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen")
-        return {key: batch.get(key) if key in keep else None for key in ALL_KEYS}
+        out = {key: batch.get(key) if key in keep else None for key in ALL_KEYS}
+        return out | _labels_on_this_cp_rank(labels, batch, args)
 
     batch = get_batch_on_this_cp_rank(
         batch,
         is_hybrid_cp=args.hybrid_context_parallel,
         cp_group=get_context_parallel_group(),
         hybrid_cp_group_func=get_hybrid_data_context_parallel_groups,
-        use_per_sequence_balancing=args.dataloader_inter_document_masking and not args.sft,
+        use_per_sequence_balancing=_per_sequence_cp_balancing(args),
     )
+    batch.update(_labels_on_this_cp_rank(labels, batch, args))
     return {key: batch.get(key) for key in ALL_KEYS}
+
+
+def _per_sequence_cp_balancing(args) -> bool:
+    """Megatron's choice of CP split for packed sequences (per sequence unless ``--sft``)."""
+    return args.dataloader_inter_document_masking and not args.sft
+
+
+def _labels_on_this_cp_rank(labels: dict, batch: dict, args) -> dict[str, torch.Tensor]:
+    """This CP rank's part of the (flattened) labels, cut exactly like the tokens.
+
+    Megatron's ``get_batch_on_this_cp_rank`` picks the split: zig-zag over the whole sequence,
+    or, for ``--sft`` packed sequences, per document with TE's THD partition indices; the
+    per-document split only cuts its fixed sequence keys. So the labels go through the same
+    function with the same packed-sequence metadata, riding in the ``tokens`` and ``labels``
+    slots. ``{}`` when there are no labels.
+    """
+    if not labels:
+        return {}
+    meta = {key: batch.get(key) for key in ("cu_seqlens", "cu_seqlens_padded", "max_seqlen")}
+    carrier = get_batch_on_this_cp_rank(
+        {
+            **meta,
+            "tokens": labels[edl_labels.DOMAIN_IDS_KEY],
+            "labels": labels[edl_labels.WEIGHTS_KEY],
+        },
+        is_hybrid_cp=False,  # refused with domain labels (edl_config_from_args)
+        cp_group=get_context_parallel_group(),
+        use_per_sequence_balancing=_per_sequence_cp_balancing(args),
+    )
+    return {
+        edl_labels.DOMAIN_IDS_KEY: carrier["tokens"],
+        edl_labels.WEIGHTS_KEY: carrier["labels"],
+    }
 
 
 def _broadcast_edl_labels(batch: dict, args) -> dict[str, torch.Tensor]:
@@ -163,11 +206,7 @@ def _broadcast_edl_labels(batch: dict, args) -> dict[str, torch.Tensor]:
 def _get_edl_labels_only(data_iterator, args) -> dict[str, torch.Tensor | None]:
     """Labels for a stage that gets no tokens: read the batch, keep the EDL keys, slice for CP."""
     batch = next(data_iterator) if mpu.get_tensor_model_parallel_rank() == 0 else {}
-    labels = get_batch_on_this_cp_rank(
-        _broadcast_edl_labels(batch, args),
-        is_hybrid_cp=False,
-        cp_group=get_context_parallel_group(),
-    )
+    labels = _labels_on_this_cp_rank(_broadcast_edl_labels(batch, args), {}, args)
     return {key: labels.get(key) for key in ALL_KEYS}
 
 
@@ -462,13 +501,15 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     args = get_args()
     config = gpt_dataset_config_from_args(args)
     if edl_config() is not None:
-        if args.mock_data:
+        packed = args.sft
+        if args.sft:  # per-prefix domains (edl_config_from_args checks the flags)
+            dataset_type = DomainSFTDataset
+        elif args.mock_data:
             dataset_type = DomainMockGPTDataset
         elif args.moe_edl_domains_per_prefix:
             dataset_type = DomainPerPrefixGPTDataset
         else:
             dataset_type = DomainGPTDataset
-        packed = False
     elif args.sft:
         dataset_type, packed = SFTDataset, True
     elif args.mock_data:
