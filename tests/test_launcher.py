@@ -123,9 +123,3 @@ def test_launcher_only_flags_are_refused_elsewhere(flags, message, monkeypatch):
     args = parse([*TINY_MOE_GPT, *flags], monkeypatch)
     with pytest.raises(ValueError, match=message):
         install_edl(args, types.SimpleNamespace(transformer_layer_spec=None), None, None)
-
-
-def test_packed_sequences_with_labels_are_refused(monkeypatch):
-    args = parse([*TINY_MOE_GPT, "--moe-edl-coeff", "0.1", "--sft"], monkeypatch)
-    with pytest.raises(EDLConfigError, match="--sft"):
-        edl_config_from_args(args)

@@ -184,7 +184,6 @@ def test_inter_document_masking_labels_match_document_boundaries():
     )
     from megatron.core.tokenizers import MegatronTokenizer
 
-    from megatron_edl import cpu
     from megatron_edl.config import EDLConfig
     from megatron_edl.integration.dataset import (
         DomainGPTDatasetConfig,
@@ -192,7 +191,6 @@ def test_inter_document_masking_labels_match_document_boundaries():
         mock_document_domains,
     )
 
-    cpu.apply()
     tokenizer = MegatronTokenizer.from_pretrained(
         metadata_path={"library": "null-text"}, vocab_size=512
     )
