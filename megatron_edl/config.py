@@ -773,6 +773,7 @@ def validate_specialization_against_model(
     num_moe_experts: int | None,
     moe_router_topk: int,
     token_dispatcher_type: str,
+    flex_dispatcher_backend: str = "deepep",
     apply_probs_on_input: bool = False,
 ) -> None:
     """Check the variance and orthogonality options against the model.
@@ -782,12 +783,16 @@ def validate_specialization_against_model(
         num_moe_experts: Megatron's ``--num-experts``.
         moe_router_topk: Megatron's ``--moe-router-topk``.
         token_dispatcher_type: Megatron's ``--moe-token-dispatcher-type``.
+        flex_dispatcher_backend: Megatron's ``--moe-flex-dispatcher-backend`` (read with
+            ``flex`` only).
         apply_probs_on_input: Megatron's ``--moe-apply-probs-on-input``.
 
     Raises:
         EDLConfigError: A loss is on without MoE; or the orthogonality loss is on with top-1
-            routing (it is identically 0), with the ``flex`` dispatcher (not supported yet), or
-            with the gate applied to the expert input (the raw outputs are then unknown).
+            routing (it is identically 0), with the ``flex`` dispatcher on a backend other than
+            ``deepep`` (``hybridep`` and ``ncclep`` keep the token layout inside opaque
+            handles), or with the gate applied to the expert input (the raw outputs are then
+            unknown).
     """
     flags = SPECIALIZATION_FLAGS
     for field, on in (("variance_coeff", cfg.variance_enabled), ("ortho_coeff", cfg.ortho_enabled)):
@@ -804,10 +809,16 @@ def validate_specialization_against_model(
             f"{flag} needs --moe-router-topk >= 2 (the loss compares a token's experts), got "
             f"{moe_router_topk!r}"
         )
-    if token_dispatcher_type not in ("allgather", "alltoall"):
+    if token_dispatcher_type not in ("allgather", "alltoall", "flex"):
         raise EDLConfigError(
-            f"{flag} supports --moe-token-dispatcher-type allgather and alltoall, got "
+            f"{flag} supports --moe-token-dispatcher-type allgather, alltoall and flex, got "
             f"{token_dispatcher_type!r}"
+        )
+    if token_dispatcher_type == "flex" and flex_dispatcher_backend != "deepep":
+        raise EDLConfigError(
+            f"{flag} supports the flex token dispatcher with the deepep backend only (hybridep "
+            "and ncclep keep the token layout inside opaque handles), got "
+            f"--moe-flex-dispatcher-backend {flex_dispatcher_backend}"
         )
     if apply_probs_on_input:
         raise EDLConfigError(

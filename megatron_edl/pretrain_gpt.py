@@ -122,6 +122,7 @@ def specialization_config_from_args(args):
         num_moe_experts=args.num_experts,
         moe_router_topk=args.moe_router_topk,
         token_dispatcher_type=args.moe_token_dispatcher_type,
+        flex_dispatcher_backend=getattr(args, "moe_flex_dispatcher_backend", "deepep"),
         apply_probs_on_input=getattr(args, "moe_apply_probs_on_input", False),
     )
     return cfg

@@ -1,9 +1,11 @@
 """A small gloo multi-process runner for distributed tests on CPU.
 
-    run_distributed(fn, world_size, *args, timeout_s=120, **kwargs) -> list of fn's return values
+    run_distributed(fn, world_size, *args, timeout_s=120, backend="gloo", **kwargs)
+        -> list of fn's return values
 
 Spawns ``world_size`` processes (``spawn`` start method, so no state leaks from pytest), each
-initialising ``torch.distributed`` with gloo on a free local port, then calls
+initialising ``torch.distributed`` with gloo (CUDA hidden) on a free local port, or with nccl
+on GPU ``rank`` (``backend="nccl"``, for tests marked ``gpu``), then calls
 ``fn(rank, world_size, *args, **kwargs)``. ``fn`` must be importable by the children (a
 module-level function of a test module); pass expected tensors in through ``args`` and assert
 inside ``fn``. A rank that raises sends its traceback back and the runner raises
@@ -38,23 +40,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(fn, rank, world_size, port, args, kwargs, results, timeout_s):
+def _worker(fn, rank, world_size, port, args, kwargs, results, timeout_s, backend):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
-        CUDA_VISIBLE_DEVICES="",
         OMP_NUM_THREADS="1",
     )
+    if backend == "gloo":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
@@ -72,9 +77,14 @@ def _worker(fn, rank, world_size, port, args, kwargs, results, timeout_s):
 
 
 def run_distributed(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120, **kwargs: Any
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 120,
+    backend: str = "gloo",
+    **kwargs: Any,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks.
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo (or nccl) ranks.
 
     Returns:
         The per-rank return values (must be picklable), indexed by rank.
@@ -85,13 +95,15 @@ def run_distributed(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(
             target=_worker,
-            args=(fn, rank, world_size, port, args, kwargs, results, timeout_s),
+            args=(fn, rank, world_size, port, args, kwargs, results, timeout_s, backend),
             daemon=True,
         )
         for rank in range(world_size)

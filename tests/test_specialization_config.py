@@ -115,16 +115,38 @@ def test_validation_against_the_model() -> None:
             "--moe-ortho-loss-coeff 0.1 needs an MoE model",
         ),
         (both, {"moe_router_topk": 1}, "needs --moe-router-topk >= 2"),
-        (both, {"token_dispatcher_type": "flex"}, "allgather and alltoall, got 'flex'"),
+        (both, {"token_dispatcher_type": "x"}, "allgather, alltoall and flex, got 'x'"),
+        (
+            both,
+            {"token_dispatcher_type": "flex", "flex_dispatcher_backend": "hybridep"},
+            "--moe-flex-dispatcher-backend hybridep",
+        ),
+        (
+            both,
+            {"token_dispatcher_type": "flex", "flex_dispatcher_backend": "ncclep"},
+            "--moe-flex-dispatcher-backend ncclep",
+        ),
         (both, {"apply_probs_on_input": True}, "--moe-apply-probs-on-input"),
     ]
     for cfg, changes, message in cases:
         with pytest.raises(EDLConfigError, match=message):
             validate_specialization_against_model(cfg, **{**ok, **changes})
-    # Top-1 routing and flex are fine for the variance loss alone.
+    # flex with DeepEP (the default backend) is supported; the backend of another dispatcher
+    # type is not read.
+    validate_specialization_against_model(both, **{**ok, "token_dispatcher_type": "flex"})
+    validate_specialization_against_model(
+        both, **{**ok, "token_dispatcher_type": "flex", "flex_dispatcher_backend": "deepep"}
+    )
+    validate_specialization_against_model(both, **{**ok, "flex_dispatcher_backend": "hybridep"})
+    # Top-1 routing and any flex backend are fine for the variance loss alone.
     validate_specialization_against_model(
         SpecializationConfig(variance_coeff=0.1),
-        **{**ok, "moe_router_topk": 1, "token_dispatcher_type": "flex"},
+        **{
+            **ok,
+            "moe_router_topk": 1,
+            "token_dispatcher_type": "flex",
+            "flex_dispatcher_backend": "hybridep",
+        },
     )
 
 

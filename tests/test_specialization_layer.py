@@ -15,10 +15,14 @@ The reference is one process's result from first principles, computed inside the
 with TP = EP = 1 (every rank holds every expert; pure torch, no collective): each selected expert
 called on each token of the whole global batch alone (its raw output, gate 1), the per-token
 orthogonality loss of ``megatron_edl.core.specialization`` over those, the variance over the
-router's probabilities, and autograd. Every layout (DP=2, EP=2 with both dispatchers, TP=2 with
-sequence parallelism and both dispatchers; one of them auto-calibrated) must reproduce its losses
-and gradients, which proves the grouping by token, the raw outputs recovered as y / p, the
-reductions and the gradient scale together.
+router's probabilities, and autograd. Every layout (DP=2, EP=2 with the three dispatchers, TP=2
+with sequence parallelism and the three dispatchers; two of them auto-calibrated) must reproduce
+its losses and gradients, which proves the grouping by token, the raw outputs recovered as y / p,
+the reductions and the gradient scale together.
+
+The ``flex`` dispatcher runs with its DeepEP backend, whose fused dispatch and combine are
+emulated with gloo collectives (``tests/deepep_emulation.py``; DeepEP itself needs GPUs).
+``tests/test_specialization_flex.py`` checks the emulation against the alltoall dispatcher.
 
 Also checked: the layer output is bit-identical to the stock ``MoELayer``'s (forward equality),
 one packed all-reduce per loss, the orthogonality gradient reaches the experts but not the
@@ -50,7 +54,11 @@ LAYOUTS: dict[str, tuple[int, int, str, str, bool]] = {
     "ep2-alltoall": (1, 2, "alltoall", "tokens", True),
     "tp2sp-allgather": (2, 1, "allgather", "tokens", False),
     "tp2sp-alltoall": (2, 1, "alltoall", "experts", False),
+    "ep2-flex": (1, 2, "flex", "experts", False),
+    "tp2sp-flex": (2, 1, "flex", "tokens", True),
 }
+# The layout of the gradient-direction and no-grad checks (flex needs tp * ep > 1).
+SMALLEST_LAYOUT = {"allgather": (1, 1), "alltoall": (1, 1), "flex": (1, 2)}
 # The first-principles references the layouts are compared with: (axis, calibrate).
 REFERENCES = sorted({(a, c) for _, _, _, a, c in LAYOUTS.values()})
 TARGETS = {"variance_loss": 1e-3, "ortho_loss": 1e-4}  # the calibration defaults
@@ -73,8 +81,19 @@ DATA = _data()
 # ---------------------------------------------------------------------------------------------
 
 
-def _build(tp: int, ep: int, dispatcher: str, axis: str, calibrate: bool, *, stock=False):
-    """The MoE layer of the local GPT spec (with the losses unless ``stock``), weights loaded."""
+def _build(
+    tp: int,
+    ep: int,
+    dispatcher: str,
+    axis: str,
+    calibrate: bool,
+    *,
+    stock=False,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """The MoE layer of the local GPT spec (with the losses unless ``stock``), weights loaded
+    (then moved to ``device`` and ``dtype``; the GPU tests of test_specialization_flex.py)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -123,6 +142,7 @@ def _build(tp: int, ep: int, dispatcher: str, axis: str, calibrate: bool, *, sto
         for local, expert in enumerate(layer.experts.local_experts):
             expert.linear_fc1.weight.copy_(DATA["fc1_EFH"][first_expert + local][rows])
             expert.linear_fc2.weight.copy_(DATA["fc2_EHF"][first_expert + local][:, rows])
+    layer.to(device=device, dtype=dtype)
     layer.train()
     return layer, first_expert, rows
 
@@ -197,14 +217,24 @@ def _setup_layout(tp: int, ep: int) -> None:
     model_parallel_cuda_manual_seed(1)
 
 
-def _run_layout(tp: int, ep: int, dispatcher: str, axis: str, calibrate: bool) -> dict[str, Any]:
+def _run_layout(
+    tp: int,
+    ep: int,
+    dispatcher: str,
+    axis: str,
+    calibrate: bool,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
     _setup_layout(tp, ep)
-    hidden_sBH = _local_hidden(tp)
-    stock, _, _ = _build(tp, ep, dispatcher, axis, calibrate, stock=True)
+    hidden_sBH = _local_hidden(tp).to(device=device, dtype=dtype)
+    on = {"device": device, "dtype": dtype}
+    stock, _, _ = _build(tp, ep, dispatcher, axis, calibrate, stock=True, **on)
     with torch.no_grad():
         stock_output, _ = stock(hidden_sBH)
     _take_metrics()
-    layer, first_expert, rows = _build(tp, ep, dispatcher, axis, calibrate)
+    layer, first_expert, rows = _build(tp, ep, dispatcher, axis, calibrate, **on)
     output, calls = _train_step(layer, hidden_sBH)
     return {
         "metrics": _take_metrics(),
@@ -221,7 +251,7 @@ def _first_principles(layer, axis: str, calibrate: bool) -> dict[str, Any]:
     from megatron_edl.core.specialization import orthogonality_loss as ortho
     from megatron_edl.core.specialization import variance_loss as var
 
-    hidden_sBH = DATA["hidden_SBH"]
+    hidden_sBH = DATA["hidden_SBH"].to(device=layer.router.weight.device)
     hidden_TH = hidden_sBH.reshape(-1, HIDDEN)
     layer.zero_grad(set_to_none=True)
     router, experts = layer.router, layer.experts.local_experts
@@ -232,7 +262,7 @@ def _first_principles(layer, axis: str, calibrate: bool) -> dict[str, Any]:
     v_loss = var(scores_TE=scores_TE, axis=axis)
 
     def raw(t: int, e: int) -> torch.Tensor:
-        return experts[e](hidden_TH[t : t + 1], torch.ones(1))[0][0]
+        return experts[e](hidden_TH[t : t + 1], torch.ones(1, device=hidden_TH.device))[0][0]
 
     num_tokens = hidden_TH.shape[0]
     pairs_by_token = [
@@ -268,23 +298,27 @@ def _first_principles(layer, axis: str, calibrate: bool) -> dict[str, Any]:
 
 
 def _worker(rank: int, world_size: int) -> dict[str, Any]:
-    """Every layout, then, with TP = EP = 1 (every rank holds every expert): the first-principles
-    references, the router gradient of the orthogonality loss alone, no-grad and eval forwards."""
+    """Every layout; then, with TP = EP = 1 (every rank holds every expert), the first-principles
+    references; then, per dispatcher, the router gradient of the orthogonality loss alone and
+    no-grad and eval forwards."""
     from megatron_edl import cpu
+    from tests import deepep_emulation
 
     cpu.apply()
+    deepep_emulation.install()
     out: dict[str, Any] = {name: _run_layout(*layout) for name, layout in LAYOUTS.items()}
     _setup_layout(1, 1)
-    hidden_sBH = _local_hidden(1)
     for axis, calibrate in REFERENCES:
         layer, _, _ = _build(1, 1, "allgather", axis, False)
         out[("first-principles", axis, calibrate)] = _first_principles(layer, axis, calibrate)
-    for dispatcher in ("allgather", "alltoall"):
-        layer, _, _ = _build(1, 1, dispatcher, "tokens", False)
+    for dispatcher, (tp, ep) in SMALLEST_LAYOUT.items():
+        _setup_layout(tp, ep)
+        hidden_sBH = _local_hidden(tp)
+        layer, first_expert, rows = _build(tp, ep, dispatcher, "tokens", False)
         layer.router._variance_term = None  # orthogonality alone
         _train_step(layer, hidden_sBH)
         _take_metrics()
-        grads = _reduced_grads(layer, 0, slice(0, FFN))
+        grads = _reduced_grads(layer, first_expert, rows)
         out[("ortho-alone", dispatcher)] = (
             grads["router_EH"].abs().max().item(),
             grads["experts"][0][2].abs().max().item(),
@@ -358,14 +392,14 @@ def test_one_packed_all_reduce_per_loss(results):
             assert r[name]["calls"] == expected, name
 
 
-@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+@pytest.mark.parametrize("dispatcher", list(SMALLEST_LAYOUT))
 def test_orthogonality_reaches_the_experts_not_the_router(dispatcher, results):
     router_grad, expert_grad = results[0][("ortho-alone", dispatcher)]
     assert expert_grad > 1e-3
     assert router_grad < 1e-5 * expert_grad
 
 
-@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+@pytest.mark.parametrize("dispatcher", list(SMALLEST_LAYOUT))
 def test_nothing_without_grad_or_in_eval(dispatcher, results):
     for mode in ("no-grad", "eval"):
         calls, metrics = results[0][(mode, dispatcher)]

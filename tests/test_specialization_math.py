@@ -13,11 +13,13 @@ from hypothesis import strategies as st
 
 from megatron_edl.core.specialization import (
     group_rows_by_token,
+    merge_columns,
     orthogonality_loss,
     orthogonality_loss_from_sums,
     orthogonality_per_token,
     orthogonality_sums,
     permuted_row_tokens,
+    row_columns,
     token_slots,
     variance_loss,
     variance_loss_from_sums,
@@ -283,6 +285,54 @@ def test_grouping_skips_invalid_rows_and_is_differentiable() -> None:
     with pytest.raises(ValueError, match=r"slots must lie in \[0, 2\)"):
         group_rows_by_token(
             rows_RH=rows_RH, token_R=token_R, slot_R=slot_R + 1, num_tokens=3, num_slots=2
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Columns of an expanded expert list (flex dispatcher)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_row_columns_finds_the_column_of_each_row() -> None:
+    # Received tokens' lists (local expert ids, -1 elsewhere), as DeepEP hands them over.
+    indices_TC = torch.tensor([[0, -1, 1, -1], [-1, 1, -1, -1], [1, 0, -1, -1]])
+    token_R = torch.tensor([0, 2, 0, 1, 2, 1])
+    expert_R = torch.tensor([0, 0, 1, 1, 1, 0])  # the last: a padding row, named by no column
+    column_R, found_R = row_columns(indices_TC=indices_TC, token_R=token_R, expert_R=expert_R)
+    assert found_R.tolist() == [True, True, True, True, True, False]
+    assert column_R[found_R].tolist() == [0, 1, 2, 1, 0]
+    with pytest.raises(ValueError, match="indices_TC must have shape"):
+        row_columns(indices_TC=indices_TC[0], token_R=token_R, expert_R=expert_R)
+
+
+def test_merge_columns_sums_the_copies_of_one_expert() -> None:
+    # Token 0: columns hold experts 5, 5, 2, 2 (two expert-TP copies each) -> slots (5, 2).
+    # Token 1: 3, 7, 3, and an invalid column (-1) -> slots (3, 7); the invalid one is dropped.
+    # Token 2: expert 4 twice, then two columns with p = 0 (invalid) -> slot 0 only.
+    expert_TC = torch.tensor([[5, 5, 2, 2], [3, 7, 3, -1], [4, 4, 1, 6]])
+    valid_TC = torch.tensor([[True] * 4, [True, True, True, False], [True, True, False, False]])
+    columns_TCH = torch.arange(1.0, 25.0).view(3, 4, 2).requires_grad_(True)
+    outputs_TKH, valid_TK = merge_columns(
+        columns_TCH=columns_TCH, expert_TC=expert_TC, valid_TC=valid_TC, num_slots=2
+    )
+    assert valid_TK.tolist() == [[True, True], [True, True], [True, False]]
+    c = columns_TCH.detach()
+    expected_TKH = torch.stack(
+        [
+            torch.stack([c[0, 0] + c[0, 1], c[0, 2] + c[0, 3]]),
+            torch.stack([c[1, 0] + c[1, 2], c[1, 1]]),
+            torch.stack([c[2, 0] + c[2, 1], torch.zeros(2)]),
+        ]
+    )
+    assert torch.equal(outputs_TKH, expected_TKH)
+    outputs_TKH.sum().backward()
+    assert columns_TCH.grad[:, :, 0].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]]
+    with pytest.raises(ValueError, match="3 distinct experts, more than num_slots = 2"):
+        merge_columns(
+            columns_TCH=columns_TCH,
+            expert_TC=torch.tensor([[5, 6, 7, 7]] * 3),
+            valid_TC=torch.ones(3, 4, dtype=torch.bool),
+            num_slots=2,
         )
 
 

@@ -38,6 +38,12 @@ rows are therefore scattered, not consecutive: ``permuted_row_tokens`` and ``tok
 every row its token and its slot (the rank of the expert among the token's selected experts), and
 ``group_rows_by_token`` gathers the k rows of each token into ``outputs_TKH``.
 
+Columns (the ``flex`` dispatcher): there a token carries a list of C = tp * k expanded expert
+ids (every expert once per expert-TP rank, -1 for a dropped pair), and each list entry (column)
+comes back to the token as its own row. ``row_columns`` finds the column of a permuted row in
+its token's list; ``merge_columns`` sums the columns that hold the same expert (expert-TP partial
+outputs) into one slot per expert.
+
 Precision: the math runs in at least fp32 (fp64 stays fp64, for ``gradcheck``).
 
 Shape legend (suffixes of tensor names):
@@ -45,6 +51,7 @@ Shape legend (suffixes of tensor names):
     E  routed experts
     K  slots: a token's selected experts (k = top-k)
     R  rows of the permuted expert computation (one per selected (token, expert) pair)
+    C  columns of a token's expanded expert list (flex dispatcher: tp * k)
     H  hidden size
 """
 
@@ -57,11 +64,13 @@ from torch import Tensor
 
 __all__ = [
     "group_rows_by_token",
+    "merge_columns",
     "orthogonality_loss",
     "orthogonality_loss_from_sums",
     "orthogonality_per_token",
     "orthogonality_sums",
     "permuted_row_tokens",
+    "row_columns",
     "token_slots",
     "variance_loss",
     "variance_loss_from_sums",
@@ -356,4 +365,96 @@ def group_rows_by_token(
     outputs_TKH = outputs_TKH.index_put((token_R, slot_R), rows_RH)
     valid_TK = torch.zeros(num_tokens, num_slots, dtype=torch.bool, device=rows_RH.device)
     valid_TK[token_R, slot_R] = True
+    return outputs_TKH, valid_TK
+
+
+# ---------------------------------------------------------------------------------------------
+# Columns of an expanded expert list (flex dispatcher)
+# ---------------------------------------------------------------------------------------------
+
+
+def row_columns(*, indices_TC: Tensor, token_R: Tensor, expert_R: Tensor) -> tuple[Tensor, Tensor]:
+    """Column of every row in its token's expert list: ``indices_TC[token_R[r], column_R[r]] ==
+    expert_R[r]``.
+
+    An expert occurs at most once in a token's list (``-1`` marks an empty column), so the column
+    is unique when it exists.
+
+    Args:
+        indices_TC: Expert id of every column of every token, shape ``(T, C)``; ``-1``: none.
+        token_R: Token of each row, int64.
+        expert_R: Expert of each row, int64 (same numbering as ``indices_TC``).
+
+    Returns:
+        ``(column_R, found_R)``: the column (0 where there is none) and whether there is one (a
+        padding row that no column names has none).
+    """
+    if indices_TC.ndim != 2:
+        raise ValueError(f"indices_TC must have shape (T, C), got {tuple(indices_TC.shape)}")
+    if token_R.shape != expert_R.shape:
+        raise ValueError(
+            f"token_R and expert_R must have the same shape, got {tuple(token_R.shape)} and "
+            f"{tuple(expert_R.shape)}"
+        )
+    match_RC = indices_TC[token_R] == expert_R[:, None]
+    return match_RC.long().argmax(dim=1), match_RC.any(dim=1)
+
+
+def merge_columns(
+    *,
+    columns_TCH: Tensor,
+    expert_TC: Tensor,
+    valid_TC: Tensor,
+    num_slots: int,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Sum the valid columns that hold the same expert into one slot per expert.
+
+    ``outputs[t, s] = Σ_c columns[t, c]`` over the valid columns c of token t whose expert is the
+    token's s-th distinct expert (in column order of first occurrence). Differentiable with
+    respect to ``columns_TCH``.
+
+    Args:
+        columns_TCH: One row per column, shape ``(T, C, H)``.
+        expert_TC: Expert of every column, shape ``(T, C)`` (any value where invalid).
+        valid_TC: Bool mask of the columns that hold an output, shape ``(T, C)``.
+        num_slots: K, at least the number of distinct valid experts of every token.
+        validate: Check that no token has more than K distinct experts (a device-to-host sync).
+
+    Returns:
+        ``(outputs_TKH, valid_TK)``: zeros in empty slots, and the mask of filled slots.
+
+    Raises:
+        ValueError: On bad shapes, or (``validate``) a token with more than K distinct experts.
+    """
+    if columns_TCH.ndim != 3 or expert_TC.shape != columns_TCH.shape[:2]:
+        raise ValueError(
+            f"columns_TCH must have shape (T, C, H) and expert_TC (T, C), got "
+            f"{tuple(columns_TCH.shape)} and {tuple(expert_TC.shape)}"
+        )
+    if valid_TC.shape != expert_TC.shape:
+        raise ValueError(
+            f"valid_TC must have shape {tuple(expert_TC.shape)}, got {tuple(valid_TC.shape)}"
+        )
+    num_tokens, num_columns, hidden = columns_TCH.shape
+    valid_TC = valid_TC.bool()
+    same_TCC = (expert_TC[:, :, None] == expert_TC[:, None, :]) & valid_TC[:, :, None]
+    same_TCC = same_TCC & valid_TC[:, None, :]  # [t, c, c']: columns c and c' hold one expert
+    earlier_CC = torch.ones(num_columns, num_columns, dtype=torch.bool, device=expert_TC.device)
+    earlier_CC = earlier_CC.tril(diagonal=-1)  # [c, c']: c' < c
+    first_TC = valid_TC & ~(same_TCC & earlier_CC).any(dim=2)  # first column of its expert
+    slot_of_first_TC = first_TC.long().cumsum(dim=1) - 1
+    first_column_TC = same_TCC.long().argmax(dim=2)  # the first c' holding c's expert
+    slot_TC = slot_of_first_TC.gather(1, first_column_TC)
+    if validate and valid_TC.any() and int(slot_TC[valid_TC].max()) >= num_slots:
+        raise ValueError(
+            f"a token has {int(slot_TC[valid_TC].max()) + 1} distinct experts, more than "
+            f"num_slots = {num_slots}"
+        )
+    token_TC = torch.arange(num_tokens, device=expert_TC.device)[:, None].expand_as(slot_TC)
+    token_V, slot_V = token_TC[valid_TC], slot_TC[valid_TC]
+    outputs_TKH = columns_TCH.new_zeros(num_tokens, num_slots, hidden)
+    outputs_TKH = outputs_TKH.index_put((token_V, slot_V), columns_TCH[valid_TC], accumulate=True)
+    valid_TK = torch.zeros(num_tokens, num_slots, dtype=torch.bool, device=expert_TC.device)
+    valid_TK[token_V, slot_V] = True
     return outputs_TKH, valid_TK

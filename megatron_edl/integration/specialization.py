@@ -28,7 +28,14 @@ Where they hook in:
     ``[T_global, k, H]`` buffer on the expert rank (zeros elsewhere) and reduce-scatters that
     over the same ``tp_ep`` group: k times the combine's traffic, in fp32 like Megatron's own
     combine. Its backward is the all-gather Megatron's function provides.
-  * ``flex`` (DeepEP/HybridEP fused combine): not supported yet; refused at start.
+  * ``flex`` with the DeepEP backend (:class:`OrthogonalityFlexTokenDispatcher`): DeepEP
+    sends a token once to each rank hosting one of its C = tp * k expanded experts, and Megatron
+    sums the outputs on the expert rank (unpermute) before the fused combine. The hook places
+    each output in the column of the token's expert list it belongs to (``[C, T_recv, H]``) and
+    sends the C columns through DeepEP's combine with the same handle (C times the combine's
+    traffic, in the experts' dtype); at the token's rank the columns that are expert-TP copies
+    of one expert are summed. The ``hybridep`` and ``ncclep`` backends keep the token layout
+    inside opaque handles: refused at start (``--moe-flex-dispatcher-backend``).
 
   The raw output of an expert (before gate weighting) is recovered as ``y / p``: Megatron's
   experts multiply the gate p into the activation before ``fc2`` (and the expert bias by p), so
@@ -67,6 +74,7 @@ import logging
 
 import torch
 from megatron.core.tensor_parallel import reduce_scatter_to_sequence_parallel_region
+from megatron.core.transformer.moe import token_dispatcher as megatron_token_dispatcher
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.moe.moe_utils import (
@@ -76,6 +84,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.token_dispatcher import (
     MoEAllGatherTokenDispatcher,
     MoEAlltoAllTokenDispatcher,
+    MoEFlexTokenDispatcher,
 )
 from torch import Tensor
 
@@ -444,9 +453,152 @@ class OrthogonalityAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
         return self.orthogonality.attach(output, outputs_TKH, valid_TK, outputs_TKH.shape[0])
 
 
+def expanded_to_expert(indices_TC: Tensor, *, tp_size: int, num_local_experts: int) -> Tensor:
+    """Expert id of every expanded id of the flex dispatcher; ``-1`` stays ``-1``.
+
+    Megatron's ``MoEFlexTokenDispatcher._initialize_metadata`` lays the E experts out as
+    ``[ep, tp, local]``: expanded id ``(ep_rank * tp + tp_rank) * L + l`` is expert
+    ``ep_rank * L + l`` on expert-TP rank ``tp_rank`` (L local experts).
+    """
+    per_ep_rank = tp_size * num_local_experts
+    expert_TC = (indices_TC // per_ep_rank) * num_local_experts + indices_TC % num_local_experts
+    return torch.where(indices_TC >= 0, expert_TC, indices_TC)
+
+
+class OrthogonalityFlexTokenDispatcher(MoEFlexTokenDispatcher):
+    """Megatron's flex dispatcher (DeepEP backend) plus the orthogonality loss.
+
+    DeepEP sends a token once to every rank of ``tp_ep`` that hosts at least one entry of its
+    list of C = tp * k expanded experts (``_comm_manager.token_indices``, ``-1`` for a dropped
+    pair). On that rank ``dispatched_indices`` ``[T_recv, C]`` keep the source's column order and
+    hold the local expert id of each column hosted here, ``-1`` elsewhere. Megatron permutes the
+    received rows by local expert, runs the experts (gate multiplied in) and unpermutes (sum over
+    the local experts); ``fused_combine`` sums each token's partial rows back at its source.
+
+    The hook:
+
+    * ``combine_preprocess`` (before Megatron's unpermute, which runs unchanged): places every
+      gate-weighted expert output (received row r, local expert l) in column c of a per-column
+      buffer ``[C, T_recv, H]``, where ``dispatched_indices[r, c] == l``
+      (:func:`megatron_edl.core.specialization.row_columns`); padding rows (quantization
+      alignment) name no column and are skipped.
+    * ``token_combine``, before Megatron's combine (which releases the DeepEP handle): each
+      column goes back through ``fused_combine`` with the same handle, in the experts' output
+      dtype (DeepEP combines bf16). A column is hosted by exactly one rank, so the sum over ranks
+      is that rank's value: the transport adds no rounding. At the source the token then holds
+      y_c for each of its C columns; the raw outputs y_c / p_c are formed in fp32 there (p_c:
+      ``_comm_manager.token_probs``, the same fp32 numbers the experts multiplied in), columns
+      that are expert-TP copies of one expert are summed (their partial outputs)
+      (:func:`~megatron_edl.core.specialization.merge_columns`), and the loss is attached to the
+      combined output as for the other dispatchers. Columns with index ``-1`` or p = 0 are empty.
+
+    Why C combines of width H and not one combine of width C * H: DeepEP bounds the bytes of a
+    row. The backward of a combine is a DeepEP dispatch of the gradient; its intranode dispatch
+    kernel (SM90 path) copies each half row through an 8 KiB shared-memory buffer per warp
+    (``kNumTMABytesPerWarp``), i.e. rows of at most about 16 KiB (H <= 8184 in bf16), and its
+    internode combine stages a whole row in 16 KiB. A C * H wide row exceeds that for ordinary
+    model sizes (already C = 8, H = 1024); H-wide rows are what Megatron's own dispatch and
+    combine send. Cost: C = tp * k combines per layer, each the size of Megatron's combine, and
+    a ``[C, T_recv, H]`` buffer (the allgather path also moves k times its combine).
+    """
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        local_expert_indices: list[int],
+        config,
+        pg_collection=None,
+        *,
+        orthogonality: OrthogonalityLoss,
+    ) -> None:
+        if config.moe_flex_dispatcher_backend != "deepep":
+            raise ValueError(_flex_backend_message(config.moe_flex_dispatcher_backend))
+        super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
+        self.orthogonality = orthogonality
+        self._ortho_active = False
+        self._ortho_columns_CTH: Tensor | None = None
+
+    def dispatch_preprocess(self, hidden_states: Tensor, routing_map: Tensor, probs: Tensor):
+        """Megatron's; notes whether this forward computes the loss."""
+        self._ortho_active = self.orthogonality.active
+        return super().dispatch_preprocess(hidden_states, routing_map, probs)
+
+    def combine_preprocess(self, hidden_states: Tensor) -> Tensor:
+        """Places the expert outputs in their columns, then Megatron's unpermute."""
+        if self._ortho_active:
+            self._ortho_columns_CTH = self._columns(hidden_states)
+        return super().combine_preprocess(hidden_states)
+
+    def _columns(self, rows_RH: Tensor) -> Tensor:
+        """``[C, T_recv, H]``: every expert output row in its (column, received token) slot."""
+        manager = self._comm_manager
+        indices_TC = manager.dispatched_indices
+        token_R, local_R = spec_math.permuted_row_tokens(
+            routing_map_TE=manager.dispatched_routing_map
+        )
+        if manager.pad_offsets is not None:  # fused permute-and-pad: each expert's rows padded
+            row_R = torch.arange(token_R.numel(), device=rows_RH.device)
+            rows_RH = rows_RH[row_R + manager.pad_offsets.to(row_R.device)[local_R]]
+        column_R, found_R = spec_math.row_columns(
+            indices_TC=indices_TC, token_R=token_R, expert_R=local_R
+        )
+        # Grouped by column (the "token" of group_rows_by_token), one slot per received token.
+        columns_CTH, _ = spec_math.group_rows_by_token(
+            rows_RH=rows_RH,
+            token_R=column_R,
+            slot_R=token_R,
+            num_tokens=indices_TC.shape[1],
+            num_slots=indices_TC.shape[0],
+            valid_R=found_R,
+            validate=False,
+        )
+        return columns_CTH
+
+    def token_combine(
+        self, hidden_states: Tensor, async_finish: bool = True, allocate_on_comm_stream: bool = True
+    ) -> Tensor:
+        """The columns go back to their tokens (same DeepEP handle), then Megatron's combine."""
+        if not self._ortho_active:
+            return super().token_combine(hidden_states, async_finish, allocate_on_comm_stream)
+        columns_CTH, self._ortho_columns_CTH = self._ortho_columns_CTH, None
+        manager = self._comm_manager
+        combined = [
+            megatron_token_dispatcher.fused_combine(column_TH, manager.group, manager.handle)[0]
+            for column_TH in columns_CTH
+        ]
+        indices_TC, probs_TC = manager.token_indices, manager.token_probs
+        output = super().token_combine(hidden_states, async_finish, allocate_on_comm_stream)
+        num_tokens, num_columns = indices_TC.shape
+        y_TCH = torch.stack(combined, dim=1)
+        raw_RH, positive_R = self.orthogonality.raw_rows(
+            y_TCH.reshape(num_tokens * num_columns, -1), probs_TC.reshape(-1)
+        )
+        outputs_TKH, valid_TK = spec_math.merge_columns(
+            columns_TCH=raw_RH.view(num_tokens, num_columns, -1),
+            expert_TC=expanded_to_expert(
+                indices_TC, tp_size=self.tp_size, num_local_experts=self.num_local_experts
+            ),
+            valid_TC=(indices_TC >= 0) & positive_R.view(num_tokens, num_columns),
+            num_slots=self.orthogonality.num_slots,
+            validate=False,
+        )
+        return self.orthogonality.attach(output, outputs_TKH, valid_TK, num_tokens)
+
+
+def _flex_backend_message(backend: str) -> str:
+    return (
+        "the orthogonality loss supports the flex token dispatcher with the deepep backend only "
+        f"(hybridep and ncclep keep the token layout inside opaque handles), got "
+        f"--moe-flex-dispatcher-backend {backend}"
+    )
+
+
+# Keyed by the dispatcher type Megatron built; for flex only the deepep backend is supported
+# (checked by the layer before Megatron builds the dispatcher, and by the subclass).
 _ORTHOGONALITY_DISPATCHERS = {
     MoEAllGatherTokenDispatcher: OrthogonalityAllGatherTokenDispatcher,
     MoEAlltoAllTokenDispatcher: OrthogonalityAlltoAllTokenDispatcher,
+    MoEFlexTokenDispatcher: OrthogonalityFlexTokenDispatcher,
 }
 
 
@@ -468,6 +620,11 @@ class SpecializationMoELayer(MoELayer):
         *,
         specialization_config: SpecializationConfig,
     ) -> None:
+        if (
+            config.moe_token_dispatcher_type == "flex"
+            and config.moe_flex_dispatcher_backend != "deepep"
+        ):  # before Megatron builds the backend's manager
+            raise ValueError(_flex_backend_message(config.moe_flex_dispatcher_backend))
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
         super().__init__(
@@ -489,7 +646,8 @@ class SpecializationMoELayer(MoELayer):
         dispatcher_cls = _ORTHOGONALITY_DISPATCHERS.get(type(self.token_dispatcher))
         if dispatcher_cls is None:
             raise ValueError(
-                "the orthogonality loss supports the allgather and alltoall token dispatchers, "
+                "the orthogonality loss supports the allgather, alltoall and flex (deepep) token "
+                "dispatchers, "
                 f"not {type(self.token_dispatcher).__name__} (--moe-token-dispatcher-type "
                 f"{config.moe_token_dispatcher_type})"
             )
