@@ -328,7 +328,7 @@ def test_sft_label_count_mismatch_names_the_file(tmp_path):
         DomainSFTDataset(rows, code, np.arange(2), 2, _split_train(), config)
 
 
-def test_launcher_accepts_packed_sequences_and_names_what_it_refuses(monkeypatch):
+def test_launcher_accepts_packed_sequences_and_names_what_it_refuses(tmp_path, monkeypatch):
     from megatron_edl.config import EDLConfigError
     from megatron_edl.pretrain_gpt import edl_config_from_args
     from tests.test_configs import _megatron_args
@@ -339,6 +339,18 @@ def test_launcher_accepts_packed_sequences_and_names_what_it_refuses(monkeypatch
     args = _megatron_args([*base, "--sft"], monkeypatch)
     with pytest.raises(EDLConfigError, match="--sft need --moe-edl-domains-per-prefix"):
         edl_config_from_args(args)
+    # SFT with one domain per JSONL file: the domains come from the per-prefix file.
+    code = _write_jsonl(tmp_path / "code.jsonl", [_conversation(3)] * 3)
+    chat = _write_jsonl(tmp_path / "chat.jsonl", [_conversation(4)] * 2)
+    (tmp_path / "domains.yaml").write_text(f"{code}: code\n{chat}: chat\n")
+    real_data = [flag for flag in TINY_MOE_GPT if flag != "--mock-data"]
+    args = _megatron_args(
+        [*real_data, "--moe-edl-coeff", "0.1", "--sft", "--data-path", code, chat,
+         "--moe-edl-domains-per-prefix", str(tmp_path / "domains.yaml")],
+        monkeypatch,
+    )  # fmt: skip
+    cfg = edl_config_from_args(args)
+    assert (cfg.num_domains, cfg.domain_names) == (2, ("code", "chat"))
     args = _megatron_args(base, monkeypatch)
     args.hybrid_context_parallel = True
     with pytest.raises(EDLConfigError, match="--hybrid-context-parallel"):
