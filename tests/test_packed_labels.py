@@ -265,7 +265,7 @@ def _read_jsonl(path: str) -> list[list[dict]]:
         return [json.loads(line)["messages"] for line in f]
 
 
-def _sft_config(tmp_path, files: dict[str, str], seq: int, cp: int = 1):
+def _sft_config(tmp_path, files: dict[str, str], seq: int, cp: int = 1, weights=None):
     from megatron_edl.config import EDLConfig
     from megatron_edl.integration.dataset import DomainGPTDatasetConfig
 
@@ -274,7 +274,7 @@ def _sft_config(tmp_path, files: dict[str, str], seq: int, cp: int = 1):
     return DomainGPTDatasetConfig(
         random_seed=1,
         sequence_length=seq,
-        blend=(list(files), None),
+        blend=(list(files), weights),
         split="1,0,0",
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -315,6 +315,34 @@ def _split_train():
     from megatron.core.datasets.utils import Split
 
     return Split.train
+
+
+def test_sft_blend_through_megatrons_builder_and_jsonl_reader(tmp_path, monkeypatch):
+    """Two JSONL files, one domain each, through ``BlendedMegatronDatasetBuilder`` and Megatron's
+    JSONL reader (``datasets``): every sample's tokens carry the domain of the file it came from.
+    """
+    pytest.importorskip("datasets", reason="Megatron's SFT reader needs the datasets package")
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+
+    from megatron_edl.integration.dataset import DomainSFTDataset
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    code = _write_jsonl(tmp_path / "code.jsonl", [_conversation(3 + i) for i in range(6)])
+    chat = _write_jsonl(tmp_path / "chat.jsonl", [_conversation(9 + i) for i in range(5)])
+    config = _sft_config(tmp_path, {code: "code", chat: "chat"}, seq=32, weights=[1.0, 1.0])
+    (train, _, _) = BlendedMegatronDatasetBuilder(
+        DomainSFTDataset, [16, 0, 0], lambda: True, config
+    ).build()
+    seen = set()
+    for i in range(16):
+        sample = train[i]
+        ids = sample["domain_ids"][sample["tokens"] != _ChatTokenizer.pad]
+        assert (ids == sample["dataset_id"]).all(), (i, sample["dataset_id"], ids)
+        seen.add(int(sample["dataset_id"]))
+    assert seen == {0, 1}
 
 
 def test_sft_label_count_mismatch_names_the_file(tmp_path):
