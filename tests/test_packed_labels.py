@@ -73,7 +73,8 @@ def _thd_partitioned_indices(cu_seqlens, total_tokens, cp_size, cp_rank):
     return torch.tensor(index, dtype=torch.int64)
 
 
-def _get_batch_worker(rank: int, world_size: int, flags: list[str], sft: bool):
+def _get_batch_worker(rank: int, world_size: int, flags: list[str], sft_modes: tuple[bool, ...]):
+    """``get_batch`` on one loader batch, once per SFT mode; what each call returned."""
     from megatron_edl import cpu
 
     cpu.apply()
@@ -90,24 +91,27 @@ def _get_batch_worker(rank: int, world_size: int, flags: list[str], sft: bool):
     validate_args(args, {"tokenizer_type": "NullTokenizer"})
     args.edl_config = edl_config_from_args(args)
     assert args.edl_config is not None
-    args.sft = sft  # get_batch's only SFT switch: the per-document CP split
     set_args(args)
-    if sft:
-        core_utils.tex = SimpleNamespace(thd_get_partitioned_indices=_thd_partitioned_indices)
+    core_utils.tex = SimpleNamespace(thd_get_partitioned_indices=_thd_partitioned_indices)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
     )
-    batch = gpt.get_batch(iter([_loader_batch()]))
-    out = {
-        "pp": parallel_state.get_pipeline_model_parallel_rank(),
-        "tp": parallel_state.get_tensor_model_parallel_rank(),
-        "cp": parallel_state.get_context_parallel_rank(),
-        **{k: batch[k] for k in ("tokens", "labels", "domain_ids", "edl_weights", "cu_seqlens")},
-    }
+    outs = []
+    for sft in sft_modes:
+        args.sft = sft  # get_batch's only SFT switch: the per-document CP split
+        batch = gpt.get_batch(iter([_loader_batch()]))
+        keys = ("tokens", "labels", "domain_ids", "edl_weights", "cu_seqlens")
+        outs.append(
+            {
+                "pp": parallel_state.get_pipeline_model_parallel_rank(),
+                "cp": parallel_state.get_context_parallel_rank(),
+                **{k: batch[k] for k in keys},
+            }
+        )
     parallel_state.destroy_model_parallel()
-    return out
+    return outs
 
 
 def _flags(*layout: str) -> list[str]:
@@ -120,21 +124,21 @@ def _flags(*layout: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("sft", [False, True], ids=["inter_document", "sft_per_document"])
-def test_labels_follow_tokens_through_tp_broadcast_flatten_and_cp_split(sft):
-    results = run_distributed(
-        _get_batch_worker,
-        4,
-        _flags(
-            "--tensor-model-parallel-size",
-            "2",
-            "--sequence-parallel",
-            "--context-parallel-size",
-            "2",
-        ),  # fmt: skip
-        sft,
-        timeout_s=180,
-    )
+SFT_MODES = (False, True)
+
+
+@pytest.fixture(scope="module")
+def tp2_cp2_batches():
+    """Per SFT mode, what ``get_batch`` returned on each of the 4 ranks (TP=2+SP x CP=2)."""
+    layout = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    layout += ["--context-parallel-size", "2"]
+    per_rank = run_distributed(_get_batch_worker, 4, _flags(*layout), SFT_MODES, timeout_s=180)
+    return {sft: [outs[i] for outs in per_rank] for i, sft in enumerate(SFT_MODES)}
+
+
+@pytest.mark.parametrize("sft", SFT_MODES, ids=["inter_document", "sft_per_document"])
+def test_labels_follow_tokens_through_tp_broadcast_flatten_and_cp_split(sft, tp2_cp2_batches):
+    results = tp2_cp2_batches[sft]
     held = {}
     for r in results:
         tokens, ids, weights = r["tokens"], r["domain_ids"], r["edl_weights"]
@@ -161,11 +165,11 @@ def test_intermediate_pipeline_stage_gets_packed_labels():
         _get_batch_worker,
         3,
         [*_flags("--pipeline-model-parallel-size", "3"), "--num-layers", "3"],
-        False,
+        (False,),
         timeout_s=180,
     )
     want_ids = _domain_of(100 + torch.arange(MBS * SEQ)).view(1, -1)
-    for r in results:
+    for (r,) in results:
         torch.testing.assert_close(r["domain_ids"], want_ids, rtol=0, atol=0)
         assert r["cu_seqlens"].tolist() == [[0, 4, 12, 16, 24, 32]]
         if r["pp"] == 1:
