@@ -28,6 +28,7 @@ from megatron_edl.config import (
 from megatron_edl.integration.router import EDLTopKRouter, register_edl_metrics
 from megatron_edl.integration.spec import with_edl_router
 from megatron_edl.integration.specialization import SpecializationMoELayer, metric_names
+from tests.test_edl_spec import _block_config
 
 # ---------------------------------------------------------------------------------------------
 # SpecializationConfig and its flags
@@ -159,16 +160,7 @@ EDL_CFG = EDLConfig(coeff=0.1, num_domains=3)
 
 
 def _block_spec():
-    config = TransformerConfig(
-        num_layers=4,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_moe_experts=4,
-        moe_ffn_hidden_size=32,
-        moe_layer_freq=[1, 0, 1, 0],
-        use_cpu_initialization=True,
-    )
-    return get_gpt_decoder_block_spec(config, use_transformer_engine=False, pp_rank=0)
+    return get_gpt_decoder_block_spec(_block_config(), use_transformer_engine=False, pp_rank=0)
 
 
 @pytest.mark.parametrize("edl", [None, EDL_CFG])
