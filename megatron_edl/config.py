@@ -42,12 +42,14 @@ __all__ = [
     "EDLForm",
     "EDLLabels",
     "EDLScope",
+    "EDLScores",
     "FLAGS",
     "SPECIALIZATION_FLAGS",
     "SpecializationConfig",
     "VarianceAxis",
     "add_edl_args",
     "add_specialization_args",
+    "check_supported",
     "parse_layers",
     "validate_against_model",
     "validate_specialization_against_model",
@@ -99,6 +101,17 @@ class EDLLabels(StrEnum):
     """The control of the paper: the documents' labels randomly permuted (seeded)."""
 
 
+class EDLScores(StrEnum):
+    """Which dense expert distribution p_t the loss and the routing telemetry use."""
+
+    ROUTER = "router"
+    """The router's own normalised scores (``--moe-router-score-function``): softmax(z) for a
+    softmax router, sigmoid(z) / sum sigmoid(z) for a sigmoid router (the scores it ranks its
+    experts by, and Megatron's aux loss uses)."""
+    SOFTMAX = "softmax"
+    """softmax(z) whatever the router's score function."""
+
+
 FLAGS: Mapping[str, str] = MappingProxyType(
     {
         "coeff": "--moe-edl-coeff",
@@ -111,6 +124,7 @@ FLAGS: Mapping[str, str] = MappingProxyType(
         "label_map": "--moe-edl-label-map",
         "labels": "--moe-edl-labels",
         "random_seed": "--moe-edl-random-seed",
+        "scores": "--moe-edl-scores",
     }
 )
 """EDLConfig field -> command-line flag, for every field that has a flag (``num_domains`` has
@@ -174,6 +188,9 @@ class EDLConfig:
     random_seed: int = 1234
     """Seed of the label permutation of the ``random`` control; >= 0."""
 
+    scores: EDLScores = EDLScores.ROUTER
+    """The dense distribution p_t: the router's normalised scores (``router``) or ``softmax``."""
+
     num_domains: int | None = None
     """Number of loss domains D; ``None`` until the label map or the data tells. >= 1."""
 
@@ -196,6 +213,17 @@ class EDLConfig:
             ``True`` when EDL is enabled and ``layers`` is ``None`` or lists ``layer_number``.
         """
         return self.enabled and (self.layers is None or layer_number in self.layers)
+
+    def score_function(self, router_score_function: str) -> str:
+        """The score function of p_t for a router with ``router_score_function``.
+
+        Args:
+            router_score_function: The router's ``--moe-router-score-function``.
+
+        Returns:
+            ``router_score_function`` for ``scores=router``, else ``"softmax"``.
+        """
+        return router_score_function if self.scores is EDLScores.ROUTER else "softmax"
 
     def __post_init__(self) -> None:
         """Validate and normalise every field.
@@ -237,6 +265,7 @@ class EDLConfig:
             "label_map": label_map,
             "labels": _as_enum("labels", self.labels, EDLLabels),
             "random_seed": _as_int("random_seed", self.random_seed, minimum=0),
+            "scores": _as_enum("scores", self.scores, EDLScores),
             "num_domains": (
                 None
                 if self.num_domains is None
@@ -493,7 +522,66 @@ def add_edl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=default["random_seed"],
         help="Seed of the label permutation of --moe-edl-labels random. Default: %(default)s.",
     )
+    group.add_argument(
+        FLAGS["scores"],
+        type=str,
+        default=default["scores"].value,
+        help=f"Dense expert distribution of the loss and the routing telemetry: "
+        f"{_choices(EDLScores)}. router = the router's own normalised scores "
+        "(--moe-router-score-function: softmax, or sigmoid divided by its sum), softmax = "
+        "softmax of the logits whatever the score function. Default: %(default)s.",
+    )
     return parser
+
+
+# Megatron's CUDA-graph capture regions that contain the router (empty = the whole layer).
+_GRAPH_MODULES_WITH_ROUTER = frozenset({"moe", "moe_router", "moe_preprocess"})
+
+
+def check_supported(args: Any, reasons: Sequence[str]) -> None:
+    """Refuse, at start, the Megatron settings domain labels cannot work with.
+
+    Called by the launcher when labels are loaded (``reasons``: the flags that need them).
+    Supported and tested: sigmoid/sqrtsoftplus score functions (``--moe-edl-scores``), expert
+    bias and aux-loss-free balancing, ``--moe-router-fusion``, MTP layers. Refused:
+
+    - CUDA graphs that capture the router (``--cuda-graph-impl`` other than ``none`` with
+      ``--cuda-graph-modules`` empty, i.e. the whole layer, or naming ``moe``, ``moe_router``
+      or ``moe_preprocess``; or ``full_iteration``): a replay would reuse the labels queued at
+      capture time, and the queue is Python state a graph cannot hold;
+    - ``--fim-data``: fill-in-the-middle reorders the tokens of a document, so the per-token
+      labels would no longer be aligned (the FIM dataset carries none).
+
+    Args:
+        args: Megatron's parsed (and validated) arguments.
+        reasons: The flags that load labels, for the message.
+
+    Raises:
+        EDLConfigError: On an unsupported combination; the message names both flags and values.
+    """
+    why = ", ".join(reasons)
+    impl = getattr(args, "cuda_graph_impl", "none") or "none"
+    if impl != "none":
+        modules = [getattr(m, "name", str(m)) for m in getattr(args, "cuda_graph_modules", [])]
+        captured = sorted(_GRAPH_MODULES_WITH_ROUTER.intersection(modules))
+        if impl == "full_iteration" or not modules or captured:
+            region = (
+                "the whole iteration"
+                if impl == "full_iteration"
+                else f"--cuda-graph-modules {' '.join(captured)}"
+                if captured
+                else "the whole layer (empty --cuda-graph-modules)"
+            )
+            raise EDLConfigError(
+                f"domain labels ({why}) cannot be used with --cuda-graph-impl {impl} capturing "
+                f"{region}: a graph replay would reuse the labels of the capture. Capture only "
+                "attn/mlp (--cuda-graph-modules attn) or set --cuda-graph-impl none"
+            )
+    if getattr(args, "fim_data", False):
+        raise EDLConfigError(
+            f"domain labels ({why}) cannot be used with --fim-data: fill-in-the-middle reorders "
+            "the tokens of a document and its dataset carries no labels"
+        )
 
 
 def _moe_layer_numbers(num_layers: int, moe_layer_freq: int | Sequence[int]) -> tuple[int, ...]:

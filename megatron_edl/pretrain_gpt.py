@@ -26,6 +26,7 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
+from typing import NoReturn  # noqa: E402
 
 CPU_FLAG = "--cpu"
 MOCK_DOMAINS_FLAG = "--moe-edl-mock-domains"
@@ -63,12 +64,18 @@ def edl_config_from_args(args):
     """
     import dataclasses
 
-    from megatron_edl.config import EDLConfig, EDLConfigError, validate_against_model
+    from megatron_edl.config import (
+        EDLConfig,
+        EDLConfigError,
+        check_supported,
+        validate_against_model,
+    )
 
     reasons = domain_labels_wanted(args)
     cfg = EDLConfig.from_args(args)
     if not reasons:
         return None
+    check_supported(args, reasons)
     if cfg.enabled:
         validate_against_model(
             cfg,
@@ -320,10 +327,49 @@ def use_wheel_dataset_helpers() -> None:
     dataset_utils.compile_helpers = lambda: None
 
 
+PROG = "megatron_edl.pretrain_gpt"
+
+
+class _Refused(Exception):
+    """A start-time refusal: printed as one line, exit status 2 (like argparse)."""
+
+
+def refuse(exc: BaseException) -> NoReturn:
+    """Print ``exc`` as one ``error:`` line on stderr and exit with status 2, like argparse.
+
+    Launch-time checks see the same arguments and files on every rank, so the line is printed
+    once per node (``LOCAL_RANK`` 0, or no launcher); every rank exits.
+    """
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+# Errors of the start-time checks (config expansion, flag checks, label resolution, EDL config).
+_REFUSALS = (ValueError, FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Launch Megatron's ``pretrain`` with megatron-edl (module docstring).
+
+    A refusal of the start-time checks (a bad YAML config, a flag conflicting with ``--cpu``, an
+    unsupported combination, a bad label file) is one ``error:`` line and exit status 2, before
+    the model is built; errors after that (training) keep their traceback.
+    """
+    try:
+        _main(argv)
+    except _Refused as refusal:
+        refuse(refusal.__cause__ or refusal)
+
+
+def _main(argv: list[str] | None) -> None:
     from megatron_edl.yaml_config import expand_config_flag
 
-    argv = expand_config_flag(list(sys.argv[1:] if argv is None else argv))
+    try:
+        argv = expand_config_flag(list(sys.argv[1:] if argv is None else argv))
+    except _REFUSALS as exc:
+        raise _Refused from exc
     on_cpu = CPU_FLAG in argv
     wants_help = any(a in ("-h", "--help") for a in argv)
 
@@ -372,16 +418,19 @@ def main(argv: list[str] | None = None) -> None:
         extra_args_provider=extra_args_provider,
         args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
     )
-    if on_cpu:
-        check_cpu_args(args)
-    modelopt.maybe_enable(args)
-    if modelopt.enabled(args):
-        model_cfg = gpt_config_from_args(args, model_config_cls=modelopt.model_config_cls())
-    else:
-        model_cfg = gpt_config_from_args(args)
-    datasets_provider, forward_step = install_edl(
-        args, model_cfg, gpt.train_valid_test_datasets_provider, gpt.forward_step
-    )
+    try:
+        if on_cpu:
+            check_cpu_args(args)
+        modelopt.maybe_enable(args)
+        if modelopt.enabled(args):
+            model_cfg = gpt_config_from_args(args, model_config_cls=modelopt.model_config_cls())
+        else:
+            model_cfg = gpt_config_from_args(args)
+        datasets_provider, forward_step = install_edl(
+            args, model_cfg, gpt.train_valid_test_datasets_provider, gpt.forward_step
+        )
+    except _REFUSALS as exc:
+        raise _Refused from exc
     run_pretrain(
         pretrain_cfg_container_from_args(args, model_cfg),
         datasets_provider,

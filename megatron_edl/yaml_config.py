@@ -15,7 +15,10 @@ A config groups flags by concern; keys are flag names without the leading ``--``
       data-path: [0.5, /data/a, 0.5, /data/b]   # a list -> several values
 
 String values may name environment variables as ``${NAME}`` (paths of the data, the run
-directory); an unset variable is an error naming it. Groups (``GROUPS``) mirror the bash arrays
+directory); an unset variable is an error naming it. A value that is exactly one ``${NAME}``
+expands to the shell words of that variable (``shlex.split``): ``DATA_PREFIX="0.5 /d/a 0.5 /d/b"``
+gives ``--data-path`` four values, a blend, as ``--data-path $DATA_PREFIX`` would in a shell
+script (quote a path with spaces inside the variable). Groups (``GROUPS``) mirror the bash arrays
 of the Slurm scripts in ``examples/slurm``. Values must be scalars or lists of scalars. Order is
 kept: groups in ``GROUPS`` order, keys in file order (an included key keeps its place when
 overridden).
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -117,7 +121,11 @@ def _flags_of(entries: dict[str, Any], where: str) -> list[str]:
         if value is True:
             continue
         values = value if isinstance(value, list) else [value]
-        flags.extend(_expand(v, f"{where}: {key}") for v in values)
+        for v in values:
+            if isinstance(v, str) and _VARIABLE.fullmatch(v):  # "${NAME}": the variable's words
+                flags.extend(shlex.split(_expand(v, f"{where}: {key}")))
+            else:
+                flags.append(_expand(v, f"{where}: {key}"))
     return flags
 
 

@@ -138,6 +138,20 @@ def test_flags_order_include_and_override(tmp_path, monkeypatch):
     assert expand_config_flag([f"--config-yaml={child}"]) == flags_from_yaml(child)
 
 
+def test_whole_variable_value_expands_to_its_words(tmp_path, monkeypatch):
+    # A blend in one environment variable reaches Megatron as separate values (as
+    # --data-path $DATA_PREFIX would in a shell); a variable inside a longer value stays one word.
+    path = _write(
+        tmp_path, "c.yaml", "DATA:\n  data-path: ${BLEND}\n  vocab-file: ${DIR}/vocab.json\n"
+    )
+    monkeypatch.setenv("BLEND", "0.5 /d/a_text_document  0.5 '/d/b c'")
+    monkeypatch.setenv("DIR", "/my data")
+    assert flags_from_yaml(path) == [
+        "--data-path", "0.5", "/d/a_text_document", "0.5", "/d/b c",
+        "--vocab-file", "/my data/vocab.json",
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

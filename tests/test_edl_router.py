@@ -175,7 +175,9 @@ JOBS: dict[int, dict[str, dict[str, Any]]] = {
 
 
 def _reference(
-    weight_EH: torch.Tensor, pieces: list[tuple[dict, slice, bool]]
+    weight_EH: torch.Tensor,
+    pieces: list[tuple[dict, slice, bool]],
+    score_function: str = "softmax",
 ) -> tuple[float, torch.Tensor]:
     """L_ED and grad_W L_ED of one process over the concatenated tokens of ``pieces``.
 
@@ -187,7 +189,7 @@ def _reference(
     for batch, rows, detached in pieces:
         hidden_TH = batch["hidden_BSH"][rows].reshape(-1, HIDDEN).double()
         logits_TE = hidden_TH @ (w_EH.detach() if detached else w_EH).T
-        probs.append(routing_probs(logits_TE=logits_TE))
+        probs.append(routing_probs(logits_TE=logits_TE, score_function=score_function))
         ids.append(batch["ids_BS"][rows].reshape(-1))
         weights.append(batch["w_BS"][rows].reshape(-1).double())
     sums_DE, counts_D = domain_sums(
@@ -264,7 +266,7 @@ def _set_num_microbatches(nmb: int, dp: int) -> None:
     assert nmbc.get_num_microbatches() == nmb
 
 
-def _make_router(job: dict[str, Any], **edl_overrides):
+def _make_router(job: dict[str, Any], config_overrides: dict | None = None, **edl_overrides):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -272,23 +274,24 @@ def _make_router(job: dict[str, Any], **edl_overrides):
     from megatron_edl.integration.router import EDLTopKRouter
 
     tp, cp, _ = job["layout"]
-    config = TransformerConfig(
-        num_layers=2,
-        hidden_size=HIDDEN,
-        num_attention_heads=4,
-        num_moe_experts=NUM_EXPERTS,
-        moe_router_topk=TOPK,
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0,
-        moe_z_loss_coeff=None,
-        tensor_model_parallel_size=tp,
-        context_parallel_size=cp,
-        sequence_parallel=tp > 1,
-        calculate_per_token_loss=job.get("per_token", False),
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        add_bias_linear=False,  # MoE bias needs expert TP = 1; the router has no bias anyway
-    )
+    config_kwargs = {
+        "num_layers": 2,
+        "hidden_size": HIDDEN,
+        "num_attention_heads": 4,
+        "num_moe_experts": NUM_EXPERTS,
+        "moe_router_topk": TOPK,
+        "moe_router_load_balancing_type": "none",
+        "moe_aux_loss_coeff": 0.0,
+        "moe_z_loss_coeff": None,
+        "tensor_model_parallel_size": tp,
+        "context_parallel_size": cp,
+        "sequence_parallel": tp > 1,
+        "calculate_per_token_loss": job.get("per_token", False),
+        "use_cpu_initialization": True,
+        "params_dtype": torch.float32,
+        "add_bias_linear": False,  # MoE bias needs expert TP = 1; the router has no bias anyway
+    }
+    config = TransformerConfig(**{**config_kwargs, **(config_overrides or {})})
     edl_kwargs = {
         "coeff": COEFF,
         "num_domains": NUM_DOMAINS,

@@ -17,10 +17,12 @@ Everything that crosses ranks is a *sum over tokens*, so one SUM all-reduce of `
 Precision: all math runs in at least fp32 (bf16/fp16 inputs are cast up; fp64 stays fp64 so that
 ``torch.autograd.gradcheck`` can run through the whole pipeline). Outputs are fp32 or fp64.
 
-Deviations from the paper: the dense softmax over all experts is used, whatever score function
-the router uses for top-k (decision of method.md); a linear form ``-mean JSD`` is offered next to
-the paper's ``-log(JSD + eps)``; zero entries of a domain mean use the convention 0 log 0 = 0 with
-a zero (finite) gradient, where the exact one-sided derivative would be infinite.
+Deviations from the paper: p_t is the dense distribution over all experts (before top-k) of the
+router's own score function, normalised: the softmax for softmax routers, sigmoid scores divided by
+their sum for sigmoid routers (``routing_probs``; the plain softmax stays available); a linear
+form ``-mean JSD`` is offered next to the paper's ``-log(JSD + eps)``; zero entries of a domain
+mean use the convention 0 log 0 = 0 with a zero (finite) gradient, where the exact one-sided
+derivative would be infinite.
 
 Shape legend (suffixes of tensor names):
     T  tokens (of the local shard)
@@ -47,6 +49,7 @@ __all__ = [
     "edl_loss",
     "mutual_information",
     "pairwise_jsd",
+    "SCORE_FUNCTIONS",
     "routing_probs",
     "segment_weights_from_ids",
 ]
@@ -90,19 +93,45 @@ def _entropy(p_xE: Tensor) -> Tensor:
     return -_xlogy(p_xE, p_xE).sum(dim=-1)
 
 
-def routing_probs(*, logits_TE: Tensor) -> Tensor:
-    """Dense routing distribution p_t = softmax(z_t) over all E experts, before top-k.
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
+"""Router score functions (Megatron's ``--moe-router-score-function`` choices) whose normalised
+scores :func:`routing_probs` computes."""
 
-    The softmax is taken in fp32 whatever the dtype of the logits (fp64 stays fp64), independent
-    of the score function (softmax, sigmoid, ...) the router uses to pick its top-k experts.
+
+def routing_probs(*, logits_TE: Tensor, score_function: str = "softmax") -> Tensor:
+    """Dense routing distribution p_t over all E experts, before top-k: the normalised scores.
+
+    - ``softmax``: p_t = softmax(z_t);
+    - ``sigmoid``: p_t[e] = σ(z_t[e]) / (Σ_e' σ(z_t[e']) + 1e-20);
+    - ``sqrtsoftplus``: p_t[e] = sqrt(softplus(z_t[e])) / (Σ_e' sqrt(softplus(z_t[e'])) + 1e-20).
+
+    The normalisations are those of Megatron's ``compute_routing_scores_for_aux_loss`` (the
+    scores its load-balancing loss sees), so for a sigmoid router EDL acts on the scores the
+    router ranks its experts by, not on a softmax it never routes with (docs/method.md, "Score
+    function"). Computed in fp32 whatever the dtype of the logits (fp64 stays fp64).
 
     Args:
         logits_TE: Router logits z_t, shape ``(T, E)`` (any leading shape works), local tokens.
+        score_function: One of :data:`SCORE_FUNCTIONS`.
 
     Returns:
-        ``probs_TE``: p_t, same shape as the logits, fp32 (fp64 for fp64 logits).
+        ``probs_TE``: p_t, same shape as the logits, fp32 (fp64 for fp64 logits); rows sum to 1.
+
+    Raises:
+        ValueError: On an unknown ``score_function``.
     """
-    return torch.softmax(logits_TE, dim=-1, dtype=_compute_dtype(logits_TE.dtype))
+    dtype = _compute_dtype(logits_TE.dtype)
+    if score_function == "softmax":
+        return torch.softmax(logits_TE, dim=-1, dtype=dtype)
+    if score_function == "sigmoid":
+        scores_TE = torch.sigmoid(logits_TE.to(dtype))
+    elif score_function == "sqrtsoftplus":
+        scores_TE = torch.nn.functional.softplus(logits_TE.to(dtype)).sqrt()
+    else:
+        raise ValueError(
+            f"unknown router score function {score_function!r}; choose from {SCORE_FUNCTIONS}"
+        )
+    return scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
 
 
 def segment_weights_from_ids(*, segment_ids_BS: Tensor) -> Tensor:

@@ -45,6 +45,7 @@ def routing_sums(
     domain_ids_T: Tensor,
     num_domains: int,
     padding_T: Tensor | None = None,
+    score_function: str = "softmax",
 ) -> Tensor:
     """The packed per-domain routing sums of one router call (formulas: module docstring).
 
@@ -59,6 +60,7 @@ def routing_sums(
         num_domains: D.
         padding_T: Boolean, True for padding tokens (Megatron's ``padding_mask`` convention),
             which are left out; ``None``: no padding.
+        score_function: Score function of p_t (:func:`megatron_edl.core.edl.routing_probs`).
 
     Returns:
         ``sums_XF``: fp32 (fp64 for fp64 logits), shape ``(D + 1, 2E + 2)``.
@@ -73,11 +75,14 @@ def routing_sums(
         )
     with torch.no_grad():
         logits_TE = logits_TE.detach()
-        probs_TE = edl.routing_probs(logits_TE=logits_TE)
-        # H(p) = -Σ p log p = logsumexp(z) - Σ p z: no logarithm of the T x E probabilities.
-        z_TE = logits_TE.to(probs_TE.dtype)
-        lse_T1 = torch.logsumexp(z_TE, dim=-1, keepdim=True)
-        entropy_T1 = (lse_T1 - (probs_TE * z_TE).sum(dim=-1, keepdim=True)).clamp_min(0.0)
+        probs_TE = edl.routing_probs(logits_TE=logits_TE, score_function=score_function)
+        if score_function == "softmax":
+            # H(p) = -Σ p log p = logsumexp(z) - Σ p z: no logarithm of the T x E probabilities.
+            z_TE = logits_TE.to(probs_TE.dtype)
+            lse_T1 = torch.logsumexp(z_TE, dim=-1, keepdim=True)
+            entropy_T1 = (lse_T1 - (probs_TE * z_TE).sum(dim=-1, keepdim=True)).clamp_min(0.0)
+        else:  # H(p) = -Σ p log p, with 0 log 0 = 0
+            entropy_T1 = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1, keepdim=True)
         features_TF = torch.cat(
             [routing_map_TE.to(probs_TE.dtype), probs_TE, entropy_T1], dim=1
         )  # F - 1 columns; the token count comes from domain_sums' weights

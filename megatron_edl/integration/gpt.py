@@ -31,6 +31,7 @@ from megatron.core.rerun_state_machine import get_rerun_state_machine
 from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 from megatron.core.transformer.multi_token_prediction import get_mtp_ranks, mtp_on_this_rank
 from megatron.core.utils import (
+    StragglerDetector,
     flatten_batch_for_packed_sequences,
     get_attr_wrapped_model,
     get_batch_on_this_cp_rank,
@@ -74,6 +75,10 @@ ALL_KEYS = BATCH_KEYS + edl_labels.EDL_BATCH_KEYS
 
 # A loss this many times the largest loss seen so far counts as a spike (rerun state machine).
 SPIKY_LOSS_FACTOR = 10
+
+# Megatron's straggler detector (a process-wide singleton, reported by the training loop under
+# --log-straggler): times the batch fetch and the forward, as the stock forward_step does.
+stimer = StragglerDetector()
 
 
 def edl_config() -> EDLConfig | None:
@@ -368,11 +373,12 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     args = get_args()
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
-    batch = get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"))
-    packed_seq_params = packed_seq_params_from_batch(batch, args.seq_length)
-    cfg = edl_config()
-    if cfg is not None and edl_labels.routers_wanting_labels(model):  # EDL loss or telemetry
-        _push_edl_labels(model, batch, args)
+    with stimer(bdata=True):
+        batch = get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"))
+        packed_seq_params = packed_seq_params_from_batch(batch, args.seq_length)
+        cfg = edl_config()
+        if cfg is not None and edl_labels.routers_wanting_labels(model):  # EDL loss, telemetry
+            _push_edl_labels(model, batch, args)
     timers("batch-generator").stop()
 
     tokens, position_ids = batch["tokens"], batch["position_ids"]
@@ -385,14 +391,15 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
             tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask
         )
         return plan, partial(loss_func, loss_mask, model=model, domain_ids=domain_ids)
-    output_tensor = model(
-        tokens,
-        position_ids,
-        attention_mask,
-        labels=labels,
-        loss_mask=loss_mask,
-        packed_seq_params=packed_seq_params,
-    )
+    with stimer:
+        output_tensor = model(
+            tokens,
+            position_ids,
+            attention_mask,
+            labels=labels,
+            loss_mask=loss_mask,
+            packed_seq_params=packed_seq_params,
+        )
     return output_tensor, partial(loss_func, loss_mask, model=model, domain_ids=domain_ids)
 
 

@@ -4,7 +4,9 @@ Top-k routing, load balancing, z-loss, expert bias, token dropping, checkpoints:
 (``super().routing``). EDL adds no parameter and no persistent buffer, so checkpoints move freely
 between stock and EDL models. Per micro-batch and MoE layer, while training with grad enabled:
 
-1. ``probs_TE = softmax(logits_TE)`` in fp32 (dense, before top-k; method.md decision);
+1. ``probs_TE``: the dense distribution over all experts before top-k, in fp32: the router's own
+   normalised scores (softmax, or sigmoid divided by its sum for a sigmoid router) or softmax
+   (``--moe-edl-scores``; :func:`megatron_edl.core.edl.routing_probs`);
 2. per-domain weighted sums ``A [D, E]`` and counts ``n [D]`` of the local tokens;
 3. one all-reduce (SUM) of ``A`` and ``n`` over the scope's group (``tp_dp_cp`` for ``global``,
    ``tp_cp`` for ``local``), backward identity (:mod:`megatron_edl.distributed`);
@@ -145,6 +147,10 @@ class EDLTopKRouter(TopKRouter):
             )
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self.edl_config = edl_config
+        self.edl_score_function = (
+            None if edl_config is None else edl_config.score_function(self.score_function)
+        )
+        """Score function of EDL's and the telemetry's dense p_t (``EDLConfig.scores``)."""
         self.specialization_config = specialization_config
         self._variance_term = make_variance_term(self, specialization_config)
         self._edl_labels: collections.deque[DomainLabels] = collections.deque()
@@ -184,10 +190,12 @@ class EDLTopKRouter(TopKRouter):
 
     def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask=False):
         # Megatron's aux losses (aux_loss, seq_aux_loss, global_aux_loss share these scores)
-        # already computed softmax(logits) in fp32 over every token: EDL's dense probabilities.
-        # Reuse them (one softmax and one softmax backward fewer; docs/BENCHMARKS.md).
+        # already computed the normalised scores of the router's score function in fp32 over
+        # every token: EDL's dense probabilities when EDL uses that score function. Reuse them
+        # (one softmax and one softmax backward fewer; docs/BENCHMARKS.md). Fused (TE) scores
+        # are not reused: EDL computes its own from the logits.
         if (
-            self.score_function == "softmax"
+            self.edl_score_function == self.score_function
             and not self.config.moe_router_fusion
             and not with_padding_mask
         ):
@@ -252,7 +260,9 @@ class EDLTopKRouter(TopKRouter):
         probs_TE = self._edl_dense_probs  # Megatron's aux-loss softmax, when it computed one
         wanted = torch.promote_types(logits_TE.dtype, torch.float32)  # fp32, or fp64 for tests
         if probs_TE is None or probs_TE.shape != logits_TE.shape or probs_TE.dtype != wanted:
-            probs_TE = edl.routing_probs(logits_TE=logits_TE)
+            probs_TE = edl.routing_probs(
+                logits_TE=logits_TE, score_function=self.edl_score_function
+            )
         sums_DE, counts_D = edl.domain_sums(
             probs_TE=probs_TE,
             domain_ids_T=labels.domain_ids_T,

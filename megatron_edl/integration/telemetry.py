@@ -137,6 +137,7 @@ class RouterStats:
                 routing_map_TE=routing_map_TE,
                 domain_ids_T=labels.domain_ids_T,
                 padding_mask=padding_mask,
+                score_function=router.edl_score_function or "softmax",
             )
 
     def record(
@@ -146,6 +147,7 @@ class RouterStats:
         routing_map_TE: torch.Tensor,
         domain_ids_T: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
+        score_function: str = "softmax",
     ) -> None:
         """Add one router call's sums (no autograd, no sync, no collective).
 
@@ -154,6 +156,7 @@ class RouterStats:
             routing_map_TE: The router's top-k selection, ``(T, E)`` bool.
             domain_ids_T: The tokens' domain ids (-1: none), ``(T,)``.
             padding_mask: Megatron's padding mask (True = padding), any shape with T elements.
+            score_function: Score function of the dense p_t (``EDLTopKRouter.edl_score_function``).
         """
         self.num_forwards += 1
         if not self.records:
@@ -164,6 +167,7 @@ class RouterStats:
             domain_ids_T=domain_ids_T,
             num_domains=self.num_domains,
             padding_T=padding_mask,
+            score_function=score_function,
         )
         if self._sums_XF is None:
             self._sums_XF = torch.zeros(sums_XF.shape, dtype=torch.float64, device=sums_XF.device)
