@@ -20,12 +20,12 @@ QUICKSTART_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found; set PYTHON=/path/to/python3.12" >&2; exit 1; }
 	@echo "[setup] creating $(VENV) with $(PYTHON) and installing requirements (first time: minutes)"
 	@test -x $(VENV)/bin/python || "$(PYTHON)" -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -r requirements.txt -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -r requirements.txt -e '.[test]'
 	@touch $(STAMP)
 
 demo: quickstart

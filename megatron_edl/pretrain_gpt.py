@@ -346,6 +346,18 @@ def refuse(exc: BaseException) -> NoReturn:
     sys.exit(2)
 
 
+def megatron_assertion_message(exc: AssertionError) -> str:
+    """One line for a failed ``assert`` of Megatron's argument validation: its message, or the
+    asserted source line when it has none, and where it is (file:line)."""
+    import linecache
+    import traceback
+
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    what = str(exc) or (linecache.getline(frame.filename, frame.lineno).strip() or "assert")
+    where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
+    return f"invalid arguments (Megatron's {where}): {what}"
+
+
 # Errors of the start-time checks (config expansion, flag checks, label resolution, EDL config).
 _REFUSALS = (ValueError, FileNotFoundError)
 
@@ -414,10 +426,13 @@ def _main(argv: list[str] | None) -> None:
         # Megatron's in-process-restart wrapper parses the command line without our flags first.
         parse_args(extra_args_provider)
     run_pretrain, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
-    args = parse_and_validate_args(
-        extra_args_provider=extra_args_provider,
-        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
-    )
+    try:
+        args = parse_and_validate_args(
+            extra_args_provider=extra_args_provider,
+            args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
+        )
+    except AssertionError as exc:  # Megatron's validate_args checks flags with assert
+        raise _Refused from ValueError(megatron_assertion_message(exc))
     try:
         if on_cpu:
             check_cpu_args(args)

@@ -305,6 +305,7 @@ def test_cuda_graphs_outside_the_router_are_allowed():
         (["--moe-edl-coeff", "-1"], "--moe-edl-coeff must be >= 0 and finite, got -1.0"),
         (["--moe-edl-coeff", "0.1", "--cuda-graph-impl", "local"], "--cuda-graph-impl local"),
         (["--config-yaml", "missing.yaml"], "missing.yaml"),
+        (["--save", "ckpt"], "arguments.py:"),  # Megatron's bare assert, shown as one line
     ],
 )
 def test_launcher_refusal_is_one_line_and_exit_status_2(tmp_path, extra, message):
@@ -322,3 +323,57 @@ def _cpu_env() -> dict[str, str]:
     import os
 
     return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_forward_step_times_batch_and_forward_with_the_straggler_detector(monkeypatch):
+    """As the stock forward_step: the batch fetch inside ``stimer(bdata=True)``, the model's
+    forward inside ``stimer``; the detector is Megatron's singleton (the one it reports)."""
+    import contextlib
+    import types
+
+    from megatron.core.utils import StragglerDetector
+
+    from megatron_edl.integration import gpt
+
+    assert gpt.stimer is StragglerDetector()
+    events: list[str] = []
+
+    class Recorder:
+        def __call__(self, bdata: bool = False):
+            return self._region("batch" if bdata else "forward")
+
+        def __enter__(self):
+            events.append("enter forward")
+
+        def __exit__(self, *exc):
+            events.append("exit forward")
+
+        @contextlib.contextmanager
+        def _region(self, name):
+            events.append(f"enter {name}")
+            yield
+            events.append(f"exit {name}")
+
+    batch = dict.fromkeys(gpt.ALL_KEYS)
+    batch.update(tokens=torch.zeros(1, 4, dtype=torch.long))
+
+    def get_batch(data_iterator, vp_stage=None):
+        events.append("get_batch")
+        return batch
+
+    def model(*args, **kwargs):
+        events.append("model")
+        return torch.zeros(1)
+
+    args = types.SimpleNamespace(seq_length=4, overlap_moe_expert_parallel_comm=False)
+    timers = lambda *a, **k: types.SimpleNamespace(start=lambda: None, stop=lambda: None)  # noqa: E731
+    monkeypatch.setattr(gpt, "stimer", Recorder())
+    monkeypatch.setattr(gpt, "get_args", lambda: args)
+    monkeypatch.setattr(gpt, "get_timers", lambda: timers)
+    monkeypatch.setattr(gpt, "get_batch", get_batch)
+    monkeypatch.setattr(gpt, "get_attr_wrapped_model", lambda m, name: None)
+    monkeypatch.setattr(gpt, "edl_config", lambda: None)
+    gpt.forward_step(iter(()), model)
+    assert events == [
+        "enter batch", "get_batch", "exit batch", "enter forward", "model", "exit forward",
+    ]  # fmt: skip
