@@ -35,6 +35,8 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
+from megatron_edl.core.schedule import edl_coefficient
+
 __all__ = [
     "EDLAggregation",
     "EDLConfig",
@@ -125,6 +127,8 @@ FLAGS: Mapping[str, str] = MappingProxyType(
         "labels": "--moe-edl-labels",
         "random_seed": "--moe-edl-random-seed",
         "scores": "--moe-edl-scores",
+        "start_iter": "--moe-edl-start-iter",
+        "warmup_iters": "--moe-edl-warmup-iters",
     }
 )
 """EDLConfig field -> command-line flag, for every field that has a flag (``num_domains`` has
@@ -191,6 +195,13 @@ class EDLConfig:
     scores: EDLScores = EDLScores.ROUTER
     """The dense distribution p_t: the router's normalised scores (``router``) or ``softmax``."""
 
+    start_iter: int = 0
+    """0-based optimizer step from which β applies (before it the loss is computed and logged
+    with weight 0); >= 0. Schedule: :mod:`megatron_edl.core.schedule`."""
+
+    warmup_iters: int = 0
+    """Steps of linear warm-up of β after ``start_iter`` (0: the full β at once); >= 0."""
+
     num_domains: int | None = None
     """Number of loss domains D; ``None`` until the label map or the data tells. >= 1."""
 
@@ -213,6 +224,16 @@ class EDLConfig:
             ``True`` when EDL is enabled and ``layers`` is ``None`` or lists ``layer_number``.
         """
         return self.enabled and (self.layers is None or layer_number in self.layers)
+
+    def coefficient_at(self, iteration: int | None) -> float:
+        """β of the optimizer step ``iteration`` (0-based; ``None``: the full β), following the
+        delayed start and warm-up of :func:`megatron_edl.core.schedule.edl_coefficient`."""
+        return edl_coefficient(
+            coeff=self.coeff,
+            iteration=iteration,
+            start_iter=self.start_iter,
+            warmup_iters=self.warmup_iters,
+        )
 
     def score_function(self, router_score_function: str) -> str:
         """The score function of p_t for a router with ``router_score_function``.
@@ -266,6 +287,8 @@ class EDLConfig:
             "labels": _as_enum("labels", self.labels, EDLLabels),
             "random_seed": _as_int("random_seed", self.random_seed, minimum=0),
             "scores": _as_enum("scores", self.scores, EDLScores),
+            "start_iter": _as_int("start_iter", self.start_iter, minimum=0),
+            "warmup_iters": _as_int("warmup_iters", self.warmup_iters, minimum=0),
             "num_domains": (
                 None
                 if self.num_domains is None
@@ -530,6 +553,20 @@ def add_edl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         f"{_choices(EDLScores)}. router = the router's own normalised scores "
         "(--moe-router-score-function: softmax, or sigmoid divided by its sum), softmax = "
         "softmax of the logits whatever the score function. Default: %(default)s.",
+    )
+    group.add_argument(
+        FLAGS["start_iter"],
+        type=int,
+        default=default["start_iter"],
+        help="0-based training iteration from which the EDL loss counts (before it: computed "
+        "and logged with weight 0). Default: %(default)s.",
+    )
+    group.add_argument(
+        FLAGS["warmup_iters"],
+        type=int,
+        default=default["warmup_iters"],
+        help="Iterations of linear warm-up of --moe-edl-coeff after --moe-edl-start-iter "
+        "(0: full weight at once). Default: %(default)s.",
     )
     return parser
 

@@ -413,6 +413,7 @@ def _push_edl_labels(model, batch: dict, args) -> None:
         sequence_parallel=args.sequence_parallel,
         tp_rank=mpu.get_tensor_model_parallel_rank(),
         tp_size=args.tensor_model_parallel_size,
+        iteration=getattr(args, "curr_iteration", None),  # the step of the beta schedule
     )
     edl_labels.push_labels(model, labels)
 

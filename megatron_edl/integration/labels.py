@@ -67,6 +67,7 @@ def router_labels(
     sequence_parallel: bool,
     tp_rank: int,
     tp_size: int,
+    iteration: int | None = None,
 ) -> DomainLabels:
     """The labels of the tokens this rank's routers see, in their order.
 
@@ -77,6 +78,7 @@ def router_labels(
             router sees ``s / tp`` of the sequence).
         tp_rank: This rank's tensor-parallel rank.
         tp_size: Tensor-parallel size.
+        iteration: The 0-based optimizer step (for the β schedule), or ``None``.
     """
     ids_SB, weights_SB = domain_ids_BS.t(), weights_BS.t()
     if sequence_parallel and tp_size > 1:
@@ -88,6 +90,7 @@ def router_labels(
     return DomainLabels(
         domain_ids_T=ids_SB.reshape(-1).contiguous(),
         weights_T=weights_SB.reshape(-1).contiguous().float(),
+        iteration=iteration,
     )
 
 

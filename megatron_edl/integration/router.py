@@ -11,7 +11,8 @@ between stock and EDL models. Per micro-batch and MoE layer, while training with
 3. one all-reduce (SUM) of ``A`` and ``n`` over the scope's group (``tp_dp_cp`` for ``global``,
    ``tp_cp`` for ``local``), backward identity (:mod:`megatron_edl.distributed`);
 4. ``L_ED`` from the reduced statistics (:func:`megatron_edl.core.edl.edl_loss`);
-5. ``beta * scale * L_ED`` attached to ``probs`` with ``MoEAuxLossAutoScaler``, exactly like
+5. ``beta(i) * scale * L_ED`` (β of optimizer step i: :mod:`megatron_edl.core.schedule`) attached
+   to ``probs`` with ``MoEAuxLossAutoScaler``, exactly like
    Megatron's load-balancing loss, so the schedule's aux-loss scale applies to it.
 
 Gradient scale (method.md, "Gradient scale"). Megatron's schedule multiplies aux-loss gradients by
@@ -112,6 +113,9 @@ class DomainLabels:
     """int64 [T]; -1 = no label."""
     weights_T: torch.Tensor
     """fp32 [T]; 1/T_s for the segment mode, 1 for the token mode."""
+    iteration: int | None = None
+    """0-based optimizer step of the micro-batch (Megatron's ``args.curr_iteration``), for the
+    β schedule; ``None``: the full β."""
 
 
 class EDLTopKRouter(TopKRouter):
@@ -286,7 +290,8 @@ class EDLTopKRouter(TopKRouter):
         )
         if self.calculate_per_token_loss:
             scale *= logits_TE.shape[0] * self.tp_cp_group.size()
-        probs = MoEAuxLossAutoScaler.apply(probs, out.loss * (cfg.coeff * scale))
+        coeff = cfg.coefficient_at(labels.iteration)  # delayed start, warm-up
+        probs = MoEAuxLossAutoScaler.apply(probs, out.loss * (coeff * scale))
         self._record_edl_metrics(out, sums_DE, counts_D)
         return probs
 
