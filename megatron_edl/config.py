@@ -13,7 +13,7 @@ added by ``add_specialization_args`` in their own argument group, validated the 
 checked against the model by ``validate_specialization_against_model``.
 
 This module imports neither ``megatron`` nor ``torch``: the argparse namespace is duck-typed.
-Specification: ``reference/method.md`` sections 2 and 3.
+Specification: ``docs/method.md`` sections 2 and 3.
 
 Example::
 

@@ -4,7 +4,7 @@ This is the only module of the EDL path that talks to ``torch.distributed``; the
 :mod:`megatron_edl.core.edl` (``domain_sums`` -> ``edl_loss``) and never communicates. Nothing
 here imports ``megatron``: process groups come in as arguments (``pg_collection.tp_dp_cp`` and
 friends, chosen by the Megatron integration), and the sizes that set the loss scale come in as
-plain ints. Specification: ``reference/method.md`` section 2, "Scope of the statistics" and
+plain ints. Specification: ``docs/method.md`` section 2, "Scope of the statistics" and
 "Gradient scale".
 
 Per MoE layer and micro-batch, on every rank of the statistics scope::

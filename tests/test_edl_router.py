@@ -802,24 +802,46 @@ def test_references_discriminate():
         assert not torch.allclose(global_grad, local_grad, rtol=1e-3, atol=0)
 
 
-def _aux_reuse_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
-    """EDL next to Megatron's aux loss: gradients with the reused aux-loss softmax vs EDL's own."""
-    import types
-    from unittest import mock
-
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-    from megatron.core.transformer.moe.router import TopKRouter
-
+def _one_process_job(seed: int) -> tuple[dict[str, Any], dict]:
+    """In a one-rank worker: Megatron set up for one process (CPU layer, TP = CP = DP = 1, one
+    micro-batch per global batch); a global-scope job and one micro-batch from ``seed``."""
     from megatron_edl import cpu
-    from megatron_edl.core import edl
-    from megatron_edl.integration.labels import push_labels
 
     cpu.apply()
     _setup_layout((1, 1, 1))
     _set_num_microbatches(1, 1)
     gen = torch.Generator().manual_seed(seed)
     job = {"layout": (1, 1, 1), "scope": "global", "weight_EH": _make_weight(gen)}
-    batch = _make_batch(gen, dp=1)
+    return job, _make_batch(gen, dp=1)
+
+
+def _forward_backward(router, job: dict[str, Any], batch: dict, *, iteration=None):
+    """One training forward of ``router`` on ``batch`` (labels pushed, with the optimizer step
+    ``iteration``), then ``(probs * 0).sum().backward()`` at aux-loss scale 1."""
+    import dataclasses
+
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megatron_edl.integration.labels import push_labels
+
+    hidden_sBH, labels = _rank_inputs(batch, job["layout"], (0, 0, 0))
+    push_labels(router, dataclasses.replace(labels, iteration=iteration))
+    probs, routing_map = router(hidden_sBH)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    (probs * 0).sum().backward()
+    return probs, routing_map
+
+
+def _aux_reuse_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
+    """EDL next to Megatron's aux loss: gradients with the reused aux-loss softmax vs EDL's own."""
+    import types
+    from unittest import mock
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_edl.core import edl
+
+    job, batch = _one_process_job(seed)
     out = {}
     for mode in ("reuse", "own_softmax"):
         router = _make_router(job)
@@ -828,12 +850,8 @@ def _aux_reuse_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
         router.config.moe_aux_loss_coeff = 0.01
         if mode == "own_softmax":
             router._apply_aux_loss = types.MethodType(TopKRouter._apply_aux_loss, router)
-        hidden_sBH, labels = _rank_inputs(batch, job["layout"], (0, 0, 0))
-        push_labels(router, labels)
         with mock.patch.object(edl, "routing_probs", wraps=edl.routing_probs) as own:
-            probs, _ = router(hidden_sBH)
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-        (probs * 0).sum().backward()
+            _forward_backward(router, job, batch)
         out[mode] = (own.call_count, _take_edl_loss(), router.weight.grad.clone())
     return out
 

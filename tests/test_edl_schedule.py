@@ -9,15 +9,7 @@ from megatron_edl.config import EDLConfig, EDLConfigError
 from megatron_edl.core.schedule import edl_coefficient
 from tests.distributed import run_distributed
 from tests.megatron_runs import TINY_MOE_GPT, run_pretrain
-from tests.test_edl_router import (
-    _make_batch,
-    _make_router,
-    _make_weight,
-    _rank_inputs,
-    _set_num_microbatches,
-    _setup_layout,
-    _take_edl_loss,
-)
+from tests.test_edl_router import _forward_backward, _make_router, _one_process_job, _take_edl_loss
 
 
 @pytest.mark.parametrize(
@@ -50,27 +42,11 @@ def test_negative_schedule_values_name_the_flag(field, flag):
 
 def _schedule_job(rank: int, world_size: int, seed: int) -> dict:
     """The same micro-batch at several optimizer steps: the EDL gradient is scaled by beta(i)."""
-    import dataclasses
-
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    from megatron_edl import cpu
-    from megatron_edl.integration.labels import push_labels
-
-    cpu.apply()
-    _setup_layout((1, 1, 1))
-    _set_num_microbatches(1, 1)
-    gen = torch.Generator().manual_seed(seed)
-    job = {"layout": (1, 1, 1), "scope": "global", "weight_EH": _make_weight(gen)}
-    batch = _make_batch(gen, dp=1)
+    job, batch = _one_process_job(seed)
     out = {}
     for iteration in (None, 0, 1, 2, 3, 4):
         router = _make_router(job, start_iter=1, warmup_iters=3)
-        hidden_sBH, labels = _rank_inputs(batch, job["layout"], (0, 0, 0))
-        push_labels(router, dataclasses.replace(labels, iteration=iteration))
-        probs, _ = router(hidden_sBH)
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-        (probs * 0).sum().backward()
+        _forward_backward(router, job, batch, iteration=iteration)
         out[iteration] = (_take_edl_loss(), router.weight.grad.clone())
     return out
 

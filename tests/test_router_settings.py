@@ -34,13 +34,12 @@ from tests.megatron_runs import TINY_MOE_GPT, run_pretrain
 from tests.test_edl_router import (
     COEFF,
     NUM_EXPERTS,
+    _forward_backward,
     _make_batch,
     _make_router,
     _make_weight,
-    _rank_inputs,
+    _one_process_job,
     _reference,
-    _set_num_microbatches,
-    _setup_layout,
     _take_edl_loss,
 )
 
@@ -147,19 +146,11 @@ def _settings_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
     import types
     from unittest import mock
 
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from megatron_edl import cpu
     from megatron_edl.core import edl
-    from megatron_edl.integration.labels import push_labels
 
-    cpu.apply()
-    _setup_layout((1, 1, 1))
-    _set_num_microbatches(1, 1)
-    gen = torch.Generator().manual_seed(seed)
-    job = {"layout": (1, 1, 1), "scope": "global", "weight_EH": _make_weight(gen)}
-    batch = _make_batch(gen, dp=1)
+    job, batch = _one_process_job(seed)
     bias_E = torch.linspace(-2.0, 2.0, NUM_EXPERTS)  # strong enough to change the top-k
     out = {}
     for name, case in CASES.items():
@@ -173,14 +164,10 @@ def _settings_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
                 router.expert_bias.copy_(bias_E)
             if case.get("own_scores"):
                 router._apply_aux_loss = types.MethodType(TopKRouter._apply_aux_loss, router)
-            hidden_sBH, labels = _rank_inputs(batch, job["layout"], (0, 0, 0))
-            push_labels(router, labels)
             own = stack.enter_context(
                 mock.patch.object(edl, "routing_probs", wraps=edl.routing_probs)
             )
-            probs, routing_map = router(hidden_sBH)
-            MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-            (probs * 0).sum().backward()
+            _, routing_map = _forward_backward(router, job, batch)
             out[name] = {
                 "own_probs_calls": own.call_count,
                 "loss": _take_edl_loss(),

@@ -1,6 +1,6 @@
 """Expert-specialization metrics of one MoE layer from its per-domain routing sums.
 
-Specification: ``reference/method.md`` section 4. Inputs are the sums of
+Specification: ``docs/method.md`` section 4. Inputs are the sums of
 :class:`megatron_edl.analysis.routing_stats.RoutingStats` for one layer: top-k counts c[d, e],
 dense probability sums P[d, e], token counts N_d, entropy sums S_d, and the unlabelled tokens'
 sums. The divergence, mutual-information and entropy formulas are those of the EDL loss

@@ -2,7 +2,7 @@
 
 Paper: Li et al., *Expert Divergence Learning for MoE-based Language Models*, ICLR 2026,
 arXiv 2603.00054 (no public code). The specification, including the decisions taken where the
-paper is silent, is ``reference/method.md`` section 2 (loss) and section 4 (metrics).
+paper is silent, is ``docs/method.md`` section 2 (loss) and section 4 (metrics).
 
 Pipeline (every step is a free function, keyword-only tensor arguments)::
 

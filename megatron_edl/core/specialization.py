@@ -2,7 +2,7 @@
 
 Paper: arXiv 2505.22323 (NeurIPS 2025), which adds two losses next to load balancing: a variance
 loss on routing scores (more discriminative routing) and an orthogonality loss on expert outputs
-(experts that process tokens differently). Specification and decisions: ``reference/method.md``
+(experts that process tokens differently). Specification and decisions: ``docs/method.md``
 section 3. This module is the pure math for one MoE layer; it never communicates and imports
 neither ``megatron`` nor ``torch.distributed``. Everything that crosses ranks is a *sum over
 tokens*, returned by a ``*_sums`` function for the caller to all-reduce (SUM) before the matching
