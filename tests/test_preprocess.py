@@ -186,6 +186,12 @@ _LONG = " ".join(["theorem"] * 300)
 
 # (case id, raw line, reason, message fragment); each is line 2 of [good, bad, good].
 BAD_LINES = [
+    (
+        "label_surrogate",
+        b'{"text": "a proof", "meta": {"domain": "\\ud800"}}',
+        SkipReason.INVALID_UTF8,
+        "label '\\\\ud800' has an unpaired surrogate",
+    ),
     ("truncated_json", b'{"text": "a proof"', SkipReason.INVALID_JSON, "invalid JSON"),
     ("json_array", b"[1, 2]", SkipReason.INVALID_JSON, "expected a JSON object"),
     ("invalid_utf8", b'{"text": "caf\xe9", "meta": {"domain": "math"}}', "invalid_utf8", "UTF-8"),
@@ -492,6 +498,7 @@ def test_vocabulary_and_policy_errors(tmp_path, tiny_tokenizer_args):
         ("labels:\n  a: zero\n", "must be an integer"),
         ("names: {a: 0}\n", "exactly one top-level key 'labels'"),
         ("labels:\n  yes: 0\n", "is a bool, not a string"),
+        ('labels:\n  "a\\ud800": 0\n', "unpaired surrogate"),
     ]:
         path.write_text(text)
         with pytest.raises(EDLConfigError, match=rf"v\.yaml: .*{fragment}"):
@@ -515,6 +522,56 @@ def test_vocabulary_and_policy_errors(tmp_path, tiny_tokenizer_args):
         run(tiny_tokenizer_args, [src], tmp_path, label_vocab=str(tmp_path / "absent.yaml"))
     with pytest.raises(EDLConfigError, match="--workers must be >= 1, got 0"):
         run(tiny_tokenizer_args, [src], tmp_path, workers=0)
+    with pytest.raises(EDLConfigError, match="--chunk-size must be >= 1, got 0"):
+        run(tiny_tokenizer_args, [src], tmp_path, chunk_records=0)
+
+
+def test_surrogate_label_with_extend_vocab_is_counted_and_inspectable(
+    tmp_path, tiny_tokenizer_args
+):
+    from megatron_edl.data.inspect import main as inspect_main
+
+    lines = [good("math", "one"), b'{"text": "two", "meta": {"domain": "x\\udc00"}}']
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    vocab = tmp_path / "grown.yaml"
+    common = dict(label_vocab=str(vocab), extend_vocab=True)
+    with pytest.raises(PreprocessError, match=r"in\.jsonl:2: label .* unpaired surrogate"):
+        run(tiny_tokenizer_args, [src], tmp_path, **common)
+    stats, prefix = run(tiny_tokenizer_args, [src], tmp_path, on_invalid="skip", **common)
+    assert stats["skipped"]["invalid_utf8"] == 1 and stats["documents_written"] == 1
+    assert LabelVocabulary.from_yaml(vocab).as_dict() == {"math": 0}
+    assert inspect_main([prefix]) == 0
+
+
+def test_output_prefix_is_checked_before_any_work(
+    tmp_path, tiny_tokenizer_dir, capsys, monkeypatch
+):
+    import megatron_edl.data.preprocess as preprocess_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the output prefix was checked")
+
+    monkeypatch.setattr(preprocess_module, "build_megatron_tokenizer", no_work)
+    monkeypatch.setattr(preprocess_module, "expand_inputs", no_work)
+    (tmp_path / "file").write_text("a regular file")
+    (tmp_path / "taken_text_document.idx").mkdir()
+    argv = [
+        "--input", str(tmp_path / "in.jsonl"),
+        "--tokenizer-type", "HuggingFaceTokenizer",
+        "--tokenizer-model", str(tiny_tokenizer_dir),
+        "--domain-field", "meta.domain",
+    ]  # fmt: skip
+    for prefix, message in [
+        (tmp_path / "file" / "sub" / "ds", f"{tmp_path / 'file'} is a file"),
+        (f"{tmp_path / 'out'}/", "names a folder; give a file name prefix inside it"),
+        (tmp_path / "taken", "taken_text_document.idx is a folder"),
+    ]:
+        assert main([*argv, "--output-prefix", str(prefix)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --output-prefix '{prefix}'") and message in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert main([*argv, "--output-prefix", str(tmp_path / "x"), "--chunk-size", "0"]) == 1
+    assert "error: --chunk-size must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_input_errors(tmp_path, tiny_tokenizer_args):
