@@ -94,10 +94,14 @@ def edl_config_from_args(args):
     else:
         from megatron_edl.integration.dataset import resolve_blend_domains
 
+        # With the run's label options (label map, random control), so that a label map that
+        # does not cover the data fails here, before the model is built; the result is cached
+        # for the training dataset's build (same files, same label options).
         blend = resolve_blend_domains(
             blend_prefixes_from_args(args),
             "prefix" if args.moe_edl_domains_per_prefix else "sidecar",
             domains_per_prefix=args.moe_edl_domains_per_prefix,
+            edl_config=cfg,
         )
         num_domains, vocabulary = blend.num_stored_domains, blend.vocabulary
         names_by_id = {stored: name for name, stored in vocabulary.items()}
