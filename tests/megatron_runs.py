@@ -41,6 +41,7 @@ LAYOUTS: dict[str, list[str]] = {
 }
 
 _VALIDATION_RE = re.compile(r"validation(\S*) loss at (.*?) \| (.*)$")
+_SHARE_RE = re.compile(r"(validation) (token shares) \| (.*)$")
 _VALUE_RE = re.compile(r"\s*(.+?) value:\s*([-+0-9.eE]+|nan|inf)\s*$")
 _ITERATION_RE = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
 _METRIC_RE = re.compile(r"\s*([^|:]+?):\s*([-+0-9.eE]+|nan|inf)\s*$")
@@ -74,13 +75,21 @@ def with_flag_values(flags: list[str] | tuple[str, ...], **values: str) -> list[
 
 
 def parse_validations(log: str) -> list[dict[str, float]]:
-    """The ``<key> value: X`` entries of every Megatron ``validation loss at ...`` line."""
+    """The ``<key> value: X`` entries of every Megatron ``validation loss at ...`` line, with
+    those of the token-share line printed just before it (``gpt.SHARE_LINE``)."""
     out = []
+    shares: dict[str, float] = {}
     for line in log.splitlines():
         match = _VALIDATION_RE.search(line)
-        if match:
-            fields = (_VALUE_RE.match(f) for f in match.group(3).split("|"))
-            out.append({m.group(1).strip(): float(m.group(2)) for m in fields if m})
+        share_line = _SHARE_RE.search(line)
+        if match or share_line:
+            fields = (_VALUE_RE.match(f) for f in (match or share_line).group(3).split("|"))
+            values = {m.group(1).strip(): float(m.group(2)) for m in fields if m}
+            if share_line:
+                shares = values
+            else:
+                out.append({**values, **shares})
+                shares = {}
     return out
 
 

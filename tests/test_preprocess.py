@@ -37,7 +37,7 @@ from megatron_edl.data.preprocess import (
 )
 from megatron_edl.data.readers import InputError
 from megatron_edl.data.sidecar import read_sidecar
-from megatron_edl.data.vocabulary import LabelVocabulary
+from megatron_edl.data.vocabulary import LabelVocabulary, label_name_problem
 from tests.data_helpers import (  # noqa: F401 (fixtures)
     DOMAIN_WORDS,
     make_corpus,
@@ -327,6 +327,54 @@ def test_every_record_is_accounted_for(tmp_path_factory, tiny_tokenizer_args, fi
     for entry, kinds in zip(stats["inputs"], files, strict=True):
         assert entry["documents_in"] == len(kinds)
         assert entry["documents_written"] + sum(entry["skipped"].values()) == len(kinds)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=6,
+)
+_LINES = st.one_of(
+    st.binary(max_size=40).map(lambda b: b.replace(b"\n", b" ")),  # any bytes but a newline
+    _JSON.map(lambda v: json.dumps(v).encode()),  # any JSON value
+    st.fixed_dictionaries(  # records: any text value, any label value
+        {"text": _JSON, "meta": st.fixed_dictionaries({"domain": _JSON})}
+    ).map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(  # mostly good records
+        {
+            "text": st.text(min_size=1, max_size=20),
+            "meta": st.fixed_dictionaries({"domain": st.text(max_size=6)}),
+        }
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(lines=st.lists(_LINES, min_size=1, max_size=12), chunk=st.integers(1, 4))
+def test_any_line_is_written_or_skipped_with_a_reason(
+    tmp_path_factory, tiny_tokenizer_args, lines, chunk
+):
+    """Arbitrary bytes and JSON values per line: each line is a written document or a counted
+    skip with a reason, so documents in = written + skipped, exactly (nothing raises)."""
+    tmp = tmp_path_factory.mktemp("lines")
+    src = write_jsonl(tmp / "in.jsonl", lines)
+    kwargs = dict(on_invalid="skip", on_unknown=SKIP, on_missing=SKIP, chunk_records=chunk)
+    try:
+        stats, prefix = run(tiny_tokenizer_args, [src], tmp, **kwargs)
+    except PreprocessError as e:  # stock IndexedDataset cannot read an empty dataset
+        assert "no document to write" in str(e) and f"{len(lines)} records read" in str(e)
+        assert not list(tmp.glob("ds*")) and not list(tmp.glob(".ds*"))
+        return
+    assert stats["documents_in"] == len(lines)
+    assert stats["documents_in"] == stats["documents_written"] + sum(stats["skipped"].values())
+    assert set(stats["skipped"]) == {r.value for r in SkipReason}
+    ids, vocabulary = read_sidecar(prefix)
+    assert len(IndexedDataset(prefix)) == len(ids) == stats["documents_written"]
+    assert all(label_name_problem(name) is None for name in vocabulary)  # valid names only
 
 
 # ---------------------------------------------------------------------------------------------
