@@ -184,6 +184,8 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
     Raises:
         ValueError: ``--cpu`` or ``--config-yaml`` reached a script that does not handle them
             (only ``python -m megatron_edl.pretrain_gpt`` does).
+        CheckpointError: the checkpoint under ``--load`` is incomplete
+            (:func:`megatron_edl.checkpoint.check_resume_checkpoint`).
     """
     from megatron_edl import cpu
 
@@ -195,6 +197,9 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
             "python -m megatron_edl.pretrain_gpt (or expand it with python -m "
             "megatron_edl.yaml_config)"
         )
+    from megatron_edl.checkpoint import check_resume_checkpoint
+
+    check_resume_checkpoint(args)  # a damaged checkpoint under --load: refused, not loaded
     args.edl_config = edl_config_from_args(args)
     args.specialization_config = specialization_config_from_args(args)
     edl_on = args.edl_config is not None and args.edl_config.enabled
