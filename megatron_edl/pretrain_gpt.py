@@ -92,17 +92,21 @@ def edl_config_from_args(args):
         names_by_id = {i: f"domain{i}" for i in range(num_domains)}
         vocabulary = None
     else:
-        from megatron_edl.integration.dataset import resolve_blend_domains
+        from megatron_edl.integration.dataset import evaluation_labels, resolve_blend_domains
 
         # With the run's label options (label map, random control), so that a label map that
-        # does not cover the data fails here, before the model is built; the result is cached
-        # for the training dataset's build (same files, same label options).
-        blend = resolve_blend_domains(
-            blend_prefixes_from_args(args),
-            "prefix" if args.moe_edl_domains_per_prefix else "sidecar",
-            domains_per_prefix=args.moe_edl_domains_per_prefix,
-            edl_config=cfg,
-        )
+        # does not cover the data fails here, before the model is built; the results are cached
+        # for the dataset builds (same files, same label options). One rank per node reads the
+        # files and shares them (or its error) with the others (integration/dataset.py).
+        evaluation = evaluation_labels(cfg)  # differs under the random control
+        for label_options in [*([evaluation] if evaluation is not cfg else []), cfg]:
+            blend = resolve_blend_domains(
+                blend_prefixes_from_args(args),
+                "prefix" if args.moe_edl_domains_per_prefix else "sidecar",
+                domains_per_prefix=args.moe_edl_domains_per_prefix,
+                edl_config=label_options,
+                per_node=True,
+            )
         num_domains, vocabulary = blend.num_stored_domains, blend.vocabulary
         names_by_id = {stored: name for name, stored in vocabulary.items()}
     if cfg.label_map is not None:
