@@ -71,9 +71,9 @@ Faults: ``--output-prefix`` is checked before any work (a prefix ending in ``/``
 regular file, or an output name that is a folder are refused). A worker that dies (killed by
 the out-of-memory killer, say) stops the run with an error naming the signal and the chunks in
 flight (``concurrent.futures`` reports the broken pool; nothing waits forever). SIGTERM, like
-Ctrl-C, stops the workers, removes the temporary folder and exits with status 143; the commit
-(moving the outputs into place) holds both signals back until it is done. After SIGKILL of the
-main process the workers die with it (Linux) and the next run on the same host removes the
+Ctrl-C, stops the workers, removes the temporary folder and exits with status 143 (130); the
+commit (moving the outputs into place) holds both signals back until it is done. After SIGKILL
+of the main process the workers die with it (Linux) and the next run on the same host removes the
 temporary folder it left. A rerun writes byte-identical outputs.
 """
 
@@ -94,7 +94,6 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 from array import array
 from collections import Counter, deque
@@ -704,7 +703,7 @@ def _ordered_map(
 
     Raises:
         PreprocessError: if a worker process died (killed by a signal, e.g. SIGKILL from the
-            out-of-memory killer, or exited): names the chunk waited for and the signal.
+            out-of-memory killer, or exited): names the signal and the chunks in flight.
     """
     pending: deque = deque()
 
@@ -1121,26 +1120,42 @@ def _remove_stale_temporaries(out_dir: str, base: str) -> None:
             pass
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class Interrupted(BaseException):  # noqa: N818 (like KeyboardInterrupt: not an Exception)
-    """The run was stopped by a signal (SIGTERM); raised by :func:`main`'s handler."""
+    """The run was stopped by SIGINT or SIGTERM; raised by :func:`main`'s handler."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
 
 
+_DEFERRED_SIGNALS: list[int] | None = None  # during a commit: the signals that arrived
+
+
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back for the block (delivered after it), in the main thread."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Hold :func:`main`'s SIGINT and SIGTERM back for the block, then raise the first.
+
+    Its handler (:func:`_raise_interrupted`) records a signal that arrives meanwhile instead of
+    raising, whichever thread the operating system delivered it to.
+    """
+    global _DEFERRED_SIGNALS
+    _DEFERRED_SIGNALS = []
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        arrived, _DEFERRED_SIGNALS = _DEFERRED_SIGNALS, None
+    if arrived:
+        raise Interrupted(arrived[0])
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    if _DEFERRED_SIGNALS is not None:
+        _DEFERRED_SIGNALS.append(signum)
+        return
+    raise Interrupted(signum)
 
 
 def _file_labels(
@@ -1503,15 +1518,16 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
         description: Help text (default: this module's docstring).
 
     Returns:
-        The exit status: 0 on success, 1 for an input, policy or configuration error, 143
-        after SIGTERM (which, like Ctrl-C, removes the temporary outputs and stops the workers).
+        The exit status: 0 on success, 1 for an input, policy or configuration error, 128 +
+        the signal after SIGINT (130) or SIGTERM (143): both stop the workers and remove the
+        temporary outputs.
     """
     args = build_parser(description).parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if os.getcwd() not in sys.path:  # --domain-callable modules next to the data, as python -m
         sys.path.append(os.getcwd())
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in _STOP_SIGNALS}
     try:
         preprocess(config_from_args(args), args)
     except (PreprocessError, InputError, EDLConfigError, FileNotFoundError) as e:
@@ -1521,12 +1537,9 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
         print(f"error: {e}; temporary outputs removed, existing outputs untouched", file=sys.stderr)
         return 128 + e.signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
-
-
-def _raise_interrupted(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
 
 
 if __name__ == "__main__":
