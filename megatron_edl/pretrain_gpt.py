@@ -99,13 +99,21 @@ def edl_config_from_args(args):
         names_by_id = {i: f"domain{i}" for i in range(num_domains)}
         vocabulary = None
     else:
-        from megatron_edl.integration.dataset import resolve_blend_domains
+        from megatron_edl.integration.dataset import evaluation_labels, resolve_blend_domains
 
-        blend = resolve_blend_domains(
-            blend_prefixes_from_args(args),
-            "prefix" if args.moe_edl_domains_per_prefix else "sidecar",
-            domains_per_prefix=args.moe_edl_domains_per_prefix,
-        )
+        # With the run's label options (label map, random control), so that a label map that
+        # does not cover the data fails here, before the model is built; the results are cached
+        # for the dataset builds (same files, same label options). One rank per node reads the
+        # files and shares them (or its error) with the others (integration/dataset.py).
+        evaluation = evaluation_labels(cfg)  # differs under the random control
+        for label_options in [*([evaluation] if evaluation is not cfg else []), cfg]:
+            blend = resolve_blend_domains(
+                blend_prefixes_from_args(args),
+                "prefix" if args.moe_edl_domains_per_prefix else "sidecar",
+                domains_per_prefix=args.moe_edl_domains_per_prefix,
+                edl_config=label_options,
+                per_node=True,
+            )
         num_domains, vocabulary = blend.num_stored_domains, blend.vocabulary
         names_by_id = {stored: name for name, stored in vocabulary.items()}
     if cfg.label_map is not None:
@@ -187,6 +195,8 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
     Raises:
         ValueError: ``--cpu`` or ``--config-yaml`` reached a script that does not handle them
             (only ``python -m megatron_edl.pretrain_gpt`` does).
+        CheckpointError: the checkpoint under ``--load`` is incomplete
+            (:func:`megatron_edl.checkpoint.check_resume_checkpoint`).
     """
     from megatron_edl import cpu
 
@@ -198,6 +208,9 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
             "python -m megatron_edl.pretrain_gpt (or expand it with python -m "
             "megatron_edl.yaml_config)"
         )
+    from megatron_edl.checkpoint import check_resume_checkpoint
+
+    check_resume_checkpoint(args)  # a damaged checkpoint under --load: refused, not loaded
     args.edl_config = edl_config_from_args(args)
     args.specialization_config = specialization_config_from_args(args)
     edl_on = args.edl_config is not None and args.edl_config.enabled

@@ -450,6 +450,7 @@ def preprocess_stage(ctx: Context) -> dict[str, Any]:
 
 _ITERATION_RE = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
 _VALIDATION_RE = re.compile(r"validation loss at iteration (\d+) on validation set \|(.*)$")
+_SHARES_RE = re.compile(r"validation token shares \|(.*)$")  # integration.gpt.SHARE_LINE
 _METRIC_RE = re.compile(r"\s*([^|:]+?):\s*([-+0-9.eE]+|nan|inf)\s*$", re.IGNORECASE)
 
 
@@ -561,7 +562,38 @@ def _eval_iters(ctx: Context) -> int:
 
 
 def _log_interval(train_iters: int) -> int:
-    return max(1, min(10, train_iters // 20))
+    """About 20 log lines, at most every 10 iterations, and a divisor of ``train_iters`` (the
+    last iteration is logged: the report averages the last lines)."""
+    cap = max(1, min(10, train_iters // 20))
+    return next(d for d in range(cap, 0, -1) if train_iters % d == 0)
+
+
+def checkpointed_iteration(checkpoints: Path) -> int | None:
+    """The iteration of the last complete checkpoint in ``checkpoints``, from Megatron's tracker
+    file ``latest_checkpointed_iteration.txt`` (written after the checkpoint), or ``None``."""
+    try:
+        text = (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def check_training_finished(
+    name: str, returncode: int, checkpoints: Path, train_iters: int, log_path: Path
+) -> None:
+    """Raise unless the run exited 0 and checkpointed its last iteration (``--save-interval``
+    is ``train_iters``): what the later stages load, whatever the log interval.
+
+    Raises:
+        QuickstartError: naming the exit status, the checkpointed iteration and the log.
+    """
+    last = checkpointed_iteration(checkpoints)
+    if returncode != 0 or last != train_iters:
+        tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-30:])
+        raise QuickstartError(
+            f"train:{name}: exit status {returncode}, last checkpoint at iteration {last} of "
+            f"{train_iters} in {checkpoints}; full log: {log_path}\n{tail}"
+        )
 
 
 def _free_port() -> int:
@@ -633,6 +665,7 @@ def train_stage(ctx: Context, run: RunSpec) -> dict[str, Any]:
     log_path = run_dir / "train.log"
     iterations: dict[int, dict[str, float]] = {}
     validation: dict[str, float] = {}
+    shares: dict[str, float] = {}
     progress = _TrainProgress(ctx, run.name, ctx.config.train_iters)
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(
@@ -650,18 +683,17 @@ def train_stage(ctx: Context, run: RunSpec) -> dict[str, Any]:
             if parsed is not None:
                 iterations[parsed[0]] = parsed[2]
                 progress.update(parsed[0], parsed[2])
+            share_line = _SHARES_RE.search(line)  # printed just before its loss line
+            if share_line:
+                shares = _metrics(share_line.group(1))
             match = _VALIDATION_RE.search(line)
             if match:
-                validation = _metrics(match.group(2))
+                validation = {**_metrics(match.group(2)), **shares}
         returncode = process.wait()
     progress.close()
-    last = max(iterations, default=0)
-    if returncode != 0 or last != ctx.config.train_iters:
-        tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-30:])
-        raise QuickstartError(
-            f"train:{run.name}: exit status {returncode}, last iteration {last} of "
-            f"{ctx.config.train_iters}; full log: {log_path}\n{tail}"
-        )
+    check_training_finished(
+        run.name, returncode, run_dir / "checkpoints", ctx.config.train_iters, log_path
+    )
     return {
         "iterations": {str(k): v for k, v in sorted(iterations.items())},
         "validation": validation,

@@ -6,11 +6,15 @@ the exit code alone (Megatron exits with code 0 on some failures, e.g. a failed 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.distributed import free_port
@@ -41,6 +45,7 @@ LAYOUTS: dict[str, list[str]] = {
 }
 
 _VALIDATION_RE = re.compile(r"validation(\S*) loss at (.*?) \| (.*)$")
+_SHARE_RE = re.compile(r"(validation) (token shares) \| (.*)$")
 _VALUE_RE = re.compile(r"\s*(.+?) value:\s*([-+0-9.eE]+|nan|inf)\s*$")
 _ITERATION_RE = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
 _METRIC_RE = re.compile(r"\s*([^|:]+?):\s*([-+0-9.eE]+|nan|inf)\s*$")
@@ -74,13 +79,21 @@ def with_flag_values(flags: list[str] | tuple[str, ...], **values: str) -> list[
 
 
 def parse_validations(log: str) -> list[dict[str, float]]:
-    """The ``<key> value: X`` entries of every Megatron ``validation loss at ...`` line."""
+    """The ``<key> value: X`` entries of every Megatron ``validation loss at ...`` line, with
+    those of the token-share line printed just before it (``gpt.SHARE_LINE``)."""
     out = []
+    shares: dict[str, float] = {}
     for line in log.splitlines():
         match = _VALIDATION_RE.search(line)
-        if match:
-            fields = (_VALUE_RE.match(f) for f in match.group(3).split("|"))
-            out.append({m.group(1).strip(): float(m.group(2)) for m in fields if m})
+        share_line = _SHARE_RE.search(line)
+        if match or share_line:
+            fields = (_VALUE_RE.match(f) for f in (match or share_line).group(3).split("|"))
+            values = {m.group(1).strip(): float(m.group(2)) for m in fields if m}
+            if share_line:
+                shares = values
+            else:
+                out.append({**values, **shares})
+                shares = {}
     return out
 
 
@@ -110,21 +123,7 @@ def run_pretrain(
     entry: tuple[str, ...] = ("-m", "megatron_edl.pretrain_gpt", "--cpu"),
 ) -> RunResult:
     """``torchrun --nproc-per-node nproc *entry *flags`` (default: our launcher on CPU)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        f"--master-port={free_port()}",
-        *entry,
-        *flags,
-    ]
-    full_env = {
-        **os.environ,
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)),
-        **(env or {}),
-    }
+    cmd, full_env = _pretrain_command(nproc, flags, env, entry)
     try:
         proc = subprocess.run(
             cmd,
@@ -143,3 +142,86 @@ def run_pretrain(
         ) + f"\n[timed out after {timeout_s}s]"
         rc = -9
     return RunResult(returncode=rc, log=log, iterations=parse_iterations(log))
+
+
+def _pretrain_command(
+    nproc: int, flags: list[str], env: dict[str, str] | None, entry: tuple[str, ...]
+) -> tuple[list[str], dict[str, str]]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        *entry,
+        *flags,
+    ]
+    full_env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)),
+        **(env or {}),
+    }
+    return cmd, full_env
+
+
+def run_pretrain_killed(
+    nproc: int,
+    flags: list[str],
+    kill_after: Callable[[str], bool],
+    *,
+    timeout_s: float = 300,
+    entry: tuple[str, ...] = ("-m", "megatron_edl.pretrain_gpt", "--cpu"),
+) -> RunResult:
+    """:func:`run_pretrain`, killing every process of the run (SIGKILL to torchrun and all its
+    descendants, as a node failure would) once ``kill_after(line)`` holds for a log line.
+
+    ``returncode`` is -9 when it was killed (or timed out), else the run's exit status.
+    """
+    cmd, full_env = _pretrain_command(nproc, flags, {"PYTHONUNBUFFERED": "1"}, entry)
+    process = subprocess.Popen(
+        cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    killed = threading.Event()
+
+    def kill_all() -> None:
+        for pid in [process.pid, *_descendants(process.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait()
+
+    def kill() -> None:
+        killed.set()
+        kill_all()
+
+    timer = threading.Timer(timeout_s, kill)
+    timer.start()
+    lines = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if not killed.is_set() and kill_after(line):
+                kill()
+        rc = process.wait()
+    finally:
+        timer.cancel()
+        kill_all()
+    log = "".join(lines)
+    return RunResult(
+        returncode=-9 if killed.is_set() else rc, log=log, iterations=parse_iterations(log)
+    )
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every descendant process of ``pid`` (Linux ``/proc``), children first."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                out.extend(children)
+                todo.extend(children)
+    return out

@@ -10,6 +10,7 @@ demands. The load-balancing loss is off here so that only EDL's gradient scale i
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,7 @@ def _check_per_domain_validation(result: RunResult, domains: list[str]) -> None:
     """Every validation line has each domain's loss and token share, and the share-weighted
     mean of the domain losses is the overall loss (every token of the mock data is labelled)."""
     assert result.validations, result.describe()
+    assert "token share/" in result.log and not re.search(r"token share/\S+ PPL", result.log)
     for values in result.validations:
         shares = [values[f"token share/{d}"] for d in domains]
         assert sum(shares) == pytest.approx(1.0, abs=1e-5)

@@ -112,6 +112,26 @@ def test_label_map_that_does_not_match_the_data_names_the_key(tmp_path, monkeypa
         edl_config_from_args(args)
 
 
+def test_label_map_that_does_not_cover_the_data_fails_before_the_model(tmp_path, monkeypatch):
+    from megatron_edl.integration import dataset
+
+    prefix = _indexed(tmp_path, labels=[0, 1, 2, 0, 1, 2])
+    label_map = tmp_path / "map.yaml"
+    label_map.write_text("domains: [text, code]\nmap:\n  code: code\n  prose: text\n")
+    args = parse(
+        [*_data_flags(prefix), "--moe-edl-coeff", "0.1", "--moe-edl-label-map", str(label_map)],
+        monkeypatch,
+    )
+    with pytest.raises(EDLConfigError, match=r"map\.yaml.*math"):
+        edl_config_from_args(args)
+    # A covering map: the launcher's resolution is the one the training dataset build reuses.
+    label_map.write_text("domains: [text, code]\nmap:\n  code: code\n  '*': text\n")
+    cfg = edl_config_from_args(args)
+    monkeypatch.setattr(dataset, "_resolve_blend", None)  # a second resolution would fail
+    blend = dataset.resolve_blend_domains([prefix], "sidecar", edl_config=cfg)
+    assert blend.loss_ids[prefix].tolist() == [1, 0, 0, 1, 0, 0]
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -37,7 +37,7 @@ from megatron_edl.data.preprocess import (
 )
 from megatron_edl.data.readers import InputError
 from megatron_edl.data.sidecar import read_sidecar
-from megatron_edl.data.vocabulary import LabelVocabulary
+from megatron_edl.data.vocabulary import LabelVocabulary, label_name_problem
 from tests.data_helpers import (  # noqa: F401 (fixtures)
     DOMAIN_WORDS,
     make_corpus,
@@ -186,6 +186,12 @@ _LONG = " ".join(["theorem"] * 300)
 
 # (case id, raw line, reason, message fragment); each is line 2 of [good, bad, good].
 BAD_LINES = [
+    (
+        "label_surrogate",
+        b'{"text": "a proof", "meta": {"domain": "\\ud800"}}',
+        SkipReason.INVALID_UTF8,
+        "label '\\\\ud800' has an unpaired surrogate",
+    ),
     ("truncated_json", b'{"text": "a proof"', SkipReason.INVALID_JSON, "invalid JSON"),
     ("json_array", b"[1, 2]", SkipReason.INVALID_JSON, "expected a JSON object"),
     ("invalid_utf8", b'{"text": "caf\xe9", "meta": {"domain": "math"}}', "invalid_utf8", "UTF-8"),
@@ -321,6 +327,54 @@ def test_every_record_is_accounted_for(tmp_path_factory, tiny_tokenizer_args, fi
     for entry, kinds in zip(stats["inputs"], files, strict=True):
         assert entry["documents_in"] == len(kinds)
         assert entry["documents_written"] + sum(entry["skipped"].values()) == len(kinds)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=6,
+)
+_LINES = st.one_of(
+    st.binary(max_size=40).map(lambda b: b.replace(b"\n", b" ")),  # any bytes but a newline
+    _JSON.map(lambda v: json.dumps(v).encode()),  # any JSON value
+    st.fixed_dictionaries(  # records: any text value, any label value
+        {"text": _JSON, "meta": st.fixed_dictionaries({"domain": _JSON})}
+    ).map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(  # mostly good records
+        {
+            "text": st.text(min_size=1, max_size=20),
+            "meta": st.fixed_dictionaries({"domain": st.text(max_size=6)}),
+        }
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(lines=st.lists(_LINES, min_size=1, max_size=12), chunk=st.integers(1, 4))
+def test_any_line_is_written_or_skipped_with_a_reason(
+    tmp_path_factory, tiny_tokenizer_args, lines, chunk
+):
+    """Arbitrary bytes and JSON values per line: each line is a written document or a counted
+    skip with a reason, so documents in = written + skipped, exactly (nothing raises)."""
+    tmp = tmp_path_factory.mktemp("lines")
+    src = write_jsonl(tmp / "in.jsonl", lines)
+    kwargs = dict(on_invalid="skip", on_unknown=SKIP, on_missing=SKIP, chunk_records=chunk)
+    try:
+        stats, prefix = run(tiny_tokenizer_args, [src], tmp, **kwargs)
+    except PreprocessError as e:  # stock IndexedDataset cannot read an empty dataset
+        assert "no document to write" in str(e) and f"{len(lines)} records read" in str(e)
+        assert not list(tmp.glob("ds*")) and not list(tmp.glob(".ds*"))
+        return
+    assert stats["documents_in"] == len(lines)
+    assert stats["documents_in"] == stats["documents_written"] + sum(stats["skipped"].values())
+    assert set(stats["skipped"]) == {r.value for r in SkipReason}
+    ids, vocabulary = read_sidecar(prefix)
+    assert len(IndexedDataset(prefix)) == len(ids) == stats["documents_written"]
+    assert all(label_name_problem(name) is None for name in vocabulary)  # valid names only
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,6 +546,7 @@ def test_vocabulary_and_policy_errors(tmp_path, tiny_tokenizer_args):
         ("labels:\n  a: zero\n", "must be an integer"),
         ("names: {a: 0}\n", "exactly one top-level key 'labels'"),
         ("labels:\n  yes: 0\n", "is a bool, not a string"),
+        ('labels:\n  "a\\ud800": 0\n', "unpaired surrogate"),
     ]:
         path.write_text(text)
         with pytest.raises(EDLConfigError, match=rf"v\.yaml: .*{fragment}"):
@@ -515,6 +570,56 @@ def test_vocabulary_and_policy_errors(tmp_path, tiny_tokenizer_args):
         run(tiny_tokenizer_args, [src], tmp_path, label_vocab=str(tmp_path / "absent.yaml"))
     with pytest.raises(EDLConfigError, match="--workers must be >= 1, got 0"):
         run(tiny_tokenizer_args, [src], tmp_path, workers=0)
+    with pytest.raises(EDLConfigError, match="--chunk-size must be >= 1, got 0"):
+        run(tiny_tokenizer_args, [src], tmp_path, chunk_records=0)
+
+
+def test_surrogate_label_with_extend_vocab_is_counted_and_inspectable(
+    tmp_path, tiny_tokenizer_args
+):
+    from megatron_edl.data.inspect import main as inspect_main
+
+    lines = [good("math", "one"), b'{"text": "two", "meta": {"domain": "x\\udc00"}}']
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    vocab = tmp_path / "grown.yaml"
+    common = dict(label_vocab=str(vocab), extend_vocab=True)
+    with pytest.raises(PreprocessError, match=r"in\.jsonl:2: label .* unpaired surrogate"):
+        run(tiny_tokenizer_args, [src], tmp_path, **common)
+    stats, prefix = run(tiny_tokenizer_args, [src], tmp_path, on_invalid="skip", **common)
+    assert stats["skipped"]["invalid_utf8"] == 1 and stats["documents_written"] == 1
+    assert LabelVocabulary.from_yaml(vocab).as_dict() == {"math": 0}
+    assert inspect_main([prefix]) == 0
+
+
+def test_output_prefix_is_checked_before_any_work(
+    tmp_path, tiny_tokenizer_dir, capsys, monkeypatch
+):
+    import megatron_edl.data.preprocess as preprocess_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the output prefix was checked")
+
+    monkeypatch.setattr(preprocess_module, "build_megatron_tokenizer", no_work)
+    monkeypatch.setattr(preprocess_module, "expand_inputs", no_work)
+    (tmp_path / "file").write_text("a regular file")
+    (tmp_path / "taken_text_document.idx").mkdir()
+    argv = [
+        "--input", str(tmp_path / "in.jsonl"),
+        "--tokenizer-type", "HuggingFaceTokenizer",
+        "--tokenizer-model", str(tiny_tokenizer_dir),
+        "--domain-field", "meta.domain",
+    ]  # fmt: skip
+    for prefix, message in [
+        (tmp_path / "file" / "sub" / "ds", f"{tmp_path / 'file'} is a file"),
+        (f"{tmp_path / 'out'}/", "names a folder; give a file name prefix inside it"),
+        (tmp_path / "taken", "taken_text_document.idx is a folder"),
+    ]:
+        assert main([*argv, "--output-prefix", str(prefix)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --output-prefix '{prefix}'") and message in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert main([*argv, "--output-prefix", str(tmp_path / "x"), "--chunk-size", "0"]) == 1
+    assert "error: --chunk-size must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_input_errors(tmp_path, tiny_tokenizer_args):

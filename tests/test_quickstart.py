@@ -129,6 +129,27 @@ def test_same_flags_for_every_run_but_edl(tmp_path):
     assert eval_iters == str(10_000 // (8 * 256))
 
 
+def test_completion_is_read_from_the_checkpoint_tracker(tmp_path):
+    # 125 iterations: the log interval divides them, and the check does not read the log.
+    assert quickstart._log_interval(125) == 5
+    for iters in (1, 7, 19, 20, 125, 500, 1000):
+        interval = quickstart._log_interval(iters)
+        assert iters % interval == 0 and 1 <= interval <= 10
+    log = tmp_path / "train.log"
+    log.write_text("iteration      120/     125 | lm loss: 3.0 |\n")
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    with pytest.raises(quickstart.QuickstartError, match="last checkpoint at iteration None"):
+        quickstart.check_training_finished("edl", 0, checkpoints, 125, log)
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text("125")
+    quickstart.check_training_finished("edl", 0, checkpoints, 125, log)
+    with pytest.raises(quickstart.QuickstartError, match="exit status 1"):
+        quickstart.check_training_finished("edl", 1, checkpoints, 125, log)
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text("100")
+    with pytest.raises(quickstart.QuickstartError, match="iteration 100 of 125"):
+        quickstart.check_training_finished("edl", 0, checkpoints, 125, log)
+
+
 def test_parse_iteration_line_and_table():
     line = (
         " [2026-01-01 00:00:00] iteration       40/     500 | consumed samples: 320 | "

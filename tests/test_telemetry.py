@@ -96,6 +96,35 @@ def test_per_domain_lm_loss_from_megatrons_ratios() -> None:
     assert telemetry.per_domain_lm_loss(None, ["a"]) is None
 
 
+def test_token_shares_are_logged_without_a_ppl(monkeypatch, capsys) -> None:
+    """Shares leave Megatron's validation line (which prints a PPL per entry) for a line of
+    their own; the telemetry hook, wrapped inside, still reads them; the log parser joins
+    both lines."""
+    from megatron.training import training
+
+    from megatron_edl.integration import gpt
+    from tests.megatron_runs import parse_validations
+
+    report = {"lm loss": torch.tensor(2.5), "lm loss/a": torch.tensor(2.0)}
+    report["token share/a"] = torch.tensor(0.25)
+    seen = []
+
+    def evaluate(*args, **kwargs):  # stock evaluate, with the telemetry hook inside
+        seen.append(telemetry.per_domain_lm_loss(report, ["a"]))
+        return report, None, False
+
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    gpt.install_share_logging()
+    gpt.install_share_logging()  # once
+    total_loss_dict, _, _ = training.evaluate(None, None, None)
+    assert seen[0] is not None
+    assert sorted(total_loss_dict) == ["lm loss", "lm loss/a"]
+    line = capsys.readouterr().out
+    assert line == " validation token shares | token share/a value: 2.500000E-01 |\n"
+    megatron_line = " validation loss at iteration 5 on validation set | lm loss value: 2.5 |"
+    assert parse_validations(line + megatron_line) == [{"lm loss": 2.5, "token share/a": 0.25}]
+
+
 def test_flags_are_checked() -> None:
     import argparse
 

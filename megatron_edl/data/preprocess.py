@@ -50,7 +50,8 @@ Policies (``fail`` is the default of each, so nothing is dropped silently):
   modelling but out of the EDL loss, use a fallback name that the training label map sends to
   ``null``.
 * ``--on-invalid fail|skip``: records that are not a document: invalid JSON or not an object,
-  invalid UTF-8 (or unpaired surrogates), a json key absent/null or not a string.
+  invalid UTF-8 (or unpaired surrogates, in the text or in the label), a json key absent/null
+  or not a string.
 * Always skipped and counted: blank lines, documents that tokenize to nothing (``empty_text``),
   documents longer than ``--max-document-tokens`` (``too_long``, counted with the EOD token).
 
@@ -65,26 +66,40 @@ bounded by ``2 N`` chunks in flight (plus what megatron's builder keeps per docu
 temporary folder next to the output prefix and moved into place only after the whole input was
 processed (the ``.idx`` last: a dataset is never visible half-written); on any error the
 temporary folder is removed and existing outputs stay untouched.
+
+Faults: ``--output-prefix`` is checked before any work (a prefix ending in ``/``, below a
+regular file, or an output name that is a folder are refused). A worker that dies (killed by
+the out-of-memory killer, say) stops the run with an error naming the signal and the chunks in
+flight (``concurrent.futures`` reports the broken pool; nothing waits forever). SIGTERM, like
+Ctrl-C, stops the workers, removes the temporary folder and exits with status 143 (130); the
+commit (moving the outputs into place) holds both signals back until it is done. After SIGKILL
+of the main process the workers die with it (Linux) and the next run on the same host removes the
+temporary folder it left. A rerun writes byte-identical outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import ctypes
 import fnmatch
 import importlib
 import json
 import logging
 import multiprocessing
 import os
-import re
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 import time
 from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -95,7 +110,12 @@ import numpy as np
 from megatron_edl.config import EDLConfigError
 from megatron_edl.data.readers import Chunk, InputError, detect_format, expand_inputs, iter_chunks
 from megatron_edl.data.sidecar import write_sidecar
-from megatron_edl.data.vocabulary import LabelVocabulary, label_name_problem, load_strict_yaml
+from megatron_edl.data.vocabulary import (
+    SURROGATE,
+    LabelVocabulary,
+    label_name_problem,
+    load_strict_yaml,
+)
 
 __all__ = [
     "CallableLabel",
@@ -117,7 +137,6 @@ LANGID_MAX_CHARS = 1000
 """Characters of a document's first json key that the language identifier reads."""
 
 _MAX_LISTED_UNKNOWN = 1000  # distinct unknown label names counted in the stats
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class PreprocessError(ValueError):
@@ -455,7 +474,7 @@ class PreprocessConfig:
     """Documents between progress log lines (when stderr is not a terminal)."""
 
     chunk_records: int = 256
-    """Records per unit of work sent to a worker."""
+    """Records per unit of work sent to a worker (``--chunk-size``)."""
 
     chunk_bytes: int = 4 << 20
     """Most JSONL bytes per unit of work."""
@@ -473,7 +492,7 @@ class PreprocessConfig:
         for flag, value in (
             ("--workers", self.workers),
             ("--log-interval", self.log_interval),
-            ("chunk_records", self.chunk_records),
+            ("--chunk-size", self.chunk_records),
             ("chunk_bytes", self.chunk_bytes),
         ):
             if value < 1:
@@ -619,7 +638,7 @@ class _RecordEncoder:
             if not isinstance(text, str):
                 detail = f"json key {key!r} is a {type(text).__name__}, expected a string"
                 return SkipReason.INVALID_TEXT, detail, None, None
-            if may_have_surrogates and _SURROGATE.search(text):
+            if may_have_surrogates and SURROGATE.search(text):
                 detail = f"json key {key!r} has an unpaired surrogate escape (not valid UTF-8)"
                 return SkipReason.INVALID_UTF8, detail, None, None
             ids = self.tokenizer.tokenize(text) if text else ()
@@ -640,6 +659,9 @@ class _RecordEncoder:
         name, problem = _label_name(self.label_fn(record, first_text, file_label))
         if problem is not None:
             return SkipReason.INVALID_LABEL, problem, None, ids_per_key
+        if name is not None and SURROGATE.search(name):  # as for text: not a UTF-8 record
+            detail = f"label {name!r} has an unpaired surrogate (not valid UTF-8)"
+            return SkipReason.INVALID_UTF8, detail, None, None
         if name is None:
             return SkipReason.MISSING_LABEL, self.missing_message, None, ids_per_key
         return None, None, name, ids_per_key
@@ -652,10 +674,19 @@ _WORKER_INIT_ERROR: BaseException | None = None
 
 def _init_worker(spec: _EncoderSpec) -> None:
     global _WORKER_ENCODER, _WORKER_INIT_ERROR
+    # The main process stops the workers (SIGTERM) and handles Ctrl-C for them; a worker must
+    # not outlive it either (Linux: SIGKILL when the main process dies, even by SIGKILL).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
     try:
         _WORKER_ENCODER = _RecordEncoder(spec)
     except BaseException as e:  # reported by the first task: a failing initializer would
-        _WORKER_INIT_ERROR = e  # make the pool restart workers forever
+        _WORKER_INIT_ERROR = e  # break the pool without saying why
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _encode_in_worker(task: tuple[Chunk, str | None]) -> _ChunkResult:
@@ -665,15 +696,66 @@ def _encode_in_worker(task: tuple[Chunk, str | None]) -> _ChunkResult:
     return _WORKER_ENCODER.encode_chunk(*task)
 
 
-def _ordered_map(pool: Any, fn: Callable, items: Iterable, window: int) -> Iterator[_ChunkResult]:
-    """``map(fn, items)`` over a pool, in order, with at most ``window`` tasks in flight."""
+def _ordered_map(
+    pool: ProcessPoolExecutor, items: Iterable[tuple[Chunk, str | None]], window: int
+) -> Iterator[_ChunkResult]:
+    """The workers' results for ``items``, in order, with at most ``window`` chunks in flight.
+
+    Raises:
+        PreprocessError: if a worker process died (killed by a signal, e.g. SIGKILL from the
+            out-of-memory killer, or exited): names the signal and the chunks in flight.
+    """
     pending: deque = deque()
+
+    def result() -> _ChunkResult:
+        chunk, future = pending.popleft()
+        try:
+            return future.result()
+        except BrokenProcessPool as e:
+            lost = [chunk] + [c for c, f in pending if f.done() and f.exception() is not None]
+            where = ", ".join(
+                f"{c.path}:{c.first_line}-{c.first_line + len(c.records) - 1}" for c in lost
+            )
+            raise PreprocessError(
+                f"a worker process {_dead_workers(pool)} while tokenizing chunk(s) {where} "
+                "(out of memory? try fewer --workers or a smaller --chunk-size); nothing was "
+                "written"
+            ) from e
+
     for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
+        pending.append((item[0], pool.submit(_encode_in_worker, item)))
         if len(pending) >= window:
-            yield pending.popleft().get()
+            yield result()
     while pending:
-        yield pending.popleft().get()
+        yield result()
+
+
+def _dead_workers(pool: ProcessPoolExecutor) -> str:
+    """How the pool's workers ended, e.g. ``"was killed by SIGKILL"``.
+
+    A broken pool terminates (SIGTERM) its remaining workers, so another cause is preferred.
+    Shuts the pool down and reads its process table (``_processes``; no public accessor in
+    Python 3.12).
+    """
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=True)  # the broken pool's workers are joined: every exit code is known
+    codes = [p.exitcode for p in processes]
+    codes = [c for c in codes if c not in (None, 0)]
+    if not codes:
+        return "died"
+    code = next((c for c in codes if c != -signal.SIGTERM), codes[0])
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop the workers now: cancel queued chunks and terminate running ones (no waiting)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    pool.shutdown(wait=True)
 
 
 def build_megatron_tokenizer(tokenizer_args: argparse.Namespace) -> Any:
@@ -875,6 +957,7 @@ def preprocess(
     """
     from megatron.core.datasets.indexed_dataset import DType
 
+    out_dir = _check_output_prefix(config)
     files = expand_inputs(config.inputs)
     formats = [detect_format(path) for path in files]
     source = config.label_source
@@ -895,10 +978,9 @@ def preprocess(
     # loading the language model) fails here with a clear message rather than in each worker.
     local_encoder = _RecordEncoder(spec, tokenizer)
 
-    out_dir = os.path.dirname(os.path.abspath(config.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
     base = os.path.basename(config.output_prefix)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{base}.edl-tmp-", dir=out_dir)
+    _remove_stale_temporaries(out_dir, base)
+    tmp_dir = tempfile.mkdtemp(prefix=_tmp_dir_prefix(base, os.getpid()), dir=out_dir)
     writers: list[_DatasetWriter] = []
     pool = None
     try:
@@ -920,10 +1002,13 @@ def preprocess(
         if config.workers == 1:
             results: Iterator[_ChunkResult] = (local_encoder.encode_chunk(*t) for t in tasks)
         else:
-            pool = multiprocessing.get_context().Pool(
-                config.workers, initializer=_init_worker, initargs=(spec,)
+            pool = ProcessPoolExecutor(
+                config.workers,
+                mp_context=multiprocessing.get_context(),
+                initializer=_init_worker,
+                initargs=(spec,),
             )
-            results = _ordered_map(pool, _encode_in_worker, tasks, window=2 * config.workers)
+            results = _ordered_map(pool, tasks, window=2 * config.workers)
 
         tally = _Tally(per_input=[_input_entry(p, f) for p, f in zip(files, formats, strict=True)])
         progress = _Progress(config.log_interval, config.progress)
@@ -933,8 +1018,7 @@ def preprocess(
         finally:
             progress.close()
         if pool is not None:
-            pool.close()
-            pool.join()
+            pool.shutdown(wait=True)
             pool = None
         if tally.documents_written == 0:
             skipped = {str(r): n for r, n in tally.skipped.items() if n}
@@ -959,17 +1043,119 @@ def preprocess(
                 # Before the datasets that use the new ids become visible.
                 resolver.vocab.to_yaml(config.label_vocab)
                 logger.info("Added %d labels to %s", added, config.label_vocab)
+        with _signals_deferred():  # all outputs or none (short of SIGKILL: see _commit)
+            for writer in writers:
+                _commit(writer.tmp_prefix, writer.final_prefix, with_sidecar=resolver is not None)
         for key, writer in zip(config.json_keys, writers, strict=True):
-            _commit(writer.tmp_prefix, writer.final_prefix, with_sidecar=resolver is not None)
             _log_summary(writer.final_prefix, all_stats[key])
         return all_stats
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            _stop_pool(pool)
         for writer in writers:
             writer.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _check_output_prefix(config: PreprocessConfig) -> str:
+    """Check ``--output-prefix`` before any work; create and return its folder.
+
+    Refused: a prefix ending in a path separator (no file name), a prefix whose folder, or a
+    folder above it, is a file, an output name that is a folder, and a folder that cannot be
+    written to.
+
+    Raises:
+        EDLConfigError: naming the flag and the path.
+    """
+    prefix = config.output_prefix
+    if prefix.endswith((os.sep, "/")) or os.path.basename(prefix) in ("", ".", ".."):
+        raise EDLConfigError(
+            f"--output-prefix {prefix!r} names a folder; give a file name prefix inside it, "
+            f"e.g. {os.path.join(prefix, 'corpus')!r}"
+        )
+    out_dir = os.path.dirname(os.path.abspath(prefix))
+    parent = out_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise EDLConfigError(
+            f"--output-prefix {prefix!r}: {parent} is a file, so no folder can be made below it"
+        )
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise EDLConfigError(f"--output-prefix {prefix!r}: cannot create {out_dir}: {e}") from e
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise EDLConfigError(f"--output-prefix {prefix!r}: {out_dir} is not writable")
+    for key in config.json_keys:
+        for suffix in (".bin", ".idx", ".domains", ".stats.json"):
+            path = f"{prefix}_{key}_document{suffix}"
+            if os.path.isdir(path):
+                raise EDLConfigError(f"--output-prefix {prefix!r}: output {path} is a folder")
+    return out_dir
+
+
+def _tmp_dir_prefix(base: str, pid: int) -> str:
+    """Name prefix of a run's temporary folder: host and process id find stale ones."""
+    return f".{base}.edl-tmp-{socket.gethostname()}-{pid}-"
+
+
+def _remove_stale_temporaries(out_dir: str, base: str) -> None:
+    """Remove temporary folders of earlier runs on this host whose process no longer exists.
+
+    A run stopped by SIGKILL (or a power loss) cannot clean up; its folder holds partial
+    outputs only (nothing under the final names depends on it).
+    """
+    head = _tmp_dir_prefix(base, 0)[: -len("0-")]
+    for name in os.listdir(out_dir):
+        pid_text = name[len(head) :].split("-", 1)[0] if name.startswith(head) else ""
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            logger.warning("Removing %s, left by an interrupted run", os.path.join(out_dir, name))
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):  # noqa: N818 (like KeyboardInterrupt: not an Exception)
+    """The run was stopped by SIGINT or SIGTERM; raised by :func:`main`'s handler."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+_DEFERRED_SIGNALS: list[int] | None = None  # during a commit: the signals that arrived
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold :func:`main`'s SIGINT and SIGTERM back for the block, then raise the first.
+
+    Its handler (:func:`_raise_interrupted`) records a signal that arrives meanwhile instead of
+    raising, whichever thread the operating system delivered it to.
+    """
+    global _DEFERRED_SIGNALS
+    _DEFERRED_SIGNALS = []
+    try:
+        yield
+    finally:
+        arrived, _DEFERRED_SIGNALS = _DEFERRED_SIGNALS, None
+    if arrived:
+        raise Interrupted(arrived[0])
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    if _DEFERRED_SIGNALS is not None:
+        _DEFERRED_SIGNALS.append(signum)
+        return
+    raise Interrupted(signum)
 
 
 def _file_labels(
@@ -1125,7 +1311,9 @@ def _commit(tmp_prefix: str, final_prefix: str, *, with_sidecar: bool) -> None:
     """Move a finished dataset into place; the ``.idx`` goes last (the commit point).
 
     An old ``.idx`` under the final name is removed first, so no reader ever pairs an old index
-    with new tokens; a new sidecar next to an old index fails its fingerprint check.
+    with new tokens; a new sidecar next to an old index fails its fingerprint check. Only
+    SIGKILL (or a crash) between these renames leaves a new ``.bin`` without ``.idx``: no
+    dataset, until a rerun replaces it.
     """
     Path(f"{final_prefix}.idx").unlink(missing_ok=True)
     os.replace(f"{tmp_prefix}.bin", f"{final_prefix}.bin")
@@ -1330,18 +1518,27 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
         description: Help text (default: this module's docstring).
 
     Returns:
-        The exit status: 0 on success, 1 for an input, policy or configuration error.
+        The exit status: 0 on success, 1 for an input, policy or configuration error, 128 +
+        the signal after SIGINT (130) or SIGTERM (143): both stop the workers and remove the
+        temporary outputs.
     """
     args = build_parser(description).parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if os.getcwd() not in sys.path:  # --domain-callable modules next to the data, as python -m
         sys.path.append(os.getcwd())
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in _STOP_SIGNALS}
     try:
         preprocess(config_from_args(args), args)
     except (PreprocessError, InputError, EDLConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"error: {e}; temporary outputs removed, existing outputs untouched", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -42,6 +43,8 @@ from megatron_edl.core.labels import load_strict_yaml
 __all__ = ["LabelVocabulary", "label_name_problem", "load_strict_yaml"]
 
 _GLOB_CHARS = frozenset("*?[]")
+SURROGATE = re.compile("[\ud800-\udfff]")
+"""An unpaired surrogate: a ``str`` that is not valid UTF-8 (from a ``\\udXXX`` JSON escape)."""
 _MAX_ID = 2**31 - 1  # the sidecar stores ids as int16 or int32
 
 
@@ -58,6 +61,8 @@ def label_name_problem(name: object) -> str | None:
         return f"is a {type(name).__name__}, not a string"
     if not name:
         return "is empty"
+    if SURROGATE.search(name):
+        return "has an unpaired surrogate (not valid UTF-8)"
     if name != name.strip():
         return "has leading or trailing whitespace"
     if _GLOB_CHARS.intersection(name):

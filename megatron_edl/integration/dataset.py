@@ -35,18 +35,38 @@ map (``--moe-edl-label-map``; its name keys and globs see that union vocabulary,
 keys the union's ids: prefer names when vocabularies differ) maps stored ids to loss domains,
 and the random control permutes the labels across *all* documents of the blend (a permutation
 inside each prefix would change nothing when every prefix is one domain).
+
+One reader per node (``resolve_blend_domains(..., per_node=True)``, the launcher's calls): the
+launcher resolves the labels before ``torch.distributed`` exists (Megatron initialises it inside
+``pretrain``), so no collective can share them. In a multi-process launch
+(``LOCAL_RANK`` and ``WORLD_SIZE`` > 1 in the environment, as torchrun and the Slurm script set
+them) local rank 0 reads the files (sidecars in full, the ``.idx`` fingerprints, SFT line counts)
+and publishes the result, or its error, in a node-local file (:func:`shared_per_node`); the
+other ranks of the node wait for it and return the same labels or raise the same error, so no
+rank hangs and every rank stops on a bad file. They only ``stat`` the files (sizes and
+modification times, the cache key: a changed file is a new key). The dataset builds reuse each
+process's cached result (the launcher resolves the training labels and, under the random
+control, the evaluation labels too), so no rank reads the files again.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import fnmatch
+import functools
+import hashlib
 import logging
 import os
+import pickle
+import socket
 import struct
+import tempfile
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -483,6 +503,7 @@ def resolve_blend_domains(
     *,
     domains_per_prefix: str | None = None,
     edl_config: EDLConfig | None = None,
+    per_node: bool = False,
 ) -> BlendDomains:
     """Stored and loss domain ids of every sequence of the given prefixes, resolved together.
 
@@ -497,6 +518,8 @@ def resolve_blend_domains(
         source: ``sidecar`` or ``prefix`` (:class:`LabelSource`).
         domains_per_prefix: The per-prefix YAML file (needed for ``prefix``).
         edl_config: Label map and random control; ``None``: loss ids = stored ids.
+        per_node: Read the files on one rank per node (:func:`shared_per_node`); every local
+            rank must then make the same call (the launcher's calls, made on every rank).
 
     Returns:
         The :class:`BlendDomains`.
@@ -528,8 +551,70 @@ def resolve_blend_domains(
         if key not in _BLEND_CACHE:
             while len(_BLEND_CACHE) >= _BLEND_CACHE_SIZE:  # do not hold old labels
                 _BLEND_CACHE.pop(next(iter(_BLEND_CACHE)))
-            _BLEND_CACHE[key] = _resolve_blend(prefixes, source, domains_per_prefix, cfg)
+            resolve = functools.partial(_resolve_blend, prefixes, source, domains_per_prefix, cfg)
+            _BLEND_CACHE[key] = shared_per_node(resolve, key) if per_node else resolve()
         return _BLEND_CACHE[key]
+
+
+SHARED_WAIT_S = 3600.0
+"""How long a local rank waits for local rank 0's labels (it reads every file of the blend)."""
+
+
+def shared_per_node(compute: Callable[[], Any], key: object) -> Any:
+    """``compute()`` on local rank 0 of a multi-process launch; the others read its result.
+
+    Local rank 0 runs ``compute`` and pickles ``("ok", result)`` or ``("error", exception)``
+    atomically to ``<tmp>/megatron-edl-<uid>/labels-<host>-<parent pid>-<restart>-<hash>.pkl``
+    (the ranks of one launch on a node share their parent: torchrun's agent or Slurm's step
+    daemon; ``hash`` covers ``key``). The other local ranks poll for that file (at most
+    :data:`SHARED_WAIT_S`) and return the result or raise the exception. A successful result's
+    file is removed when local rank 0 exits, which cannot happen before the others have read it
+    when, as in the launcher, every rank then meets in a collective (Megatron's
+    ``init_process_group``); an error's file stays (local rank 0 stops at once). Without
+    ``LOCAL_RANK`` or with ``WORLD_SIZE`` 1, ``compute()`` runs here.
+
+    Args:
+        compute: Reads the files; every local rank must call this with an equal ``key``.
+        key: What the result depends on (its ``repr`` is hashed).
+
+    Returns:
+        ``compute()``'s result.
+
+    Raises:
+        The exception ``compute`` raised on local rank 0; ``TimeoutError`` after waiting
+        :data:`SHARED_WAIT_S` for it.
+    """
+    if "LOCAL_RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return compute()
+    folder = Path(tempfile.gettempdir()) / f"megatron-edl-{os.getuid()}"
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    path = folder / f"labels-{socket.gethostname()}-{os.getppid()}-{restart}-{digest}.pkl"
+    if int(os.environ["LOCAL_RANK"]) == 0:
+        try:
+            outcome = ("ok", compute())
+        except Exception as e:
+            outcome = ("error", e)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, delete=False) as f:
+            pickle.dump(outcome, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(f.name, path)
+        if outcome[0] == "error":
+            raise outcome[1]
+        atexit.register(path.unlink, missing_ok=True)
+        return outcome[1]
+    deadline = time.monotonic() + SHARED_WAIT_S
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"local rank 0 did not publish the blend's labels ({path}) in {SHARED_WAIT_S} s"
+            )
+        time.sleep(0.05)
+    with open(path, "rb") as f:
+        status, value = pickle.load(f)
+    if status == "error":
+        raise value
+    return value
 
 
 def _resolve_blend(

@@ -278,6 +278,40 @@ def domain_loss_report(
     return report
 
 
+SHARE_LINE = "validation token shares |"
+"""Start of the line with the ``token share/<d>`` entries, printed before Megatron's
+``validation loss at ...`` line of the same evaluation (Megatron prints a PPL for every entry
+of its line, meaningless for a share)."""
+
+
+def install_share_logging() -> None:
+    """Wrap Megatron's ``evaluate`` to log the ``token share/<d>`` entries on a line of their
+    own, ``validation token shares | token share/<d> value: X | ...``, without a PPL.
+
+    The entries leave ``total_loss_dict`` after the wrapped ``evaluate`` (and the hooks it may
+    already carry, e.g. the telemetry probe's, which read them) returned. Installed once.
+    """
+    from megatron.training import training
+    from megatron.training.utils import print_rank_last
+
+    evaluate = training.evaluate
+    if getattr(evaluate, "_edl_shares", False):
+        return
+
+    def evaluate_logging_shares(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        total_loss_dict = result[0] if isinstance(result, tuple) else None
+        if total_loss_dict:
+            shares = [k for k in total_loss_dict if k.startswith("token share/")]
+            if shares:
+                line = "".join(f" {k} value: {float(total_loss_dict.pop(k)):.6E} |" for k in shares)
+                print_rank_last(f" {SHARE_LINE}{line}")
+        return result
+
+    evaluate_logging_shares._edl_shares = True
+    training.evaluate = evaluate_logging_shares
+
+
 def loss_func(
     loss_mask: torch.Tensor,
     output_tensor: torch.Tensor,
@@ -526,6 +560,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
         dataset_type, packed = GPTFIMDataset, False
     else:
         dataset_type, packed = GPTDataset, False
+    if edl_config() is not None:
+        install_share_logging()
     print_rank_0("> building train, validation, and test datasets for GPT ...")
     built_here = partial(is_dataset_built_on_rank, vp_stage=vp_stage, is_packed_sequence=packed)
     datasets = BlendedMegatronDatasetBuilder(
