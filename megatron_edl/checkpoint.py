@@ -10,7 +10,8 @@ traceback. :func:`check_resume_checkpoint` refuses such a checkpoint with one li
 Checked, for the ``torch_dist`` format (Megatron's default): the folder the tracker (or
 ``--ckpt-step``) names exists and holds ``metadata.json`` and ``.metadata`` (the PyTorch
 distributed-checkpoint index), the index can be read, and every file it lists is at least as
-long as the byte ranges it lists in it (``offset + length``). Contents are not hashed.
+long as the byte ranges it lists in it (``offset + length``). Contents are not hashed. Global
+rank 0 checks, alone.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def check_resume_checkpoint(args) -> None:
     """
     load = getattr(args, "load", None)
     if not load or getattr(args, "ckpt_format", "torch_dist") != "torch_dist":
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        # One rank reads the index and stats the shards (thousands of ranks would be a metadata
+        # storm on the shared file system); its refusal ends the job (srun --kill-on-bad-exit,
+        # torchrun), and every rank loads the checkpoint through Megatron afterwards anyway.
         return
     folder = resume_checkpoint_dir(load, getattr(args, "ckpt_step", None))
     if folder is None:
