@@ -19,7 +19,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["TRACKER", "CheckpointError", "check_resume_checkpoint", "resume_checkpoint_dir"]
+__all__ = [
+    "TRACKER",
+    "CheckpointError",
+    "check_resume_checkpoint",
+    "check_window_state",
+    "resume_checkpoint_dir",
+]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 """Megatron's tracker file: the iteration (or ``release``) of the latest complete checkpoint."""
@@ -102,3 +108,41 @@ def check_resume_checkpoint(args) -> None:
         if size is None or size < end:
             what = "is missing" if size is None else f"has {size} bytes, its index needs {end}"
             raise CheckpointError(f"checkpoint {folder} is incomplete: {path.name} {what} {hint}")
+
+
+def check_window_state(args, buffer_name: str) -> None:
+    """Refuse resuming an EDL run with the statistics window from a checkpoint without its state.
+
+    A checkpoint written without ``--moe-edl-window-decay`` (a stock run, or EDL without the
+    window) has no ``<router>.{buffer_name}`` entries. Megatron's default
+    ``--dist-ckpt-strictness assume_ok_unexpected`` would fail inside the loader; with
+    ``log_unexpected`` (Megatron's own option) it logs the absent entries and the window starts
+    empty. This says so in one line, before the model is built. Global rank 0 reads the index.
+
+    Args:
+        args: Megatron's parsed arguments (``load``, ``ckpt_step``, ``ckpt_format``,
+            ``dist_ckpt_strictness``).
+        buffer_name: The router buffer holding the window.
+
+    Raises:
+        CheckpointError: naming the checkpoint and the flag that lets it load.
+    """
+    load = getattr(args, "load", None)
+    if not load or getattr(args, "ckpt_format", "torch_dist") != "torch_dist":
+        return
+    if getattr(args, "dist_ckpt_strictness", "assume_ok_unexpected") != "assume_ok_unexpected":
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    folder = resume_checkpoint_dir(load, getattr(args, "ckpt_step", None))
+    if folder is None or not (folder / ".metadata").is_file():
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    if not any(key.endswith(f".{buffer_name}") for key in keys):
+        raise CheckpointError(
+            f"checkpoint {folder} holds no EDL window state (written without "
+            "--moe-edl-window-decay): add --dist-ckpt-strictness log_unexpected to load it "
+            "and start the window empty"
+        )

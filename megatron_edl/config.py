@@ -129,6 +129,7 @@ FLAGS: Mapping[str, str] = MappingProxyType(
         "scores": "--moe-edl-scores",
         "start_iter": "--moe-edl-start-iter",
         "warmup_iters": "--moe-edl-warmup-iters",
+        "window_decay": "--moe-edl-window-decay",
     }
 )
 """EDLConfig field -> command-line flag, for every field that has a flag (``num_domains`` has
@@ -202,6 +203,11 @@ class EDLConfig:
     warmup_iters: int = 0
     """Steps of linear warm-up of β after ``start_iter`` (0: the full β at once); >= 0."""
 
+    window_decay: float = 0.0
+    """λ of the statistics window across micro-batches (:mod:`megatron_edl.core.window`): the
+    loss sees the current reduced (A, n) plus λ-decayed detached earlier ones, about 1 / (1 - λ)
+    micro-batches; 0 = off. In [0, 1); needs the ``global`` scope, excludes ``accumulate``."""
+
     num_domains: int | None = None
     """Number of loss domains D; ``None`` until the label map or the data tells. >= 1."""
 
@@ -268,6 +274,12 @@ class EDLConfig:
         if not isinstance(self.accumulate, bool):
             raise EDLConfigError(f"{_flag('accumulate')} must be a bool, got {self.accumulate!r}")
 
+        window_decay = _as_float("window_decay", self.window_decay)
+        if not 0.0 <= window_decay < 1.0:
+            raise EDLConfigError(
+                f"{_flag('window_decay')} must be in [0, 1), got {self.window_decay!r}"
+            )
+
         label_map = self.label_map
         if isinstance(label_map, os.PathLike):
             label_map = os.fspath(label_map)
@@ -296,6 +308,17 @@ class EDLConfig:
             ),
         }
         values["domain_names"] = _as_names(self.domain_names, values["num_domains"])
+        values["window_decay"] = window_decay
+        if window_decay > 0 and self.accumulate:
+            raise EDLConfigError(
+                f"{_flag('window_decay')} {window_decay} and {_flag('accumulate')} are "
+                "exclusive: the window already holds the earlier micro-batches (detached)"
+            )
+        if window_decay > 0 and values["scope"] is not EDLScope.GLOBAL:
+            raise EDLConfigError(
+                f"{_flag('window_decay')} needs {_flag('scope')} global (one window per layer, "
+                f"the same on every rank, checkpointed once), got {values['scope'].value}"
+            )
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -567,6 +590,15 @@ def add_edl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=default["warmup_iters"],
         help="Iterations of linear warm-up of --moe-edl-coeff after --moe-edl-start-iter "
         "(0: full weight at once). Default: %(default)s.",
+    )
+    group.add_argument(
+        FLAGS["window_decay"],
+        type=float,
+        default=default["window_decay"],
+        help="Decay (in [0, 1)) of the statistics window across micro-batches: the loss sees "
+        "the current micro-batch's per-domain sums plus the decayed, detached sums of earlier "
+        "ones (about 1/(1-decay) micro-batches); 0 = off. Global scope only; saved in "
+        "checkpoints. Default: %(default)s.",
     )
     return parser
 

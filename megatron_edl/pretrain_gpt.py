@@ -28,6 +28,7 @@ import sys  # noqa: E402
 import warnings  # noqa: E402
 from typing import NoReturn  # noqa: E402
 
+PROG = "megatron_edl.pretrain_gpt"
 CPU_FLAG = "--cpu"
 MOCK_DOMAINS_FLAG = "--moe-edl-mock-domains"
 CONFIG_FLAG = "--config-yaml"
@@ -212,8 +213,15 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
 
     check_resume_checkpoint(args)  # a damaged checkpoint under --load: refused, not loaded
     args.edl_config = edl_config_from_args(args)
+    if args.edl_config is not None and args.edl_config.window_decay > 0:
+        from megatron_edl.checkpoint import check_window_state
+        from megatron_edl.integration.router import WINDOW_BUFFER
+
+        check_window_state(args, WINDOW_BUFFER)  # a checkpoint without it: say which flag
     args.specialization_config = specialization_config_from_args(args)
     edl_on = args.edl_config is not None and args.edl_config.enabled
+    if edl_on:
+        warn_thin_statistics(args, args.edl_config)
     stats_phase = None
     if args.edl_config is not None:  # the routing telemetry needs the labels
         from megatron_edl.integration import telemetry
@@ -238,6 +246,40 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
     from megatron_edl.integration import gpt
 
     return gpt.train_valid_test_datasets_provider, gpt.forward_step
+
+
+def warn_thin_statistics(args, cfg) -> float:
+    """Warn (rank 0, stderr) when the EDL statistics hold few sequences per domain.
+
+    With about one document per domain in a micro-batch step, p̄_j is a single document's
+    routing and the loss pushes documents apart, not domains (docs/method.md section 5). The
+    estimate is :func:`megatron_edl.core.window.sequences_per_domain`.
+
+    Returns:
+        The estimated sequences per domain.
+    """
+    from megatron_edl.config import EDLScope
+    from megatron_edl.core.window import MIN_SEQUENCES_PER_DOMAIN, sequences_per_domain
+
+    sequences = args.micro_batch_size
+    if cfg.scope == EDLScope.GLOBAL:
+        sequences *= getattr(args, "data_parallel_size", None) or 1
+    if cfg.accumulate and args.global_batch_size:
+        sequences = args.global_batch_size  # the whole global batch, accumulated
+    estimate = sequences_per_domain(
+        sequences=sequences, num_domains=cfg.num_domains, decay=cfg.window_decay
+    )
+    if estimate < MIN_SEQUENCES_PER_DOMAIN and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"{PROG}: warning: the EDL statistics hold about {estimate:.1f} sequences per domain "
+            f"({sequences} sequences per micro-batch step over {cfg.num_domains} domains, window "
+            f"decay {cfg.window_decay}): each domain mean is a few documents' routing. Raise "
+            "--micro-batch-size, use --moe-edl-window-decay or coarser labels "
+            "(--moe-edl-label-map)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return estimate
 
 
 def cpu_argv(argv: list[str]) -> list[str]:
@@ -338,9 +380,6 @@ def use_wheel_dataset_helpers() -> None:
     from megatron.core.datasets import helpers_cpp  # noqa: F401  (fails loudly if missing)
 
     dataset_utils.compile_helpers = lambda: None
-
-
-PROG = "megatron_edl.pretrain_gpt"
 
 
 class _Refused(Exception):

@@ -103,6 +103,7 @@ def test_replace_revalidates() -> None:
         ("scores", "tanh", "unknown --moe-edl-scores 'tanh'; choose from router, softmax"),
         ("start_iter", -1, "--moe-edl-start-iter must be >= 0, got -1"),
         ("warmup_iters", 2.5, "--moe-edl-warmup-iters must be an integer, got 2.5"),
+        ("window_decay", 1.5, "--moe-edl-window-decay must be in [0, 1), got 1.5"),
         ("num_domains", 0, "num_domains must be >= 1, got 0"),
         ("num_domains", "three", "num_domains must be an integer, got 'three'"),
         ("domain_names", "ab", "domain_names must be a sequence of non-empty strings, got 'ab'"),
@@ -133,6 +134,7 @@ def test_every_flagged_field_has_an_invalid_value_case() -> None:
         "scores",
         "start_iter",
         "warmup_iters",
+        "window_decay",
         "num_domains",
         "domain_names",
     }

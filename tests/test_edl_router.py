@@ -87,6 +87,7 @@ def _training_job(
     *,
     per_token: bool = False,
     accumulate: bool = False,
+    window_decay: float = 0.0,
     schedule: tuple[int, ...] = (1,),
     ignored_replicas: tuple[int, ...] = (),
 ) -> dict[str, Any]:
@@ -99,6 +100,7 @@ def _training_job(
         "scope": scope,
         "per_token": per_token,
         "accumulate": accumulate,
+        "window_decay": window_decay,
         "schedule": schedule,
         "weight_EH": _make_weight(gen),
         "batches": [_make_batch(gen, dp, ignored_replicas) for _ in range(sum(schedule))],
@@ -153,6 +155,10 @@ JOBS: dict[int, dict[str, dict[str, Any]]] = {
         "dp2-accumulate-rampup": _training_job(
             (1, 1, 2), "global", 13, accumulate=True, schedule=(2, 3)
         ),
+        "dp2-window": _training_job((1, 1, 2), "global", 14, window_decay=0.5, schedule=(2, 2)),
+        "cp2-window-per-token": _training_job(
+            (1, 2, 1), "global", 15, per_token=True, window_decay=0.7, schedule=(1, 2)
+        ),
         "dp2-recompute": _recompute_job(10),
         "dp2-collectives": _simple_job("collectives", 11),
         "dp2-errors": _simple_job("errors", 12),
@@ -166,6 +172,7 @@ JOBS: dict[int, dict[str, dict[str, Any]]] = {
         "tp2xcp2-global-accumulate": _training_job(
             (2, 2, 1), "global", 26, accumulate=True, schedule=(2,)
         ),
+        "tp2xdp2-window": _training_job((2, 1, 2), "global", 27, window_decay=0.6, schedule=(2, 1)),
     },
 }
 
@@ -176,22 +183,23 @@ JOBS: dict[int, dict[str, dict[str, Any]]] = {
 
 def _reference(
     weight_EH: torch.Tensor,
-    pieces: list[tuple[dict, slice, bool]],
+    pieces: list[tuple[dict, slice, bool] | tuple[dict, slice, bool, float]],
     score_function: str = "softmax",
 ) -> tuple[float, torch.Tensor]:
     """L_ED and grad_W L_ED of one process over the concatenated tokens of ``pieces``.
 
-    Each piece is ``(batch, sample rows, detached)``; detached pieces enter as constants (the
-    earlier micro-batches of an accumulated global batch). float64.
+    Each piece is ``(batch, sample rows, detached[, scale])``; detached pieces enter as constants
+    (the earlier micro-batches of an accumulated global batch, or of the window, whose token
+    weights are scaled by λ^k). float64.
     """
     w_EH = weight_EH.double().clone().requires_grad_(True)
     probs, ids, weights = [], [], []
-    for batch, rows, detached in pieces:
+    for batch, rows, detached, *scale in pieces:
         hidden_TH = batch["hidden_BSH"][rows].reshape(-1, HIDDEN).double()
         logits_TE = hidden_TH @ (w_EH.detach() if detached else w_EH).T
         probs.append(routing_probs(logits_TE=logits_TE, score_function=score_function))
         ids.append(batch["ids_BS"][rows].reshape(-1))
-        weights.append(batch["w_BS"][rows].reshape(-1).double())
+        weights.append(batch["w_BS"][rows].reshape(-1).double() * (scale[0] if scale else 1.0))
     sums_DE, counts_D = domain_sums(
         probs_TE=torch.cat(probs),
         domain_ids_T=torch.cat(ids),
@@ -220,6 +228,10 @@ def _expected(job: dict[str, Any]) -> tuple[list[list[float]], list[torch.Tensor
             for i in range(first, first + nmb):
                 earlier = range(first, i) if job["accumulate"] else range(0)
                 pieces = [(batches[j], rows, True) for j in earlier] + [(batches[i], rows, False)]
+                if job.get("window_decay", 0.0) > 0:  # every earlier micro-batch, weight λ^k
+                    decay = job["window_decay"]
+                    pieces = [(batches[j], rows, True, decay ** (i - j)) for j in range(i)]
+                    pieces.append((batches[i], rows, False))
                 loss, grad_EH = _reference(job["weight_EH"], pieces)
                 losses[g].append(loss)
                 total_EH += grad_EH / len(groups)
@@ -297,6 +309,7 @@ def _make_router(job: dict[str, Any], config_overrides: dict | None = None, **ed
         "num_domains": NUM_DOMAINS,
         "scope": job["scope"],
         "accumulate": job.get("accumulate", False),
+        "window_decay": job.get("window_decay", 0.0),
         **edl_overrides,
     }
     router = EDLTopKRouter(
@@ -615,6 +628,26 @@ EQUIVALENCE = [
 def test_router_matches_single_process_reference(name, world_results):
     job, per_rank = _results(world_results, name)
     _check_against_reference(job, per_rank)
+
+
+@pytest.mark.parametrize("name", ["dp2-window", "cp2-window-per-token", "tp2xdp2-window"])
+def test_window_matches_single_process_reference(name, world_results):
+    """The statistics window (--moe-edl-window-decay): every forward's loss is the reference's on
+    the current micro-batch plus the λ^k-weighted detached earlier ones (across global batches),
+    and the gradients match one process's, under DP, CP (per-token loss) and TP+SP x DP."""
+    job, per_rank = _results(world_results, name)
+    _check_against_reference(job, per_rank)
+
+
+def test_window_reference_discriminates():
+    """The window's reference differs from the plain one (so the window test can fail)."""
+    job = JOBS[2]["dp2-window"]
+    plain = {**job, "window_decay": 0.0}
+    (window_losses,), window_grads = _expected(job)
+    (plain_losses,), plain_grads = _expected(plain)
+    assert window_losses[0] == pytest.approx(plain_losses[0])  # no history yet
+    assert all(abs(w - p) > 1e-4 for w, p in zip(window_losses[1:], plain_losses[1:], strict=True))
+    assert not torch.allclose(window_grads[-1], plain_grads[-1], rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize(

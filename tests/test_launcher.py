@@ -143,3 +143,26 @@ def test_launcher_only_flags_are_refused_elsewhere(flags, message, monkeypatch):
     args = parse([*TINY_MOE_GPT, *flags], monkeypatch)
     with pytest.raises(ValueError, match=message):
         install_edl(args, types.SimpleNamespace(transformer_layer_spec=None), None, None)
+
+
+@pytest.mark.parametrize(
+    "extra, warned",
+    [
+        ([], True),  # 2 sequences per step over 3 domains
+        (["--moe-edl-window-decay", "0.9"], False),  # x 10 micro-batches in the window
+        (["--micro-batch-size", "16", "--global-batch-size", "32"], False),
+    ],
+)
+def test_thin_statistics_warn_at_start(extra, warned, monkeypatch, capsys):
+    from megatron_edl.pretrain_gpt import warn_thin_statistics
+
+    flags = [*TINY_MOE_GPT, "--moe-edl-coeff", "0.1", "--moe-edl-mock-domains", "3", *extra]
+    args = parse(flags, monkeypatch)
+    args.data_parallel_size = 1
+    cfg = edl_config_from_args(args)
+    estimate = warn_thin_statistics(args, cfg)
+    err = capsys.readouterr().err
+    assert ("sequences per domain" in err) is warned, (estimate, err)
+    expected = {(): 2 / 3, ("--moe-edl-window-decay", "0.9"): 2 / 3 / 0.1}.get(tuple(extra))
+    if expected is not None:
+        assert estimate == pytest.approx(expected)

@@ -1,8 +1,10 @@
 """``EDLTopKRouter``: Megatron's ``TopKRouter`` plus the Expert Divergence Loss (and variance loss).
 
 Top-k routing, load balancing, z-loss, expert bias, token dropping, checkpoints: all stock
-(``super().routing``). EDL adds no parameter and no persistent buffer, so checkpoints move freely
-between stock and EDL models. Per micro-batch and MoE layer, while training with grad enabled:
+(``super().routing``). EDL adds no parameter and, unless the statistics window is on, no persistent
+buffer, so checkpoints move freely between stock and EDL models (the window's state,
+``edl_window``, is one extra key a stock model ignores; docs/method.md section 5). Per micro-batch
+and MoE layer, while training with grad enabled:
 
 1. ``probs_TE``: the dense distribution over all experts before top-k, in fp32: the router's own
    normalised scores (softmax, or sigmoid divided by its sum for a sigmoid router) or softmax
@@ -63,6 +65,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_edl.config import EDLConfig, EDLScope, SpecializationConfig
 from megatron_edl.core import edl
+from megatron_edl.core.window import window_combine
 from megatron_edl.distributed import (
     DomainStatsAccumulator,
     all_reduce_domain_stats,
@@ -72,7 +75,10 @@ from megatron_edl.integration.specialization import attach_variance_loss, make_v
 from megatron_edl.integration.telemetry import RouterStats
 
 # Names recorded in Megatron's MoE metrics tracker (and registered for its log line).
-METRIC_NAMES = ("edl_loss", "edl_jsd", "edl_mi", "edl_domains")
+METRIC_NAMES = ("edl_loss", "edl_jsd", "edl_mi", "edl_domains", "edl_min_segments")
+
+WINDOW_BUFFER = "edl_window"
+"""Name of the router's persistent buffer holding the statistics window (with the window on)."""
 
 
 def register_edl_metrics(names: tuple[str, ...] = METRIC_NAMES) -> None:
@@ -161,6 +167,13 @@ class EDLTopKRouter(TopKRouter):
         self._edl_accumulator = DomainStatsAccumulator()
         self._edl_microbatches_seen = 0
         self._edl_dense_probs: torch.Tensor | None = None
+        if edl_config is not None and edl_config.window_decay > 0:
+            # The window state (packed [D*E + D]): persistent, so Megatron's checkpoint holds it
+            # (a stock model ignores the extra key when it loads such a checkpoint).
+            num_domains = edl_config.num_domains
+            size = num_domains * config.num_moe_experts + num_domains
+            window_X = torch.zeros(size, dtype=torch.float32, device=self.weight.device)
+            self.register_buffer(WINDOW_BUFFER, window_X, persistent=True)
         self.routing_stats = None
         """Per-domain routing telemetry (:mod:`megatron_edl.integration.telemetry`), or None."""
         if stats_phase is not None:
@@ -280,6 +293,12 @@ class EDLTopKRouter(TopKRouter):
             reduced = (sums_DE, counts_D)
             sums_DE, counts_D = self._edl_accumulator.combine(*reduced)
             self._edl_accumulator.update(*reduced)
+        elif cfg.window_decay > 0:  # earlier micro-batches, decayed and detached
+            window_X = getattr(self, WINDOW_BUFFER)
+            sums_DE, counts_D, next_X = window_combine(
+                sums_DE=sums_DE, counts_D=counts_D, past_X=window_X.clone(), decay=cfg.window_decay
+            )
+            window_X.copy_(next_X)
         out = edl.edl_loss(sums_DE=sums_DE, counts_D=counts_D, form=cfg.form, eps=cfg.eps)
 
         scale = edl_loss_scale(
@@ -303,6 +322,14 @@ class EDLTopKRouter(TopKRouter):
             "edl_jsd": out.mean_jsd,
             "edl_mi": edl.mutual_information(sums_DE=sums_DE, counts_D=counts_D),
             "edl_domains": out.num_present.to(torch.float32),
+            # The weakest present domain's segments (tokens for --moe-edl-aggregation token) in
+            # the statistics the loss used: too few and p̄_j is a few documents' routing.
+            "edl_min_segments": torch.nan_to_num(
+                torch.where(counts_D > 0, counts_D, torch.full_like(counts_D, float("inf"))).min(),
+                posinf=0.0,
+            )
+            .detach()
+            .to(torch.float32),
         }
         tracker = get_moe_metrics_tracker()
         for name, value in values.items():
