@@ -900,11 +900,9 @@ def _config_json(config: QuickstartConfig) -> dict[str, Any]:
     return out
 
 
-def pipeline(ctx: Context) -> tuple[list[Stage], list[RunSpec]]:
-    """The stages, in order, and the runs they train."""
-    config = ctx.config
-    runs = run_specs(config, ctx.corpus_dir / "label_map_coarse.yaml")
-    stages = [
+def data_stages() -> list[Stage]:
+    """Stages 1-3, shared by every run: corpus, tokenizer, labelled preprocessing."""
+    return [
         Stage(
             "corpus",
             _corpus_inputs,
@@ -926,26 +924,37 @@ def pipeline(ctx: Context) -> tuple[list[Stage], list[RunSpec]]:
             after=("corpus", "tokenizer"),
         ),
     ]
-    for run in runs:
-        stages.append(
-            Stage(
-                f"train:{run.name}",
-                lambda c, run=run: {"args": train_args(c, run)},
-                lambda c, run=run: train_stage(c, run),
-                lambda c, run=run: [c.run_dir(run.name) / "train.log"],
-                after=("preprocess",),
-            )
+
+
+def run_stages(runs: Sequence[RunSpec]) -> list[Stage]:
+    """Stages 4-5 of ``runs``: every training, then every evaluation (probe)."""
+    stages = [
+        Stage(
+            f"train:{run.name}",
+            lambda c, run=run: {"args": train_args(c, run)},
+            lambda c, run=run: train_stage(c, run),
+            lambda c, run=run: [c.run_dir(run.name) / "train.log"],
+            after=("preprocess",),
         )
-    for run in runs:
-        stages.append(
-            Stage(
-                f"evaluate:{run.name}",
-                lambda c: {},
-                lambda c, run=run: evaluate_run(c, run),
-                lambda c: [],
-                after=(f"train:{run.name}",),
-            )
+        for run in runs
+    ]
+    stages += [
+        Stage(
+            f"evaluate:{run.name}",
+            lambda c: {},
+            lambda c, run=run: evaluate_run(c, run),
+            lambda c: [],
+            after=(f"train:{run.name}",),
         )
+        for run in runs
+    ]
+    return stages
+
+
+def pipeline(ctx: Context) -> tuple[list[Stage], list[RunSpec]]:
+    """The stages, in order, and the runs they train."""
+    runs = run_specs(ctx.config, ctx.corpus_dir / "label_map_coarse.yaml")
+    stages = [*data_stages(), *run_stages(runs)]
     stages.append(
         Stage(
             "report",

@@ -92,6 +92,7 @@ def reference(edl_checkpoint):
 
 MBS4 = ("--micro-batch-size", "4")
 PER_TOKEN = ("--calculate-per-token-loss",)
+WINDOW = ("--moe-edl-window-decay", "0.5")
 FULL_RECOMPUTE = (
     "--recompute-granularity", "full",
     "--recompute-method", "uniform", "--recompute-num-layers", "1",
@@ -119,6 +120,13 @@ CASES = {
         [*LAYOUTS["pp2"], "--micro-batch-size", "1", *FULL_RECOMPUTE],
         ("--micro-batch-size", "1"),
     ),
+    # The statistics window: its state advances once per micro-batch (the recompute pass, in
+    # micro-batch order), and across the steps, identically on every rank.
+    "pp2_4_microbatches_recompute_window": (
+        [*LAYOUTS["pp2"], "--micro-batch-size", "1", *FULL_RECOMPUTE, *WINDOW],
+        ("--micro-batch-size", "1", *WINDOW),
+    ),
+    "dp2_global_window": ([*LAYOUTS["dp2"], *WINDOW], (*MBS4, *WINDOW)),
 }
 
 
