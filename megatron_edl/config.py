@@ -40,6 +40,7 @@ __all__ = [
     "EDLConfig",
     "EDLConfigError",
     "EDLForm",
+    "EDLFused",
     "EDLLabels",
     "EDLScope",
     "FLAGS",
@@ -90,6 +91,22 @@ class EDLAggregation(StrEnum):
     """One label per sample; every sample weighs the same."""
 
 
+class EDLFused(StrEnum):
+    """How the EDL math of a router call runs (``megatron_edl.core.edl_fused``)."""
+
+    AUTO = "auto"
+    """Compiled on CUDA, eager elsewhere."""
+    ON = "on"
+    """Compiled (``torch.compile``) on any device; eager, with one warning, if that fails."""
+    OFF = "off"
+    """Eager."""
+
+    @property
+    def compile(self) -> bool | None:
+        """``select_path``'s argument: True, False, or None (decide by device)."""
+        return {EDLFused.AUTO: None, EDLFused.ON: True, EDLFused.OFF: False}[self]
+
+
 class EDLLabels(StrEnum):
     """Where the domain labels come from."""
 
@@ -111,6 +128,7 @@ FLAGS: Mapping[str, str] = MappingProxyType(
         "label_map": "--moe-edl-label-map",
         "labels": "--moe-edl-labels",
         "random_seed": "--moe-edl-random-seed",
+        "fused": "--moe-edl-fused",
     }
 )
 """EDLConfig field -> command-line flag, for every field that has a flag (``num_domains`` has
@@ -173,6 +191,9 @@ class EDLConfig:
 
     random_seed: int = 1234
     """Seed of the label permutation of the ``random`` control; >= 0."""
+
+    fused: EDLFused = EDLFused.AUTO
+    """``torch.compile`` of the EDL math: ``auto`` (on CUDA), ``on`` or ``off`` (eager)."""
 
     num_domains: int | None = None
     """Number of loss domains D; ``None`` until the label map or the data tells. >= 1."""
@@ -237,6 +258,7 @@ class EDLConfig:
             "label_map": label_map,
             "labels": _as_enum("labels", self.labels, EDLLabels),
             "random_seed": _as_int("random_seed", self.random_seed, minimum=0),
+            "fused": _as_enum("fused", self.fused, EDLFused),
             "num_domains": (
                 None
                 if self.num_domains is None
@@ -492,6 +514,14 @@ def add_edl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=default["random_seed"],
         help="Seed of the label permutation of --moe-edl-labels random. Default: %(default)s.",
+    )
+    group.add_argument(
+        FLAGS["fused"],
+        type=str,
+        default=default["fused"].value,
+        help=f"Run the EDL math compiled into a few fused kernels: {_choices(EDLFused)}. "
+        "auto = compiled on CUDA, eager on CPU; on = compiled everywhere (eager, with a "
+        "warning, where torch.compile fails); off = eager. Default: %(default)s.",
     )
     return parser
 

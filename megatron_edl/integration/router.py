@@ -12,6 +12,10 @@ between stock and EDL models. Per micro-batch and MoE layer, while training with
 5. ``beta * scale * L_ED`` attached to ``probs`` with ``MoEAuxLossAutoScaler``, exactly like
    Megatron's load-balancing loss, so the schedule's aux-loss scale applies to it.
 
+Steps 1-2 and 4 (with the ``edl_mi`` metric) run eagerly or compiled into a few fused kernels,
+with the all-reduce between them outside compiled code (``--moe-edl-fused``,
+:mod:`megatron_edl.core.edl_fused`).
+
 Gradient scale (method.md, "Gradient scale"). Megatron's schedule multiplies aux-loss gradients by
 ``cp / num_microbatches`` (``calculate_per_token_loss``: by 1), sums the router-weight gradient over
 TP (the weight is a sequence-parallel parameter) and averages it over DP x CP in DDP. With the
@@ -59,7 +63,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_edl.config import EDLConfig, EDLScope, SpecializationConfig
-from megatron_edl.core import edl
+from megatron_edl.core import edl_fused
 from megatron_edl.distributed import (
     DomainStatsAccumulator,
     all_reduce_domain_stats,
@@ -249,16 +253,20 @@ class EDLTopKRouter(TopKRouter):
                     "forwards that never consumed them"
                 )
         self._edl_microbatches_seen = (self._edl_microbatches_seen + 1) % get_num_microbatches()
+        # Eager or compiled (--moe-edl-fused): the math on either side of the all-reduce.
+        path = edl_fused.select_path(cfg.fused.compile, logits_TE.device, logits_TE.dtype)
         probs_TE = self._edl_dense_probs  # Megatron's aux-loss softmax, when it computed one
         wanted = torch.promote_types(logits_TE.dtype, torch.float32)  # fp32, or fp64 for tests
         if probs_TE is None or probs_TE.shape != logits_TE.shape or probs_TE.dtype != wanted:
-            probs_TE = edl.routing_probs(logits_TE=logits_TE)
-        sums_DE, counts_D = edl.domain_sums(
-            probs_TE=probs_TE,
+            dense = {"logits_TE": logits_TE}  # the softmax runs inside (fused with the sums)
+        else:
+            dense = {"probs_TE": probs_TE}
+        # Ids are validated once, in the data pipeline, not here.
+        sums_DE, counts_D = path.statistics(
+            **dense,
             domain_ids_T=labels.domain_ids_T,
             weights_T=labels.weights_T,
             num_domains=cfg.num_domains,
-            validate=False,  # ids are validated once, in the data pipeline
         )
         group = self.tp_dp_cp_group if cfg.scope == EDLScope.GLOBAL else self.tp_cp_group
         sums_DE, counts_D = all_reduce_domain_stats(sums_DE, counts_D, group)
@@ -266,7 +274,7 @@ class EDLTopKRouter(TopKRouter):
             reduced = (sums_DE, counts_D)
             sums_DE, counts_D = self._edl_accumulator.combine(*reduced)
             self._edl_accumulator.update(*reduced)
-        out = edl.edl_loss(sums_DE=sums_DE, counts_D=counts_D, form=cfg.form, eps=cfg.eps)
+        out = path.step(sums_DE=sums_DE, counts_D=counts_D, form=cfg.form.value, eps=cfg.eps)
 
         scale = edl_loss_scale(
             cfg.scope,
@@ -277,16 +285,16 @@ class EDLTopKRouter(TopKRouter):
         if self.calculate_per_token_loss:
             scale *= logits_TE.shape[0] * self.tp_cp_group.size()
         probs = MoEAuxLossAutoScaler.apply(probs, out.loss * (cfg.coeff * scale))
-        self._record_edl_metrics(out, sums_DE, counts_D)
+        self._record_edl_metrics(out)
         return probs
 
-    def _record_edl_metrics(self, out, sums_DE, counts_D) -> None:
+    def _record_edl_metrics(self, out: edl_fused.EDLStepOutput) -> None:
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         layer = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
         values = {
             "edl_loss": out.loss.detach(),
             "edl_jsd": out.mean_jsd,
-            "edl_mi": edl.mutual_information(sums_DE=sums_DE, counts_D=counts_D),
+            "edl_mi": out.mutual_information,
             "edl_domains": out.num_present.to(torch.float32),
         }
         tracker = get_moe_metrics_tracker()
