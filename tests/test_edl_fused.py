@@ -116,3 +116,31 @@ def test_fused_flag_parses():  # invalid values: tests/test_edl_config.py
     args = parser.parse_args(["--moe-edl-fused", "on"])
     assert EDLConfig.from_args(args).fused is EDLFused.ON
     assert EDLConfig.from_args(parser.parse_args([])).fused is EDLFused.AUTO
+
+
+@pytest.mark.gpu
+def test_fused_on_cuda_matches_eager_and_launches_few_kernels():
+    cuda = torch.device("cuda")
+    path = edl_fused.select_path(EDLFused.AUTO.compile, cuda)  # auto compiles on CUDA
+    assert path.compiled
+    results = {}
+    for name, p in (("fused", path), ("eager", edl_fused.EAGER)):
+        gen = torch.Generator().manual_seed(3)
+        logits_TE = (2 * torch.randn(4096, 64, generator=gen)).to(cuda).requires_grad_(True)
+        domain_ids_T = torch.randint(-1, 49, (4096,), generator=gen).to(cuda)
+        weights_T = torch.rand(4096, generator=gen).to(cuda)
+        sums_DE, counts_D = p.statistics(
+            logits_TE=logits_TE, domain_ids_T=domain_ids_T, weights_T=weights_T, num_domains=49
+        )
+        out = p.step(sums_DE=sums_DE, counts_D=counts_D, form="log", eps=1e-6)
+        out.loss.backward()
+        results[name] = (out.loss.item(), logits_TE.grad.cpu())
+    assert results["fused"][0] == pytest.approx(results["eager"][0], rel=1e-6)
+    grad_e = results["eager"][1]
+    torch.testing.assert_close(
+        results["fused"][1], grad_e, rtol=1e-5, atol=1e-6 * grad_e.abs().max()
+    )
+    chain = edl_chain(path, tokens=4096, experts=64, domains=49, device=cuda)
+    chain()
+    launches = count_kernels(chain, cuda)
+    assert launches.total <= MAX_KERNELS, launches.top()
