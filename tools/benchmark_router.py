@@ -127,10 +127,11 @@ def main_table(args, device, dtype) -> None:
 
 
 def _edl_cost(samples: dict[str, list[float]]) -> float | None:
-    """Median per-round difference edl - stock (seconds), if both ran."""
-    if "edl" not in samples or "stock" not in samples:
+    """Median per-round difference edl - stock (seconds), if both ran (edl: or edl-eager)."""
+    edl = next((samples[n] for n in ("edl", "edl-eager") if n in samples), None)
+    if edl is None or "stock" not in samples:
         return None
-    return statistics.median(a - b for a, b in zip(samples["edl"], samples["stock"], strict=True))
+    return statistics.median(a - b for a, b in zip(edl, samples["stock"], strict=True))
 
 
 def sweep_points(args) -> list[ModuleShape]:
