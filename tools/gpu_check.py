@@ -321,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     start = time.monotonic()
-    wheels = check_wheelhouse(args.wheelhouse)
+    try:
+        wheels = check_wheelhouse(args.wheelhouse)
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         tmp = Path(tmp)
