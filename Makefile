@@ -16,7 +16,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 QUICKSTART_ARGS ?=
 
-.PHONY: venv demo tiny quickstart test lint format clean
+.PHONY: venv demo tiny quickstart test lint format clean gpu-wheelhouse gpu-check
 
 venv: $(STAMP)
 
@@ -48,6 +48,20 @@ format: $(STAMP)
 test: lint
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
+
+# GPU check (README "GPU check"): build the wheel folder here (PyPI access), copy the repository
+# with it to a GPU machine (torch, no network), run `make gpu-check` there.
+GPU_WHEELHOUSE ?= gpu-wheelhouse
+GPU_CHECK_OUT ?= gpu-check-results
+GPU_CHECK_ARGS ?=
+
+gpu-wheelhouse: $(STAMP)
+	$(VENV)/bin/python tools/gpu_check.py --build-wheelhouse $(GPU_WHEELHOUSE)
+
+# Runs with the machine's python (its torch); set PYTHON_GPU to choose another interpreter.
+PYTHON_GPU ?= python3
+gpu-check:
+	$(PYTHON_GPU) tools/gpu_check.py --wheelhouse $(GPU_WHEELHOUSE) --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -42,6 +42,7 @@ __all__ = [
     "EDLConfig",
     "EDLConfigError",
     "EDLForm",
+    "EDLFused",
     "EDLLabels",
     "EDLScope",
     "EDLScores",
@@ -94,6 +95,22 @@ class EDLAggregation(StrEnum):
     """One label per sample; every sample weighs the same."""
 
 
+class EDLFused(StrEnum):
+    """How the EDL math of a router call runs (``megatron_edl.core.edl_fused``)."""
+
+    AUTO = "auto"
+    """Compiled on CUDA, eager elsewhere."""
+    ON = "on"
+    """Compiled (``torch.compile``) on any device; eager, with one warning, if that fails."""
+    OFF = "off"
+    """Eager."""
+
+    @property
+    def compile(self) -> bool | None:
+        """``select_path``'s argument: True, False, or None (decide by device)."""
+        return {EDLFused.AUTO: None, EDLFused.ON: True, EDLFused.OFF: False}[self]
+
+
 class EDLLabels(StrEnum):
     """Where the domain labels come from."""
 
@@ -130,6 +147,7 @@ FLAGS: Mapping[str, str] = MappingProxyType(
         "start_iter": "--moe-edl-start-iter",
         "warmup_iters": "--moe-edl-warmup-iters",
         "window_decay": "--moe-edl-window-decay",
+        "fused": "--moe-edl-fused",
     }
 )
 """EDLConfig field -> command-line flag, for every field that has a flag (``num_domains`` has
@@ -207,6 +225,8 @@ class EDLConfig:
     """λ of the statistics window across micro-batches (:mod:`megatron_edl.core.window`): the
     loss sees the current reduced (A, n) plus λ-decayed detached earlier ones, about 1 / (1 - λ)
     micro-batches; 0 = off. In [0, 1); needs the ``global`` scope, excludes ``accumulate``."""
+    fused: EDLFused = EDLFused.AUTO
+    """``torch.compile`` of the EDL math: ``auto`` (on CUDA), ``on`` or ``off`` (eager)."""
 
     num_domains: int | None = None
     """Number of loss domains D; ``None`` until the label map or the data tells. >= 1."""
@@ -301,6 +321,7 @@ class EDLConfig:
             "scores": _as_enum("scores", self.scores, EDLScores),
             "start_iter": _as_int("start_iter", self.start_iter, minimum=0),
             "warmup_iters": _as_int("warmup_iters", self.warmup_iters, minimum=0),
+            "fused": _as_enum("fused", self.fused, EDLFused),
             "num_domains": (
                 None
                 if self.num_domains is None
@@ -599,6 +620,12 @@ def add_edl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "the current micro-batch's per-domain sums plus the decayed, detached sums of earlier "
         "ones (about 1/(1-decay) micro-batches); 0 = off. Global scope only; saved in "
         "checkpoints. Default: %(default)s.",
+        FLAGS["fused"],
+        type=str,
+        default=default["fused"].value,
+        help=f"Run the EDL math compiled into a few fused kernels: {_choices(EDLFused)}. "
+        "auto = compiled on CUDA, eager on CPU; on = compiled everywhere (eager, with a "
+        "warning, where torch.compile fails); off = eager. Default: %(default)s.",
     )
     return parser
 

@@ -164,7 +164,8 @@ def test_training_benchmark_ratio_of_median_iteration_times(monkeypatch, capsys)
     tool = _load_training_tool()
     calls = []
 
-    def fake_run_training(nproc, flags, clock, timeout_s):
+    def fake_run_training(nproc, flags, clock, timeout_s, device):
+        assert device == "cpu"  # the default; --device cuda runs the launcher on GPUs
         edl = "--moe-edl-coeff" in flags
         calls.append((nproc, edl, flags[flags.index("--train-iters") + 1]))
         ms = [500.0, 300.0] + ([11.0, 13.0, 12.0] if edl else [10.0, 10.0, 9.0])

@@ -24,11 +24,13 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
 
 from megatron_edl.config import EDLConfig, EDLConfigError
+from megatron_edl.core.segments import sample_token_labels
 from megatron_edl.data.merge import VocabularyConflictError
 from megatron_edl.data.sidecar import SidecarMismatchError, write_sidecar
 from megatron_edl.integration.dataset import (
     DomainGPTDataset,
     DomainGPTDatasetConfig,
+    DomainMockGPTDataset,
     DomainPerPrefixGPTDataset,
     PrefixDomains,
     blend_document_domains,
@@ -359,3 +361,44 @@ def test_blend_per_split_shares_one_label_space(tmp_path):
         check_sample(valid, idx, valid[idx], expected_b, base=500)
     for idx in range(len(train)):
         check_sample(train, idx, train[idx], np.arange(40) % 2, base=1)
+
+
+def _per_fetch_labels(dataset, sample) -> tuple[np.ndarray, np.ndarray]:
+    """The labels by ``sample_token_labels`` from the fetched sample's own documents."""
+    document_ids, lengths = dataset._sample_documents
+    return sample_token_labels(
+        segment_domains_K=dataset.document_domains(document_ids),
+        segment_lengths_K=lengths,
+        num_tokens=sample["tokens"].numel(),
+        aggregation=dataset.config.edl_aggregation,
+    )
+
+
+@pytest.mark.parametrize("aggregation", ["segment", "token"])
+@pytest.mark.parametrize("extra_token", [True, False])
+def test_indexed_labels_equal_the_per_fetch_labels_bitwise(tmp_path, aggregation, extra_token):
+    """Every sample's labels from the label index are those of the per-fetch arithmetic."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, size=150)
+    prefix = write_prefix(tmp_path / "c", labels, {"a": 0, "b": 1, "c": 2}, max_len=70)
+    config = make_config(
+        tmp_path, blend=([prefix], None), split="80,20,0", edl_aggregation=aggregation,
+        add_extra_token_to_sequence=extra_token,
+    )  # fmt: skip
+    mock_config = make_config(
+        tmp_path, edl_aggregation=aggregation, add_extra_token_to_sequence=extra_token,
+        edl_num_domains=3, sequence_length=64,
+    )  # fmt: skip
+    datasets = [*build(DomainGPTDataset, config, [60, 10, 0])[:2]]
+    datasets.append(build(DomainMockGPTDataset, mock_config, [30, 0, 0])[0])
+    multi_document = 0
+    for dataset in datasets:
+        for idx in range(min(len(dataset), 200)):  # the mock dataset holds many more
+            sample = dataset[idx]
+            want_ids, want_w = _per_fetch_labels(dataset, sample)
+            assert np.array_equal(sample["domain_ids"].numpy(), want_ids), idx
+            got_w = sample["edl_weights"].numpy()
+            assert np.array_equal(got_w.view(np.int32), want_w.view(np.int32)), idx
+            multi_document += len(dataset._sample_documents[0]) > 1
+        assert dataset._label_index is not None  # the index path ran
+    assert multi_document > 10

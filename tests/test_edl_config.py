@@ -89,6 +89,7 @@ def test_replace_revalidates() -> None:
         ),
         ("aggregation", 3, "unknown --moe-edl-aggregation 3; choose from segment, token, sample"),
         ("labels", "shuffled", "unknown --moe-edl-labels 'shuffled'; choose from data, random"),
+        ("fused", "fast", "unknown --moe-edl-fused 'fast'; choose from auto, on, off"),
         ("accumulate", "yes", "--moe-edl-accumulate must be a bool, got 'yes'"),
         ("accumulate", 1, "--moe-edl-accumulate must be a bool, got 1"),
         ("layers", (), "--moe-edl-layers lists no layer, got ()"),
@@ -135,6 +136,7 @@ def test_every_flagged_field_has_an_invalid_value_case() -> None:
         "start_iter",
         "warmup_iters",
         "window_decay",
+        "fused",
         "num_domains",
         "domain_names",
     }

@@ -897,3 +897,40 @@ def test_edl_reuses_the_aux_loss_softmax_with_the_same_gradient():
     assert loss_reuse == pytest.approx(loss_own, rel=1e-6)
     torch.testing.assert_close(grad_reuse, grad_own, rtol=1e-5, atol=1e-7)
     assert grad_own.abs().max() > 0
+
+
+def _fused_router_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
+    """The same router call with ``--moe-edl-fused off`` and ``on``: loss, metric, gradient."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megatron_edl import cpu
+    from megatron_edl.core import edl_fused
+    from megatron_edl.integration.labels import push_labels
+
+    cpu.apply()
+    _setup_layout((1, 1, 1))
+    _set_num_microbatches(1, 1)
+    gen = torch.Generator().manual_seed(seed)
+    job = {"layout": (1, 1, 1), "scope": "global", "weight_EH": _make_weight(gen)}
+    batch = _make_batch(gen, dp=1)
+    out = {}
+    for fused in ("off", "on"):
+        router = _make_router(job, fused=fused)
+        hidden_sBH, labels = _rank_inputs(batch, job["layout"], (0, 0, 0))
+        push_labels(router, labels)
+        probs, _ = router(hidden_sBH)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+        (probs * 0).sum().backward()
+        path = edl_fused.select_path(router.edl_config.fused.compile, probs.device)
+        out[fused] = (path.compiled, _take_edl_loss(), router.weight.grad.clone())
+    return out
+
+
+def test_fused_router_matches_the_eager_router():
+    (out,) = run_distributed(_fused_router_job, 1, seed=7, timeout_s=300)
+    compiled_off, loss_off, grad_off = out["off"]
+    compiled_on, loss_on, grad_on = out["on"]
+    assert (compiled_off, compiled_on) == (False, True)
+    assert loss_on == pytest.approx(loss_off, rel=1e-6)
+    torch.testing.assert_close(grad_on, grad_off, rtol=1e-6, atol=1e-6 * grad_off.abs().max())
+    assert grad_off.abs().max() > 0

@@ -5,7 +5,8 @@ Builds Megatron's ``TopKRouter`` and the ``EDLTopKRouter`` (same weights) on a o
 and times ``router(hidden)`` plus the backward of a fixed upstream gradient on ``probs``, the
 variants alternated round by round in this process (megatron_edl.benchmarks.harness). Variants
 (``--configs``): ``stock`` (no router loss), ``edl`` (EDL only), ``aux`` (Megatron's
-``aux_loss`` load balancing: the reference kind of work) and ``aux+edl``. Labels: packed
+``aux_loss`` load balancing: the reference kind of work) and ``aux+edl``; ``edl-eager`` and
+``edl-fused`` force the eager or the compiled EDL math (``--moe-edl-fused``). Labels: packed
 documents of 32-1024 tokens, 10% unlabelled, segment weights (random_router_labels).
 
 Prints, per shape, the time per call of each variant and the per-round ratios ``edl / stock``
@@ -18,6 +19,7 @@ Usage:
     python tools/benchmark_router.py --device cuda         # the same in bf16 on a GPU
     python tools/benchmark_router.py --sweep --repeats 10  # EDL cost vs T, E, D, H
     python tools/benchmark_router.py --tokens 64 --hidden 16 --experts 8 --domains 3 --repeats 2
+    python tools/benchmark_router.py --configs stock edl-eager edl-fused   # compiled vs eager
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from megatron_edl.benchmarks.harness import (  # noqa: E402
     ratios,
 )
 from megatron_edl.benchmarks.moe_modules import (  # noqa: E402
+    DEFAULT_VARIANTS,
     RATIOS,
     VARIANTS,
     ModuleShape,
@@ -124,10 +127,11 @@ def main_table(args, device, dtype) -> None:
 
 
 def _edl_cost(samples: dict[str, list[float]]) -> float | None:
-    """Median per-round difference edl - stock (seconds), if both ran."""
-    if "edl" not in samples or "stock" not in samples:
+    """Median per-round difference edl - stock (seconds), if both ran (edl: or edl-eager)."""
+    edl = next((samples[n] for n in ("edl", "edl-eager") if n in samples), None)
+    if edl is None or "stock" not in samples:
         return None
-    return statistics.median(a - b for a, b in zip(samples["edl"], samples["stock"], strict=True))
+    return statistics.median(a - b for a, b in zip(edl, samples["stock"], strict=True))
 
 
 def sweep_points(args) -> list[ModuleShape]:
@@ -184,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4, help="samples per micro-batch")
     parser.add_argument(
-        "--configs", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-        help="variants to compare (default: all)",
+        "--configs", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
+        help=f"variants to compare (default: {' '.join(DEFAULT_VARIANTS)})",
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per shape")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds per shape")

@@ -23,6 +23,7 @@ Usage:
     python tools/benchmark_training.py --clock cpu --rounds 6 --iters 60
     python tools/benchmark_training.py --nproc 2 --extra "--expert-model-parallel-size 2"
     python tools/benchmark_training.py --rounds 1 --iters 4 --skip 2   # smoke test
+    python tools/benchmark_training.py --device cuda --extra "--bf16 --hidden-size 1024 ..."
 """
 
 from __future__ import annotations
@@ -54,14 +55,23 @@ LAUNCHERS = {
 }
 
 
-def run_training(nproc: int, flags: list[str], *, clock: str, timeout_s: float) -> RunResult:
-    """``torchrun -m <launcher> --cpu *flags`` (launcher by ``clock``); the parsed log."""
+def run_training(
+    nproc: int, flags: list[str], *, clock: str, timeout_s: float, device: str = "cpu"
+) -> RunResult:
+    """``torchrun -m <launcher> [--cpu] *flags`` (launcher by ``clock``); the parsed log.
+
+    ``device`` ``cpu`` runs the CPU launcher (``--cpu``, CUDA hidden); ``cuda`` runs the launcher
+    as on a GPU cluster, one GPU per process.
+    """
+    cpu_flags = ["--cpu"] if device == "cpu" else []
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        f"--master-port={free_port()}", "-m", LAUNCHERS[clock], "--cpu", *flags,
+        f"--master-port={free_port()}", "-m", LAUNCHERS[clock], *cpu_flags, *flags,
     ]  # fmt: skip
     threads = 1 if clock == "cpu" else max(1, (os.cpu_count() or 2) // nproc)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     try:
         proc = subprocess.run(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -76,7 +86,14 @@ def run_training(nproc: int, flags: list[str], *, clock: str, timeout_s: float) 
 
 
 def run_case(
-    nproc: int, flags: list[str], iters: int, skip: int, clock: str, timeout_s: float, log: dict
+    nproc: int,
+    flags: list[str],
+    iters: int,
+    skip: int,
+    clock: str,
+    timeout_s: float,
+    log: dict,
+    device: str = "cpu",
 ):
     """A callable for the harness: one training run, returning its median iteration time (s)."""
 
@@ -86,6 +103,7 @@ def run_case(
             [*flags, "--train-iters", str(iters), "--log-interval", "1"],
             clock=clock,
             timeout_s=timeout_s,
+            device=device,
         )
         times_ms = [
             result.iterations[i][ITERATION_TIME]
@@ -115,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         "--clock", choices=LAUNCHERS, default="wall",
         help="Megatron's timers on wall time, or on the process's CPU time (shared machines)",
     )  # fmt: skip
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="cpu: the CPU launcher (--cpu); cuda: the launcher on GPUs (one per process)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.device == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu measures the host, not the GPU: use --clock wall")
     if args.skip >= args.iters:
         parser.error(f"--skip ({args.skip}) must be below --iters ({args.iters})")
 
@@ -124,11 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     logs: dict[str, dict] = {name: {} for name in configs}
     cases = {
         name: run_case(
-            args.nproc, flags, args.iters, args.skip, args.clock, args.timeout, logs[name]
-        )
+            args.nproc,
+            flags,
+            args.iters,
+            args.skip,
+            args.clock,
+            args.timeout,
+            logs[name],
+            args.device,
+        )  # fmt: skip
         for name, flags in configs.items()
     }
-    print(describe_machine("cpu"))
+    print(describe_machine(args.device))
     print(
         f"{args.nproc} process(es), {args.iters} iterations per run, first {args.skip} skipped, "
         f"{args.clock} clock"

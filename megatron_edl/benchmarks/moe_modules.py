@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megatron_edl.config import EDLConfig
 
 __all__ = [
+    "DEFAULT_VARIANTS",
     "CollectiveCounter",
     "ModuleShape",
     "RATIOS",
@@ -89,13 +90,28 @@ VARIANTS: dict[str, Variant] = {
     "edl": Variant(load_balancing="none", edl={"coeff": 1e-2}),
     "aux": Variant(load_balancing="aux_loss"),
     "aux+edl": Variant(load_balancing="aux_loss", edl={"coeff": 1e-2}),
+    "edl-eager": Variant(load_balancing="none", edl={"coeff": 1e-2, "fused": "off"}),
+    "edl-fused": Variant(load_balancing="none", edl={"coeff": 1e-2, "fused": "on"}),
 }
-"""The configurations the router and MoE-layer benchmarks know (``--configs``).
+"""The configurations the router and MoE-layer benchmarks know (``--configs``). ``edl`` runs
+the EDL math as ``--moe-edl-fused auto`` does (compiled on CUDA, eager on CPU); ``edl-eager``
+and ``edl-fused`` force one path (``torch.compile`` takes tens of seconds on the first call, so
+they are not in ``DEFAULT_VARIANTS``).
 
 Extension point: a new router loss (e.g. the orthogonality or variance losses) adds its variants
 here, with the ``EDLConfig`` fields that switch it on, and its ratios to ``RATIOS``."""
 
-RATIOS: tuple[tuple[str, str], ...] = (("edl", "stock"), ("aux", "stock"), ("aux+edl", "aux"))
+DEFAULT_VARIANTS: tuple[str, ...] = ("stock", "edl", "aux", "aux+edl")
+"""What the router benchmark compares when ``--configs`` is not given."""
+
+RATIOS: tuple[tuple[str, str], ...] = (
+    ("edl", "stock"),
+    ("aux", "stock"),
+    ("aux+edl", "aux"),
+    ("edl-eager", "stock"),
+    ("edl-fused", "stock"),
+    ("edl-fused", "edl-eager"),
+)
 """``(numerator, denominator)``: the ratios the benchmarks print (those whose two variants ran).
 ``aux / stock`` is the cost of Megatron's own load-balancing loss: the reference kind of work."""
 

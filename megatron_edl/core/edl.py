@@ -254,7 +254,16 @@ def domain_sums(
         w_T = torch.where(labelled_T, weights_T.to(dtype), 0.0)
     # Ignored tokens (ids < 0) are sent to domain 0 with weight 0: no host sync to drop them.
     index_T = domain_ids_T.clamp_min(0).long()
-    sums_DE = _WeightedIndexAdd.apply(probs_TE.to(dtype), index_T, w_T, num_domains)
+    if torch.compiler.is_compiling():
+        # Under torch.compile (megatron_edl.core.edl_fused) the plain formula: inductor fuses its
+        # autograd backward (gather g[index_t], times w_t) with the softmax backward into one
+        # kernel, and the embedding_bag backward of _WeightedIndexAdd compiles to a zero
+        # gradient in torch 2.11 (tests/test_edl_fused.py checks the gradients).
+        weighted_TE = probs_TE.to(dtype) * w_T[:, None]
+        sums_DE = torch.zeros(num_domains, probs_TE.shape[1], dtype=dtype, device=probs_TE.device)
+        sums_DE = sums_DE.index_add(0, index_T, weighted_TE)
+    else:
+        sums_DE = _WeightedIndexAdd.apply(probs_TE.to(dtype), index_T, w_T, num_domains)
     counts_D = torch.zeros(num_domains, dtype=dtype, device=probs_TE.device)
     counts_D = counts_D.index_add(0, index_T, w_T)
     return sums_DE, counts_D

@@ -104,3 +104,111 @@ def _as_list(values: Sequence[int] | np.ndarray, name: str) -> list[int]:
             raise ValueError(f"{name} must be 1-D of equal length, got shape {values.shape}")
         return values.tolist()
     return [int(v) for v in values]
+
+
+class SampleLabelIndex:
+    """The run-length labels of every sample of a GPT dataset, built once from its indices.
+
+    ``sample_token_labels`` does segment arithmetic for one sample at fetch time; this does the
+    same arithmetic for all samples at once (numpy, vectorised) from Megatron's sample index, so
+    that a fetch is two slices and two ``np.repeat`` calls (:meth:`labels`). The outputs are
+    bitwise those of ``sample_token_labels`` for the ``segment`` and ``token`` aggregations
+    (``sample`` is not indexed: ``SUPPORTED``).
+
+    Megatron's ``GPTDataset`` packs sample ``j`` (before shuffling) from the document-index
+    positions ``b..e`` of ``sample_index[j] = (b, o_b)`` and ``sample_index[j + 1] = (e, o_e)``:
+
+        one document (b = e):  the part  [o_b, o_e + x)                 of document_index[b]
+        several:               [o_b, L)  of b,  whole documents b+1..e-1,  [0, o_e + x) of e
+
+    with L the document length and x = 1 if the dataset adds the extra (label) token. Segment
+    lengths are cut to the first S tokens, a short sample is padded with an unlabelled segment,
+    and weights follow the aggregation (1 / kept tokens for ``segment``, 1 for ``token``, 0 for
+    unlabelled or empty segments). Per sample, the rows are its segments and one padding row
+    (length 0 when the sample is full). Shape legend: N samples, R rows of all samples.
+
+    Memory: about 20 bytes per row (documents per sample + 1) and 8 per sample.
+    """
+
+    SUPPORTED = ("segment", "token")
+
+    def __init__(
+        self,
+        *,
+        sample_index_N2: np.ndarray,
+        document_index_M: np.ndarray,
+        document_lengths_L: np.ndarray,
+        document_domains_M: np.ndarray,
+        num_tokens: int,
+        extra_token: int,
+        aggregation: str,
+    ) -> None:
+        """Build the index.
+
+        Args:
+            sample_index_N2: Megatron's sample index, shape ``(N + 1, 2)``: (document-index
+                position, offset) of every sample boundary.
+            document_index_M: Megatron's document index (document id per position).
+            document_lengths_L: Tokens of every document, by document id.
+            document_domains_M: Loss domain of the document at every document-index position
+                (-1 = unlabelled).
+            num_tokens: S, the tokens the model sees per sample.
+            extra_token: 1 if each sample reads one more token (Megatron's
+                ``add_extra_token_to_sequence``), else 0.
+            aggregation: ``segment`` or ``token``.
+
+        Raises:
+            ValueError: On an aggregation outside ``SUPPORTED``.
+        """
+        if aggregation not in self.SUPPORTED:
+            raise ValueError(f"aggregation {aggregation!r} is not indexed; use {self.SUPPORTED}")
+        bounds_N2 = np.asarray(sample_index_N2, dtype=np.int64)
+        beg_N, beg_off_N = bounds_N2[:-1, 0], bounds_N2[:-1, 1]
+        end_N, end_off_N = bounds_N2[1:, 0], bounds_N2[1:, 1]
+        parts_N = end_N - beg_N + 1
+        num_samples = len(parts_N)
+        rows_N = parts_N + 1  # the segments and one padding row
+        first_row_N = np.cumsum(rows_N) - rows_N
+        num_rows = int(rows_N.sum())
+
+        # Per segment row: its sample, document-index position, offset and length.
+        is_pad_R = np.zeros(num_rows, dtype=bool)
+        is_pad_R[first_row_N + parts_N] = True
+        seg_R = np.flatnonzero(~is_pad_R)
+        sample_G = np.repeat(np.arange(num_samples), parts_N)
+        pos_G = beg_N[sample_G] + (seg_R - first_row_N[sample_G])
+        offset_G = np.where(pos_G == beg_N[sample_G], beg_off_N[sample_G], 0)
+        full_G = np.asarray(document_lengths_L, dtype=np.int64)[document_index_M[pos_G]]
+        last_G = pos_G == end_N[sample_G]
+        length_G = np.where(last_G, end_off_N[sample_G] + extra_token, full_G) - offset_G
+
+        # Cut to the first S tokens: kept = clip(S - tokens before the segment, 0, length).
+        first_seg_N = np.cumsum(parts_N) - parts_N
+        before_G = np.cumsum(length_G) - length_G
+        before_G -= np.repeat(before_G[first_seg_N], parts_N)
+        kept_G = np.clip(num_tokens - before_G, 0, length_G)
+
+        kept_R = np.zeros(num_rows, dtype=np.int64)
+        kept_R[seg_R] = kept_G
+        covered_N = np.add.reduceat(kept_R, first_row_N) if num_rows else kept_R
+        kept_R[first_row_N + parts_N] = np.maximum(num_tokens - covered_N, 0)
+        domains_R = np.full(num_rows, -1, dtype=np.int64)
+        domains_R[seg_R] = np.asarray(document_domains_M, dtype=np.int64)[pos_G]
+
+        labelled_R = domains_R >= 0
+        if aggregation == "segment":
+            weights_R = np.zeros(num_rows, dtype=np.float64)
+            use_R = labelled_R & (kept_R > 0)
+            weights_R[use_R] = 1.0 / kept_R[use_R]
+        else:
+            weights_R = labelled_R.astype(np.float64)
+        self.first_row_N1 = np.append(first_row_N, num_rows)
+        self.domains_R = domains_R
+        self.weights_R = weights_R.astype(np.float32)
+        self.kept_R = kept_R
+
+    def labels(self, sample: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(domain_ids_S int64, weights_S float32)`` of sample ``sample`` (before shuffling)."""
+        a, b = self.first_row_N1[sample], self.first_row_N1[sample + 1]
+        kept = self.kept_R[a:b]
+        return np.repeat(self.domains_R[a:b], kept), np.repeat(self.weights_R[a:b], kept)

@@ -84,7 +84,7 @@ from megatron.training.datasets.sft_dataset import SFTDataset
 
 from megatron_edl.config import EDLConfig, EDLConfigError, EDLLabels
 from megatron_edl.core.labels import LabelMap, load_strict_yaml, permute_document_labels
-from megatron_edl.core.segments import sample_token_labels
+from megatron_edl.core.segments import SampleLabelIndex, sample_token_labels
 from megatron_edl.data.merge import reconcile_vocabularies
 from megatron_edl.data.sidecar import SidecarMismatchError, read_sidecar, sidecar_path
 from megatron_edl.integration.labels import DOMAIN_IDS_KEY, WEIGHTS_KEY
@@ -168,10 +168,33 @@ def mock_document_domains(num_stored_domains: int, edl_config: EDLConfig) -> np.
 
 
 class DomainLabelsMixin:
-    """Adds ``domain_ids``/``edl_weights`` to a ``GPTDataset`` subclass's samples."""
+    """Adds ``domain_ids``/``edl_weights`` to a ``GPTDataset`` subclass's samples.
+
+    The labels of every sample are indexed once per process, at the first fetch, from Megatron's
+    sample and document indices (``SampleLabelIndex``), so a fetch looks its sample's label runs
+    up instead of redoing the segment arithmetic; the ``sample`` aggregation and the padding
+    sample (``idx is None``) take the per-fetch path (``sample_token_labels``), with the same
+    outputs.
+    """
+
+    _label_index: SampleLabelIndex | None = None
 
     def document_domains(self, document_ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def _sample_label_index(self) -> SampleLabelIndex | None:
+        """The label index (built at the first call), or None for the ``sample`` aggregation."""
+        if self._label_index is None and self.config.edl_aggregation in SampleLabelIndex.SUPPORTED:
+            self._label_index = SampleLabelIndex(
+                sample_index_N2=self.sample_index,
+                document_index_M=self.document_index,
+                document_lengths_L=self.dataset.sequence_lengths,
+                document_domains_M=self.document_domains(np.asarray(self.document_index)),
+                num_tokens=self.config.sequence_length,
+                extra_token=int(self.config.add_extra_token_to_sequence),
+                aggregation=self.config.edl_aggregation,
+            )
+        return self._label_index
 
     def _query_document_sample_shuffle_indices(self, idx):
         text, document_ids, document_lengths = super()._query_document_sample_shuffle_indices(idx)
@@ -180,7 +203,13 @@ class DomainLabelsMixin:
         return text, document_ids, document_lengths
 
     def __getitem__(self, idx):
-        sample = super().__getitem__(idx)
+        sample = super().__getitem__(idx)  # loads Megatron's indices on the first call
+        index = self._sample_label_index() if idx is not None else None
+        if index is not None:
+            domain_ids_S, weights_S = index.labels(int(self.shuffle_index[idx]))
+            sample[DOMAIN_IDS_KEY] = torch.from_numpy(domain_ids_S)
+            sample[WEIGHTS_KEY] = torch.from_numpy(weights_S)
+            return sample
         document_ids, lengths = self._sample_documents
         if idx is None:  # a padding sample: nothing in it is labelled
             domains = np.full(len(document_ids), -1, dtype=np.int64)

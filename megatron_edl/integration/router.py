@@ -17,6 +17,10 @@ and MoE layer, while training with grad enabled:
    to ``probs`` with ``MoEAuxLossAutoScaler``, exactly like
    Megatron's load-balancing loss, so the schedule's aux-loss scale applies to it.
 
+Steps 1-2 and 4 (with the ``edl_mi`` metric) run eagerly or compiled into a few fused kernels,
+with the all-reduce between them outside compiled code (``--moe-edl-fused``,
+:mod:`megatron_edl.core.edl_fused`).
+
 Gradient scale (method.md, "Gradient scale"). Megatron's schedule multiplies aux-loss gradients by
 ``cp / num_microbatches`` (``calculate_per_token_loss``: by 1), sums the router-weight gradient over
 TP (the weight is a sequence-parallel parameter) and averages it over DP x CP in DDP. With the
@@ -64,7 +68,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_edl.config import EDLConfig, EDLScope, SpecializationConfig
-from megatron_edl.core import edl
+from megatron_edl.core import edl, edl_fused
 from megatron_edl.core.window import window_combine
 from megatron_edl.distributed import (
     DomainStatsAccumulator,
@@ -274,18 +278,27 @@ class EDLTopKRouter(TopKRouter):
                     "forwards that never consumed them"
                 )
         self._edl_microbatches_seen = (self._edl_microbatches_seen + 1) % get_num_microbatches()
+        # Eager or compiled (--moe-edl-fused): the math on either side of the all-reduce.
+        path = edl_fused.select_path(cfg.fused.compile, logits_TE.device, logits_TE.dtype)
         probs_TE = self._edl_dense_probs  # Megatron's aux-loss softmax, when it computed one
         wanted = torch.promote_types(logits_TE.dtype, torch.float32)  # fp32, or fp64 for tests
         if probs_TE is None or probs_TE.shape != logits_TE.shape or probs_TE.dtype != wanted:
-            probs_TE = edl.routing_probs(
-                logits_TE=logits_TE, score_function=self.edl_score_function
-            )
-        sums_DE, counts_D = edl.domain_sums(
-            probs_TE=probs_TE,
+            if self.edl_score_function == "softmax":
+                dense = {"logits_TE": logits_TE}  # the softmax runs inside (fused with the sums)
+            else:  # the router's normalised scores (sigmoid, ...), computed here
+                dense = {
+                    "probs_TE": edl.routing_probs(
+                        logits_TE=logits_TE, score_function=self.edl_score_function
+                    )
+                }
+        else:
+            dense = {"probs_TE": probs_TE}
+        # Ids are validated once, in the data pipeline, not here.
+        sums_DE, counts_D = path.statistics(
+            **dense,
             domain_ids_T=labels.domain_ids_T,
             weights_T=labels.weights_T,
             num_domains=cfg.num_domains,
-            validate=False,  # ids are validated once, in the data pipeline
         )
         group = self.tp_dp_cp_group if cfg.scope == EDLScope.GLOBAL else self.tp_cp_group
         sums_DE, counts_D = all_reduce_domain_stats(sums_DE, counts_D, group)
@@ -299,7 +312,7 @@ class EDLTopKRouter(TopKRouter):
                 sums_DE=sums_DE, counts_D=counts_D, past_X=window_X.clone(), decay=cfg.window_decay
             )
             window_X.copy_(next_X)
-        out = edl.edl_loss(sums_DE=sums_DE, counts_D=counts_D, form=cfg.form, eps=cfg.eps)
+        out = path.step(sums_DE=sums_DE, counts_D=counts_D, form=cfg.form.value, eps=cfg.eps)
 
         scale = edl_loss_scale(
             cfg.scope,
@@ -311,16 +324,16 @@ class EDLTopKRouter(TopKRouter):
             scale *= logits_TE.shape[0] * self.tp_cp_group.size()
         coeff = cfg.coefficient_at(labels.iteration)  # delayed start, warm-up
         probs = MoEAuxLossAutoScaler.apply(probs, out.loss * (coeff * scale))
-        self._record_edl_metrics(out, sums_DE, counts_D)
+        self._record_edl_metrics(out, counts_D)
         return probs
 
-    def _record_edl_metrics(self, out, sums_DE, counts_D) -> None:
+    def _record_edl_metrics(self, out: edl_fused.EDLStepOutput, counts_D: torch.Tensor) -> None:
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         layer = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
         values = {
             "edl_loss": out.loss.detach(),
             "edl_jsd": out.mean_jsd,
-            "edl_mi": edl.mutual_information(sums_DE=sums_DE, counts_D=counts_D),
+            "edl_mi": out.mutual_information,
             "edl_domains": out.num_present.to(torch.float32),
             # The weakest present domain's segments (tokens for --moe-edl-aggregation token) in
             # the statistics the loss used: too few and p̄_j is a few documents' routing.
