@@ -620,6 +620,8 @@ def add_edl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "the current micro-batch's per-domain sums plus the decayed, detached sums of earlier "
         "ones (about 1/(1-decay) micro-batches); 0 = off. Global scope only; saved in "
         "checkpoints. Default: %(default)s.",
+    )
+    group.add_argument(
         FLAGS["fused"],
         type=str,
         default=default["fused"].value,
