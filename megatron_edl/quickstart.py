@@ -313,7 +313,8 @@ def _fingerprint(stage: Stage, ctx: Context) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _stamp_path(ctx: Context, stage: Stage) -> Path:
+def stamp_path(ctx: Context, stage: Stage) -> Path:
+    """Where ``stage``'s stamp is (``<workdir>/stamps/<stage>.json``)."""
     return ctx.workdir / "stamps" / (stage.name.replace(":", "-") + ".json")
 
 
@@ -327,7 +328,7 @@ def run_stage(stage: Stage, ctx: Context, index: int, total: int) -> dict[str, A
     """Run ``stage``, or reuse its earlier result when its stamp matches (see module doc)."""
     fingerprint = _fingerprint(stage, ctx)
     ctx.fingerprints[stage.name] = fingerprint
-    stamp = _stamp_path(ctx, stage)
+    stamp = stamp_path(ctx, stage)
     prefix = f"[quickstart {index}/{total}] {stage.name}"
     if stamp.exists():
         saved = json.loads(stamp.read_text())
@@ -860,7 +861,7 @@ def write_report(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, Any]:
         "corpus": ctx.results.get("corpus", {}),
         "stage_seconds": dict(ctx.times),
         "stage_cpu_seconds": dict(ctx.cpu_times),
-        "config": _config_json(ctx.config),
+        "config": config_json(ctx.config),
     }
     (ctx.report_dir / "summary.json").write_text(
         json.dumps(summary, indent=2, default=os.fspath) + "\n"
@@ -894,7 +895,8 @@ def write_report(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _config_json(config: QuickstartConfig) -> dict[str, Any]:
+def config_json(config: QuickstartConfig) -> dict[str, Any]:
+    """The configuration as JSON-able values (for the reports)."""
     out = dataclasses.asdict(config)
     out["workdir"] = os.fspath(config.workdir)
     return out

@@ -96,6 +96,9 @@ def _distributions(draw, min_rows=1, max_rows=5, min_cols=2, max_cols=6, zeros=T
     for _ in range(rows):
         lo = 0.0 if zeros else 0.05
         raw = draw(st.lists(st.floats(lo, 1.0), min_size=cols, max_size=cols))
+        # Tiny entries (down to subnormals) as exact zeros: the float64 references would
+        # otherwise divide by a mixture that underflowed to 0.
+        raw = [0.0 if x < 1e-12 else x for x in raw]
         if zeros and draw(st.booleans()):
             raw[draw(st.integers(0, cols - 1))] = 0.0
         if sum(raw) == 0.0:

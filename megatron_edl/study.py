@@ -1,0 +1,415 @@
+"""Studies on the quickstart's data: a grid of arms x seeds, resumable, with mean ± standard error.
+
+A study is a YAML file::
+
+    seeds: [1, 2, 3]                 # Megatron's --seed of each run: initialisation, data order
+    quickstart:                      # optional: the quickstart's settings (corpus, model, schedule)
+      train_iters: 250
+      micro_batch_size: 8
+      global_batch_size: 16
+      train_args: "--num-layers 2"  # Megatron flags appended to every run
+    arms:                            # name -> Megatron flags on top of the quickstart's
+      baseline: --moe-edl-eval-per-domain
+      edl: --moe-edl-coeff 0.01
+      edl-window: --moe-edl-coeff 0.01 --moe-edl-window-decay 0.9 --moe-edl-warmup-iters 50
+      random: --moe-edl-coeff 0.01 --moe-edl-labels random
+
+Every arm runs once per seed as the quickstart's run ``<arm>-s<seed>``, on one corpus,
+tokenizer and labelled data (the quickstart's stages 1-3, built once with the quickstart's
+seed), then the quickstart's evaluation: the validation LM loss overall and per domain, and the
+evaluation probe of the checkpoint on the fine labels (I(D;E), mean JSD, max/mean load, averaged
+over MoE layers). Every stage leaves the quickstart's stamp, so a study interrupted at any point
+continues where it stopped, over several sittings. The report (``<workdir>/report/``):
+``study.md`` and ``study.json`` (per arm: mean ± standard error over seeds, n = seeds), and
+``pareto.png`` (validation LM loss against I(D;E), one point per arm with its error bars); the
+quickstart's HTML reports of every run are there too (``fine/``, ``coarse/``).
+
+Usage:
+    megatron-edl-study STUDY.yaml --workdir runs/study                 # everything, in sequence
+    megatron-edl-study STUDY.yaml --workdir runs/study --list          # index, run name
+    megatron-edl-study STUDY.yaml --workdir runs/study --prepare       # stages 1-3 only
+    megatron-edl-study STUDY.yaml --workdir runs/study --run 4         # one arm x seed
+    megatron-edl-study STUDY.yaml --workdir runs/study --report        # the report only
+    bash examples/slurm/study.sh STUDY.yaml runs/study                 # prepare, array, report
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from megatron_edl import quickstart as qs
+
+__all__ = [
+    "StudyConfig",
+    "StudyError",
+    "aggregate",
+    "load_study",
+    "main",
+    "run_study",
+    "study_runs",
+]
+
+# The numbers a study reports per arm (key in the quickstart's evaluation, title).
+METRICS = (
+    ("valid_lm_loss", "valid LM loss"),
+    ("probe_mi", "I(D;E)"),
+    ("probe_jsd", "mean JSD"),
+    ("probe_balance", "load max/mean"),
+    ("train_lm_loss", "train LM loss"),
+)
+# Settings of the quickstart a study may set (QuickstartConfig fields; train_args is a string).
+_QUICKSTART_KEYS = (
+    "corpus_bytes_per_domain", "vocab_size", "train_iters", "micro_batch_size",
+    "global_batch_size", "lr", "eval_iters", "nproc", "seed", "train_args",
+)  # fmt: skip
+# Flags that train on other labels than the fine ones (the probe then writes its own folder).
+_CONTROL_FLAGS = ("--moe-edl-labels", "--moe-edl-label-map")
+
+
+class StudyError(ValueError):
+    """A malformed study file or an incomplete study; the message names the file and key."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+    """A parsed study: the quickstart's settings, the seeds, the arms in file order."""
+
+    quickstart: qs.QuickstartConfig
+    seeds: tuple[int, ...]
+    arms: tuple[tuple[str, tuple[str, ...]], ...]
+    """(name, Megatron flags) of every arm, in file order."""
+
+
+def load_study(path: str | os.PathLike, workdir: str | os.PathLike) -> StudyConfig:
+    """Read a study file (strict YAML: duplicate keys are errors).
+
+    Args:
+        path: The study YAML (module docstring).
+        workdir: Where the study writes (the quickstart's workdir).
+
+    Returns:
+        The study.
+
+    Raises:
+        StudyError: naming the file and the key that is wrong.
+    """
+    from megatron_edl.core.labels import load_strict_yaml
+
+    data = load_strict_yaml(Path(path), what="study") or {}
+    where = os.fspath(path)
+    if not isinstance(data, dict):
+        raise StudyError(f"{where}: a study is a mapping (seeds, arms, quickstart)")
+    unknown = sorted(set(data) - {"seeds", "arms", "quickstart"})
+    if unknown:
+        raise StudyError(f"{where}: unknown keys {unknown}; a study has seeds, arms, quickstart")
+    seeds = data.get("seeds")
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise StudyError(f"{where}: seeds must be a list of distinct integers >= 0, got {seeds!r}")
+    arms = data.get("arms")
+    if not isinstance(arms, dict) or not arms:
+        raise StudyError(f"{where}: arms must map arm names to Megatron flags, got {arms!r}")
+    parsed_arms = []
+    for name, flags in arms.items():
+        if (
+            not isinstance(name, str)
+            or not name
+            or not all(c.isalnum() or c in "-_." for c in name)
+        ):
+            raise StudyError(f"{where}: arm name {name!r}: use letters, digits, '-', '_', '.'")
+        if flags is None:
+            flags = ""
+        if not isinstance(flags, str | list):
+            raise StudyError(f"{where}: arms.{name} must be a string or a list of flags")
+        parsed_arms.append((name, tuple(shlex.split(flags) if isinstance(flags, str) else flags)))
+    settings = dict(data.get("quickstart") or {})
+    unknown = sorted(set(settings) - set(_QUICKSTART_KEYS))
+    if unknown:
+        raise StudyError(
+            f"{where}: unknown quickstart settings {unknown}; allowed: {list(_QUICKSTART_KEYS)}"
+        )
+    extra = tuple(shlex.split(str(settings.pop("train_args", ""))))
+    try:
+        config = qs.QuickstartConfig(workdir=Path(workdir), extra_train_args=extra, **settings)
+    except (TypeError, ValueError) as err:
+        raise StudyError(f"{where}: quickstart: {err}") from err
+    return StudyConfig(quickstart=config, seeds=tuple(seeds), arms=tuple(parsed_arms))
+
+
+def study_runs(study: StudyConfig) -> list[qs.RunSpec]:
+    """Every arm x seed as a quickstart run ``<arm>-s<seed>`` (arm-major, seeds in order)."""
+    runs = []
+    for arm, flags in study.arms:
+        for seed in study.seeds:
+            runs.append(
+                qs.RunSpec(
+                    f"{arm}-s{seed}",
+                    f"arm {arm}, seed {seed}: {' '.join(flags) or '(no extra flag)'}",
+                    (*flags, "--seed", str(seed)),  # after the quickstart's --seed: wins
+                    fine_labels=not any(f in _CONTROL_FLAGS for f in flags),
+                )
+            )
+    return runs
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and standard error (sample standard deviation / sqrt(n)); SE is None for n < 2."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(variance / len(values))
+
+
+def aggregate(
+    study: StudyConfig, evaluations: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per arm: ``{metric: {"mean", "se", "n", "values"}}`` over its seeds, for the metrics of
+    :data:`METRICS` and the validation LM loss of every domain (``valid_lm_loss/<domain>``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for arm, _ in study.arms:
+        per_seed = [evaluations[f"{arm}-s{seed}"] for seed in study.seeds]
+        keys = [key for key, _ in METRICS]
+        domains = dict.fromkeys(d for e in per_seed for d in e.get("valid_lm_loss_per_domain", {}))
+        table: dict[str, Any] = {}
+        for key in keys:
+            values = [e.get(key) for e in per_seed]
+            mean, se = _mean_se(values)
+            table[key] = {"mean": mean, "se": se, "n": len(values), "values": values}
+        for domain in domains:
+            values = [e.get("valid_lm_loss_per_domain", {}).get(domain) for e in per_seed]
+            mean, se = _mean_se(values)
+            table[f"valid_lm_loss/{domain}"] = {
+                "mean": mean, "se": se, "n": len(values), "values": values,
+            }  # fmt: skip
+        out[arm] = table
+    return out
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    if entry["mean"] is None:
+        return "n/a"
+    return f"{entry['mean']:.3f}" + ("" if entry["se"] is None else f" ± {entry['se']:.3f}")
+
+
+def study_tables(study: StudyConfig, table: dict[str, dict[str, Any]]) -> str:
+    """Markdown: the summary (one row per arm) and the per-domain validation LM loss."""
+    header = "| arm | " + " | ".join(title for _, title in METRICS) + " |"
+    lines = [header, "|" + " --- |" * (len(METRICS) + 1)]
+    for arm, _ in study.arms:
+        lines.append(f"| {arm} | " + " | ".join(_cell(table[arm][k]) for k, _ in METRICS) + " |")
+    domains = dict.fromkeys(
+        k.split("/", 1)[1] for arm, _ in study.arms for k in table[arm] if "/" in k
+    )
+    lines += ["", "| domain | " + " | ".join(a for a, _ in study.arms) + " |"]
+    lines.append("|" + " --- |" * (len(study.arms) + 1))
+    for domain in domains:
+        cells = [
+            _cell(table[a].get(f"valid_lm_loss/{domain}", {"mean": None})) for a, _ in study.arms
+        ]
+        lines.append(f"| {domain} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pareto_plot(study: StudyConfig, table: dict[str, dict[str, Any]], path: Path) -> None:
+    """Validation LM loss (y) against I(D;E) (x), one point per arm with ±1 SE error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for arm, _ in study.arms:
+        x, y = table[arm]["probe_mi"], table[arm]["valid_lm_loss"]
+        if x["mean"] is None or y["mean"] is None:
+            continue
+        ax.errorbar(
+            x["mean"], y["mean"], xerr=x["se"] or 0.0, yerr=y["se"] or 0.0, fmt="o", capsize=3
+        )
+        ax.annotate(arm, (x["mean"], y["mean"]), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("I(domain; expert), nats (probe, fine labels)")
+    ax.set_ylabel("validation LM loss")
+    ax.set_title(f"Arms: mean ± SE over {len(study.seeds)} seeds")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_study_report(
+    ctx: qs.Context, study: StudyConfig, runs: Sequence[qs.RunSpec]
+) -> dict[str, Any]:
+    """The report stage: the quickstart's analysis reports of every run, then the study's
+    tables, ``study.json`` and ``pareto.png``."""
+    ctx.report_dir.mkdir(parents=True, exist_ok=True)
+    evaluations = {run.name: dict(ctx.results[f"evaluate:{run.name}"]) for run in runs}
+    for name, values in qs.analysis_reports(ctx, runs).items():
+        evaluations[name].update(values)
+    table = aggregate(study, evaluations)
+    tables = study_tables(study, table)
+    (ctx.report_dir / "study.json").write_text(
+        json.dumps(
+            {
+                "seeds": list(study.seeds),
+                "arms": {arm: list(flags) for arm, flags in study.arms},
+                "aggregate": table,
+                "runs": evaluations,
+                "quickstart": qs.config_json(study.quickstart),
+            },
+            indent=2,
+            default=os.fspath,
+        )
+        + "\n"
+    )
+    pareto_plot(study, table, ctx.report_dir / "pareto.png")
+    notes = [
+        "# Study: arms x seeds on the quickstart's data",
+        "",
+        f"Seeds: {', '.join(map(str, study.seeds))}. Cells: mean ± standard error over the seeds "
+        "(sample standard deviation / sqrt(n)). valid LM loss: Megatron's validation loss "
+        "after the last iteration; I(D;E), mean JSD and max/mean load: the evaluation probe on "
+        "the fine labels, averaged over MoE layers; train LM loss: the last log lines.",
+        "",
+        tables,
+        "",
+        "Arms (Megatron flags on top of the quickstart's):",
+        *[f"- {arm}: `{' '.join(flags)}`" for arm, flags in study.arms],
+        "",
+        "Figure: pareto.png. Every run's routing report: fine/index.html, coarse/index.html.",
+    ]
+    (ctx.report_dir / "study.md").write_text("\n".join(notes) + "\n")
+    return {"tables": tables}
+
+
+def _stages(ctx: qs.Context, study: StudyConfig, runs: Sequence[qs.RunSpec]) -> list[qs.Stage]:
+    report = qs.Stage(
+        "study-report",
+        lambda c: {"runs": [r.name for r in runs]},
+        lambda c: write_study_report(c, study, runs),
+        lambda c: [c.report_dir / "study.md"],
+        after=tuple(f"evaluate:{r.name}" for r in runs),
+    )
+    return [*qs.data_stages(), *qs.run_stages(runs), report]
+
+
+def run_study(
+    study: StudyConfig,
+    *,
+    only: str = "all",
+    run_index: int | None = None,
+    log: Callable[[str], None] = print,
+) -> qs.Context:
+    """Run (or reuse) the study's stages.
+
+    Args:
+        study: The study.
+        only: ``all`` (every stage), ``prepare`` (stages 1-3), ``run`` (stages 1-3, then the
+            training and evaluation of run ``run_index``), ``report`` (the report; every run
+            must be evaluated already).
+        run_index: With ``only="run"``: the index in :func:`study_runs`.
+        log: Where progress goes.
+
+    Returns:
+        The quickstart context (results of every stage run or reused).
+
+    Raises:
+        StudyError: A bad run index, or a report asked before every run is evaluated.
+        QuickstartError: A stage failed.
+    """
+    ctx = qs.Context(config=study.quickstart, log=log)
+    runs = study_runs(study)
+    stages = _stages(ctx, study, runs)
+    if only == "prepare":
+        stages = [s for s in stages if s.name in ("corpus", "tokenizer", "preprocess")]
+    elif only == "run":
+        if run_index is None or not 0 <= run_index < len(runs):
+            raise StudyError(f"--run must be in [0, {len(runs)}), got {run_index!r}")
+        name = runs[run_index].name
+        wanted = ("corpus", "tokenizer", "preprocess", f"train:{name}", f"evaluate:{name}")
+        stages = [s for s in stages if s.name in wanted]
+    elif only == "report":
+        missing = [r.name for r in runs if not qs.stamp_path(ctx, _evaluate(stages, r)).exists()]
+        if missing:
+            raise StudyError(f"the report needs every run evaluated; missing: {missing}")
+    total = len(stages)
+    for index, stage in enumerate(stages, 1):
+        qs.run_stage(stage, ctx, index, total)
+    return ctx
+
+
+def _evaluate(stages: Sequence[qs.Stage], run: qs.RunSpec) -> qs.Stage:
+    return next(s for s in stages if s.name == f"evaluate:{run.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("study", help="Study YAML (seeds, arms, quickstart settings).")
+    parser.add_argument("--workdir", required=True, help="Output folder (reused: resumes).")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--list", action="store_true", help="Print index and name of every run.")
+    mode.add_argument("--prepare", action="store_true", help="Only corpus, tokenizer, data.")
+    mode.add_argument(
+        "--run",
+        type=int,
+        nargs="?",
+        const=-1,
+        metavar="INDEX",
+        help="Only run INDEX (default: $SLURM_ARRAY_TASK_ID), after the shared stages.",
+    )
+    mode.add_argument("--report", action="store_true", help="Only the report.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``megatron-edl-study``); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        study = load_study(args.study, args.workdir)
+        runs = study_runs(study)
+        if args.list:
+            for index, run in enumerate(runs):
+                print(f"{index}\t{run.name}")
+            return 0
+        only, run_index = "all", None
+        if args.prepare:
+            only = "prepare"
+        elif args.report:
+            only = "report"
+        elif args.run is not None:
+            only = "run"
+            run_index = args.run
+            if run_index == -1:
+                task = os.environ.get("SLURM_ARRAY_TASK_ID")
+                if task is None or not task.isdigit():
+                    raise StudyError("--run without INDEX needs $SLURM_ARRAY_TASK_ID")
+                run_index = int(task)
+        ctx = run_study(study, only=only, run_index=run_index)
+        if "study-report" in ctx.results:
+            print(ctx.results["study-report"]["tables"])
+            print(f"Report: {ctx.report_dir / 'study.md'} and {ctx.report_dir / 'pareto.png'}")
+    except (StudyError, qs.QuickstartError, FileNotFoundError) as err:
+        print(f"megatron-edl-study: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
