@@ -13,6 +13,10 @@ Usage:
     python tools/preprocess_data.py --input 'corpus/*.jsonl.gz' --output-prefix data/c \\
         --tokenizer-type HuggingFaceTokenizer --tokenizer-model ./tokenizer --append-eod \\
         --domain-classifier ./topic_classifier --classifier-device cuda --workers 2
+
+Shape legend (suffixes of tensor names):
+    B  documents of a batch
+    C  classes
 """
 
 from __future__ import annotations
