@@ -417,6 +417,7 @@ def fit_domain_model(texts: Sequence[str], settings: FitSettings, *, seen: int =
         "sample": {
             "documents_seen": seen,
             "documents": len(texts),
+            "characters": sum(map(len, texts)),
             "documents_with_terms": usable,
             "cluster_documents": sizes_K.tolist(),
             "features": len(terms_F),
