@@ -14,7 +14,10 @@ its outputs, its wall time), so that re-running reuses what is done and redoes w
    (``torchrun -m megatron_edl.pretrain_gpt --cpu``), 2 processes, expert parallelism 2, the
    same seed and therefore the same initialisation and data order: ``baseline`` (EDL off) and
    ``edl``, plus ``edl-random`` (the random-label control, ``--labels random``) and
-   ``edl-coarse`` (the three coarse groups as loss domains, ``--labels coarse``).
+   ``edl-coarse`` (the three coarse groups as loss domains, ``--labels coarse``), and
+   ``edl-clusters-K`` (``--labels clusters:K``: K topic clusters discovered on the train split by
+   :mod:`megatron_edl.data.domain_clusters`, stages ``clusters:K`` and ``preprocess:clusters-K``,
+   which relabel the same documents; the label-granularity comparison).
 5. ``evaluate:<run>``: the run's numbers: Megatron's validation loss after the last iteration
    over the whole validation split, overall and per domain (every run loads the domain labels;
    the baseline with ``--moe-edl-eval-per-domain``, which leaves its training stock), and the
@@ -27,6 +30,7 @@ stages 4-6 through :func:`telemetry_args`, :func:`evaluate_run` and :func:`write
 Usage:
     python -m megatron_edl.quickstart                       # baseline vs EDL, ~11 min on 2 cores
     python -m megatron_edl.quickstart --labels random coarse  # plus the two controls
+    python -m megatron_edl.quickstart --labels clusters:16    # plus EDL on 16 discovered topics
     python -m megatron_edl.quickstart --train-iters 20 --corpus-bytes 64K   # a smoke run
     make quickstart
 """
@@ -63,7 +67,9 @@ __all__ = [
 ]
 
 STAMP_VERSION = 1
-CONTROLS = ("random", "coarse")
+CONTROLS = ("random", "coarse", "clusters")
+DEFAULT_CLUSTERS = 16
+"""K of ``--labels clusters`` without ``:K``."""
 COMPARE = ("ortho+variance", "all")
 """Extra runs with the losses of arXiv 2505.22323 (``--compare``): both losses with EDL off, and
 EDL with both losses, each auto-calibrated to the released code's targets."""
@@ -126,7 +132,7 @@ class QuickstartConfig:
     seed: int = 1234
     """One seed for the corpus, the initialisation and the data order of every run."""
     controls: tuple[str, ...] = ()
-    """Extra runs: ``random`` and/or ``coarse`` (see :data:`CONTROLS`)."""
+    """Extra runs: ``random``, ``coarse``, ``clusters:K`` (see :data:`CONTROLS`)."""
     compare: tuple[str, ...] = ()
     """Extra runs with the orthogonality and variance losses (see :data:`COMPARE`)."""
     corpus_bytes_per_domain: int = 384 << 10
@@ -149,9 +155,11 @@ class QuickstartConfig:
     """Megatron flags appended to every run's command line."""
 
     def __post_init__(self) -> None:
-        unknown = [c for c in self.controls if c not in CONTROLS]
+        unknown = [c for c in self.controls if c not in CONTROLS[:2] and _clusters(c) is None]
         if unknown:
-            raise ValueError(f"--labels must be among {list(CONTROLS)}, got {unknown}")
+            raise ValueError(
+                f"--labels must be among random, coarse, clusters:K (K >= 2), got {unknown}"
+            )
         unknown = [c for c in self.compare if c not in COMPARE]
         if unknown:
             raise ValueError(f"--compare must be among {list(COMPARE)}, got {unknown}")
@@ -172,6 +180,20 @@ class QuickstartConfig:
             )
 
 
+def _clusters(control: str) -> int | None:
+    """K of a ``clusters`` / ``clusters:K`` control (None for any other value)."""
+    match = re.fullmatch(r"clusters(?::(\d+))?", control)
+    if match is None:
+        return None
+    k = int(match.group(1) or DEFAULT_CLUSTERS)
+    return k if k >= 2 else None
+
+
+def cluster_counts(config: QuickstartConfig) -> list[int]:
+    """The K of every ``clusters:K`` control, ascending, without repeats."""
+    return sorted({k for k in map(_clusters, config.controls) if k is not None})
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """One training run of the comparison: its name and the flags only it has (EDL's)."""
@@ -181,7 +203,10 @@ class RunSpec:
     flags: tuple[str, ...]
     fine_labels: bool = True
     """Whether the run trains on the fine data labels (its training telemetry then shares the
-    probe's domains); False for the controls (permuted labels, coarse groups)."""
+    probe's domains); False for the controls (permuted labels, coarse groups, clusters)."""
+    data: str = ""
+    """The run's own preprocessed data (a folder under ``data/``, e.g. ``clusters-16``: the same
+    documents with other labels); ``""``: the corpus's fine labels."""
 
 
 def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
@@ -220,6 +245,16 @@ def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
                 "EDL on the 3 coarse groups (code, text, math)",
                 (*beta, "--moe-edl-label-map", os.fspath(label_map)),
                 fine_labels=False,
+            )
+        )
+    for k in cluster_counts(config):
+        runs.append(
+            RunSpec(
+                f"edl-clusters-{k}",
+                f"EDL on {k} topic clusters discovered on the train split (TF-IDF + k-means)",
+                beta,
+                fine_labels=False,
+                data=f"clusters-{k}",
             )
         )
     if "ortho+variance" in config.compare:
@@ -413,36 +448,84 @@ def _tokenizer_args(ctx: Context) -> list[str]:
     return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(ctx.tokenizer_dir)]
 
 
-def _prefix(ctx: Context, split: str) -> Path:
-    return ctx.data_dir / f"{split}_text_document"
+def _prefix(ctx: Context, split: str, data: str = "") -> Path:
+    return (ctx.data_dir / data if data else ctx.data_dir) / f"{split}_text_document"
 
 
 def preprocess_stage(ctx: Context) -> dict[str, Any]:
     """Stage 3: both splits to Megatron's indexed format plus the domain sidecar."""
+    labels = ["--domain-field", "domain", "--label-vocab", str(ctx.corpus_dir / "labels.yaml")]
+    return _preprocess_splits(ctx, "", labels, "preprocess")
+
+
+def _preprocess_splits(
+    ctx: Context, data: str, label_args: Sequence[str], stage: str
+) -> dict[str, Any]:
+    """Both splits into ``data/<data>/`` (``data/`` itself for ``""``) with the given labels."""
     from megatron_edl.data import preprocess
 
-    if ctx.data_dir.exists():
-        shutil.rmtree(ctx.data_dir)
-    ctx.data_dir.mkdir(parents=True)
+    out_dir = ctx.data_dir / data if data else ctx.data_dir
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
     tokens = {}
     for split in ("train", "valid"):
         argv = [
             *("--input", str(ctx.corpus_dir / f"{split}.jsonl")),
-            *("--output-prefix", str(ctx.data_dir / split)),
+            *("--output-prefix", str(out_dir / split)),
             *_tokenizer_args(ctx),
             "--append-eod",
-            *("--domain-field", "domain", "--label-vocab", str(ctx.corpus_dir / "labels.yaml")),
+            *label_args,
             *("--workers", "1"),  # a few MB: worker start-up would cost more than it saves
             *("--log-interval", "100000"),
         ]
         if preprocess.main(argv) != 0:
-            raise QuickstartError(f"preprocess: preprocessing the {split} split failed (above)")
-        stats = json.loads(Path(f"{_prefix(ctx, split)}.stats.json").read_text())
+            raise QuickstartError(f"{stage}: preprocessing the {split} split failed (above)")
+        stats = json.loads(Path(f"{_prefix(ctx, split, data)}.stats.json").read_text())
         tokens[split] = stats["tokens_written"]
         ctx.log(
             f"  {split}: {stats['documents_written']} documents, {stats['tokens_written']} tokens"
         )
     return {"tokens": tokens}
+
+
+def _clusters_dir(ctx: Context, k: int) -> Path:
+    return ctx.workdir / "clusters" / f"k{k}"
+
+
+def _fit_settings(ctx: Context, k: int):
+    from megatron_edl.data.domain_clusters import FitSettings
+
+    return FitSettings(num_clusters=k, seed=ctx.config.seed)
+
+
+def fit_clusters_stage(ctx: Context, k: int) -> dict[str, Any]:
+    """Stage ``clusters:K``: K topic clusters fitted on the train split (the run's seed)."""
+    from megatron_edl.data.domain_clusters import fit_from_inputs
+
+    folder = _clusters_dir(ctx, k)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = fit_from_inputs([str(ctx.corpus_dir / "train.jsonl")], _fit_settings(ctx, k))
+    model.save(folder / "model.edlc")
+    sizes = model.header["sample"]["cluster_documents"]
+    ctx.log("  " + ", ".join(f"{n} ({d})" for n, d in zip(model.names, sizes, strict=True)))
+    return {"names": model.names, "sample_documents": sizes}
+
+
+def preprocess_clusters_stage(ctx: Context, k: int) -> dict[str, Any]:
+    """Stage ``preprocess:clusters-K``: the same documents labelled with the K clusters (a
+    document without any of the model's terms keeps its place under ``unclustered``)."""
+    labels = [
+        *("--domain-clusters", str(_clusters_dir(ctx, k) / "model.edlc")),
+        *("--on-missing", "fallback:unclustered"),
+    ]
+    result = _preprocess_splits(ctx, f"clusters-{k}", labels, f"preprocess:clusters-{k}")
+    if result["tokens"] != ctx.results["preprocess"]["tokens"]:
+        raise QuickstartError(
+            f"preprocess:clusters-{k}: {result['tokens']} tokens, the fine-label data has "
+            f"{ctx.results['preprocess']['tokens']}: not the same documents"
+        )
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,7 +595,7 @@ def probe_command(ctx: Context, run: RunSpec) -> list[str]:
             continue
         flags.append(run_flags[i])
         i += 1
-    probe_run = dataclasses.replace(run, flags=(*flags, "--moe-edl-eval-per-domain"))
+    probe_run = dataclasses.replace(run, flags=(*flags, "--moe-edl-eval-per-domain"), data="")
     args = train_args(ctx, probe_run, telemetry=False)
     save = args.index("--save")
     del args[save : save + 4]  # --save DIR --save-interval N
@@ -533,8 +616,8 @@ def train_args(ctx: Context, run: RunSpec, *, telemetry: bool = True) -> list[st
     return [
         *config.model.megatron_args(),
         *("--expert-model-parallel-size", str(config.nproc)),
-        *("--train-data-path", str(_prefix(ctx, "train"))),
-        *("--valid-data-path", str(_prefix(ctx, "valid"))),
+        *("--train-data-path", str(_prefix(ctx, "train", run.data))),
+        *("--valid-data-path", str(_prefix(ctx, "valid", run.data))),
         *_tokenizer_args(ctx),
         *("--num-workers", "0"),
         *("--micro-batch-size", str(config.micro_batch_size)),
@@ -928,6 +1011,34 @@ def data_stages() -> list[Stage]:
     ]
 
 
+def cluster_stages(config: QuickstartConfig) -> list[Stage]:
+    """For every ``--labels clusters:K``: fit K discovered domains on the corpus, then relabel
+    the preprocessed data with them."""
+    stages = []
+    for k in cluster_counts(config):
+        stages.append(
+            Stage(
+                f"clusters:{k}",
+                lambda c, k=k: dataclasses.asdict(_fit_settings(c, k)),
+                lambda c, k=k: fit_clusters_stage(c, k),
+                lambda c, k=k: [_clusters_dir(c, k) / "model.edlc"],
+                after=("corpus",),
+            )
+        )
+        stages.append(
+            Stage(
+                f"preprocess:clusters-{k}",
+                lambda c: {},
+                lambda c, k=k: preprocess_clusters_stage(c, k),
+                lambda c, k=k: [
+                    Path(f"{_prefix(c, s, f'clusters-{k}')}.idx") for s in ("train", "valid")
+                ],
+                after=("preprocess", f"clusters:{k}"),
+            )
+        )
+    return stages
+
+
 def run_stages(runs: Sequence[RunSpec]) -> list[Stage]:
     """Stages 4-5 of ``runs``: every training, then every evaluation (probe)."""
     stages = [
@@ -936,7 +1047,7 @@ def run_stages(runs: Sequence[RunSpec]) -> list[Stage]:
             lambda c, run=run: {"args": train_args(c, run)},
             lambda c, run=run: train_stage(c, run),
             lambda c, run=run: [c.run_dir(run.name) / "train.log"],
-            after=("preprocess",),
+            after=("preprocess", f"preprocess:{run.data}") if run.data else ("preprocess",),
         )
         for run in runs
     ]
@@ -956,7 +1067,7 @@ def run_stages(runs: Sequence[RunSpec]) -> list[Stage]:
 def pipeline(ctx: Context) -> tuple[list[Stage], list[RunSpec]]:
     """The stages, in order, and the runs they train."""
     runs = run_specs(ctx.config, ctx.corpus_dir / "label_map_coarse.yaml")
-    stages = [*data_stages(), *run_stages(runs)]
+    stages = [*data_stages(), *cluster_stages(ctx.config), *run_stages(runs)]
     stages.append(
         Stage(
             "report",
@@ -1022,9 +1133,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels",
         nargs="+",
         action="extend",
-        choices=CONTROLS,
+        type=_label_control,
         default=[],
-        help="Controls, each adding a run: random (permuted labels), coarse (3 groups).",
+        help="Controls, each adding a run: random (permuted labels), coarse (3 groups), "
+        f"clusters[:K] (K discovered topic clusters, default {DEFAULT_CLUSTERS}).",
     )
     parser.add_argument(
         "--compare",
@@ -1060,6 +1172,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _label_control(text: str) -> str:
+    """A ``--labels`` value: ``random``, ``coarse`` or ``clusters[:K]`` (as ``clusters:K``)."""
+    if text in CONTROLS[:2]:
+        return text
+    k = _clusters(text)
+    if k is None:
+        raise argparse.ArgumentTypeError(
+            f"expected random, coarse or clusters:K with K >= 2, got {text!r}"
+        )
+    return f"clusters:{k}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (``megatron-edl-quickstart``); returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -1067,7 +1191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = QuickstartConfig(
             workdir=Path(args.workdir),
             seed=args.seed,
-            controls=tuple(c for c in CONTROLS if c in args.labels),
+            controls=(
+                *(c for c in CONTROLS[:2] if c in args.labels),
+                *(f"clusters:{k}" for k in sorted({_clusters(c) for c in args.labels} - {None})),
+            ),
             compare=tuple(c for c in COMPARE if c in args.compare),
             corpus_bytes_per_domain=args.corpus_bytes,
             vocab_size=args.vocab_size,

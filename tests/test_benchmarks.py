@@ -151,6 +151,22 @@ def test_preprocess_benchmark_tables(tmp_path):
     assert all(STATS.match(r["ratio"]) for r in fetch)
 
 
+def test_domain_labels_benchmark_tables(tmp_path):
+    out = _run(
+        [
+            "tools/benchmark_domain_labels.py", "--sizes-mb", "0.1", "--workers", "1",
+            "--repeats", "1", "--clusters", "3", "--fit-sizes-mb", "0.1",
+            "--workdir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    tables = read_tables(out)
+    timing = _table(tables, "Preprocessing time with cluster labels (K = 3) / field labels")
+    assert [r["clock"] for r in timing] == ["wall", "cpu"]
+    assert all(STATS.match(r["throughput ratio"]) for r in timing)
+    fits = _table(tables, "Fitting time, K = 3")
+    assert [r["input"] for r in fits] == ["generated 0.1 MB"] and int(fits[0]["documents"]) > 3
+
+
 def _load_training_tool():
     spec = importlib.util.spec_from_file_location(
         "benchmark_training", ROOT / "tools" / "benchmark_training.py"

@@ -98,6 +98,8 @@ def test_run_specs_and_controls(tmp_path):
     assert runs["edl-coarse"].flags[2:] == ("--moe-edl-label-map", str(label_map))
     with pytest.raises(ValueError, match="--labels must be among"):
         QuickstartConfig(controls=("fine",))
+    with pytest.raises(ValueError, match="--labels must be among"):
+        QuickstartConfig(controls=("clusters:1",))
     config = QuickstartConfig(workdir=tmp_path, compare=("ortho+variance", "all"))
     runs = {run.name: run for run in run_specs(config, label_map)}
     assert list(runs) == ["baseline", "edl", "ortho+variance", "edl+ortho+variance"]
@@ -108,6 +110,35 @@ def test_run_specs_and_controls(tmp_path):
         QuickstartConfig(compare=("ortho",))
     with pytest.raises(ValueError, match=r"--nproc \(3\) must divide"):
         QuickstartConfig(nproc=3)
+
+
+def test_cluster_control_runs_on_its_own_labels(tmp_path, capsys):
+    config = QuickstartConfig(workdir=tmp_path, controls=("clusters:8", "clusters:4"))
+    assert quickstart.cluster_counts(config) == [4, 8]
+    ctx = Context(config=config)
+    ctx.results["preprocess"] = {"tokens": {"valid": 10_000}}
+    runs = {run.name: run for run in run_specs(config, tmp_path / "map.yaml")}
+    assert list(runs) == ["baseline", "edl", "edl-clusters-4", "edl-clusters-8"]
+    clusters = runs["edl-clusters-8"]
+    assert clusters.flags == runs["edl"].flags and not clusters.fine_labels
+    args = quickstart.train_args(ctx, clusters)
+    assert args[args.index("--train-data-path") + 1] == str(
+        tmp_path / "data" / "clusters-8" / "train_text_document"
+    )
+    # The probe evaluates on the fine labels of the corpus, like every run.
+    probe = quickstart.probe_command(ctx, clusters)
+    assert probe[probe.index("--valid-data-path") + 1] == str(
+        tmp_path / "data" / "valid_text_document"
+    )
+    stages = [stage.name for stage in quickstart.pipeline(ctx)[0]]
+    assert stages.index("clusters:4") < stages.index("preprocess:clusters-4")
+    assert stages.index("preprocess:clusters-8") < stages.index("train:edl-clusters-8")
+    # The command line: "clusters" is clusters:16.
+    parsed = quickstart.build_parser().parse_args(["--labels", "clusters", "random"])
+    assert parsed.labels == ["clusters:16", "random"]
+    with pytest.raises(SystemExit):
+        quickstart.build_parser().parse_args(["--labels", "clusters:x"])
+    assert "expected random, coarse or clusters:K" in capsys.readouterr().err
 
 
 def test_same_flags_for_every_run_but_edl(tmp_path):
@@ -282,3 +313,47 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     coarse = summary["evaluations"]["edl-coarse"]
     assert coarse["edl_mi"] >= 0
     assert list(coarse["valid_lm_loss_per_domain"]) == ["code", "text", "math"]
+
+
+@pytest.mark.slow
+def test_cluster_labels_stages_and_run(tmp_path):
+    """clusters:K at tiny size: fit, relabel the same documents, train and probe the EDL run."""
+    config = QuickstartConfig(
+        workdir=tmp_path / "qs",
+        controls=("clusters:4",),
+        corpus_bytes_per_domain=16 << 10,
+        vocab_size=512,
+        model=TINY_MODEL,
+        train_iters=2,
+        micro_batch_size=2,
+        global_batch_size=4,
+        eval_iters=1,
+    )
+    lines: list[str] = []
+    ctx = Context(config=config, log=lines.append)
+    stages = {stage.name: stage for stage in quickstart.pipeline(ctx)[0]}
+    wanted = [
+        "corpus",
+        "tokenizer",
+        "preprocess",
+        "clusters:4",
+        "preprocess:clusters-4",
+        "train:edl-clusters-4",
+        "evaluate:edl-clusters-4",
+    ]
+    for i, name in enumerate(wanted, 1):
+        run_stage(stages[name], ctx, i, len(wanted))
+    names = ctx.results["clusters:4"]["names"]
+    assert len(names) == len(set(names)) == 4
+    from megatron_edl.data.sidecar import read_sidecar
+
+    ids, vocabulary = read_sidecar(
+        str(config.workdir / "data" / "clusters-4" / "train_text_document")
+    )
+    assert list(vocabulary)[:4] == names and len(set(ids.tolist())) > 1
+    trained = ctx.results["train:edl-clusters-4"]
+    assert "edl_jsd" in trained["iterations"]["2"]
+    evaluation = ctx.results["evaluate:edl-clusters-4"]
+    assert set(evaluation["valid_lm_loss_per_domain"]) <= set(vocabulary)
+    # The probe evaluated the checkpoint on the corpus's fine labels.
+    assert list((config.workdir / "runs" / "edl-clusters-4" / "probe").glob("*probe*.json"))

