@@ -110,3 +110,13 @@ def test_tiny_study_end_to_end_and_resumes(tmp_path, capsys):
     assert not [line for line in lines if line.endswith(": running")], lines
     assert st.main([str(path), "--workdir", str(tmp_path / "w"), "--list"]) == 0
     assert capsys.readouterr().out.splitlines()[3] == "3\tedl-window-s2"
+
+
+def test_shipped_example_studies_load(tmp_path):
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples" / "studies").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        study = st.load_study(path, tmp_path)
+        assert len(study.seeds) >= 3 and study.arms[0][0] == "baseline", path
