@@ -63,6 +63,22 @@ def resume_checkpoint_dir(load: str | os.PathLike, ckpt_step: int | None = None)
     return load / f"iter_{int(text):07d}"
 
 
+def _folder_to_check(args) -> Path | None:
+    """The ``torch_dist`` checkpoint folder ``--load`` resumes from, on global rank 0 only.
+
+    One rank reads the index and stats the shards (thousands of ranks would be a metadata storm on
+    the shared file system); its refusal ends the job (srun --kill-on-bad-exit, torchrun), and
+    every rank loads the checkpoint through Megatron afterwards anyway. ``None``: nothing to check
+    here (no ``--load``, another format, another rank, no tracker).
+    """
+    load = getattr(args, "load", None)
+    if not load or getattr(args, "ckpt_format", "torch_dist") != "torch_dist":
+        return None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    return resume_checkpoint_dir(load, getattr(args, "ckpt_step", None))
+
+
 def check_resume_checkpoint(args) -> None:
     """Refuse a damaged ``torch_dist`` checkpoint under ``--load`` (module docstring).
 
@@ -72,17 +88,10 @@ def check_resume_checkpoint(args) -> None:
     Raises:
         CheckpointError: naming the folder or file and what is wrong with it.
     """
-    load = getattr(args, "load", None)
-    if not load or getattr(args, "ckpt_format", "torch_dist") != "torch_dist":
-        return
-    if int(os.environ.get("RANK", "0")) != 0:
-        # One rank reads the index and stats the shards (thousands of ranks would be a metadata
-        # storm on the shared file system); its refusal ends the job (srun --kill-on-bad-exit,
-        # torchrun), and every rank loads the checkpoint through Megatron afterwards anyway.
-        return
-    folder = resume_checkpoint_dir(load, getattr(args, "ckpt_step", None))
+    folder = _folder_to_check(args)
     if folder is None:
         return
+    load = args.load
     hint = "(truncated or half-written: restore it, or remove it and point the tracker at an "
     hint += "earlier iteration)"
     if not folder.is_dir():
@@ -127,14 +136,9 @@ def check_window_state(args, buffer_name: str) -> None:
     Raises:
         CheckpointError: naming the checkpoint and the flag that lets it load.
     """
-    load = getattr(args, "load", None)
-    if not load or getattr(args, "ckpt_format", "torch_dist") != "torch_dist":
-        return
     if getattr(args, "dist_ckpt_strictness", "assume_ok_unexpected") != "assume_ok_unexpected":
         return
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    folder = resume_checkpoint_dir(load, getattr(args, "ckpt_step", None))
+    folder = _folder_to_check(args)
     if folder is None or not (folder / ".metadata").is_file():
         return
     from torch.distributed.checkpoint import FileSystemReader

@@ -261,11 +261,12 @@ def warn_thin_statistics(args, cfg) -> float:
     from megatron_edl.config import EDLScope
     from megatron_edl.core.window import MIN_SEQUENCES_PER_DOMAIN, sequences_per_domain
 
+    data_parallel = getattr(args, "data_parallel_size", None) or 1
     sequences = args.micro_batch_size
     if cfg.scope == EDLScope.GLOBAL:
-        sequences *= getattr(args, "data_parallel_size", None) or 1
-    if cfg.accumulate and args.global_batch_size:
-        sequences = args.global_batch_size  # the whole global batch, accumulated
+        sequences *= data_parallel
+    if cfg.accumulate and args.global_batch_size:  # every micro-batch of the global batch
+        sequences *= args.global_batch_size // (args.micro_batch_size * data_parallel)
     estimate = sequences_per_domain(
         sequences=sequences, num_domains=cfg.num_domains, decay=cfg.window_decay
     )

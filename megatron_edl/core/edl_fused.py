@@ -64,14 +64,16 @@ def edl_statistics(
     domain_ids_T: Tensor,
     weights_T: Tensor | None,
     num_domains: int,
+    score_function: str = "softmax",
 ) -> tuple[Tensor, Tensor]:
-    """Pre-reduce piece: p_t = softmax(z_t) (unless given), then A_j and n_j of the local tokens.
+    """Pre-reduce piece: p_t from the logits (unless given), then A_j and n_j of the local tokens.
 
         A_j = Σ_t w_t · 1[d_t = j] · p_t   (sums_DE),     n_j = Σ_t w_t · 1[d_t = j]   (counts_D)
 
-    Exactly one of ``logits_TE`` (the softmax is computed here, fused with the sums) and
-    ``probs_TE`` (dense probabilities computed elsewhere, e.g. Megatron's aux-loss softmax) is
-    given. Ids are not validated (the hot path: ``edl.domain_sums(validate=False)``).
+    Exactly one of ``logits_TE`` (p_t = ``edl.routing_probs`` of ``score_function`` is computed
+    here, fused with the sums) and ``probs_TE`` (dense probabilities computed elsewhere, e.g.
+    Megatron's aux-loss scores) is given. Ids are not validated (the hot path:
+    ``edl.domain_sums(validate=False)``).
 
     Args:
         logits_TE: Router logits z_t, shape ``(T, E)``, or ``None``.
@@ -79,6 +81,7 @@ def edl_statistics(
         domain_ids_T: Domain ids d_t in [-1, num_domains), shape ``(T,)``.
         weights_T: Token weights w_t, shape ``(T,)``, or ``None`` for w_t = 1.
         num_domains: D.
+        score_function: The router's score function for p_t (``edl.SCORE_FUNCTIONS``).
 
     Returns:
         ``(sums_DE, counts_D)`` as ``edl.domain_sums`` returns them.
@@ -89,7 +92,7 @@ def edl_statistics(
     if (logits_TE is None) == (probs_TE is None):
         raise ValueError("edl_statistics needs exactly one of logits_TE and probs_TE")
     if probs_TE is None:
-        probs_TE = edl.routing_probs(logits_TE=logits_TE)
+        probs_TE = edl.routing_probs(logits_TE=logits_TE, score_function=score_function)
     return edl.domain_sums(
         probs_TE=probs_TE,
         domain_ids_T=domain_ids_T,

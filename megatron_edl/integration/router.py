@@ -68,7 +68,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_edl.config import EDLConfig, EDLScope, SpecializationConfig
-from megatron_edl.core import edl, edl_fused
+from megatron_edl.core import edl_fused
 from megatron_edl.core.window import window_combine
 from megatron_edl.distributed import (
     DomainStatsAccumulator,
@@ -283,14 +283,8 @@ class EDLTopKRouter(TopKRouter):
         probs_TE = self._edl_dense_probs  # Megatron's aux-loss softmax, when it computed one
         wanted = torch.promote_types(logits_TE.dtype, torch.float32)  # fp32, or fp64 for tests
         if probs_TE is None or probs_TE.shape != logits_TE.shape or probs_TE.dtype != wanted:
-            if self.edl_score_function == "softmax":
-                dense = {"logits_TE": logits_TE}  # the softmax runs inside (fused with the sums)
-            else:  # the router's normalised scores (sigmoid, ...), computed here
-                dense = {
-                    "probs_TE": edl.routing_probs(
-                        logits_TE=logits_TE, score_function=self.edl_score_function
-                    )
-                }
+            # p_t is computed inside (fused with the sums), with EDL's score function.
+            dense = {"logits_TE": logits_TE, "score_function": self.edl_score_function}
         else:
             dense = {"probs_TE": probs_TE}
         # Ids are validated once, in the data pipeline, not here.
