@@ -59,6 +59,8 @@ __all__ = [
     "QuickstartConfig",
     "QuickstartError",
     "RunSpec",
+    "cluster_count",
+    "coarse_label_map",
     "main",
     "parse_iteration_line",
     "per_domain_table",
@@ -155,7 +157,7 @@ class QuickstartConfig:
     """Megatron flags appended to every run's command line."""
 
     def __post_init__(self) -> None:
-        unknown = [c for c in self.controls if c not in CONTROLS[:2] and _clusters(c) is None]
+        unknown = [c for c in self.controls if c not in CONTROLS[:2] and cluster_count(c) is None]
         if unknown:
             raise ValueError(
                 f"--labels must be among random, coarse, clusters:K (K >= 2), got {unknown}"
@@ -180,7 +182,7 @@ class QuickstartConfig:
             )
 
 
-def _clusters(control: str) -> int | None:
+def cluster_count(control: str) -> int | None:
     """K of a ``clusters`` / ``clusters:K`` control (None for any other value)."""
     match = re.fullmatch(r"clusters(?::(\d+))?", control)
     if match is None:
@@ -189,9 +191,16 @@ def _clusters(control: str) -> int | None:
     return k if k >= 2 else None
 
 
+def coarse_label_map(workdir: Path) -> Path:
+    """The corpus's coarse label map (fine domain -> code, text, math) in a quickstart workdir."""
+    from megatron_edl.data.corpus import COARSE_MAP_FILE
+
+    return Path(workdir) / "corpus" / COARSE_MAP_FILE
+
+
 def cluster_counts(config: QuickstartConfig) -> list[int]:
     """The K of every ``clusters:K`` control, ascending, without repeats."""
-    return sorted({k for k in map(_clusters, config.controls) if k is not None})
+    return sorted({k for k in map(cluster_count, config.controls) if k is not None})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -910,7 +919,7 @@ def analysis_reports(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, dict[st
     from megatron_edl.analysis import report
 
     options = report.ReportOptions(source="probe", title="Quickstart: expert specialization")
-    label_map = ctx.corpus_dir / "label_map_coarse.yaml"
+    label_map = coarse_label_map(ctx.workdir)
     numbers: dict[str, dict[str, float]] = {}
     for name, grouping in (("fine", None), ("coarse", label_map)):
         loaded = [
@@ -1066,7 +1075,7 @@ def run_stages(runs: Sequence[RunSpec]) -> list[Stage]:
 
 def pipeline(ctx: Context) -> tuple[list[Stage], list[RunSpec]]:
     """The stages, in order, and the runs they train."""
-    runs = run_specs(ctx.config, ctx.corpus_dir / "label_map_coarse.yaml")
+    runs = run_specs(ctx.config, coarse_label_map(ctx.workdir))
     stages = [*data_stages(), *cluster_stages(ctx.config), *run_stages(runs)]
     stages.append(
         Stage(
@@ -1176,7 +1185,7 @@ def _label_control(text: str) -> str:
     """A ``--labels`` value: ``random``, ``coarse`` or ``clusters[:K]`` (as ``clusters:K``)."""
     if text in CONTROLS[:2]:
         return text
-    k = _clusters(text)
+    k = cluster_count(text)
     if k is None:
         raise argparse.ArgumentTypeError(
             f"expected random, coarse or clusters:K with K >= 2, got {text!r}"
@@ -1193,7 +1202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             controls=(
                 *(c for c in CONTROLS[:2] if c in args.labels),
-                *(f"clusters:{k}" for k in sorted({_clusters(c) for c in args.labels} - {None})),
+                *(
+                    f"clusters:{k}"
+                    for k in sorted({cluster_count(c) for c in args.labels} - {None})
+                ),
             ),
             compare=tuple(c for c in COMPARE if c in args.compare),
             corpus_bytes_per_domain=args.corpus_bytes,

@@ -12,7 +12,15 @@ A study is a YAML file::
       baseline: --moe-edl-eval-per-domain
       edl: --moe-edl-coeff 0.01
       edl-window: --moe-edl-coeff 0.01 --moe-edl-window-decay 0.9 --moe-edl-warmup-iters 50
-      random: --moe-edl-coeff 0.01 --moe-edl-labels random
+      random:                        # a mapping: flags plus the labels the arm trains on
+        flags: --moe-edl-coeff 0.01
+        labels: random                 # fine (default) | random | coarse | clusters:K
+
+An arm's ``labels`` chooses what EDL sees, on the same documents: ``fine`` (the corpus's
+domains), ``random`` (the fine labels permuted per document with the quickstart's seed,
+``--moe-edl-labels random``), ``coarse`` (the corpus's 3 groups, ``--moe-edl-label-map``) or
+``clusters:K`` (K topic clusters fitted on the train split, the quickstart's ``--labels
+clusters:K`` stages, built once and shared by every arm that names them).
 
 Every arm runs once per seed as the quickstart's run ``<arm>-s<seed>``, on one corpus,
 tokenizer and labelled data (the quickstart's stages 1-3, built once with the quickstart's
@@ -87,6 +95,8 @@ class StudyConfig:
     seeds: tuple[int, ...]
     arms: tuple[tuple[str, tuple[str, ...]], ...]
     """(name, Megatron flags) of every arm, in file order."""
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Arm name -> its labels (``random``, ``coarse``, ``clusters:K``); absent: ``fine``."""
 
 
 def load_study(path: str | os.PathLike, workdir: str | os.PathLike) -> StudyConfig:
@@ -123,6 +133,7 @@ def load_study(path: str | os.PathLike, workdir: str | os.PathLike) -> StudyConf
     if not isinstance(arms, dict) or not arms:
         raise StudyError(f"{where}: arms must map arm names to Megatron flags, got {arms!r}")
     parsed_arms = []
+    arm_labels: dict[str, str] = {}
     for name, flags in arms.items():
         if (
             not isinstance(name, str)
@@ -130,6 +141,19 @@ def load_study(path: str | os.PathLike, workdir: str | os.PathLike) -> StudyConf
             or not all(c.isalnum() or c in "-_." for c in name)
         ):
             raise StudyError(f"{where}: arm name {name!r}: use letters, digits, '-', '_', '.'")
+        if isinstance(flags, dict):
+            extra = sorted(set(flags) - {"flags", "labels"})
+            if extra:
+                raise StudyError(f"{where}: arms.{name}: unknown keys {extra}; use flags, labels")
+            label = str(flags.get("labels", "fine"))
+            if label not in ("fine", *qs.CONTROLS[:2]) and qs.cluster_count(label) is None:
+                raise StudyError(
+                    f"{where}: arms.{name}.labels must be fine, random, coarse or clusters:K "
+                    f"(K >= 2), got {label!r}"
+                )
+            if label != "fine":
+                arm_labels[name] = label
+            flags = flags.get("flags")
         if flags is None:
             flags = ""
         if not isinstance(flags, str | list):
@@ -142,24 +166,48 @@ def load_study(path: str | os.PathLike, workdir: str | os.PathLike) -> StudyConf
             f"{where}: unknown quickstart settings {unknown}; allowed: {list(_QUICKSTART_KEYS)}"
         )
     extra = tuple(shlex.split(str(settings.pop("train_args", ""))))
+    # The clusters the arms name: the quickstart's stages fit and apply them once.
+    controls = tuple(dict.fromkeys(v for v in arm_labels.values() if v.startswith("clusters")))
     try:
-        config = qs.QuickstartConfig(workdir=Path(workdir), extra_train_args=extra, **settings)
+        config = qs.QuickstartConfig(
+            workdir=Path(workdir), extra_train_args=extra, controls=controls, **settings
+        )
     except (TypeError, ValueError) as err:
         raise StudyError(f"{where}: quickstart: {err}") from err
-    return StudyConfig(quickstart=config, seeds=tuple(seeds), arms=tuple(parsed_arms))
+    return StudyConfig(
+        quickstart=config, seeds=tuple(seeds), arms=tuple(parsed_arms), labels=arm_labels
+    )
+
+
+def _label_flags(study: StudyConfig, arm: str) -> tuple[tuple[str, ...], str]:
+    """The flags and the data folder that give ``arm`` its labels (:attr:`StudyConfig.labels`)."""
+    label = study.labels.get(arm, "fine")
+    if label == "random":
+        flags = ("--moe-edl-labels", "random", "--moe-edl-random-seed", str(study.quickstart.seed))
+        return flags, ""
+    if label == "coarse":
+        label_map = qs.coarse_label_map(Path(study.quickstart.workdir))
+        return ("--moe-edl-label-map", os.fspath(label_map)), ""
+    k = qs.cluster_count(label)
+    return (), ("" if k is None else f"clusters-{k}")
 
 
 def study_runs(study: StudyConfig) -> list[qs.RunSpec]:
     """Every arm x seed as a quickstart run ``<arm>-s<seed>`` (arm-major, seeds in order)."""
     runs = []
     for arm, flags in study.arms:
+        label_flags, data = _label_flags(study, arm)
         for seed in study.seeds:
             runs.append(
                 qs.RunSpec(
                     f"{arm}-s{seed}",
-                    f"arm {arm}, seed {seed}: {' '.join(flags) or '(no extra flag)'}",
-                    (*flags, "--seed", str(seed)),  # after the quickstart's --seed: wins
-                    fine_labels=not any(f in _CONTROL_FLAGS for f in flags),
+                    f"arm {arm}, seed {seed}: {' '.join(flags) or '(no extra flag)'}"
+                    + (f", labels {study.labels[arm]}" if arm in study.labels else ""),
+                    # the seed after the quickstart's --seed: wins
+                    (*flags, *label_flags, "--seed", str(seed)),
+                    fine_labels=arm not in study.labels
+                    and not any(f in _CONTROL_FLAGS for f in flags),
+                    data=data,
                 )
             )
     return runs
@@ -305,7 +353,7 @@ def _stages(ctx: qs.Context, study: StudyConfig, runs: Sequence[qs.RunSpec]) -> 
         lambda c: [c.report_dir / "study.md"],
         after=tuple(f"evaluate:{r.name}" for r in runs),
     )
-    return [*qs.data_stages(), *qs.run_stages(runs), report]
+    return [*qs.data_stages(), *qs.cluster_stages(study.quickstart), *qs.run_stages(runs), report]
 
 
 def run_study(
@@ -335,13 +383,14 @@ def run_study(
     ctx = qs.Context(config=study.quickstart, log=log)
     runs = study_runs(study)
     stages = _stages(ctx, study, runs)
+    shared = [s.name for s in qs.data_stages() + qs.cluster_stages(study.quickstart)]
     if only == "prepare":
-        stages = [s for s in stages if s.name in ("corpus", "tokenizer", "preprocess")]
+        stages = [s for s in stages if s.name in shared]
     elif only == "run":
         if run_index is None or not 0 <= run_index < len(runs):
             raise StudyError(f"--run must be in [0, {len(runs)}), got {run_index!r}")
         name = runs[run_index].name
-        wanted = ("corpus", "tokenizer", "preprocess", f"train:{name}", f"evaluate:{name}")
+        wanted = (*shared, f"train:{name}", f"evaluate:{name}")
         stages = [s for s in stages if s.name in wanted]
     elif only == "report":
         missing = [r.name for r in runs if not qs.stamp_path(ctx, _evaluate(stages, r)).exists()]
