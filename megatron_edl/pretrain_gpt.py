@@ -310,6 +310,9 @@ def escape_percent_in_help(parser: argparse.ArgumentParser) -> argparse.Argument
     megatron-core 0.19.2 has one (``--moe-paged-stash-buffer-size-factor-cuda``), which makes
     ``--help`` raise ``ValueError: unsupported format character``.
     """
+    from megatron_edl.integration.internals import touch
+
+    touch("argparse-formatter")
     formatter = parser._get_formatter()
     for action in parser._actions:
         if not action.help:
