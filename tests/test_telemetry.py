@@ -359,7 +359,8 @@ def test_probe_command_line() -> None:
     argv = probe_argv("out", ["--load", "ckpt", "--eval-iters", "3"])
     assert argv == [
         "--load", "ckpt", "--eval-iters", "3", "--skip-train", "--no-load-optim",
-        "--no-load-rng", "--train-iters", "1", "--moe-edl-probe-dir", "out",
+        "--no-load-rng", "--train-iters", "1", "--moe-edl-window-decay", "0",
+        "--moe-edl-probe-dir", "out",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="--load"):
         probe_argv("out", ["--eval-iters", "3"])
