@@ -49,7 +49,7 @@ def sentence(rng: random.Random, domain: str, num_words: int) -> str:
 def train_tiny_tokenizer(directory: str | os.PathLike, vocab_size: int = 512) -> Path:
     """Train a byte-level BPE on generated text and save it where AutoTokenizer can load it.
 
-    The library's trainer (``megatron_edl.data.tokenizer``, the quickstart's) on generated text.
+    The library's trainer (``megatron_edl.demo.tokenizer``, the quickstart's) on generated text.
 
     Args:
         directory: Folder to write ``tokenizer.json`` and ``tokenizer_config.json`` into.
@@ -58,7 +58,7 @@ def train_tiny_tokenizer(directory: str | os.PathLike, vocab_size: int = 512) ->
     Returns:
         The folder.
     """
-    from megatron_edl.data.tokenizer import train_bpe_tokenizer
+    from megatron_edl.demo.tokenizer import train_bpe_tokenizer
 
     rng = random.Random(0)
     texts = [sentence(rng, domain, 16) for domain in DOMAIN_WORDS for _ in range(300)]

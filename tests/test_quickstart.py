@@ -1,4 +1,4 @@
-"""The quickstart pipeline (megatron_edl.quickstart): stage reuse, a shortened run end to end."""
+"""The quickstart (megatron_edl.demo.quickstart): stage reuse, a shortened run end to end."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_edl import quickstart
-from megatron_edl.quickstart import (
+from megatron_edl.demo import quickstart
+from megatron_edl.demo.quickstart import (
     Context,
     ModelConfig,
     QuickstartConfig,

@@ -2,7 +2,7 @@
 
 Eight fine domains in three coarse groups (code, text, math) from what the machine already has:
 Python and C sources, manual pages in English, German and French, license texts, and
-mathematics generated with sympy. The library is megatron_edl.data.corpus (its docstring has
+mathematics generated with sympy. The library is megatron_edl.demo.corpus (its docstring has
 the rules). Also installed as the console script ``megatron-edl-build-corpus``.
 
 Usage:
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
-from megatron_edl.data import corpus  # noqa: E402 (after the path set-up)
+from megatron_edl.demo import corpus  # noqa: E402 (after the path set-up)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,10 +4,10 @@ Stages, each a function of the run's context, each finished stage remembered by 
 (``<workdir>/stamps/<stage>.json``: a fingerprint of everything the stage's output depends on,
 its outputs, its wall time), so that re-running reuses what is done and redoes what changed:
 
-1. ``corpus``: the offline multi-domain corpus (:mod:`megatron_edl.data.corpus`): labelled
+1. ``corpus``: the offline multi-domain corpus (:mod:`megatron_edl.demo.corpus`): labelled
    train/validation JSONL, label vocabulary, coarse label map.
 2. ``tokenizer``: a byte-level BPE trained on the train split
-   (:mod:`megatron_edl.data.tokenizer`), loaded by Megatron as ``HuggingFaceTokenizer``.
+   (:mod:`megatron_edl.demo.tokenizer`), loaded by Megatron as ``HuggingFaceTokenizer``.
 3. ``preprocess``: both splits into Megatron's indexed format with the domain sidecar
    (:mod:`megatron_edl.data.preprocess`).
 4. ``train:<run>``: one pre-training run per comparison arm through the launcher
@@ -28,10 +28,10 @@ The routing telemetry, evaluation probe and HTML report of the analysis package 
 stages 4-6 through :func:`telemetry_args`, :func:`evaluate_run` and :func:`write_report`.
 
 Usage:
-    python -m megatron_edl.quickstart                       # baseline vs EDL, ~11 min on 2 cores
-    python -m megatron_edl.quickstart --labels random coarse  # plus the two controls
-    python -m megatron_edl.quickstart --labels clusters:16    # plus EDL on 16 discovered topics
-    python -m megatron_edl.quickstart --train-iters 20 --corpus-bytes 64K   # a smoke run
+    python -m megatron_edl.demo.quickstart                      # baseline vs EDL, ~11 min, 2 cores
+    python -m megatron_edl.demo.quickstart --labels random coarse  # plus the two controls
+    python -m megatron_edl.demo.quickstart --labels clusters:16    # plus EDL on 16 topic clusters
+    python -m megatron_edl.demo.quickstart --train-iters 20 --corpus-bytes 64K   # a smoke run
     make quickstart
 """
 
@@ -193,7 +193,7 @@ def cluster_count(control: str) -> int | None:
 
 def coarse_label_map(workdir: Path) -> Path:
     """The corpus's coarse label map (fine domain -> code, text, math) in a quickstart workdir."""
-    from megatron_edl.data.corpus import COARSE_MAP_FILE
+    from megatron_edl.demo.corpus import COARSE_MAP_FILE
 
     return Path(workdir) / "corpus" / COARSE_MAP_FILE
 
@@ -407,7 +407,7 @@ def run_stage(stage: Stage, ctx: Context, index: int, total: int) -> dict[str, A
 
 
 def _corpus_config(ctx: Context):
-    from megatron_edl.data.corpus import CorpusConfig
+    from megatron_edl.demo.corpus import CorpusConfig
 
     return CorpusConfig(
         output_dir=ctx.corpus_dir,
@@ -425,7 +425,7 @@ def _corpus_inputs(ctx: Context) -> Any:
 
 def build_corpus_stage(ctx: Context) -> dict[str, Any]:
     """Stage 1: the corpus; logs its table."""
-    from megatron_edl.data.corpus import build_corpus
+    from megatron_edl.demo.corpus import build_corpus
 
     report = build_corpus(_corpus_config(ctx))
     ctx.log(report.table())
@@ -439,7 +439,7 @@ def build_corpus_stage(ctx: Context) -> dict[str, Any]:
 
 def train_tokenizer_stage(ctx: Context) -> dict[str, Any]:
     """Stage 2: the BPE tokenizer, trained on the corpus's train split."""
-    from megatron_edl.data.tokenizer import jsonl_texts, train_bpe_tokenizer
+    from megatron_edl.demo.tokenizer import jsonl_texts, train_bpe_tokenizer
 
     if ctx.tokenizer_dir.exists():
         shutil.rmtree(ctx.tokenizer_dir)
@@ -1129,7 +1129,7 @@ def run_quickstart(
 
 def build_parser() -> argparse.ArgumentParser:
     """The quickstart's flags."""
-    from megatron_edl.data.corpus import parse_size
+    from megatron_edl.demo.corpus import parse_size
 
     defaults = QuickstartConfig()
     parser = argparse.ArgumentParser(
