@@ -8,14 +8,9 @@ Usage:
     # then: --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tokenizer
 """
 
-from __future__ import annotations
-
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
-
-from megatron_edl.demo.tokenizer import main  # noqa: E402 (after the path set-up)
+from megatron_edl.demo.tokenizer import main
 
 if __name__ == "__main__":
     sys.exit(main())

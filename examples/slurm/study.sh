@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run a study (megatron_edl.demo.study: arms x seeds on the quickstart's data) as Slurm jobs: one job
-# builds the shared corpus, tokenizer and data, a job array trains and evaluates one arm x seed
+# Run a study (megatron_edl.demo.study: arms x seeds on the quickstart's data) as Slurm jobs: one
+# job builds the shared corpus, tokenizer and data, a job array trains and evaluates one arm x seed
 # per task (CPU nodes: the quickstart's runs use --cpu), a last job writes the report.
 #
 #   bash examples/slurm/study.sh STUDY.yaml WORKDIR [extra sbatch flags]
