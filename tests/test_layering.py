@@ -48,6 +48,7 @@ def test_the_layering_holds():
         ("core/schedule.py", "from megatron_edl import config", "core is pure math"),
         ("analysis/metrics.py", "import megatron.core", "Megatron is imported by the glue only"),
         ("data/sidecar.py", "import megatron_edl.data.preprocess", "no import cycles"),
+        ("data/readers.py", "from megatron_edl.demo import corpus", "the product imports no demo"),
     ],
 )
 def test_a_planted_violation_fails(copy_root, module, planted, contract):
