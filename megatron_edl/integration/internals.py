@@ -200,6 +200,27 @@ _register(
     remove_when="as flex-dispatcher-comm-manager",
 )
 _register(
+    name="alltoall-dispatcher-state",
+    target="megatron.core.transformer.moe.token_dispatcher:MoEAlltoAllTokenDispatcher#probs",
+    kind="private-attr",
+    where="megatron_edl.integration.specialization.OrthogonalityAlltoAllTokenDispatcher",
+    why="the orthogonality hook in combine_postprocess needs the (token, expert) layout of the "
+    "combined rows: it reads the routing_map and probs the dispatcher keeps from "
+    "dispatch_preprocess (internal state, not an API)",
+    remove_when="the dispatcher hands the routing layout to combine (argument or public "
+    "property), or offers a per-expert-output combine hook",
+)
+_register(
+    name="allgather-dispatcher-state",
+    target="megatron.core.transformer.moe.token_dispatcher:MoEAllGatherTokenDispatcher#local_map",
+    kind="private-attr",
+    where="megatron_edl.integration.specialization.OrthogonalityAllGatherTokenDispatcher",
+    why="the orthogonality hook places each local expert's outputs in their tokens' slots: it "
+    "reads the gathered routing_map (in dispatch_postprocess, before Megatron clears it), "
+    "local_map and local_probs, internal state of the dispatcher",
+    remove_when="as alltoall-dispatcher-state",
+)
+_register(
     name="moe-layer-training-dispatcher",
     target="megatron.core.transformer.moe.moe_layer:MoELayer#_training_token_dispatcher",
     kind="private-attr",

@@ -196,6 +196,7 @@ class OrthogonalityAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
     def combine_postprocess(self, permutated_local_input_tokens: Tensor) -> Tensor:
         """Megatron's unpermute; the loss is computed on its input, attached to its output."""
+        touch("alltoall-dispatcher-state")
         routing_map_TE, probs_TE = self.routing_map, self.probs
         output = super().combine_postprocess(permutated_local_input_tokens)
         ortho = self.orthogonality
@@ -239,6 +240,7 @@ class OrthogonalityAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
     def dispatch_postprocess(self, hidden_states: Tensor, probs: Tensor):
         """Megatron's; first keeps the slots of the local experts' (gathered) tokens."""
         if self._ortho_active:
+            touch("allgather-dispatcher-state")
             first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
             selected_TE = self.routing_map & (probs != 0)  # global tokens of the tp_ep group
             self._ortho_slot_TL = spec_math.token_slots(selected_TE=selected_TE)[:, first:last]
