@@ -25,7 +25,9 @@ parts of a step (:func:`megatron_edl.analysis.routing_stats.load_run`). No colle
 pipeline stages.
 
 When dumps happen (Megatron has no callback API; these hooks wrap two functions of
-``megatron.training.training`` that its loop looks up by module global at every call):
+``megatron.training.training`` that its loop looks up by module global at every call; registry
+entries ``training-post-step-callbacks`` and ``training-evaluate`` of
+:mod:`megatron_edl.integration.internals`):
 
 * training: after ``post_training_step_callbacks(model, ..., iteration, ...)``, which ``train``
   calls once per completed iteration, after logging and evaluation and before checkpointing,
@@ -34,6 +36,10 @@ When dumps happen (Megatron has no callback API; these hooks wrap two functions 
 * probe: after the first call of ``evaluate(...)`` (the validation set; with ``--skip-train``,
   Megatron evaluates the loaded checkpoint and exits), with ``source = "probe"`` and the
   checkpoint's iteration as the step.
+
+The routers are found through :func:`megatron_edl.integration.labels.label_consumers` (their
+``routing_stats``), never by their class: this module imports no router, and a router hands
+:meth:`RouterStats.observe` the label entry it consumed.
 
 Shape legend: L layers, D domains, E experts, X = D + 1, F = 2E + 2.
 """
