@@ -92,9 +92,13 @@ def test_run_specs_and_controls(tmp_path):
     assert list(runs) == ["baseline", "edl", "edl-random", "edl-coarse"]
     # The baseline loads the labels for the per-domain validation loss only.
     assert runs["baseline"].flags == ("--moe-edl-eval-per-domain",)
-    assert runs["edl"].flags == ("--moe-edl-coeff", "0.1")
-    assert runs["edl-random"].flags[2:4] == ("--moe-edl-labels", "random")
-    assert runs["edl-coarse"].flags[2:] == ("--moe-edl-label-map", str(label_map))
+    assert runs["edl"].flags == (
+        "--moe-edl-coeff", "0.1", "--moe-edl-window-decay", "0.95", "--moe-edl-warmup-iters", "25",
+    )  # fmt: skip
+    assert runs["edl-random"].flags[6:8] == ("--moe-edl-labels", "random")
+    assert runs["edl-coarse"].flags[6:] == ("--moe-edl-label-map", str(label_map))
+    plain = QuickstartConfig(workdir=tmp_path, edl_window_decay=0.0, edl_warmup_iters=0)
+    assert quickstart.edl_flags(plain) == ("--moe-edl-coeff", "0.03")
     with pytest.raises(ValueError, match="--labels must be among"):
         QuickstartConfig(controls=("fine",))
     with pytest.raises(ValueError, match="--labels must be among"):

@@ -135,8 +135,13 @@ class QuickstartConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 8
     lr: float = 2e-3
-    edl_coeff: float = 0.01
-    """β of the EDL runs."""
+    edl_coeff: float = 0.03
+    """β of the EDL runs (the defaults of the EDL settings: docs/science.md, chosen by a 3-seed
+    study)."""
+    edl_window_decay: float = 0.95
+    """``--moe-edl-window-decay`` of the EDL runs (0: no statistics window)."""
+    edl_warmup_iters: int = 25
+    """``--moe-edl-warmup-iters`` of the EDL runs (0: full β from the first iteration)."""
     eval_iters: int | None = None
     """Validation batches evaluated at the end of each run; ``None``: as many as the validation
     split fills (every validation token once)."""
@@ -207,6 +212,16 @@ class RunSpec:
     documents with other labels); ``""``: the corpus's fine labels."""
 
 
+def edl_flags(config: QuickstartConfig) -> tuple[str, ...]:
+    """The EDL flags every EDL run of the quickstart shares: β, the window, the warm-up."""
+    flags = ("--moe-edl-coeff", str(config.edl_coeff))
+    if config.edl_window_decay:
+        flags += ("--moe-edl-window-decay", str(config.edl_window_decay))
+    if config.edl_warmup_iters:
+        flags += ("--moe-edl-warmup-iters", str(config.edl_warmup_iters))
+    return flags
+
+
 def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
     """The runs to train: baseline, EDL, then the chosen controls (in :data:`CONTROLS` order).
 
@@ -217,7 +232,7 @@ def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
     Returns:
         The runs, baseline first.
     """
-    beta = ("--moe-edl-coeff", str(config.edl_coeff))
+    beta = edl_flags(config)
     runs = [
         RunSpec(
             "baseline",
@@ -225,7 +240,7 @@ def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
             "per-domain validation loss only",
             ("--moe-edl-eval-per-domain",),
         ),
-        RunSpec("edl", f"EDL on the fine domains, beta = {config.edl_coeff}", beta),
+        RunSpec("edl", f"EDL on the fine domains ({' '.join(beta)})", beta),
     ]
     if "random" in config.controls:
         runs.append(
@@ -267,7 +282,7 @@ def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
         runs.append(
             RunSpec(
                 "edl+ortho+variance",
-                f"EDL (beta = {config.edl_coeff}) with the orthogonality and variance losses",
+                f"EDL ({' '.join(beta)}) with the orthogonality and variance losses",
                 (*beta, *ORTHO_VARIANCE_RUN_FLAGS),
             )
         )
@@ -1187,6 +1202,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Validation batches at the end of each run (default: the whole validation split).",
     )
     parser.add_argument("--edl-coeff", type=float, default=defaults.edl_coeff, help="beta.")
+    parser.add_argument(
+        "--edl-window-decay",
+        type=float,
+        default=defaults.edl_window_decay,
+        help="Statistics window of the EDL runs (--moe-edl-window-decay; 0: off).",
+    )
+    parser.add_argument(
+        "--edl-warmup-iters",
+        type=int,
+        default=defaults.edl_warmup_iters,
+        help="Linear warm-up of beta (--moe-edl-warmup-iters; 0: off).",
+    )
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--nproc", type=int, default=defaults.nproc, help="Processes (= EP).")
     parser.add_argument(
@@ -1229,6 +1256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_iters=args.train_iters,
             eval_iters=args.eval_iters,
             edl_coeff=args.edl_coeff,
+            edl_window_decay=args.edl_window_decay,
+            edl_warmup_iters=args.edl_warmup_iters,
             lr=args.lr,
             nproc=args.nproc,
             extra_train_args=tuple(args.train_args.split()),
