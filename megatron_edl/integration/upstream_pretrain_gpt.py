@@ -22,7 +22,9 @@ What differs from upstream, and why (megatron-edl's wrappers live in
 * The dataset config's fields are built by :func:`dataset_config_kwargs` so that a wrapper can
   build a subclass of ``GPTDatasetConfig`` with the same fields.
 * Written as a module of functions (no ``__main__`` block): the launcher is
-  :mod:`megatron_edl.pretrain_gpt`.
+  :mod:`megatron_edl.pretrain_gpt`. Upstream's ``core_gpt_dataset_config_from_args`` is
+  :func:`gpt_dataset_config_from_args`; ``_cached_logits_loss`` and the ``modelopt`` module wrap
+  the optional distillation and ModelOpt imports the wheel may lack.
 """
 
 from __future__ import annotations
