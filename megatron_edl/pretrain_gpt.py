@@ -38,12 +38,22 @@ __all__ = [
     "CPU_FLAG",
     "EVAL_PER_DOMAIN_FLAG",
     "MOCK_DOMAINS_FLAG",
+    "blend_prefixes_from_args",
+    "check_cpu_args",
+    "cpu_argv",
     "domain_labels_wanted",
     "edl_config_from_args",
+    "edl_layer_spec",
+    "escape_percent_in_help",
     "extra_args_provider",
     "install_edl",
     "main",
+    "megatron_assertion_message",
+    "refuse",
+    "resolve_domains",
     "run_config_from_args",
+    "use_wheel_dataset_helpers",
+    "warn_thin_statistics",
 ]
 
 
