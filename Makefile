@@ -34,11 +34,12 @@ tiny: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/pretrain_tiny_moe_cpu.sh
 
 quickstart: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" python -m megatron_edl.quickstart $(QUICKSTART_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" python -m megatron_edl.demo.quickstart $(QUICKSTART_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

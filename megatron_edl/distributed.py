@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 SCOPES = ("global", "local")
-"""Scopes of the statistics (method.md): ``global`` = tp_dp_cp group, ``local`` = tp_cp group."""
+"""Scopes of the statistics (docs/method.md): ``global`` = tp_dp_cp group, ``local`` = tp_cp."""
 
 
 def _check_stats_shapes(sums_DE: Tensor, counts_D: Tensor) -> None:
@@ -178,11 +178,11 @@ def edl_loss_scale(
 ) -> float:
     """Factor on the EDL loss that makes the reduced router gradient the right one.
 
-    Target (method.md, "Gradient scale"): after the host's gradient reduction the router-weight
-    gradient equals β·∇θ L_ED of one process on the same data, where the data is the global
-    micro-batch (``global``) or, for ``local``, the average over DP replicas of each replica's
-    own ∇θ L_ED (times the 1/num_microbatches convention of Megatron's aux losses, which the
-    caller's aux-loss scale supplies).
+    Target (docs/method.md, "Gradient scale"): after the host's gradient reduction the
+    router-weight gradient equals β·∇θ L_ED of one process on the same data, where the data is
+    the global micro-batch (``global``) or, for ``local``, the average over DP replicas of each
+    replica's own ∇θ L_ED (times the 1/num_microbatches convention of Megatron's aux losses,
+    which the caller's aux-loss scale supplies).
 
     How Megatron reduces the router weight (a dense, non-expert parameter):
     - TP: with sequence parallel the weight is marked ``sequence_parallel`` and
@@ -216,7 +216,7 @@ def edl_loss_scale(
     (The per-token variant is exact only when every rank of the group uses the same
     multiplier, i.e. the same token count; Megatron accepts that approximation for its aux
     loss.) Note that Megatron's own ``global_aux_loss`` carries no factor dp, so its gradient is
-    1/dp of the gradient of its global loss; EDL follows method.md and restores the full one.
+    1/dp of the gradient of its global loss; EDL follows docs/method.md and restores the full one.
 
     Args:
         scope: ``"global"`` or ``"local"`` (a ``str`` enum with these values works too).

@@ -5,18 +5,19 @@ Usage:
         --config-yaml examples/configs/tiny_moe_cpu.yaml --load runs/edl/checkpoints --eval-iters 20
     torchrun --nproc-per-node 8 -m megatron_edl.probe --out probes/edl --load CKPT <flags>
 
-The probe is the launcher (:mod:`megatron_edl.pretrain_gpt`) in Megatron's evaluate-only mode:
-it appends ``--skip-train --no-load-optim --no-load-rng --moe-edl-probe-dir OUT`` to the given
-flags, so the checkpoint is loaded with Megatron's own loader (any parallel layout; the CPU layer
-with ``--cpu``), the labelled validation data (``--split``/``--valid-data-path``, or
-``--mock-data --moe-edl-mock-domains N``) goes through the model in eval mode, the MoE routers
-record their per-domain statistics (:mod:`megatron_edl.integration.telemetry`), and one dump
-(``source = "probe"``, step = the checkpoint's iteration) is written with the per-domain LM loss
-of that evaluation. Pass the flags the model was trained with (with ``--config-yaml``, put it
-first: later flags override the file's); ``--eval-iters`` sets the number of evaluation
-batches. Megatron initialises ``torch.distributed`` from ``torchrun``'s environment, so launch it
-with ``torchrun`` even for one process. Read the output with ``tools/report.py``. Console script:
-``megatron-edl-probe``.
+The probe is the launcher (:mod:`megatron_edl.pretrain_gpt`) in Megatron's evaluate-only mode: it
+appends ``--skip-train --no-load-optim --no-load-rng --moe-edl-window-decay 0 --moe-edl-probe-dir
+OUT`` to the given flags (the statistics window is training state sized by the training labels,
+which may not be the probe's), so the checkpoint is loaded with Megatron's own loader (any parallel
+layout; the CPU layer with ``--cpu``), the labelled validation data
+(``--split``/``--valid-data-path``, or ``--mock-data --moe-edl-mock-domains N``) goes through the
+model in eval mode, the MoE routers record their per-domain statistics
+(:mod:`megatron_edl.integration.telemetry`), and one dump (``source = "probe"``, step = the
+checkpoint's iteration) is written with the per-domain LM loss of that evaluation. Pass the flags
+the model was trained with (with ``--config-yaml``, put it first: later flags override the file's);
+``--eval-iters`` sets the number of evaluation batches. Megatron initialises ``torch.distributed``
+from ``torchrun``'s environment, so launch it with ``torchrun`` even for one process. Read the
+output with ``tools/report.py``. Console script: ``megatron-edl-probe``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from megatron_edl.integration.telemetry import PROBE_DIR_FLAG
 __all__ = ["main", "probe_argv"]
 
 PROBE_FLAGS = ("--skip-train", "--no-load-optim", "--no-load-rng")
+# The statistics window is training state, sized by the training labels' domains; the probe does
+# not train and may read other labels (the fine ones of a model trained on coarse groups), so it
+# builds its routers without the window (the checkpoint's window key is then an unexpected key,
+# which Megatron's default --dist-ckpt-strictness accepts).
+NO_WINDOW = ("--moe-edl-window-decay", "0")
 
 
 def probe_argv(out: str, flags: Sequence[str]) -> list[str]:
@@ -41,8 +47,8 @@ def probe_argv(out: str, flags: Sequence[str]) -> list[str]:
 
     Returns:
         ``flags`` followed by the evaluate-only flags (``--train-iters 1`` when neither
-        ``--train-iters`` nor ``--train-samples`` is given: Megatron sizes its datasets from it)
-        and ``--moe-edl-probe-dir out``.
+        ``--train-iters`` nor ``--train-samples`` is given: Megatron sizes its datasets from it),
+        the statistics window off (:data:`NO_WINDOW`) and ``--moe-edl-probe-dir out``.
 
     Raises:
         ValueError: If ``flags`` has no ``--load`` or already sets ``--moe-edl-probe-dir``.
@@ -55,7 +61,7 @@ def probe_argv(out: str, flags: Sequence[str]) -> list[str]:
     extra = [f for f in PROBE_FLAGS if f not in flags]
     if not any(f.split("=")[0] in ("--train-iters", "--train-samples") for f in flags):
         extra += ["--train-iters", "1"]  # Megatron sizes its datasets from it even when skipping
-    return [*flags, *extra, PROBE_DIR_FLAG, out]
+    return [*flags, *extra, *NO_WINDOW, PROBE_DIR_FLAG, out]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -29,27 +29,20 @@ from pathlib import Path
 
 import pytest
 
-# Words of a few "domains", so that generated text has structure a BPE can learn; non-ASCII
-# on purpose (the tokenizer is byte-level: any text, including emoji, has an encoding).
-DOMAIN_WORDS: dict[str, list[str]] = {
-    "en/science": "atom energy proton quantum theory cell gene orbit lens field".split(),
-    "en/history": "empire king war treaty castle dynasty revolution army crown throne".split(),
-    "zh/history": "历史 王朝 皇帝 战争 长城 朝代 文化 古代 城市 人民".split(),
-    "math": "theorem proof lemma integral matrix prime group ring vector sum".split(),
-}
-_COMMON_WORDS = "the a of and in is to was by with ünïcödé 😀".split()
-
-
-def sentence(rng: random.Random, domain: str, num_words: int) -> str:
-    """A random sentence mixing the domain's words with common words."""
-    words = DOMAIN_WORDS[domain] + _COMMON_WORDS
-    return " ".join(rng.choice(words) for _ in range(num_words))
+# The word lists, sentences and tokenizer flags, shared with the preprocessing benchmarks.
+from megatron_edl.benchmarks.preprocessing import (
+    DOMAIN_WORDS,
+    sentence,
+    tiny_tokenizer_texts,
+    tokenizer_args,
+)
 
 
 def train_tiny_tokenizer(directory: str | os.PathLike, vocab_size: int = 512) -> Path:
     """Train a byte-level BPE on generated text and save it where AutoTokenizer can load it.
 
-    The library's trainer (``megatron_edl.data.tokenizer``, the quickstart's) on generated text.
+    The library's trainer (``megatron_edl.demo.tokenizer``, the quickstart's) on generated text
+    (:func:`megatron_edl.benchmarks.preprocessing.tiny_tokenizer_texts`).
 
     Args:
         directory: Folder to write ``tokenizer.json`` and ``tokenizer_config.json`` into.
@@ -58,21 +51,9 @@ def train_tiny_tokenizer(directory: str | os.PathLike, vocab_size: int = 512) ->
     Returns:
         The folder.
     """
-    from megatron_edl.data.tokenizer import train_bpe_tokenizer
+    from megatron_edl.demo.tokenizer import train_bpe_tokenizer
 
-    rng = random.Random(0)
-    texts = [sentence(rng, domain, 16) for domain in DOMAIN_WORDS for _ in range(300)]
-    return train_bpe_tokenizer(texts, directory, vocab_size=vocab_size)
-
-
-def tokenizer_args(tokenizer_dir: str | os.PathLike) -> argparse.Namespace:
-    """Megatron's tokenizer flags (its own parser group) selecting the tiny tokenizer."""
-    from megatron.training.arguments import _add_tokenizer_args
-
-    parser = _add_tokenizer_args(argparse.ArgumentParser())
-    return parser.parse_args(
-        ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer_dir)]
-    )
+    return train_bpe_tokenizer(tiny_tokenizer_texts(), directory, vocab_size=vocab_size)
 
 
 @pytest.fixture(scope="session", name="tiny_tokenizer_dir")

@@ -219,8 +219,8 @@ def test_round_trip_and_parts(tmp_path) -> None:
     assert set(meta["arrays"]) == set(whole.arrays())
     _assert_same(read_stats(path), whole)
     # Pipeline stages write their own layers; the reader joins them.
-    write_stats(whole.select_layers([6]), tmp_path / "parts", part="pp01")
-    write_stats(whole.select_layers([2, 4]), tmp_path / "parts", part="pp00")
+    write_stats(whole.select_layers([6]), tmp_path / "parts", part="l006")
+    write_stats(whole.select_layers([2, 4]), tmp_path / "parts", part="l002")
     (tmp_path / "parts" / "unrelated.json").write_text('{"x": 1}')
     (loaded,) = load_run(tmp_path / "parts")
     _assert_same(loaded, whole)

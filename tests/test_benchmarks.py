@@ -38,9 +38,17 @@ ROOT = Path(__file__).resolve().parent.parent
 STATS = re.compile(r"^-?\d+\.\d+ \[-?\d+\.\d+, -?\d+\.\d+\]$")
 
 DRIVER = """
-import sys
-sys.path.insert(0, "tools")
-import benchmark_collectives, benchmark_moe_layer, benchmark_router
+import importlib.util
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, f"tools/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+benchmark_collectives, benchmark_moe_layer, benchmark_router = map(
+    load, ["benchmark_collectives", "benchmark_moe_layer", "benchmark_router"]
+)
 tiny = ["--tokens", "32", "--hidden", "16", "--experts", "8", "--topk", "2", "--repeats", "2",
         "--warmup", "1"]
 benchmark_router.main([*tiny, "--domains", "3", "5"])

@@ -1,4 +1,4 @@
-"""The offline corpus builder (megatron_edl.data.corpus), its roff converter and math generator."""
+"""The offline corpus builder (megatron_edl.demo.corpus), its roff converter and math generator."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_edl.core.labels import LabelMap
-from megatron_edl.data import corpus
-from megatron_edl.data.corpus import (
+from megatron_edl.data.vocabulary import LabelVocabulary, label_name_problem
+from megatron_edl.demo import corpus
+from megatron_edl.demo.corpus import (
     DOMAINS,
     CorpusConfig,
     CorpusError,
@@ -26,9 +27,8 @@ from megatron_edl.data.corpus import (
     chunk_text,
     split_of,
 )
-from megatron_edl.data.mathgen import latex_documents, problem_documents
-from megatron_edl.data.roff import roff_to_text
-from megatron_edl.data.vocabulary import LabelVocabulary, label_name_problem
+from megatron_edl.demo.mathgen import latex_documents, problem_documents
+from megatron_edl.demo.roff import roff_to_text
 
 TINY = dict(max_bytes_per_domain=12 << 10, max_bytes_per_file=4 << 10, valid_fraction=0.2)
 OUTPUTS = ("train.jsonl", "valid.jsonl", "labels.yaml", "label_map_coarse.yaml", "corpus.json")

@@ -60,3 +60,93 @@ def _sp_slice_worker(rank: int, world_size: int) -> None:
 
 def test_sp_slice_matches_megatrons_scatter():
     run_distributed(_sp_slice_worker, 2)
+
+
+def _labels(num_tokens: int, first_id: int = 0):
+    from megatron_edl.integration.labels import DomainLabels
+
+    ids_T = torch.arange(first_id, first_id + num_tokens)
+    return DomainLabels(domain_ids_T=ids_T, weights_T=torch.ones(num_tokens))
+
+
+def test_label_queue_is_fifo_and_checks_the_token_count():
+    import pytest
+
+    from megatron_edl.integration.labels import LabelQueue
+
+    queue = LabelQueue()
+    first, second = _labels(4), _labels(4, first_id=10)
+    queue.push(first)
+    queue.push(second)
+    assert len(queue) == 2
+    assert queue.pop(4) is first and queue.pop(4) is second
+    with pytest.raises(RuntimeError, match="router 7 has no domain labels"):
+        queue.pop(4, consumer="router 7")
+    queue.push(_labels(3))
+    with pytest.raises(ValueError, match="router 7 sees 4 tokens but got 3 domain labels"):
+        queue.pop(4, consumer="router 7")
+    queue.push(first)
+    queue.clear()
+    assert len(queue) == 0
+
+
+def test_push_labels_reaches_consumers_by_base_class_only():
+    from megatron_edl.integration.labels import (
+        LabelConsumer,
+        LabelQueue,
+        label_consumers,
+        push_labels,
+        routers_wanting_labels,
+    )
+
+    class Consumer(torch.nn.Module, LabelConsumer):
+        def __init__(self, wants: bool) -> None:
+            super().__init__()
+            self.label_queue = LabelQueue()
+            self.wants = wants
+
+        def wants_labels(self, grad_enabled: bool) -> bool:
+            return self.wants and grad_enabled
+
+    model = torch.nn.Sequential(Consumer(True), torch.nn.Linear(2, 2), Consumer(False))
+    assert label_consumers(model) == [model[0], model[2]]
+    labels = _labels(5)
+    push_labels(model, labels)
+    assert [len(c.label_queue) for c in (model[0], model[2])] == [1, 0]
+    with torch.no_grad():
+        assert routers_wanting_labels(model) == []
+
+
+def test_labels_module_imports_nothing_of_ours_and_the_integration_has_no_cycles():
+    import ast
+    from pathlib import Path
+
+    import megatron_edl
+
+    root = Path(megatron_edl.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in (root / "integration").glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            deps.update(n for n in names if n.startswith("megatron_edl"))
+        graph[f"megatron_edl.integration.{path.stem}"] = deps
+    assert graph["megatron_edl.integration.labels"] == set()
+    assert not any("router" in d for d in graph["megatron_edl.integration.telemetry"])
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for dep in graph.get(todo.pop(), ()):
+                if dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+        return seen
+
+    cycles = sorted(m for m in graph if m in reachable(m))
+    assert not cycles, f"import cycles through {cycles}"

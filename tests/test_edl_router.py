@@ -1,6 +1,8 @@
-"""``EDLTopKRouter`` in Megatron's real router, on gloo (CPU), against single-process references.
+"""``AuxLossTopKRouter`` (EDL in Megatron's real router) on gloo (CPU), against single-process
+references.
 
-Every scenario builds a real ``EDLTopKRouter`` (megatron-core 0.19.2 ``TopKRouter`` + EDL) under
+Every scenario builds a real ``AuxLossTopKRouter`` (megatron-core 0.19.2 ``TopKRouter`` + EDL)
+under
 ``parallel_state.initialize_model_parallel`` for one layout, feeds each rank the tokens it would
 see in Megatron (DP: its samples; CP: its zig-zag share of the sequence; TP with sequence
 parallel: rows ``[r*s/tp, (r+1)*s/tp)`` of the ``[s, b, h]`` layout, labels sliced by
@@ -283,7 +285,7 @@ def _make_router(job: dict[str, Any], config_overrides: dict | None = None, **ed
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_edl.config import EDLConfig
-    from megatron_edl.integration.router import EDLTopKRouter
+    from megatron_edl.integration.router import AuxLossTopKRouter
 
     tp, cp, _ = job["layout"]
     config_kwargs = {
@@ -312,7 +314,7 @@ def _make_router(job: dict[str, Any], config_overrides: dict | None = None, **ed
         "window_decay": job.get("window_decay", 0.0),
         **edl_overrides,
     }
-    router = EDLTopKRouter(
+    router = AuxLossTopKRouter(
         config=config,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         edl_config=EDLConfig(**edl_kwargs),
@@ -509,7 +511,7 @@ def _run_collectives(job: dict[str, Any]) -> dict[str, Any]:
 
 def _run_errors(job: dict[str, Any]) -> dict[str, Any]:
     """Errors are raised on every rank, before any collective (so no rank is left hanging)."""
-    from megatron_edl.integration.router import DomainLabels
+    from megatron_edl.integration.labels import DomainLabels
 
     coords = _coords()
     _set_num_microbatches(1, job["layout"][2])

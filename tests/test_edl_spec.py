@@ -3,7 +3,7 @@
 Spec tests walk the spec Megatron's own spec functions return (local layer spec, GPT block spec
 with dense and MoE layers, the Hybrid stack spec) with a walker written here, independent of the
 implementation, and compare the installer's output with its input leaf by leaf: the router slots
-of MoE layers build ``EDLTopKRouter`` with the given config, everything else is the very same
+of MoE layers build ``AuxLossTopKRouter`` with the given config, everything else is the very same
 object, every container off the paths to a router is shared, and the input is left untouched.
 
 Model tests build a tiny ``GPTModel`` twice (stock and EDL spec) in one gloo process with
@@ -32,7 +32,7 @@ from megatron.core.transformer.moe.router import InferenceTopKRouter, TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_edl.config import EDLConfig
-from megatron_edl.integration.router import EDLTopKRouter
+from megatron_edl.integration.router import AuxLossTopKRouter
 from megatron_edl.integration.spec import with_edl_router
 from tests.distributed import run_distributed
 
@@ -93,7 +93,7 @@ def assert_only_routers_swapped(spec: Any, new_spec: Any, num_routers: int) -> N
     for p in router_paths:
         builder = after[p]
         assert isinstance(builder, functools.partial), (p, builder)
-        assert builder.func is EDLTopKRouter, p
+        assert builder.func is AuxLossTopKRouter, p
         assert builder.args == () and builder.keywords == {"edl_config": EDL_CFG}, p
         assert builder.keywords["edl_config"] is EDL_CFG, p
 
@@ -179,7 +179,7 @@ def test_local_layer_spec_only_router_swapped():
     new_spec = _with_edl_checked(spec, num_routers=1)
     # And the original still builds the stock router.
     assert spec.submodules.mlp.keywords["submodules"].router is TopKRouter
-    assert new_spec.submodules.mlp.keywords["submodules"].router.func is EDLTopKRouter
+    assert new_spec.submodules.mlp.keywords["submodules"].router.func is AuxLossTopKRouter
 
 
 @pytest.mark.parametrize("qk_layernorm", [False, True])
@@ -455,10 +455,10 @@ def _model_worker(rank: int, world_size: int) -> dict[str, Any]:
     stock_loss, stock_grads = train_step(stock, push=False)
     edl_loss_, edl_grads = train_step(model, push=True)
     push_labels(zero, labels)
-    out["zero_queued_by_push"] = [len(r._edl_labels) for r in routers(zero)]
+    out["zero_queued_by_push"] = [len(r.label_queue) for r in routers(zero)]
     zero_loss, zero_grads = train_step(zero, push=False, force=True)
-    out["queued_after_step"] = [len(r._edl_labels) for r in routers(model)]
-    out["zero_queued_after_step"] = [len(r._edl_labels) for r in routers(zero)]
+    out["queued_after_step"] = [len(r.label_queue) for r in routers(model)]
+    out["zero_queued_after_step"] = [len(r.label_queue) for r in routers(zero)]
     out["train_loss_equal"] = torch.equal(stock_loss, edl_loss_)
     out["zero_loss_equal"] = torch.equal(stock_loss, zero_loss)
     router_names = [n for n in stock_grads if n.endswith("mlp.router.weight")]
@@ -505,7 +505,7 @@ def model_results() -> dict[str, Any]:
 
 def test_router_classes_of_built_models(model_results):
     assert model_results["stock_router_types"] == ["TopKRouter", "TopKRouter"]
-    assert model_results["edl_router_types"] == ["EDLTopKRouter", "EDLTopKRouter"]
+    assert model_results["edl_router_types"] == ["AuxLossTopKRouter", "AuxLossTopKRouter"]
     assert model_results["edl_router_configs_are_cfg"] == [True, True]
 
 

@@ -1,4 +1,4 @@
-"""The quickstart pipeline (megatron_edl.quickstart): stage reuse, a shortened run end to end."""
+"""The quickstart (megatron_edl.demo.quickstart): stage reuse, a shortened run end to end."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_edl import quickstart
-from megatron_edl.quickstart import (
+from megatron_edl.demo import quickstart
+from megatron_edl.demo.quickstart import (
     Context,
-    ModelConfig,
     QuickstartConfig,
     Stage,
     parse_iteration_line,
@@ -209,9 +208,8 @@ def test_parse_iteration_line_and_table():
 # End to end, shortened: corpus -> tokenizer -> preprocess -> 2 runs -> evaluation -> report
 # ---------------------------------------------------------------------------------------------
 
-TINY_MODEL = ModelConfig(
-    num_layers=2, hidden_size=64, num_attention_heads=4, moe_ffn_hidden_size=64, seq_length=64
-)
+TINY_MODEL = Path(__file__).with_name("quickstart_tiny_model.yaml")
+"""2 layers, hidden 64, 4 heads, expert FFN 64, sequences of 64 tokens."""
 
 
 @pytest.mark.slow

@@ -28,8 +28,8 @@ def _write_run(directory: Path, strengths: list[float], *, probe_loss=None) -> N
         stats = stats_from_loads(
             specialised_loads(3, 3, 6, strength), tokens_LD, domains=DOMAINS, step=10 * (i + 1)
         )
-        write_stats(stats.select_layers([1]), directory, part="pp00")
-        write_stats(stats.select_layers([2, 3]), directory, part="pp01")
+        write_stats(stats.select_layers([1]), directory, part="l001")
+        write_stats(stats.select_layers([2, 3]), directory, part="l002")
     if probe_loss is not None:
         probe = stats_from_loads(
             specialised_loads(3, 3, 6, strengths[-1]), tokens_LD, domains=DOMAINS,

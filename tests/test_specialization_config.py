@@ -25,7 +25,8 @@ from megatron_edl.config import (
     add_specialization_args,
     validate_specialization_against_model,
 )
-from megatron_edl.integration.router import EDLTopKRouter, register_edl_metrics
+from megatron_edl.integration.loss_terms import register_edl_metrics
+from megatron_edl.integration.router import AuxLossTopKRouter
 from megatron_edl.integration.spec import with_edl_router
 from megatron_edl.integration.specialization import SpecializationMoELayer, metric_names
 from tests.test_edl_spec import _block_config
@@ -175,7 +176,7 @@ def test_orthogonality_swaps_the_moe_layer_and_the_router_gets_both_configs(edl)
         assert mlp.func is SpecializationMoELayer
         assert mlp.keywords["specialization_config"] is BOTH
         router = mlp.keywords["submodules"].router
-        assert router.func is EDLTopKRouter
+        assert router.func is AuxLossTopKRouter
         assert router.keywords == {"edl_config": edl, "specialization_config": BOTH}
         assert (
             mlp.keywords["submodules"].experts
@@ -201,12 +202,12 @@ def test_module_spec_form_of_the_moe_layer_is_swapped_too() -> None:
     assert new.module is SpecializationMoELayer
     assert new.params == {"x": 1, "specialization_config": BOTH}
     assert isinstance(new.submodules, MoESubmodules)
-    assert new.submodules.router.func is EDLTopKRouter
+    assert new.submodules.router.func is AuxLossTopKRouter
     assert spec.module is MoELayer and spec.params == {"x": 1}  # the input is unchanged
 
 
 def test_router_type_checks() -> None:
-    partial = functools.partial(EDLTopKRouter, edl_config="not a config")
+    partial = functools.partial(AuxLossTopKRouter, edl_config="not a config")
     with pytest.raises(TypeError, match="edl_config must be an EDLConfig or None"):
         partial(config=TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1))
 

@@ -240,7 +240,7 @@ def _run_layout(
         "metrics": _take_metrics(),
         "calls": calls,
         "output_equal": torch.equal(output, stock_output),
-        "weights": (layer.router._variance_term.weight, layer.orthogonality.term.weight),
+        "weights": (layer.router.variance_term.weight, layer.orthogonality.term.weight),
         **_reduced_grads(layer, first_expert, rows),
     }
 
@@ -315,7 +315,7 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
         _setup_layout(tp, ep)
         hidden_sBH = _local_hidden(tp)
         layer, first_expert, rows = _build(tp, ep, dispatcher, "tokens", False)
-        layer.router._variance_term = None  # orthogonality alone
+        layer.router.variance_term = None  # orthogonality alone
         _train_step(layer, hidden_sBH)
         _take_metrics()
         grads = _reduced_grads(layer, first_expert, rows)

@@ -1,4 +1,4 @@
-"""The study runner (megatron_edl.study): file validation, the runs, mean ± SE by hand, and the
+"""The study runner (megatron_edl.demo.study): file validation, the runs, mean ± SE by hand, and the
 whole study end to end at tiny size (resumable: a second call trains nothing)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from megatron_edl import study as st
+from megatron_edl.demo import study as st
 from tests.test_quickstart import TINY_MODEL
 
 

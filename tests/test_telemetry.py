@@ -1,6 +1,6 @@
 """Routing telemetry: the per-micro-batch sums, the router's recording, and the sharded reduction.
 
-Sharded runs use Megatron's real ``EDLTopKRouter`` on gloo (2 ranks) under TP with and without
+Sharded runs use Megatron's real ``AuxLossTopKRouter`` on gloo (2 ranks) under TP with and without
 sequence parallelism and under DP, feed each rank the tokens it sees in Megatron, record two
 training micro-batches (plus forwards that must not count) and dump through
 :func:`megatron_edl.integration.telemetry.dump_routing_stats`. The expected dump is computed in
@@ -192,7 +192,7 @@ def _make_router(tp: int, sequence_parallel: bool, coeff: float, weight_EH: torc
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_edl.config import EDLConfig
-    from megatron_edl.integration.router import EDLTopKRouter
+    from megatron_edl.integration.router import AuxLossTopKRouter
 
     config = TransformerConfig(
         num_layers=2, hidden_size=HIDDEN, num_attention_heads=4, num_moe_experts=NUM_EXPERTS,
@@ -200,7 +200,7 @@ def _make_router(tp: int, sequence_parallel: bool, coeff: float, weight_EH: torc
         tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel,
         use_cpu_initialization=True, params_dtype=torch.float32, add_bias_linear=False,
     )  # fmt: skip
-    router = EDLTopKRouter(
+    router = AuxLossTopKRouter(
         config=config,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         edl_config=EDLConfig(coeff=coeff, num_domains=NUM_DOMAINS, aggregation="token"),
@@ -249,7 +249,7 @@ def _run_layout(name: str, weight_EH, batches, out_dir) -> dict:
         router.eval()  # evaluation during training: not a training statistic
         router(hidden_sBH)
         router.train()
-    assert not router._edl_labels, "labels left in the queue"
+    assert not router.label_queue, "labels left in the queue"
     with count_all_reduce() as dump_calls:
         path = telemetry.dump_routing_stats(
             [router], directory=out_dir, step=7, num_iterations=1, source="train",
@@ -359,7 +359,8 @@ def test_probe_command_line() -> None:
     argv = probe_argv("out", ["--load", "ckpt", "--eval-iters", "3"])
     assert argv == [
         "--load", "ckpt", "--eval-iters", "3", "--skip-train", "--no-load-optim",
-        "--no-load-rng", "--train-iters", "1", "--moe-edl-probe-dir", "out",
+        "--no-load-rng", "--train-iters", "1", "--moe-edl-window-decay", "0",
+        "--moe-edl-probe-dir", "out",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="--load"):
         probe_argv("out", ["--eval-iters", "3"])

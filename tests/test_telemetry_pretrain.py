@@ -74,3 +74,28 @@ def test_baseline_dumps_probe_and_report(tmp_path):
     assert "figures/lm_loss.png" in links and "figures/ternary_layer001.png" in links
     for link in links:
         assert (out / link).is_file(), link
+
+
+def test_probe_reads_other_labels_than_a_windowed_run_trained_on(tmp_path):
+    # The statistics window is sized by the training labels' domains (3 here); the probe reads
+    # 5 and must still load the checkpoint (it builds its routers without the window).
+    ckpt, probe_dir = tmp_path / "ckpt", tmp_path / "probe"
+    window = ["--moe-edl-coeff", "0.05", "--moe-edl-window-decay", "0.9"]
+    flags = [
+        *TINY_MOE_GPT, "--moe-edl-mock-domains", "3", *window, "--train-iters", "3",
+        "--save", str(ckpt), "--save-interval", "3",
+    ]  # fmt: skip
+    result = run_pretrain(1, flags)
+    assert result.returncode == 0 and sorted(result.iterations) == [1, 2, 3], result.describe()
+    probe = run_pretrain(
+        1,
+        [
+            "--out", str(probe_dir),
+            *with_flag_values(TINY_MOE_GPT, eval_iters="1", split="50,50,0"),
+            "--moe-edl-mock-domains", "5", *window, "--load", str(ckpt),
+        ],
+        entry=("-m", "megatron_edl.probe", "--cpu"),
+    )  # fmt: skip
+    assert probe.returncode == 0 and probe.validations, probe.describe()
+    (dump,) = load_run(probe_dir)
+    assert dump.step == 3 and len(dump.domains) == 5

@@ -1,18 +1,19 @@
 """Benchmark discovered-domain labels: preprocessing with --domain-clusters against field labels.
 
-Beside tools/benchmark_preprocess.py, with its corpus generator, its preprocessing run and the
-same harness (megatron_edl.benchmarks.harness: alternated rounds, per-round ratios,
-median [min, max]). For each corpus size, a K-cluster model is fitted on the corpus
-(megatron_edl.data.domain_clusters), then the same preprocessing runs with cluster labels
-(``--domain-clusters``: TF-IDF features and the nearest centroid, per chunk, in the workers) and
-with field labels (``--domain-field``), alternated, per worker count; the ratio is the throughput
-of cluster labels over field labels (time with field labels / time with cluster labels; target
->= 0.5). Then the fitting time (wall and CPU: sampling, TF-IDF, k-means, names) on corpora of
-the ``--fit-sizes-mb`` given, every document in the sample.
+Beside tools/benchmark_preprocess.py, with its corpus generator and preprocessing run
+(megatron_edl.benchmarks.preprocessing) and the same harness (megatron_edl.benchmarks.harness:
+alternated rounds, per-round ratios, median [min, max]). For each corpus size, a K-cluster
+model is fitted on the corpus (megatron_edl.data.domain_clusters), then the same preprocessing
+runs with cluster labels (``--domain-clusters``: TF-IDF features and the nearest centroid, per
+chunk, in the workers) and with field labels (``--domain-field``), alternated, per worker count;
+the ratio is the throughput of cluster labels over field labels (time with field labels / time
+with cluster labels; target >= 0.5). Then the fitting time (wall and CPU: sampling, TF-IDF,
+k-means, names) on corpora of the ``--fit-sizes-mb`` given, every document in the sample.
 
-The generated text draws from four small word lists (tests/data_helpers.py): its vocabulary is
-tiny, so the k-means part of the fit is cheaper than on real text (fewer distinct terms per
-document); the reading and tokenising of the vectorizer, which dominate, scale with the bytes.
+The generated text draws from four small word lists (megatron_edl.benchmarks.preprocessing):
+its vocabulary is tiny, so the k-means part of the fit is cheaper than on real text (fewer
+distinct terms per document); the reading and tokenising of the vectorizer, which dominate,
+scale with the bytes.
 ``--fit-input`` fits on files of your own instead (the size is what they hold).
 
 Usage:
@@ -35,18 +36,26 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
-
-from benchmark_preprocess import generate_corpus, run_once  # noqa: E402
-
-from megatron_edl.benchmarks.harness import (  # noqa: E402
+from megatron_edl.benchmarks.harness import (
     Stats,
     Table,
     alternate,
     describe_machine,
     ratios,
 )
-from tests.data_helpers import tokenizer_args, train_tiny_tokenizer  # noqa: E402
+from megatron_edl.benchmarks.preprocessing import (
+    generate_corpus,
+    run_once,
+    tiny_tokenizer_texts,
+    tokenizer_args,
+)
+
+
+def train_tiny_tokenizer(directory: Path) -> Path:
+    """The tests' tiny byte-level BPE (tests/data_helpers.py), trained here on the spot."""
+    from megatron_edl.demo.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(tiny_tokenizer_texts(), directory, vocab_size=512)
 
 
 def _cpu_seconds() -> float:

@@ -25,15 +25,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+import torch
 
-import torch  # noqa: E402
-
-from megatron_edl.benchmarks.harness import (  # noqa: E402
+from megatron_edl.benchmarks.harness import (
     CLOCKS,
     Stats,
     Table,
@@ -41,7 +38,7 @@ from megatron_edl.benchmarks.harness import (  # noqa: E402
     describe_machine,
     ratios,
 )
-from megatron_edl.benchmarks.moe_modules import (  # noqa: E402
+from megatron_edl.benchmarks.moe_modules import (
     RATIOS,
     VARIANTS,
     ModuleShape,

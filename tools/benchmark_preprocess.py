@@ -17,8 +17,10 @@ with and without the causal attention mask that Megatron builds in the data load
 Timing uses megatron_edl.benchmarks.harness (alternated rounds, per-round ratios,
 median [min, max]); tables are printed in Markdown (docs/BENCHMARKS.md).
 
-The tokenizer is a byte-level BPE trained on the spot (tests/data_helpers.py), or any
-HuggingFace tokenizer folder given with --tokenizer-model; nothing downloads.
+The tokenizer is the tests' byte-level BPE trained on the spot (tests/data_helpers.py), or any
+HuggingFace tokenizer folder given with --tokenizer-model; nothing downloads. The generated
+corpus and the timed run are megatron_edl.benchmarks.preprocessing (shared with
+tools/benchmark_domain_labels.py).
 
 Usage:
     python tools/benchmark_preprocess.py                       # 10 and 50 MB, 1 and 2 workers
@@ -32,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import shutil
 import statistics
@@ -40,13 +41,10 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import tracemalloc
 from pathlib import Path
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
-
-from megatron_edl.benchmarks.harness import (  # noqa: E402
+from megatron_edl.benchmarks.harness import (
     CLOCKS,
     Stats,
     Table,
@@ -54,80 +52,19 @@ from megatron_edl.benchmarks.harness import (  # noqa: E402
     describe_machine,
     ratios,
 )
-from tests.data_helpers import sentence, tokenizer_args, train_tiny_tokenizer  # noqa: E402
-
-DOMAINS = ("en/science", "en/history", "zh/history", "math")
-
-
-def generate_corpus(path: Path, size_mb: float, seed: int = 0) -> int:
-    """Write labelled JSONL of about ``size_mb`` MiB (documents of 20-800 words).
-
-    Args:
-        path: Output file.
-        size_mb: Target size in MiB.
-        seed: Random seed.
-
-    Returns:
-        The number of documents.
-    """
-    rng = random.Random(seed)
-    target = int(size_mb * 2**20)
-    written = documents = 0
-    with open(path, "wb") as f:
-        while written < target:
-            domain = DOMAINS[rng.randrange(len(DOMAINS))]
-            record = {"text": sentence(rng, domain, rng.randint(20, 800)), "meta": {"src": domain}}
-            line = json.dumps(record, ensure_ascii=False).encode() + b"\n"
-            f.write(line)
-            written += len(line)
-            documents += 1
-    return documents
+from megatron_edl.benchmarks.preprocessing import (
+    generate_corpus,
+    run_once,
+    tiny_tokenizer_texts,
+    tokenizer_args,
+)
 
 
-def run_once(
-    corpus: Path,
-    out_dir: Path,
-    tok_args: argparse.Namespace,
-    domains: bool,
-    workers: int,
-    keep: bool = False,
-    label_source=None,
-):
-    """One preprocessing run; returns ``(seconds, CPU seconds, tokens written)``.
+def train_tiny_tokenizer(directory: Path) -> Path:
+    """The tests' tiny byte-level BPE (tests/data_helpers.py), trained here on the spot."""
+    from megatron_edl.demo.tokenizer import train_bpe_tokenizer
 
-    Labels from the corpus's field ``meta.src`` (``domains``), or from ``label_source`` if given.
-    Removes its output unless ``keep`` (then it is ``out_dir / "bench_text_document"``).
-    """
-    from megatron_edl.data.preprocess import FieldLabel, PreprocessConfig, preprocess
-
-    if label_source is None and domains:
-        label_source = FieldLabel("meta.src")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = PreprocessConfig(
-        inputs=(str(corpus),),
-        output_prefix=str(out_dir / "bench"),
-        label_source=label_source,
-        append_eod=True,
-        workers=workers,
-        progress=False,
-    )
-    cpu_before = _cpu_seconds()
-    start = time.perf_counter()
-    stats = preprocess(config, tok_args)
-    seconds = time.perf_counter() - start
-    cpu = _cpu_seconds() - cpu_before
-    if not keep:
-        shutil.rmtree(out_dir)
-    return seconds, cpu, stats["text"]["tokens_written"]
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process and of its reaped children (pool workers)."""
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total
+    return train_bpe_tokenizer(tiny_tokenizer_texts(), directory, vocab_size=512)
 
 
 class _RssSampler(threading.Thread):

@@ -2,7 +2,7 @@
 """Cost of the routing telemetry: a router's forward+backward with and without recording, and
 the cost of one dump.
 
-Builds Megatron's router as ``EDLTopKRouter`` with the EDL loss off (stock routing), once
+Builds Megatron's router as ``AuxLossTopKRouter`` with the EDL loss off (stock routing), once
 without telemetry and once recording training statistics (``stats_phase="train"``), with the
 same weights, on a one-process group; times ``router(hidden)`` plus a backward of a fixed
 gradient on ``probs``, the two variants alternated round by round. Also times
@@ -63,7 +63,7 @@ def _router(hidden: int, experts: int, domains: int, stats: bool, dtype, device)
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_edl.config import EDLConfig
-    from megatron_edl.integration.router import EDLTopKRouter
+    from megatron_edl.integration.router import AuxLossTopKRouter
 
     config = TransformerConfig(
         num_layers=1, hidden_size=hidden, num_attention_heads=8, num_moe_experts=experts,
@@ -71,7 +71,7 @@ def _router(hidden: int, experts: int, domains: int, stats: bool, dtype, device)
         use_cpu_initialization=True, params_dtype=dtype, add_bias_linear=False,
         bf16=dtype == torch.bfloat16,
     )  # fmt: skip
-    router = EDLTopKRouter(
+    router = AuxLossTopKRouter(
         config=config,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         edl_config=EDLConfig(coeff=0.0, num_domains=domains),
@@ -83,7 +83,7 @@ def _router(hidden: int, experts: int, domains: int, stats: bool, dtype, device)
 
 def run_shape(args, tokens: int, hidden: int, experts: int, domains: int) -> dict[str, list]:
     from megatron_edl.core.routing_sums import routing_sums
-    from megatron_edl.integration.router import DomainLabels
+    from megatron_edl.integration.labels import DomainLabels
     from megatron_edl.integration.telemetry import dump_routing_stats
 
     device = torch.device(args.device)

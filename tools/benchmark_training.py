@@ -3,12 +3,12 @@
 
 Each run is ``torchrun -m megatron_edl.pretrain_gpt --cpu`` with the tiny MoE GPT of the tests
 (2 layers, H=64, 4 experts top-2, sequence 64, 2 micro-batches of 2, mock data; flags:
-``tests/megatron_runs.TINY_MOE_GPT``), ``--log-interval 1`` so that Megatron's own timer logs the
-``elapsed time per iteration`` of every iteration. The baseline is that model as it is (stock
-router with its aux loss, stock mock dataset); the EDL run adds ``--moe-edl-coeff 1e-2
---moe-edl-mock-domains 3`` (labelled mock dataset, labels pushed to the routers, the EDL loss and
-its all-reduce in every layer, four more logged metrics). Runs alternate (A B B A ...); a run's
-sample is the median of its iteration times after ``--skip`` warm-up iterations.
+``megatron_edl.benchmarks.runs.TINY_MOE_GPT``), ``--log-interval 1`` so that Megatron's own
+timer logs the ``elapsed time per iteration`` of every iteration. The baseline is that model as
+it is (stock router with its aux loss, stock mock dataset); the EDL run adds ``--moe-edl-coeff
+1e-2 --moe-edl-mock-domains 3`` (labelled mock dataset, labels pushed to the routers, the EDL
+loss and its all-reduce in every layer, four more logged metrics). Runs alternate (A B B A ...);
+a run's sample is the median of its iteration times after ``--skip`` warm-up iterations.
 
 Prints per configuration the median [min, max] over runs of those medians, the ratio of the
 median iteration times over all runs (target EDL / baseline <= 1.02), the per-round ratio, and
@@ -35,17 +35,14 @@ import statistics
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
-
-from megatron_edl.benchmarks.harness import (  # noqa: E402
+from megatron_edl.benchmarks.harness import (
     Stats,
     Table,
     alternate,
     describe_machine,
     ratios,
 )
-from tests.distributed import free_port  # noqa: E402
-from tests.megatron_runs import TINY_MOE_GPT, RunResult, parse_iterations  # noqa: E402
+from megatron_edl.benchmarks.runs import TINY_MOE_GPT, RunResult, free_port, parse_iterations
 
 EDL_FLAGS = ["--moe-edl-coeff", "1e-2", "--moe-edl-mock-domains", "3"]
 ITERATION_TIME = "elapsed time per iteration (ms)"

@@ -2,7 +2,7 @@
 
 Eight fine domains in three coarse groups (code, text, math) from what the machine already has:
 Python and C sources, manual pages in English, German and French, license texts, and
-mathematics generated with sympy. The library is megatron_edl.data.corpus (its docstring has
+mathematics generated with sympy. The library is megatron_edl.demo.corpus (its docstring has
 the rules). Also installed as the console script ``megatron-edl-build-corpus``.
 
 Usage:
@@ -23,21 +23,9 @@ Then preprocess with domain labels:
         --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tokenizer
 """
 
-from __future__ import annotations
-
-import os
 import sys
-from collections.abc import Sequence
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
-
-from megatron_edl.data import corpus  # noqa: E402 (after the path set-up)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the corpus builder CLI; returns the exit status."""
-    return corpus.main(argv, description=__doc__)
-
+from megatron_edl.demo.corpus import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(description=__doc__))

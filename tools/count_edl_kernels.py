@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
+import torch
+import torch._inductor.config
 
-import torch  # noqa: E402
-import torch._inductor.config  # noqa: E402
-
-from megatron_edl.benchmarks.harness import (  # noqa: E402
+from megatron_edl.benchmarks.harness import (
     CLOCKS,
     Stats,
     Table,
@@ -34,8 +31,8 @@ from megatron_edl.benchmarks.harness import (  # noqa: E402
     describe_machine,
     ratios,
 )
-from megatron_edl.benchmarks.kernels import count_kernels, edl_chain  # noqa: E402
-from megatron_edl.core import edl_fused  # noqa: E402
+from megatron_edl.benchmarks.kernels import count_kernels, edl_chain
+from megatron_edl.core import edl_fused
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

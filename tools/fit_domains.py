@@ -9,21 +9,9 @@ Usage:
     # then: python tools/preprocess_data.py ... --domain-clusters clusters.edlc
 """
 
-from __future__ import annotations
-
-import os
 import sys
-from collections.abc import Sequence
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
-
-from megatron_edl.data import domain_clusters  # noqa: E402 (after the path set-up)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the fitting CLI; returns the exit status."""
-    return domain_clusters.main(argv, description=__doc__)
-
+from megatron_edl.data.domain_clusters import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(description=__doc__))

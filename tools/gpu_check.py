@@ -48,9 +48,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The one path set-up left in tools/, on purpose: the GPU machine has a copy of this repository
+# and the wheel folder (megatron-core and what it needs, WHEEL_DISTRIBUTIONS), not megatron-edl
+# installed, and this script runs with the machine's own python before any environment exists.
+# So the package is imported from the repository: here, and in every step (PYTHONPATH=REPO in
+# main()). Where it is installed from this checkout (make venv), the insert changes nothing.
 sys.path.insert(0, str(REPO))
 
-from megatron_edl.benchmarks.harness import read_tables  # noqa: E402
+from megatron_edl.benchmarks.harness import read_tables  # noqa: E402 (after the path set-up)
 
 MAX_WHEELHOUSE_MIB = 60
 TOTAL_BUDGET_S = 450  # the whole check: under 8 minutes with the venv and the reports

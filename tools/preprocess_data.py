@@ -22,21 +22,9 @@ Usage:
 Writes {output_prefix}_{key}_document.{bin,idx,domains,stats.json} per --json-keys key.
 """
 
-from __future__ import annotations
-
-import os
 import sys
-from collections.abc import Sequence
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
-
-from megatron_edl.data import preprocess  # noqa: E402 (after the path set-up)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the preprocessing CLI; returns the exit status."""
-    return preprocess.main(argv, description=__doc__)
-
+from megatron_edl.data.preprocess import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(description=__doc__))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run a study (megatron_edl.study: arms x seeds on the quickstart's data) as Slurm jobs: one job
-# builds the shared corpus, tokenizer and data, a job array trains and evaluates one arm x seed
+# Run a study (megatron_edl.demo.study: arms x seeds on the quickstart's data) as Slurm jobs: one
+# job builds the shared corpus, tokenizer and data, a job array trains and evaluates one arm x seed
 # per task (CPU nodes: the quickstart's runs use --cpu), a last job writes the report.
 #
 #   bash examples/slurm/study.sh STUDY.yaml WORKDIR [extra sbatch flags]
@@ -13,7 +13,7 @@ STUDY=${1:?usage: study.sh STUDY.yaml WORKDIR [extra sbatch flags]}
 WORKDIR=${2:?usage: study.sh STUDY.yaml WORKDIR [extra sbatch flags]}
 shift 2
 SBATCH=(sbatch --parsable --nodes 1 --ntasks 1 --cpus-per-task "${CPUS_PER_TASK:-8}" "$@")
-STUDY_CMD=(python -m megatron_edl.study "$STUDY" --workdir "$WORKDIR")
+STUDY_CMD=(python -m megatron_edl.demo.study "$STUDY" --workdir "$WORKDIR")
 
 runs=$("${STUDY_CMD[@]}" --list | wc -l)
 [[ $runs -gt 0 ]] || { echo "error: $STUDY has no runs" >&2; exit 1; }

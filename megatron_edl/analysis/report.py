@@ -49,10 +49,19 @@ import numpy as np
 
 from megatron_edl.analysis import plots
 from megatron_edl.analysis.metrics import SCALAR_METRICS, LayerMetrics, stats_metrics
-from megatron_edl.analysis.routing_stats import RoutingStats, group_domains, load_run, sum_steps
+from megatron_edl.analysis.routing_stats import (
+    SOURCES,
+    RoutingStats,
+    group_domains,
+    load_run,
+    sum_steps,
+)
 from megatron_edl.config import parse_layers
 
 __all__ = ["ReportOptions", "RunData", "load_report_run", "main", "write_report"]
+
+REPORT_SOURCES = ("auto", *SOURCES)
+"""``--source``: a dump source of the routing statistics, or ``auto`` (probe if any)."""
 
 FIGURES_DIR = "figures"
 DEFAULT_MAX_LAYERS = 6
@@ -82,7 +91,7 @@ class ReportOptions:
     def __post_init__(self) -> None:
         if self.window < 1:
             raise ValueError(f"--window must be >= 1, got {self.window}")
-        if self.source not in ("auto", "train", "probe"):
+        if self.source not in REPORT_SOURCES:
             raise ValueError(f"--source must be auto, train or probe, got {self.source!r}")
         if self.basis not in ("hard", "dense"):
             raise ValueError(f"--basis must be hard or dense, got {self.basis!r}")
@@ -586,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--source",
         default="auto",
-        choices=("auto", "train", "probe"),
+        choices=REPORT_SOURCES,
         help="snapshot source (auto: probe if the run has one, else train)",
     )
     parser.add_argument(

@@ -35,7 +35,7 @@ On disk, format version 1: a pair ``<stem>.npz`` (the arrays above, under these 
     {"format": "megatron-edl-routing-stats", "format_version": 1,
      "source": "train" | "probe", "step": 100, "num_iterations": 50,
      "layers": [1, 2], "domains": ["code", "math", "web"], "num_experts": 8, "topk": 2,
-     "part": "pp00",                      # which writer (pipeline stage) produced the file
+     "part": "l001",                      # the writer: "l<first layer>", one per pipeline stage
      "arrays": {"topk_counts_LDE": "<description>", ...},
      "run": {...}}                        # free-form: flags, checkpoint, ...
 
@@ -237,7 +237,8 @@ class RoutingStats:
 
 
 def stats_file_stem(source: str, step: int, part: str | None = None) -> str:
-    """The file name (without suffix) of a dump: ``routing-stats-train-step00000100-pp00``."""
+    """The file name (without suffix) of a dump: ``routing-stats-train-step00000100-l001``
+    (``part``: the telemetry writes ``l<first layer of the stage>``, zero-padded to 3 digits)."""
     stem = f"routing-stats-{source}-step{step:08d}"
     return stem if part is None else f"{stem}-{part}"
 

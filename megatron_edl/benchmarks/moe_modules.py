@@ -1,7 +1,7 @@
 """Megatron routers and MoE layers, stock or with EDL, for benchmarks on a one-process group.
 
 The benchmark scripts build the *real* modules (megatron-core's ``TopKRouter`` and ``MoELayer``,
-and :class:`~megatron_edl.integration.router.EDLTopKRouter` installed through
+and :class:`~megatron_edl.integration.router.AuxLossTopKRouter` installed through
 :func:`~megatron_edl.integration.spec.with_edl_router`) the way the training loop does, on a
 process group of one rank: gloo on CPU (with :mod:`megatron_edl.cpu` applied), NCCL on a GPU.
 With one rank every collective is a local no-op, but it is still issued, so the EDL path does
@@ -212,7 +212,7 @@ def transformer_config(
 
 
 def build_router(config, edl_config: EDLConfig | None, device: torch.device) -> torch.nn.Module:
-    """Megatron's ``TopKRouter`` (``edl_config=None``) or an ``EDLTopKRouter``, layer 1, training.
+    """Megatron's ``TopKRouter`` (``edl_config=None``) or an ``AuxLossTopKRouter``, layer 1.
 
     Raises:
         ValueError: If ``edl_config`` lacks ``num_domains``.
@@ -220,13 +220,13 @@ def build_router(config, edl_config: EDLConfig | None, device: torch.device) -> 
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from megatron_edl.integration.router import EDLTopKRouter
+    from megatron_edl.integration.router import AuxLossTopKRouter
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
     if edl_config is None:
         router = TopKRouter(config=config, pg_collection=pg)
     else:
-        router = EDLTopKRouter(config=config, pg_collection=pg, edl_config=edl_config)
+        router = AuxLossTopKRouter(config=config, pg_collection=pg, edl_config=edl_config)
     router.set_layer_number(1)
     return router.to(device).train()
 
@@ -284,7 +284,7 @@ def random_router_labels(
     batch]`` one and the result is this TP rank's sequence-parallel slice.
 
     Returns:
-        A :class:`~megatron_edl.integration.router.DomainLabels` (CPU tensors).
+        A :class:`~megatron_edl.integration.labels.DomainLabels` (CPU tensors).
     """
     from megatron_edl.core.edl import segment_weights_from_ids
     from megatron_edl.integration.labels import router_labels

@@ -8,17 +8,25 @@ cannot know. Imports neither ``megatron`` nor ``torch``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from megatron_edl.config._convert import EDLConfigError
-
-if TYPE_CHECKING:
-    from megatron_edl.config.edl import EDLConfig
 
 __all__ = ["COEFF_FLAG", "LAYERS_FLAG", "as_layers", "parse_layers", "validate_against_model"]
 
 COEFF_FLAG = "--moe-edl-coeff"
 LAYERS_FLAG = "--moe-edl-layers"
+
+
+class LayerOptions(Protocol):
+    """What :func:`validate_against_model` reads of an ``EDLConfig`` (no import of
+    :mod:`megatron_edl.config.edl`, which imports this module)."""
+
+    coeff: float
+    layers: tuple[int, ...] | None
+
+    @property
+    def enabled(self) -> bool: ...
 
 
 def _flag(field: str) -> str:
@@ -122,7 +130,7 @@ def _moe_layer_numbers(num_layers: int, moe_layer_freq: int | Sequence[int]) -> 
 
 
 def validate_against_model(
-    cfg: EDLConfig,
+    cfg: LayerOptions,
     *,
     num_moe_experts: int | None,
     num_layers: int,

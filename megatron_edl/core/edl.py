@@ -40,6 +40,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from megatron_edl.config import EDLForm
+
 __all__ = [
     "EDLLossOutput",
     "IGNORE_DOMAIN",
@@ -469,7 +471,7 @@ def edl_loss(
     Raises:
         ValueError: On an unknown ``form``, ``eps <= 0`` with the log form, or bad shapes.
     """
-    if form not in ("log", "linear"):
+    if form not in tuple(EDLForm):
         raise ValueError(f"form must be 'log' or 'linear', got {form!r}")
     if form == "log" and not eps > 0:
         raise ValueError(f"eps must be > 0 for the 'log' form, got {eps}")

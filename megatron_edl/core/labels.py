@@ -60,10 +60,14 @@ import yaml
 from megatron_edl.config import EDLConfigError
 from megatron_edl.core.edl import IGNORE_DOMAIN
 
-__all__ = ["IGNORE_DOMAIN", "LabelMap", "permute_document_labels"]
+__all__ = ["GLOB_CHARS", "IGNORE_DOMAIN", "LabelMap", "load_strict_yaml", "permute_document_labels"]
 
 _TOP_LEVEL_KEYS = ("domains", "map", "default")
-_GLOB_CHARS = frozenset("*?[")
+GLOB_CHARS = frozenset("*?[")
+"""Characters that make a string a shell-style glob (``fnmatch``; a lone ``]`` is literal). The
+one definition for every YAML file of labels and inputs: label maps, path-label files, prefix
+labels, input file lists; label names may contain none of them (nor ``]``,
+:func:`megatron_edl.data.vocabulary.label_name_problem`)."""
 _UNCOVERED = -2  # lookup-table sentinel, never returned to callers
 _MAX_LISTED = 20  # uncovered ids listed in full in an error message
 
@@ -463,7 +467,7 @@ class LabelMap:
         return (
             isinstance(key, str)
             and not (self.vocabulary is not None and key in self.vocabulary)
-            and not _GLOB_CHARS.isdisjoint(key)
+            and not GLOB_CHARS.isdisjoint(key)
         )
 
     def _add_glob(self, pattern: str, loss_id: int) -> None:

@@ -23,7 +23,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-AGGREGATIONS = ("segment", "token", "sample")
+from megatron_edl.config import EDLAggregation
+
+AGGREGATIONS = tuple(aggregation.value for aggregation in EDLAggregation)
+"""``segment``, ``token``, ``sample``: the values of ``--moe-edl-aggregation``."""
 
 
 def sample_token_labels(

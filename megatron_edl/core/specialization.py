@@ -77,6 +77,8 @@ __all__ = [
     "variance_sums",
 ]
 
+# The values of megatron_edl.config.VarianceAxis, restated: this module imports nothing of the
+# package (tests/test_specialization_math.py checks it imports no "megatron*" module).
 VarianceAxis = Literal["tokens", "experts"]
 AXES = ("tokens", "experts")
 

@@ -526,7 +526,9 @@ class ClassifierLabel:
         return {"kind": "classifier", "model_dir": self.model_dir, "max_length": self.max_length}
 
 
-LabelSource = FieldLabel | PathLabel | LangIdLabel | CallableLabel | ClusterLabel | ClassifierLabel
+Labeler = FieldLabel | PathLabel | LangIdLabel | CallableLabel | ClusterLabel | ClassifierLabel
+"""How a record gets its label (one per run). Not the training side's
+:class:`megatron_edl.integration.dataset.LabelSource` (sidecar or prefix labels)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,7 +546,7 @@ class PreprocessConfig:
     output_prefix: str
     """Output prefix; datasets go to ``{output_prefix}_{key}_document.*``."""
 
-    label_source: LabelSource | None
+    label_source: Labeler | None
     """Where labels come from; ``None`` turns domain handling off (no sidecar; benchmarks)."""
 
     json_keys: tuple[str, ...] = ("text",)
@@ -626,7 +628,7 @@ class _EncoderSpec:
     json_keys: tuple[str, ...]
     append_eod: bool
     max_document_tokens: int | None
-    label_source: LabelSource | None
+    label_source: Labeler | None
     dtype: str
 
 
@@ -1291,7 +1293,7 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 
 
 def _file_labels(
-    source: LabelSource, files: Sequence[str], config: PreprocessConfig, resolver: _LabelResolver
+    source: Labeler, files: Sequence[str], config: PreprocessConfig, resolver: _LabelResolver
 ) -> dict[str, str | None]:
     """Labels of the input files for ``--domain-from-path`` (checked before any work)."""
     if not isinstance(source, PathLabel):
@@ -1648,7 +1650,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     given = [f"--classifier-{k.replace('_', '-')}" for k, v in classifier.items() if v is not None]
     if given and args.domain_classifier is None:
         raise EDLConfigError(f"{given[0]} needs --domain-classifier")
-    source: LabelSource | None
+    source: Labeler | None
     if args.domain_field is not None:
         source = FieldLabel(args.domain_field)
     elif args.domain_from_path is not None:

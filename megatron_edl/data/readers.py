@@ -21,9 +21,10 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from megatron_edl.core.labels import GLOB_CHARS
+
 __all__ = ["Chunk", "InputError", "detect_format", "expand_inputs", "iter_chunks"]
 
-_GLOB_CHARS = frozenset("*?[")
 _MAGIC_PARQUET = b"PAR1"
 _MAGIC_GZIP = b"\x1f\x8b"
 _MAGIC_ZSTD = b"\x28\xb5\x2f\xfd"
@@ -71,7 +72,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
     files: list[str] = []
     origin: dict[str, str] = {}
     for pattern in patterns:
-        if _GLOB_CHARS.intersection(pattern):
+        if GLOB_CHARS.intersection(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise InputError(f"--input {pattern!r} matches no file")

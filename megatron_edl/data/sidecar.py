@@ -41,6 +41,9 @@ SUFFIX = ".domains"
 _DTYPES = {3: np.int16, 4: np.int32}
 _HEADER = struct.Struct("<8sQBQQQ32sQ")
 _FINGERPRINT_SPAN = 1 << 20
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+"""The first bytes of every Megatron ``.idx`` file."""
+_INDEX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents
 
 
 class SidecarMismatchError(ValueError):
@@ -63,13 +66,23 @@ def index_fingerprint(idx_path: str | os.PathLike) -> tuple[int, bytes]:
     return size, digest.digest()
 
 
-def _index_counts(idx_path: str | os.PathLike) -> tuple[int, int]:
-    # Megatron's .idx header: magic (9 bytes), <Q version, <B dtype, <Q sequences, <Q documents.
+def index_counts(idx_path: str | os.PathLike) -> tuple[int, int]:
+    """``(sequences, documents)`` of a Megatron ``.idx`` file, from its header.
+
+    The header (megatron-core's ``indexed_dataset._IndexWriter``): magic ``b"MMIDIDX\\x00\\x00"``
+    (9 bytes), ``<Q`` version, ``<B`` dtype code, ``<Q`` sequence count, ``<Q`` document count.
+    The one reader of that header in the package (sidecars, labelled datasets).
+
+    Raises:
+        SidecarMismatchError: The file is too short or lacks the magic.
+    """
     with open(idx_path, "rb") as f:
-        header = f.read(9 + 8 + 1 + 8 + 8)
-    if len(header) < 34:
+        header = f.read(_INDEX_HEADER.size)
+    if len(header) < _INDEX_HEADER.size:
         raise SidecarMismatchError(f"{idx_path}: not a Megatron .idx file (too short)")
-    sequences, documents = struct.unpack("<QQ", header[18:34])
+    magic, _version, _dtype, sequences, documents = _INDEX_HEADER.unpack(header)
+    if magic != INDEX_MAGIC:
+        raise SidecarMismatchError(f"{idx_path}: not a Megatron .idx file (magic {magic!r})")
     return sequences, documents
 
 
@@ -97,7 +110,7 @@ def write_sidecar(
         ValueError: if an id is < -1 or not in the vocabulary's id range.
     """
     idx_path = f"{os.fspath(prefix)}.idx"
-    sequences, documents = _index_counts(idx_path)
+    sequences, documents = index_counts(idx_path)
     ids_N = np.asarray(domain_ids_N)
     if ids_N.shape != (sequences,):
         raise SidecarMismatchError(
@@ -148,7 +161,7 @@ def read_sidecar(prefix: str | os.PathLike) -> tuple[np.ndarray, dict[str, int]]
         raise SidecarMismatchError(f"{path}: format version {version}, this reader knows {VERSION}")
     if code not in _DTYPES:
         raise SidecarMismatchError(f"{path}: unknown dtype code {code}")
-    idx_sequences, idx_documents = _index_counts(idx_path)
+    idx_sequences, idx_documents = index_counts(idx_path)
     checks = (
         ("sequence count", sequences, idx_sequences),
         ("document count", documents, idx_documents),

@@ -38,11 +38,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from megatron_edl.config import EDLConfigError
-from megatron_edl.core.labels import load_strict_yaml
+from megatron_edl.core.labels import GLOB_CHARS, load_strict_yaml
 
 __all__ = ["LabelVocabulary", "label_name_problem", "load_strict_yaml"]
 
-_GLOB_CHARS = frozenset("*?[]")
+_NOT_IN_NAMES = GLOB_CHARS | {"]"}
+"""A name never looks like a glob: no glob character, nor the ``]`` that closes a class."""
 SURROGATE = re.compile("[\ud800-\udfff]")
 """An unpaired surrogate: a ``str`` that is not valid UTF-8 (from a ``\\udXXX`` JSON escape)."""
 _MAX_ID = 2**31 - 1  # the sidecar stores ids as int16 or int32
@@ -65,7 +66,7 @@ def label_name_problem(name: object) -> str | None:
         return "has an unpaired surrogate (not valid UTF-8)"
     if name != name.strip():
         return "has leading or trailing whitespace"
-    if _GLOB_CHARS.intersection(name):
+    if _NOT_IN_NAMES.intersection(name):
         return "contains a glob character (* ? [ ])"
     if any(not part for part in name.split("/")):
         return "has an empty '/'-separated part"

@@ -135,6 +135,128 @@ _register(
     remove_when="Megatron's help strings are %-safe (fixed upstream after 0.19.2)",
 )
 
+# -- megatron_edl.integration.loss_terms ---------------------------------------------------------
+
+_register(
+    name="moe-metrics-tracker-report",
+    target="megatron.core.transformer.moe.moe_logging:MoEMetricsTracker.report",
+    kind="wrap",
+    where="megatron_edl.integration.loss_terms.register_edl_metrics",
+    why="training_log passes a fixed whitelist (track_names) of MoE metric names to the "
+    "tracker's report, so metrics recorded under other names never reach the iteration log, "
+    "TensorBoard or W&B; we wrap the tracker object's report to append our names",
+    remove_when="Megatron's training_log reports every recorded MoE metric, or takes extra "
+    "metric names from an argument or a registration API",
+    parameters=("track_names",),
+)
+
+# -- megatron_edl.integration.router -------------------------------------------------------------
+
+_register(
+    name="router-apply-aux-loss",
+    target="megatron.core.transformer.moe.router:TopKRouter._apply_aux_loss",
+    kind="override",
+    where="megatron_edl.integration.router.AuxLossTopKRouter._apply_aux_loss",
+    why="the only place the fp32 normalised scores Megatron computes for its aux losses "
+    "(scores_for_aux_loss) are visible; EDL reuses them as its dense p_t instead of a second "
+    "softmax (docs/BENCHMARKS.md); the override only keeps a reference and calls the stock method",
+    remove_when="TopKRouter.routing returns (or exposes through a public hook) the dense scores "
+    "of its score function",
+    parameters=("probs", "scores_for_aux_loss", "routing_map", "with_padding_mask"),
+)
+
+# -- megatron_edl.integration.specialization -----------------------------------------------------
+
+_register(
+    name="flex-dispatcher-comm-manager",
+    target="megatron.core.transformer.moe.token_dispatcher:MoEFlexTokenDispatcher#_comm_manager",
+    kind="private-attr",
+    where="megatron_edl.integration.specialization.OrthogonalityFlexTokenDispatcher",
+    why="the orthogonality loss needs each token's k expert outputs on the token's rank; the "
+    "flex dispatcher keeps the DeepEP handle and the token/column layout only in its private "
+    "_comm_manager",
+    remove_when="MoEFlexTokenDispatcher exposes the dispatch layout (indices, probs, handle) or "
+    "a combine that returns per-expert outputs",
+)
+_register(
+    name="deepep-manager-state",
+    target="megatron.core.transformer.moe.token_dispatcher:_DeepepManager#dispatched_indices",
+    kind="private-attr",
+    where="megatron_edl.integration.specialization.OrthogonalityFlexTokenDispatcher",
+    why="the DeepEP manager (a private class) holds the layout the hook reads: "
+    "dispatched_indices, dispatched_routing_map, pad_offsets, token_indices, token_probs, group, "
+    "handle; the entry checks the first, the others are set next to it",
+    remove_when="as flex-dispatcher-comm-manager",
+)
+_register(
+    name="token-dispatcher-fused-combine",
+    target="megatron.core.transformer.moe.token_dispatcher:_DeepepManager.combine",
+    kind="private-call",
+    where="megatron_edl.integration.specialization.OrthogonalityFlexTokenDispatcher.token_combine",
+    why="each column of expert outputs goes back to its token's rank through DeepEP's combine "
+    "with the dispatch's own handle: we call the dispatcher module's fused_combine (None without "
+    "DeepEP, so the entry checks _DeepepManager.combine, Megatron's caller of it), the function "
+    "Megatron itself calls (tests/deepep_emulation.py replaces it there)",
+    remove_when="as flex-dispatcher-comm-manager",
+)
+_register(
+    name="alltoall-dispatcher-state",
+    target="megatron.core.transformer.moe.token_dispatcher:MoEAlltoAllTokenDispatcher#probs",
+    kind="private-attr",
+    where="megatron_edl.integration.specialization.OrthogonalityAlltoAllTokenDispatcher",
+    why="the orthogonality hook in combine_postprocess needs the (token, expert) layout of the "
+    "combined rows: it reads the routing_map and probs the dispatcher keeps from "
+    "dispatch_preprocess (internal state, not an API)",
+    remove_when="the dispatcher hands the routing layout to combine (argument or public "
+    "property), or offers a per-expert-output combine hook",
+)
+_register(
+    name="allgather-dispatcher-state",
+    target="megatron.core.transformer.moe.token_dispatcher:MoEAllGatherTokenDispatcher#local_map",
+    kind="private-attr",
+    where="megatron_edl.integration.specialization.OrthogonalityAllGatherTokenDispatcher",
+    why="the orthogonality hook places each local expert's outputs in their tokens' slots: it "
+    "reads the gathered routing_map (in dispatch_postprocess, before Megatron clears it), "
+    "local_map and local_probs, internal state of the dispatcher",
+    remove_when="as alltoall-dispatcher-state",
+)
+_register(
+    name="moe-layer-training-dispatcher",
+    target="megatron.core.transformer.moe.moe_layer:MoELayer#_training_token_dispatcher",
+    kind="private-attr",
+    where="megatron_edl.integration.specialization.SpecializationMoELayer.__init__",
+    why="inference-optimized MoE layers swap the token dispatcher back from the private "
+    "_training_token_dispatcher when they return to training; ours must be the one kept there",
+    remove_when="MoELayer builds its dispatcher through a builder or spec slot we can fill",
+)
+
+# -- megatron_edl.integration.telemetry ----------------------------------------------------------
+
+_register(
+    name="training-post-step-callbacks",
+    target="megatron.training.training:post_training_step_callbacks",
+    kind="rebind",
+    where="megatron_edl.integration.telemetry.install_hooks",
+    why="Megatron's training loop has no callback API; train() looks this function up as a module "
+    "global after every iteration, so rebinding it is the only way to dump the routing "
+    "statistics at an iteration boundary on every rank",
+    remove_when="megatron.training offers per-iteration callbacks (e.g. a callbacks argument of "
+    "pretrain)",
+    parameters=("model", "optimizer", "opt_param_scheduler", "iteration"),
+)
+_register(
+    name="training-evaluate",
+    target="megatron.training.training:evaluate",
+    kind="rebind",
+    where="megatron_edl.integration.telemetry.install_hooks",
+    why="the evaluation probe records the routing of Megatron's evaluation and needs a hook "
+    "before and after it; evaluate() is looked up as a module global by its callers",
+    remove_when="megatron.training offers evaluation callbacks",
+    parameters=("forward_step_func", "data_iterator", "model"),
+)
+
+# -- megatron_edl.pretrain_gpt, integration.gpt, integration.dataset ---------------------------
+
 _register(
     name="dataset-helpers-compile",
     target="megatron.core.datasets.utils:compile_helpers",

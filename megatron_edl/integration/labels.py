@@ -1,24 +1,139 @@
-"""Domain labels from the batch to the EDL routers: TP broadcast, SP slicing, per-micro-batch push.
+"""Domain labels from the batch to their consumers (the routers): batch keys, TP broadcast, SP
+slicing, and the per-micro-batch queue each consumer reads.
 
 Order of slicing, the same as the tokens': the dataset gives ``[b, S]`` labels with the batch; TP
 rank 0 broadcasts them over TP (Megatron's ``get_batch_on_this_tp_rank`` drops unknown keys);
 ``get_batch_on_this_cp_rank`` splits them along the sequence like the tokens (zig-zag); the router
 of a sequence-parallel layer sees rows ``[r*s/tp, (r+1)*s/tp)`` of the ``[s, b]`` layout, flattened
 s-major (``index = s_local * b + b_idx``), which :func:`router_labels` reproduces.
+
+The bottom of the integration package's layering: this module imports nothing of ours (and no
+``megatron``), so the datasets, the training step, the routers and the telemetry can all use it.
+A module that consumes labels subclasses :class:`LabelConsumer` (a :class:`LabelQueue` plus
+``wants_labels``); :func:`push_labels` finds the consumers of a model by that base class, never by
+the router's class.
+
+Shape legend: b micro-batch size, S (s) sequence length (of this CP rank), T tokens one router
+sees (``s * b``, or ``s / tp * b`` under sequence parallelism).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import weakref
 
 import torch
 
-from megatron_edl.integration.router import DomainLabels, EDLTopKRouter
+__all__ = [
+    "DOMAIN_IDS_KEY",
+    "EDL_BATCH_KEYS",
+    "WEIGHTS_KEY",
+    "DomainLabels",
+    "LabelConsumer",
+    "LabelQueue",
+    "broadcast_labels_over_tp",
+    "label_consumers",
+    "push_labels",
+    "router_labels",
+    "routers_wanting_labels",
+]
 
 # Batch keys the labelled datasets add (both [b, S]).
 DOMAIN_IDS_KEY = "domain_ids"
 WEIGHTS_KEY = "edl_weights"
 EDL_BATCH_KEYS = (DOMAIN_IDS_KEY, WEIGHTS_KEY)
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainLabels:
+    """Domain ids and EDL token weights of the tokens one router sees in one micro-batch.
+
+    Both are flattened in the router's token order (s-major over this rank's CP/SP shard).
+    """
+
+    domain_ids_T: torch.Tensor
+    """int64 [T]; -1 = no label."""
+    weights_T: torch.Tensor
+    """fp32 [T]; 1/T_s for the segment mode, 1 for the token mode."""
+    iteration: int | None = None
+    """0-based optimizer step of the micro-batch (Megatron's ``args.curr_iteration``), for the
+    β schedule; ``None``: the full β."""
+
+
+class LabelQueue:
+    """Per-micro-batch FIFO of :class:`DomainLabels` of one consumer (one router).
+
+    The training step pushes one entry per micro-batch before the model's forward; the consumer
+    pops one entry per forward that needs labels (:meth:`LabelConsumer.wants_labels`): without
+    recompute in forward order, with activation recompute at the recompute, which runs in
+    backward order. Per pipeline stage and model chunk both orders are the micro-batch order, so
+    each forward gets its own micro-batch's labels.
+    """
+
+    def __init__(self) -> None:
+        self._entries: collections.deque[DomainLabels] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def push(self, labels: DomainLabels) -> None:
+        """Queue the labels of one micro-batch."""
+        self._entries.append(labels)
+
+    def pop(self, num_tokens: int, *, consumer: str = "label consumer") -> DomainLabels:
+        """The oldest entry, checked against the number of tokens the consumer sees.
+
+        Args:
+            num_tokens: T, the tokens of the forward that consumes the entry.
+            consumer: How the errors name the consumer, e.g. ``"EDL router of layer 3"``.
+
+        Raises:
+            RuntimeError: If the queue is empty (the training step pushed nothing).
+            ValueError: If the entry holds a number of labels other than ``num_tokens`` (names
+                both).
+        """
+        if not self._entries:
+            raise RuntimeError(
+                f"{consumer} has no domain labels for this "
+                "micro-batch: the training step must push them before the model's forward "
+                "(megatron_edl.integration.gpt.forward_step does)"
+            )
+        labels = self._entries.popleft()
+        if labels.domain_ids_T.numel() != num_tokens:
+            raise ValueError(
+                f"{consumer} sees {num_tokens} tokens but got "
+                f"{labels.domain_ids_T.numel()} domain labels: labels must be sliced like the "
+                "tokens (CP split, then the sequence-parallel slice, s-major)"
+            )
+        return labels
+
+    def clear(self) -> None:
+        """Drop every queued entry."""
+        self._entries.clear()
+
+
+class LabelConsumer:
+    """Base of the modules that consume domain labels (the routers), found by :func:`push_labels`.
+
+    A subclass sets ``self.label_queue`` (a :class:`LabelQueue`) in its ``__init__`` and
+    implements :meth:`wants_labels`; its forward pops one entry whenever ``wants_labels`` was
+    true for that forward's grad mode.
+    """
+
+    label_queue: LabelQueue
+
+    def wants_labels(self, grad_enabled: bool) -> bool:
+        """Whether a forward in the current mode consumes one entry of labels.
+
+        Args:
+            grad_enabled: ``torch.is_grad_enabled()`` during the forward.
+        """
+        raise NotImplementedError
+
+    def push_labels(self, labels: DomainLabels) -> None:
+        """Queue the labels of one micro-batch (called by the training step before forward)."""
+        self.label_queue.push(labels)
 
 
 def broadcast_labels_over_tp(
@@ -94,26 +209,26 @@ def router_labels(
     )
 
 
-_ROUTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CONSUMERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def edl_routers(model: torch.nn.Module) -> list[EDLTopKRouter]:
-    """The EDL routers of one model chunk (wrapped or not), cached per chunk."""
-    routers = _ROUTERS.get(model)
-    if routers is None:
-        routers = [m for m in model.modules() if isinstance(m, EDLTopKRouter)]
-        _ROUTERS[model] = routers
-    return routers
+def label_consumers(model: torch.nn.Module) -> list[LabelConsumer]:
+    """The label consumers (routers) of one model chunk (wrapped or not), cached per chunk."""
+    consumers = _CONSUMERS.get(model)
+    if consumers is None:
+        consumers = [m for m in model.modules() if isinstance(m, LabelConsumer)]
+        _CONSUMERS[model] = consumers
+    return consumers
 
 
-def routers_wanting_labels(model: torch.nn.Module) -> list[EDLTopKRouter]:
+def routers_wanting_labels(model: torch.nn.Module) -> list[LabelConsumer]:
     """The routers of ``model`` whose next forward (in the current grad mode) consumes labels."""
     grad_enabled = torch.is_grad_enabled()
-    return [r for r in edl_routers(model) if r.wants_labels(grad_enabled)]
+    return [r for r in label_consumers(model) if r.wants_labels(grad_enabled)]
 
 
 def push_labels(model: torch.nn.Module, labels: DomainLabels) -> None:
-    """Queue one micro-batch's labels on every EDL router of ``model`` that will consume them
+    """Queue one micro-batch's labels on every router of ``model`` that will consume them
     (the EDL loss in training forwards, the routing telemetry in the forwards it counts)."""
     for router in routers_wanting_labels(model):
         router.push_labels(labels)

@@ -1,10 +1,10 @@
-"""Install :class:`EDLTopKRouter` (and the orthogonality loss's MoE layer) into any Megatron spec.
+"""Install :class:`AuxLossTopKRouter` (and the orthogonality loss's MoE layer) in a Megatron spec.
 
 Megatron builds an MoE layer's router from the ``router`` slot of its ``MoESubmodules`` (a
 ``RouterBuilder``: ``builder(config=..., pg_collection=..., is_mtp_layer=...)``). The function
 here walks a spec (``ModuleSpec``, ``TransformerBlockSubmodules`` with per-layer specs, and the
 ``functools.partial`` builders Megatron's spec functions return; GPT or Hybrid, TE or local) and
-returns a copy in which every stock ``TopKRouter`` slot builds an ``EDLTopKRouter`` instead;
+returns a copy in which every stock ``TopKRouter`` slot builds an ``AuxLossTopKRouter`` instead;
 every other submodule is the very same object as before. With the orthogonality loss on, the
 ``MoELayer`` builder holding those ``MoESubmodules`` (a ``partial(MoELayer, ...)`` or a
 ``ModuleSpec(module=MoELayer)``) builds a :class:`SpecializationMoELayer` instead, the same layer
@@ -24,7 +24,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_edl.config import EDLConfig, SpecializationConfig
-from megatron_edl.integration.router import EDLTopKRouter
+from megatron_edl.integration.router import AuxLossTopKRouter
 from megatron_edl.integration.specialization import SpecializationMoELayer
 
 
@@ -39,7 +39,7 @@ def _replace_routers(
         router = node.router
         is_partial = isinstance(router, functools.partial)
         base = router.func if is_partial else router
-        if base is EDLTopKRouter:
+        if base is AuxLossTopKRouter:
             raise ValueError("the spec already has an EDL router; install it once")
         if base is not TopKRouter:
             raise ValueError(
@@ -52,7 +52,7 @@ def _replace_routers(
         extra = {} if specialization is None else {"specialization_config": specialization}
         extra.update(router_kwargs)
         builder = functools.partial(
-            EDLTopKRouter, *args, **keywords, edl_config=edl_config, **extra
+            AuxLossTopKRouter, *args, **keywords, edl_config=edl_config, **extra
         )
         return dataclasses.replace(node, router=builder)
     ortho = specialization is not None and specialization.ortho_enabled
@@ -105,7 +105,7 @@ def with_edl_router(
     specialization: SpecializationConfig | None = None,
     **router_kwargs: Any,
 ) -> Any:
-    """Return ``spec`` with every MoE router built as an :class:`EDLTopKRouter`.
+    """Return ``spec`` with every MoE router built as an :class:`AuxLossTopKRouter`.
 
     With ``specialization.ortho_enabled`` every MoE layer is also built as a
     :class:`SpecializationMoELayer` (the orthogonality loss in its token dispatcher).
@@ -115,7 +115,7 @@ def with_edl_router(
             (``TransformerBlockSubmodules``), GPT or Hybrid, TE or local.
         edl_config: The EDL configuration the routers use (``None``: no EDL).
         specialization: The variance/orthogonality configuration (``None``: neither loss).
-        **router_kwargs: Further keyword arguments of every ``EDLTopKRouter`` (e.g.
+        **router_kwargs: Further keyword arguments of every ``AuxLossTopKRouter`` (e.g.
             ``stats_phase``, the routing telemetry).
 
     Returns:

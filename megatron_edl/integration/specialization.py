@@ -1,16 +1,19 @@
 """The variance and orthogonality losses (arXiv 2505.22323) inside Megatron's MoE layer.
 
-The math is :mod:`megatron_edl.core.specialization`; this module attaches it to Megatron. Each
-loss is one :class:`SpecializationTerm` per MoE layer: a weight (the flag's coefficient, or the
-auto-calibrated one), the gradient scale of :func:`megatron_edl.distributed.edl_loss_scale`
-(scope ``global``), the attachment with Megatron's ``MoEAuxLossAutoScaler`` (so the schedule's
-aux-loss scale applies, as for the load-balancing loss) and a per-layer metric in Megatron's MoE
-metrics tracker, without the weight: ``ortho_loss`` = L_o and ``variance_loss`` = Var = −L_v
-(the variance the loss raises; Megatron's iteration log line prints only non-negative losses).
+The math is :mod:`megatron_edl.core.specialization`. Both losses are terms of the shared
+auxiliary-loss interface (:class:`~megatron_edl.integration.loss_terms.VarianceTerm`,
+:class:`~megatron_edl.integration.loss_terms.OrthogonalityTerm`): a weight (the flag's
+coefficient, or the auto-calibrated one), the gradient scale of
+:func:`megatron_edl.distributed.edl_loss_scale` (scope ``global``), the attachment with
+Megatron's ``MoEAuxLossAutoScaler`` (so the schedule's aux-loss scale applies, as for the
+load-balancing loss) and a per-layer metric in Megatron's MoE metrics tracker, without the
+weight: ``ortho_loss`` = L_o and ``variance_loss`` = Var = −L_v (the variance the loss raises;
+Megatron's iteration log line prints only non-negative losses). This module places the
+orthogonality loss in Megatron's token dispatchers.
 
 Where they hook in:
 
-- **Variance** (:func:`attach_variance_loss`): in ``EDLTopKRouter.routing``, after Megatron's
+- **Variance** (``VarianceTerm``): in ``AuxLossTopKRouter.routing``, after Megatron's
   top-k, on the router's output ``probs`` (axis ``tokens``: those post-top-k scores; axis
   ``experts``: the dense fp32 softmax of the logits).
 - **Orthogonality**: in the token dispatcher's combine path, where a token's k expert outputs
@@ -70,17 +73,11 @@ calibrates again (pass the logged weights as coefficients to avoid that).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from megatron.core.tensor_parallel import reduce_scatter_to_sequence_parallel_region
 from megatron.core.transformer.moe import token_dispatcher as megatron_token_dispatcher
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler,
-    get_default_pg_collection,
-)
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import (
     MoEAllGatherTokenDispatcher,
     MoEAlltoAllTokenDispatcher,
@@ -88,17 +85,19 @@ from megatron.core.transformer.moe.token_dispatcher import (
 )
 from torch import Tensor
 
-from megatron_edl.config import SpecializationConfig, VarianceAxis
+from megatron_edl.config import SpecializationConfig
 from megatron_edl.core import specialization as spec_math
-from megatron_edl.distributed import all_reduce_sums, edl_loss_scale
+from megatron_edl.integration.internals import touch
+from megatron_edl.integration.loss_terms import (
+    ORTHO_METRIC,
+    VARIANCE_METRIC,
+    OrthogonalityTerm,
+    TermGroups,
+)
 
-logger = logging.getLogger(__name__)
-
-VARIANCE_METRIC = "variance_loss"
-ORTHO_METRIC = "ortho_loss"
 METRIC_NAMES = (VARIANCE_METRIC, ORTHO_METRIC)
 """Names recorded in Megatron's MoE metrics tracker (register them with
-``megatron_edl.integration.router.register_edl_metrics``)."""
+:func:`megatron_edl.integration.loss_terms.register_edl_metrics`)."""
 
 
 def metric_names(cfg: SpecializationConfig) -> tuple[str, ...]:
@@ -110,190 +109,18 @@ def metric_names(cfg: SpecializationConfig) -> tuple[str, ...]:
     )
 
 
-class SpecializationTerm:
-    """One weighted loss term of one MoE layer: weight, gradient scale, attachment, metric."""
-
-    def __init__(
-        self,
-        *,
-        name: str,
-        coeff: float,
-        calibration_target: float | None,
-        config,
-        pg_collection,
-        is_mtp_layer: bool,
-        record_negated: bool = False,
-    ) -> None:
-        """Create the term.
-
-        Args:
-            name: Metric name.
-            coeff: The flag's coefficient (> 0 when the term is on).
-            calibration_target: ``target`` of the auto-calibration, or ``None`` for none.
-            config: Megatron's ``TransformerConfig``.
-            pg_collection: Megatron's process groups (``tp_dp_cp``, ``tp_cp``, ``cp``).
-            is_mtp_layer: Whether the layer is a multi-token-prediction layer (metric index).
-            record_negated: Record ``-loss`` (for a loss <= 0 that Megatron's log would hide).
-        """
-        self.name = name
-        self.weight = coeff
-        """The weight in use: the coefficient, replaced once by the calibrated value."""
-        self.calibration_target = calibration_target
-        self.config = config
-        self.tp_dp_cp_group = pg_collection.tp_dp_cp
-        self.tp_cp_group = pg_collection.tp_cp
-        self.cp_group = pg_collection.cp
-        self.is_mtp_layer = is_mtp_layer
-        self.record_negated = record_negated
-        self.calibrated = calibration_target is None
-
-    def _calibrate(self, loss: Tensor, layer_number: int | None) -> None:
-        magnitude = loss.detach().abs().to(torch.float64)
-        weight = torch.where(
-            magnitude > 0, self.calibration_target / magnitude, magnitude.new_tensor(self.weight)
-        )
-        (total,) = all_reduce_sums((weight.reshape(1),), self.tp_dp_cp_group)
-        self.weight = total.item() / self.tp_dp_cp_group.size()
-        self.calibrated = True
-        if self.tp_dp_cp_group.rank() == 0:
-            logger.info(
-                "layer %s: %s weight auto-calibrated to %.6g (target %.3g, first value %.6g)",
-                layer_number,
-                self.name,
-                self.weight,
-                self.calibration_target,
-                magnitude.item(),
-            )
-
-    def attach(
-        self, activation: Tensor, loss: Tensor, *, num_local_tokens, layer_number: int | None
-    ) -> Tensor:
-        """Attach ``weight * scale * loss`` to ``activation`` and record ``loss`` (or ``-loss``).
-
-        Args:
-            activation: The tensor whose backward carries the loss (returned unchanged).
-            loss: The layer's loss, identical on every rank of ``tp_dp_cp``.
-            num_local_tokens: This rank's tokens in the layer (for the per-token-loss scale).
-            layer_number: The 1-based layer number (metric index).
-
-        Returns:
-            ``activation``, with the loss attached.
-        """
-        if not self.calibrated:
-            self._calibrate(loss, layer_number)
-        scale = edl_loss_scale(
-            "global",
-            dp_size=self.tp_dp_cp_group.size() // self.tp_cp_group.size(),  # dense DP, EP incl.
-            cp_size=self.cp_group.size(),
-            cp_in_aux_loss_scale=True,  # Megatron's schedule multiplies aux losses by cp
-        )
-        if self.config.calculate_per_token_loss:
-            scale = scale * num_local_tokens * self.tp_cp_group.size()
-        activation = MoEAuxLossAutoScaler.apply(activation, loss * (self.weight * scale))
-        self._record(loss, layer_number)
-        return activation
-
-    def _record(self, loss: Tensor, layer_number: int | None) -> None:
-        if layer_number is None:
-            return
-        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
-        layer = layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
-        # Replicated over tp_dp_cp (not partial): average, never sum.
-        get_moe_metrics_tracker().record(
-            self.name,
-            -loss.detach().float() if self.record_negated else loss.detach().float(),
-            layer,
-            num_layers,
-            avg_group=self.tp_cp_group,
-            needs_dp_avg=True,
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# Variance loss (in the router)
-# ---------------------------------------------------------------------------------------------
-
-
-class _RouterGroups:
-    """``pg_collection``-like view of a router's ``*_group`` attributes."""
-
-    def __init__(self, router) -> None:
-        self.tp_dp_cp = router.tp_dp_cp_group
-        self.tp_cp = router.tp_cp_group
-        self.cp = router.cp_group
-
-
-def make_variance_term(router, cfg: SpecializationConfig) -> SpecializationTerm | None:
-    """The variance term of ``router`` (a ``TopKRouter``), or ``None`` when the loss is off.
-
-    Args:
-        router: The router (its config, process groups and MTP flag are used).
-        cfg: The specialization config.
-
-    Returns:
-        The term, or ``None``.
-    """
-    if not cfg.variance_enabled:
-        return None
-    return SpecializationTerm(
-        name=VARIANCE_METRIC,
-        coeff=cfg.variance_coeff,
-        calibration_target=cfg.variance_target if cfg.auto_calibrate else None,
-        config=router.config,
-        pg_collection=_RouterGroups(router),
-        is_mtp_layer=router.is_mtp_layer,
-        record_negated=True,
-    )
-
-
-def attach_variance_loss(
-    router,
-    term: SpecializationTerm,
-    axis: VarianceAxis,
-    *,
-    logits_TE: Tensor,
-    probs_TE: Tensor,
-    padding_mask: Tensor | None,
-) -> Tensor:
-    """Compute L_v of this micro-batch step and attach it to the router output ``probs_TE``.
-
-    One all-reduce (SUM) of the variance sums over ``tp_dp_cp``; then every rank holds the loss
-    of all tokens of the step.
-
-    Args:
-        router: The router (process groups, layer number).
-        term: Its variance term.
-        axis: ``tokens`` (post-top-k ``probs_TE``) or ``experts`` (dense softmax of
-            ``logits_TE``).
-        logits_TE: Router logits, shape ``(T, E)``.
-        probs_TE: Post-top-k probabilities, shape ``(T, E)`` (Megatron's router output).
-        padding_mask: Megatron's padding mask (``True`` = padding, as its aux and z losses read
-            it), any shape with T elements, or ``None``.
-
-    Returns:
-        ``probs_TE`` with the loss attached.
-    """
-    valid_T = None if padding_mask is None else ~padding_mask.reshape(-1).bool()
-    if axis == VarianceAxis.TOKENS:
-        scores_TE = probs_TE
-    else:
-        scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-    sums = spec_math.variance_sums(scores_TE=scores_TE, axis=axis.value, valid_T=valid_T)
-    sums = all_reduce_sums(sums, router.tp_dp_cp_group)
-    loss = spec_math.variance_loss_from_sums(*sums, axis=axis.value)
-    num_local_tokens = logits_TE.shape[0] if valid_T is None else valid_T.sum()
-    return term.attach(
-        probs_TE, loss, num_local_tokens=num_local_tokens, layer_number=router.layer_number
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Orthogonality loss (in the token dispatcher)
 # ---------------------------------------------------------------------------------------------
 
 
 class OrthogonalityLoss:
-    """The orthogonality term of one MoE layer, shared by the layer and its dispatcher."""
+    """The orthogonality term of one MoE layer, shared by the layer and its dispatcher.
+
+    The loss itself is :class:`~megatron_edl.integration.loss_terms.OrthogonalityTerm`
+    (:attr:`term`); this holds what the dispatcher hooks need around it: whether this forward
+    computes it, the top-k slots, the layer number.
+    """
 
     def __init__(
         self, *, config, cfg: SpecializationConfig, pg_collection, is_mtp_layer: bool
@@ -306,16 +133,12 @@ class OrthogonalityLoss:
             pg_collection: Megatron's process groups.
             is_mtp_layer: Whether the layer is a multi-token-prediction layer.
         """
-        self.eps = cfg.ortho_eps
         self.num_slots = config.moe_router_topk
         self.enabled = cfg.ortho_enabled
-        self.group = pg_collection.tp_dp_cp
-        self.term = SpecializationTerm(
-            name=ORTHO_METRIC,
-            coeff=cfg.ortho_coeff,
-            calibration_target=cfg.ortho_target if cfg.auto_calibrate else None,
+        self.term = OrthogonalityTerm(
+            cfg=cfg,
             config=config,
-            pg_collection=pg_collection,
+            groups=TermGroups.of_pg_collection(pg_collection),
             is_mtp_layer=is_mtp_layer,
         )
         self.training = True
@@ -349,12 +172,12 @@ class OrthogonalityLoss:
         Returns:
             ``output`` with the loss attached.
         """
-        sums = spec_math.orthogonality_sums(
-            outputs_TKH=outputs_TKH, eps=self.eps, valid_TK=valid_TK
-        )
-        loss = spec_math.orthogonality_loss_from_sums(*all_reduce_sums(sums, self.group))
-        return self.term.attach(
-            output, loss, num_local_tokens=num_local_tokens, layer_number=self.layer_number
+        return self.term.apply(
+            output,
+            layer_number=self.layer_number,
+            outputs_TKH=outputs_TKH,
+            valid_TK=valid_TK,
+            num_local_tokens=num_local_tokens,
         )
 
 
@@ -373,6 +196,7 @@ class OrthogonalityAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
     def combine_postprocess(self, permutated_local_input_tokens: Tensor) -> Tensor:
         """Megatron's unpermute; the loss is computed on its input, attached to its output."""
+        touch("alltoall-dispatcher-state")
         routing_map_TE, probs_TE = self.routing_map, self.probs
         output = super().combine_postprocess(permutated_local_input_tokens)
         ortho = self.orthogonality
@@ -416,6 +240,7 @@ class OrthogonalityAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
     def dispatch_postprocess(self, hidden_states: Tensor, probs: Tensor):
         """Megatron's; first keeps the slots of the local experts' (gathered) tokens."""
         if self._ortho_active:
+            touch("allgather-dispatcher-state")
             first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
             selected_TE = self.routing_map & (probs != 0)  # global tokens of the tp_ep group
             self._ortho_slot_TL = spec_math.token_slots(selected_TE=selected_TE)[:, first:last]
@@ -531,6 +356,8 @@ class OrthogonalityFlexTokenDispatcher(MoEFlexTokenDispatcher):
 
     def _columns(self, rows_RH: Tensor) -> Tensor:
         """``[C, T_recv, H]``: every expert output row in its (column, received token) slot."""
+        touch("flex-dispatcher-comm-manager")
+        touch("deepep-manager-state")
         manager = self._comm_manager
         indices_TC = manager.dispatched_indices
         token_R, local_R = spec_math.permuted_row_tokens(
@@ -561,6 +388,9 @@ class OrthogonalityFlexTokenDispatcher(MoEFlexTokenDispatcher):
         if not self._ortho_active:
             return super().token_combine(hidden_states, async_finish, allocate_on_comm_stream)
         columns_CTH, self._ortho_columns_CTH = self._ortho_columns_CTH, None
+        touch("flex-dispatcher-comm-manager")
+        touch("deepep-manager-state")
+        touch("token-dispatcher-fused-combine")
         manager = self._comm_manager
         combined = [
             megatron_token_dispatcher.fused_combine(column_TH, manager.group, manager.handle)[0]
@@ -661,6 +491,7 @@ class SpecializationMoELayer(MoELayer):
         if self.use_shared_expert and self.shared_expert_overlap:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
         if hasattr(self, "_training_token_dispatcher"):  # inference-optimized layers
+            touch("moe-layer-training-dispatcher")
             self._training_token_dispatcher = self.token_dispatcher
 
     def set_layer_number(self, layer_number: int) -> None:

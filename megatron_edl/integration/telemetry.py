@@ -1,7 +1,7 @@
 """Routing telemetry: per-domain routing statistics of every MoE layer, during training or
 evaluation, written as versioned dumps (:mod:`megatron_edl.analysis.routing_stats`).
 
-What each router does (one call from ``EDLTopKRouter.routing``, :meth:`RouterStats.record`):
+What each router does (one call from ``AuxLossTopKRouter.routing``, :meth:`RouterStats.observe`):
 per micro-batch, with the domain labels the router consumed anyway (one FIFO entry per forward
 feeds both the EDL loss and the statistics), it adds the packed per-domain sums of
 :func:`megatron_edl.core.routing_sums.routing_sums` (top-k counts, dense probability mass,
@@ -25,7 +25,9 @@ parts of a step (:func:`megatron_edl.analysis.routing_stats.load_run`). No colle
 pipeline stages.
 
 When dumps happen (Megatron has no callback API; these hooks wrap two functions of
-``megatron.training.training`` that its loop looks up by module global at every call):
+``megatron.training.training`` that its loop looks up by module global at every call; registry
+entries ``training-post-step-callbacks`` and ``training-evaluate`` of
+:mod:`megatron_edl.integration.internals`):
 
 * training: after ``post_training_step_callbacks(model, ..., iteration, ...)``, which ``train``
   calls once per completed iteration, after logging and evaluation and before checkpointing,
@@ -34,6 +36,10 @@ When dumps happen (Megatron has no callback API; these hooks wrap two functions 
 * probe: after the first call of ``evaluate(...)`` (the validation set; with ``--skip-train``,
   Megatron evaluates the loaded checkpoint and exits), with ``source = "probe"`` and the
   checkpoint's iteration as the step.
+
+The routers are found through :func:`megatron_edl.integration.labels.label_consumers` (their
+``routing_stats``), never by their class: this module imports no router, and a router hands
+:meth:`RouterStats.observe` the label entry it consumed.
 
 Shape legend: L layers, D domains, E experts, X = D + 1, F = 2E + 2.
 """
@@ -66,6 +72,9 @@ from megatron_edl.config.telemetry import (
 )
 from megatron_edl.core.routing_sums import num_packed_columns, routing_sums, unpack_routing_sums
 from megatron_edl.distributed import sum_over_group
+from megatron_edl.integration.internals import touch
+from megatron_edl.integration.labels import DomainLabels, label_consumers
+from megatron_edl.integration.loss_terms import layer_index
 
 __all__ = [
     "INTERVAL_FLAG",
@@ -119,23 +128,34 @@ class RouterStats:
             return training and grad_enabled
         return not training
 
-    def observe(self, router, logits_TE, routing_map_TE, labels, padding_mask=None) -> None:
+    def observe(
+        self,
+        *,
+        training: bool,
+        logits_TE: torch.Tensor,
+        routing_map_TE: torch.Tensor,
+        labels: DomainLabels,
+        padding_mask: torch.Tensor | None = None,
+        score_function: str = "softmax",
+    ) -> None:
         """The router's one call per forward that consumed labels: record if the phase counts it.
 
         Args:
-            router: The calling router (its ``training`` flag).
+            training: The calling router's ``training`` flag.
             logits_TE: Its logits, ``(T, E)``.
             routing_map_TE: Its top-k selection, ``(T, E)``.
-            labels: The ``DomainLabels`` it consumed for this forward.
+            labels: The queue entry it consumed for this forward.
             padding_mask: Megatron's padding mask (True = padding), or ``None``.
+            score_function: Score function of the dense p_t (the router's
+                ``edl_score_function``).
         """
-        if self.counts_forward(training=router.training, grad_enabled=torch.is_grad_enabled()):
+        if self.counts_forward(training=training, grad_enabled=torch.is_grad_enabled()):
             self.record(
                 logits_TE=logits_TE,
                 routing_map_TE=routing_map_TE,
                 domain_ids_T=labels.domain_ids_T,
                 padding_mask=padding_mask,
-                score_function=router.edl_score_function or "softmax",
+                score_function=score_function,
             )
 
     def record(
@@ -154,7 +174,7 @@ class RouterStats:
             routing_map_TE: The router's top-k selection, ``(T, E)`` bool.
             domain_ids_T: The tokens' domain ids (-1: none), ``(T,)``.
             padding_mask: Megatron's padding mask (True = padding), any shape with T elements.
-            score_function: Score function of the dense p_t (``EDLTopKRouter.edl_score_function``).
+            score_function: Score function of the dense p_t (the router's ``edl_score_function``).
         """
         self.num_forwards += 1
         if not self.records:
@@ -191,18 +211,15 @@ class RouterStats:
 
 
 def _layer_number(router) -> int:
-    """Global layer number (MTP layers follow the decoder's, as the EDL metrics count them)."""
-    config = router.config
-    return router.layer_number + (config.num_layers if router.is_mtp_layer else 0)
+    """Global layer number (MTP layers follow the decoder's, as the loss metrics count them)."""
+    return layer_index(router.config, router.layer_number, is_mtp_layer=router.is_mtp_layer).layer
 
 
 def _stats_routers(model_chunks: Iterable[torch.nn.Module]) -> list:
-    from megatron_edl.integration.labels import edl_routers
-
     routers = [
         router
         for chunk in model_chunks
-        for router in edl_routers(chunk)
+        for router in label_consumers(chunk)
         if getattr(router, "routing_stats", None) is not None
     ]
     return sorted(routers, key=_layer_number)
@@ -344,6 +361,8 @@ def install_hooks(writer: StatsWriter, get_iteration) -> None:
     """
     from megatron.training import training
 
+    touch("training-post-step-callbacks")
+    touch("training-evaluate")
     hooks = getattr(training.post_training_step_callbacks, "_edl_telemetry", None)
     if hooks is not None:
         hooks.writer, hooks.get_iteration = writer, get_iteration

@@ -4,10 +4,10 @@ Stages, each a function of the run's context, each finished stage remembered by 
 (``<workdir>/stamps/<stage>.json``: a fingerprint of everything the stage's output depends on,
 its outputs, its wall time), so that re-running reuses what is done and redoes what changed:
 
-1. ``corpus``: the offline multi-domain corpus (:mod:`megatron_edl.data.corpus`): labelled
+1. ``corpus``: the offline multi-domain corpus (:mod:`megatron_edl.demo.corpus`): labelled
    train/validation JSONL, label vocabulary, coarse label map.
 2. ``tokenizer``: a byte-level BPE trained on the train split
-   (:mod:`megatron_edl.data.tokenizer`), loaded by Megatron as ``HuggingFaceTokenizer``.
+   (:mod:`megatron_edl.demo.tokenizer`), loaded by Megatron as ``HuggingFaceTokenizer``.
 3. ``preprocess``: both splits into Megatron's indexed format with the domain sidecar
    (:mod:`megatron_edl.data.preprocess`).
 4. ``train:<run>``: one pre-training run per comparison arm through the launcher
@@ -28,10 +28,10 @@ The routing telemetry, evaluation probe and HTML report of the analysis package 
 stages 4-6 through :func:`telemetry_args`, :func:`evaluate_run` and :func:`write_report`.
 
 Usage:
-    python -m megatron_edl.quickstart                       # baseline vs EDL, ~11 min on 2 cores
-    python -m megatron_edl.quickstart --labels random coarse  # plus the two controls
-    python -m megatron_edl.quickstart --labels clusters:16    # plus EDL on 16 discovered topics
-    python -m megatron_edl.quickstart --train-iters 20 --corpus-bytes 64K   # a smoke run
+    python -m megatron_edl.demo.quickstart                      # baseline vs EDL, ~11 min, 2 cores
+    python -m megatron_edl.demo.quickstart --labels random coarse  # plus the two controls
+    python -m megatron_edl.demo.quickstart --labels clusters:16    # plus EDL on 16 topic clusters
+    python -m megatron_edl.demo.quickstart --train-iters 20 --corpus-bytes 64K   # a smoke run
     make quickstart
 """
 
@@ -55,13 +55,14 @@ from typing import Any
 
 __all__ = [
     "CONTROLS",
-    "ModelConfig",
+    "MODEL_YAML",
     "QuickstartConfig",
     "QuickstartError",
     "RunSpec",
     "cluster_count",
     "coarse_label_map",
     "main",
+    "model_setting",
     "parse_iteration_line",
     "per_domain_table",
     "run_quickstart",
@@ -70,16 +71,18 @@ __all__ = [
 
 STAMP_VERSION = 1
 CONTROLS = ("random", "coarse", "clusters")
+"""Values of ``--labels``: each adds a run."""
 DEFAULT_CLUSTERS = 16
 """K of ``--labels clusters`` without ``:K``."""
 COMPARE = ("ortho+variance", "all")
 """Extra runs with the losses of arXiv 2505.22323 (``--compare``): both losses with EDL off, and
 EDL with both losses, each auto-calibrated to the released code's targets."""
-SPECIALIZATION_FLAGS = (
+ORTHO_VARIANCE_RUN_FLAGS = (
     "--moe-ortho-loss-coeff", "1.0", "--moe-variance-loss-coeff", "1.0",
     "--moe-specialization-auto-calibrate",
 )  # fmt: skip
-"""Values of ``--labels``: each adds a run."""
+"""The flags of the ``--compare`` runs (not :data:`megatron_edl.config.SPECIALIZATION_FLAGS`,
+the losses' field -> flag table)."""
 
 
 class QuickstartError(RuntimeError):
@@ -91,38 +94,23 @@ class QuickstartError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelConfig:
-    """The MoE GPT trained by the quickstart (Megatron flags in :meth:`megatron_args`)."""
+MODEL_YAML = Path(__file__).with_name("quickstart_model.yaml")
+"""The MoE GPT the quickstart trains: a run config (:mod:`megatron_edl.yaml_config`) passed to
+the launcher with ``--config-yaml``; package data, so the installed console script finds it."""
 
-    num_layers: int = 4
-    """Transformer layers; every one is an MoE layer."""
-    hidden_size: int = 128
-    num_attention_heads: int = 4
-    num_experts: int = 8
-    topk: int = 2
-    moe_ffn_hidden_size: int = 256
-    seq_length: int = 256
-    aux_loss_coeff: float = 1e-2
-    """α of Megatron's load-balancing loss (``aux_loss``)."""
 
-    def megatron_args(self) -> list[str]:
-        """The model's Megatron flags."""
-        return [
-            *("--num-layers", str(self.num_layers), "--hidden-size", str(self.hidden_size)),
-            *("--num-attention-heads", str(self.num_attention_heads)),
-            *("--ffn-hidden-size", str(4 * self.hidden_size)),
-            *("--seq-length", str(self.seq_length)),
-            *("--max-position-embeddings", str(self.seq_length)),
-            *("--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu"),
-            *("--disable-bias-linear", "--untie-embeddings-and-output-weights"),
-            *("--attention-dropout", "0.0", "--hidden-dropout", "0.0"),
-            *("--num-experts", str(self.num_experts), "--moe-router-topk", str(self.topk)),
-            *("--moe-ffn-hidden-size", str(self.moe_ffn_hidden_size)),
-            *("--moe-router-load-balancing-type", "aux_loss"),
-            *("--moe-aux-loss-coeff", str(self.aux_loss_coeff)),
-            *("--moe-token-dispatcher-type", "alltoall"),
-        ]
+def model_setting(model: Path, key: str) -> Any:
+    """The value of flag ``key`` (no dashes, e.g. ``seq-length``) in the model's run config.
+
+    Raises:
+        ValueError: The config does not set ``key``.
+    """
+    from megatron_edl.yaml_config import load_config
+
+    for entries in load_config(model).values():
+        if key in entries:
+            return entries[key]
+    raise ValueError(f"{model}: the quickstart's model config must set {key!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -141,7 +129,8 @@ class QuickstartConfig:
     """Text per fine domain (train + validation)."""
     valid_fraction: float = 0.1
     vocab_size: int = 4096
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    model: Path = MODEL_YAML
+    """The model's run config (Megatron flags; ``--train-args`` may override them)."""
     train_iters: int = 500
     micro_batch_size: int = 4
     global_batch_size: int = 8
@@ -170,10 +159,10 @@ class QuickstartConfig:
                 f"--train-iters and --eval-iters must be >= 1, got {self.train_iters}, "
                 f"{self.eval_iters}"
             )
-        if self.nproc < 1 or self.model.num_experts % self.nproc:
+        num_experts = int(model_setting(self.model, "num-experts"))
+        if self.nproc < 1 or num_experts % self.nproc:
             raise ValueError(
-                f"--nproc ({self.nproc}) must divide the number of experts "
-                f"({self.model.num_experts})"
+                f"--nproc ({self.nproc}) must divide the number of experts ({num_experts})"
             )
         if self.global_batch_size % (self.micro_batch_size * self.nproc):
             raise ValueError(
@@ -193,7 +182,7 @@ def cluster_count(control: str) -> int | None:
 
 def coarse_label_map(workdir: Path) -> Path:
     """The corpus's coarse label map (fine domain -> code, text, math) in a quickstart workdir."""
-    from megatron_edl.data.corpus import COARSE_MAP_FILE
+    from megatron_edl.demo.corpus import COARSE_MAP_FILE
 
     return Path(workdir) / "corpus" / COARSE_MAP_FILE
 
@@ -271,7 +260,7 @@ def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
             RunSpec(
                 "ortho+variance",
                 "EDL off; orthogonality and variance losses (arXiv 2505.22323), auto-calibrated",
-                ("--moe-edl-eval-per-domain", *SPECIALIZATION_FLAGS),
+                ("--moe-edl-eval-per-domain", *ORTHO_VARIANCE_RUN_FLAGS),
             )
         )
     if "all" in config.compare:
@@ -279,7 +268,7 @@ def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
             RunSpec(
                 "edl+ortho+variance",
                 f"EDL (beta = {config.edl_coeff}) with the orthogonality and variance losses",
-                (*beta, *SPECIALIZATION_FLAGS),
+                (*beta, *ORTHO_VARIANCE_RUN_FLAGS),
             )
         )
     return runs
@@ -407,7 +396,7 @@ def run_stage(stage: Stage, ctx: Context, index: int, total: int) -> dict[str, A
 
 
 def _corpus_config(ctx: Context):
-    from megatron_edl.data.corpus import CorpusConfig
+    from megatron_edl.demo.corpus import CorpusConfig
 
     return CorpusConfig(
         output_dir=ctx.corpus_dir,
@@ -425,7 +414,7 @@ def _corpus_inputs(ctx: Context) -> Any:
 
 def build_corpus_stage(ctx: Context) -> dict[str, Any]:
     """Stage 1: the corpus; logs its table."""
-    from megatron_edl.data.corpus import build_corpus
+    from megatron_edl.demo.corpus import build_corpus
 
     report = build_corpus(_corpus_config(ctx))
     ctx.log(report.table())
@@ -439,7 +428,7 @@ def build_corpus_stage(ctx: Context) -> dict[str, Any]:
 
 def train_tokenizer_stage(ctx: Context) -> dict[str, Any]:
     """Stage 2: the BPE tokenizer, trained on the corpus's train split."""
-    from megatron_edl.data.tokenizer import jsonl_texts, train_bpe_tokenizer
+    from megatron_edl.demo.tokenizer import jsonl_texts, train_bpe_tokenizer
 
     if ctx.tokenizer_dir.exists():
         shutil.rmtree(ctx.tokenizer_dir)
@@ -541,6 +530,12 @@ def preprocess_clusters_stage(ctx: Context, k: int) -> dict[str, Any]:
 # 4: training
 # ----------------------------------------------------------------------------------------------
 
+# The run's numbers are read from Megatron's log lines, on purpose: the training loop reports its
+# losses (LM, load balancing, EDL's edl_* metrics) and the validation loss only there and to the
+# optional TensorBoard/W&B writers (reading those back would need tensorboard's event reader). The
+# routing-statistics dumps of the telemetry hold routing counts and probabilities, and LM loss only
+# in the probe's dump, not the training run's; the log lines are also what the live progress bar
+# shows while the run trains.
 _ITERATION_RE = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
 _VALIDATION_RE = re.compile(r"validation loss at iteration (\d+) on validation set \|(.*)$")
 _SHARES_RE = re.compile(r"validation token shares \|(.*)$")  # integration.gpt.SHARE_LINE
@@ -619,11 +614,19 @@ def probe_command(ctx: Context, run: RunSpec) -> list[str]:
 
 
 def train_args(ctx: Context, run: RunSpec, *, telemetry: bool = True) -> list[str]:
-    """Every Megatron flag of ``run`` after ``--cpu`` (the model, data, schedule, EDL flags)."""
+    """Every Megatron flag of ``run`` after ``--cpu`` (the model, data, schedule, EDL flags).
+
+    The model is ``--config-yaml`` :attr:`QuickstartConfig.model`; the flags after it come from
+    the quickstart's own options (``--nproc``, ``--train-iters``, ``--lr``, ``--seed``, the
+    workdir) or are fixed here (no data workers, cosine decay, weight decay 0.01, clipping 1.0):
+    a fixed flag moved into the YAML would move in the expanded command line, which is what a
+    training stage's stamp hashes (:func:`_expanded_train_args`), and every run trained so far
+    (studies resumed over several sittings) would train again.
+    """
     config = ctx.config
     run_dir = ctx.run_dir(run.name)
     return [
-        *config.model.megatron_args(),
+        *("--config-yaml", os.fspath(config.model)),  # expanded in place by the launcher
         *("--expert-model-parallel-size", str(config.nproc)),
         *("--train-data-path", str(_prefix(ctx, "train", run.data))),
         *("--valid-data-path", str(_prefix(ctx, "valid", run.data))),
@@ -646,11 +649,21 @@ def train_args(ctx: Context, run: RunSpec, *, telemetry: bool = True) -> list[st
     ]
 
 
+def _expanded_train_args(ctx: Context, run: RunSpec) -> list[str]:
+    """:func:`train_args` with the model's run config expanded: what a training stage's stamp
+    depends on (an edit of the YAML reruns the runs; the same flags as when the model was
+    written in Python, so the stamps of runs trained before stay valid)."""
+    from megatron_edl.yaml_config import expand_config_flag
+
+    return expand_config_flag(train_args(ctx, run))
+
+
 def _eval_iters(ctx: Context) -> int:
     if ctx.config.eval_iters is not None:
         return ctx.config.eval_iters
     tokens = ctx.results["preprocess"]["tokens"]["valid"]
-    per_iteration = ctx.config.global_batch_size * ctx.config.model.seq_length
+    seq_length = int(model_setting(ctx.config.model, "seq-length"))
+    per_iteration = ctx.config.global_batch_size * seq_length
     return max(1, tokens // per_iteration)
 
 
@@ -989,8 +1002,11 @@ def write_report(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, Any]:
 
 def config_json(config: QuickstartConfig) -> dict[str, Any]:
     """The configuration as JSON-able values (for the reports)."""
+    from megatron_edl.yaml_config import flags_from_yaml
+
     out = dataclasses.asdict(config)
     out["workdir"] = os.fspath(config.workdir)
+    out["model"] = {"config_yaml": os.fspath(config.model), "flags": flags_from_yaml(config.model)}
     return out
 
 
@@ -1053,7 +1069,7 @@ def run_stages(runs: Sequence[RunSpec]) -> list[Stage]:
     stages = [
         Stage(
             f"train:{run.name}",
-            lambda c, run=run: {"args": train_args(c, run)},
+            lambda c, run=run: {"args": _expanded_train_args(c, run)},
             lambda c, run=run: train_stage(c, run),
             lambda c, run=run: [c.run_dir(run.name) / "train.log"],
             after=("preprocess", f"preprocess:{run.data}") if run.data else ("preprocess",),
@@ -1129,7 +1145,7 @@ def run_quickstart(
 
 def build_parser() -> argparse.ArgumentParser:
     """The quickstart's flags."""
-    from megatron_edl.data.corpus import parse_size
+    from megatron_edl.demo.corpus import parse_size
 
     defaults = QuickstartConfig()
     parser = argparse.ArgumentParser(

@@ -18,8 +18,8 @@ fine domain        coarse   sources (root names in brackets, see ``SourceRoots``
 ``math/latex``     math     LaTeX derivations, generated with sympy
 =================  =======  ==========================================================
 
-Manual pages are turned into text by :mod:`megatron_edl.data.roff`, the mathematics is generated
-by :mod:`megatron_edl.data.mathgen`. The German and French pages are those the base system
+Manual pages are turned into text by :mod:`megatron_edl.demo.roff`, the mathematics is generated
+by :mod:`megatron_edl.demo.mathgen`. The German and French pages are those the base system
 installs; some of their paragraphs are untranslated English.
 
 How a domain is filled (all of it deterministic given ``seed`` and the machine's files):
@@ -189,7 +189,7 @@ def _read_text(path: Path) -> str | None:
 
 
 def _read_man_page(path: Path) -> str | None:
-    from megatron_edl.data.roff import roff_to_text
+    from megatron_edl.demo.roff import roff_to_text
 
     data = path.read_bytes()
     if data[:2] == b"\x1f\x8b":
@@ -355,13 +355,13 @@ class GeneratedSource:
 
 
 def _problems(rng: random.Random) -> Iterator[str]:
-    from megatron_edl.data.mathgen import problem_documents
+    from megatron_edl.demo.mathgen import problem_documents
 
     return problem_documents(rng)
 
 
 def _derivations(rng: random.Random) -> Iterator[str]:
-    from megatron_edl.data.mathgen import latex_documents
+    from megatron_edl.demo.mathgen import latex_documents
 
     return latex_documents(rng)
 

@@ -54,7 +54,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_edl import quickstart as qs
+from megatron_edl.demo import quickstart as qs
 
 __all__ = [
     "StudyConfig",
