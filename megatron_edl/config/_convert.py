@@ -8,11 +8,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+from megatron_edl.core.options import EDLConfigError
+
 __all__ = ["EDLConfigError", "as_enum", "as_float", "as_int", "as_names", "choices"]
-
-
-class EDLConfigError(ValueError):
-    """A user-controlled EDL setting (flag, config field, label map) is invalid."""
 
 
 def choices(enum: type[StrEnum]) -> str:

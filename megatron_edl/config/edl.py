@@ -41,6 +41,7 @@ from megatron_edl.config._convert import (
     choices,
 )
 from megatron_edl.config.layers import COEFF_FLAG, LAYERS_FLAG, as_layers, parse_layers
+from megatron_edl.core.options import EDLAggregation, EDLForm
 from megatron_edl.core.schedule import edl_coefficient
 
 __all__ = [
@@ -59,15 +60,6 @@ __all__ = [
 ARGUMENT_GROUP_TITLE = "expert divergence learning (megatron-edl)"
 
 
-class EDLForm(StrEnum):
-    """Form of the per-pair loss (method.md section 2)."""
-
-    LOG = "log"
-    """The paper's ``-log(JSD + eps)``, averaged over domain pairs."""
-    LINEAR = "linear"
-    """``-JSD``, averaged over domain pairs (decision)."""
-
-
 class EDLScope(StrEnum):
     """Which ranks' tokens the per-domain statistics are summed over."""
 
@@ -75,17 +67,6 @@ class EDLScope(StrEnum):
     """Every rank of the micro-batch step: Megatron's ``tp_dp_cp`` group (default)."""
     LOCAL = "local"
     """One data-parallel replica: the ``tp_cp`` group."""
-
-
-class EDLAggregation(StrEnum):
-    """How tokens are weighted inside a domain mean."""
-
-    SEGMENT = "segment"
-    """Every segment (run of one document inside a sample) weighs the same (the paper's)."""
-    TOKEN = "token"
-    """Every token weighs the same."""
-    SAMPLE = "sample"
-    """One label per sample; every sample weighs the same."""
 
 
 class EDLFused(StrEnum):
