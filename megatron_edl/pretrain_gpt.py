@@ -28,90 +28,67 @@ import sys  # noqa: E402
 import warnings  # noqa: E402
 from typing import NoReturn  # noqa: E402
 
+from megatron_edl.config.labels import EVAL_PER_DOMAIN_FLAG, MOCK_DOMAINS_FLAG  # noqa: E402
+from megatron_edl.config.run import CONFIG_FLAG, CPU_FLAG  # noqa: E402
+
 PROG = "megatron_edl.pretrain_gpt"
-CPU_FLAG = "--cpu"
-MOCK_DOMAINS_FLAG = "--moe-edl-mock-domains"
-CONFIG_FLAG = "--config-yaml"
 
-
-EVAL_PER_DOMAIN_FLAG = "--moe-edl-eval-per-domain"
+__all__ = [
+    "CONFIG_FLAG",
+    "CPU_FLAG",
+    "EVAL_PER_DOMAIN_FLAG",
+    "MOCK_DOMAINS_FLAG",
+    "blend_prefixes_from_args",
+    "check_cpu_args",
+    "cpu_argv",
+    "domain_labels_wanted",
+    "edl_config_from_args",
+    "edl_layer_spec",
+    "escape_percent_in_help",
+    "extra_args_provider",
+    "install_edl",
+    "main",
+    "megatron_assertion_message",
+    "refuse",
+    "resolve_domains",
+    "run_config_from_args",
+    "use_wheel_dataset_helpers",
+    "warn_thin_statistics",
+]
 
 
 def domain_labels_wanted(args) -> list[str]:
-    """The flags that need per-token domain labels in the batch (empty: load none).
+    """The flags that need per-token domain labels in the batch (empty: load none);
+    :func:`megatron_edl.config.labels.label_reasons`."""
+    from megatron_edl.config.labels import label_reasons
 
-    Labels are loaded when the EDL loss is on, or when a feature that only observes them is
-    (per-domain validation loss for a baseline run). With labels loaded the validation loss is
-    always also reported per domain.
+    return label_reasons(args)
+
+
+def resolve_domains(args, cfg, labels) -> tuple[int, tuple[str, ...]]:
+    """``num_domains`` and ``domain_names`` of a run that loads labels (``EDLRunConfig``'s
+    ``resolve_domains``): from the label map, the data's label vocabulary, or the mock data.
+
+    With the run's label options (label map, random control), so that a label map that does not
+    cover the data fails here, before the model is built; the results are cached for the dataset
+    builds (same files, same label options). One rank per node reads the files and shares them
+    (or its error) with the others (integration/dataset.py).
     """
-    from megatron_edl.config import FLAGS
-    from megatron_edl.integration import telemetry
+    from megatron_edl.config.labels import LabelOrigin
 
-    reasons = []
-    if (args.moe_edl_coeff or 0) > 0:
-        reasons.append(FLAGS["coeff"])
-    if args.moe_edl_eval_per_domain:
-        reasons.append(EVAL_PER_DOMAIN_FLAG)
-    reasons += telemetry.flags_in_use(args)
-    return reasons
-
-
-def edl_config_from_args(args):
-    """The run's ``EDLConfig``, or ``None`` when no domain labels are needed.
-
-    A config is returned whenever :func:`domain_labels_wanted` names a reason; its ``enabled``
-    says whether the EDL loss is on. ``num_domains`` and ``domain_names`` are filled in from the
-    label map, the data's vocabulary, or the mock data.
-    """
-    import dataclasses
-
-    from megatron_edl.config import (
-        EDLConfig,
-        EDLConfigError,
-        check_supported,
-        validate_against_model,
-    )
-
-    reasons = domain_labels_wanted(args)
-    cfg = EDLConfig.from_args(args)
-    if not reasons:
-        return None
-    check_supported(args, reasons)
-    if cfg.enabled:
-        validate_against_model(
-            cfg,
-            num_moe_experts=args.num_experts,
-            num_layers=args.num_layers,
-            moe_layer_freq=args.moe_layer_freq,
-        )
-    if args.hybrid_context_parallel:
-        raise EDLConfigError(
-            f"domain labels ({', '.join(reasons)}) with --hybrid-context-parallel are not "
-            "supported: its per-sample CP groups change which ranks share a micro-batch"
-        )
-    if args.sft and (args.mock_data or not args.moe_edl_domains_per_prefix):
-        raise EDLConfigError(
-            f"domain labels ({', '.join(reasons)}) with --sft need --moe-edl-domains-per-prefix "
-            "(one domain per SFT JSONL file of --data-path; SFT data has no sidecars and no "
-            "mock mode)"
-        )
-    if args.mock_data:
-        num_domains = args.moe_edl_mock_domains
+    if labels.origin is LabelOrigin.MOCK:
+        num_domains = labels.mock_domains
         names_by_id = {i: f"domain{i}" for i in range(num_domains)}
         vocabulary = None
     else:
         from megatron_edl.integration.dataset import evaluation_labels, resolve_blend_domains
 
-        # With the run's label options (label map, random control), so that a label map that
-        # does not cover the data fails here, before the model is built; the results are cached
-        # for the dataset builds (same files, same label options). One rank per node reads the
-        # files and shares them (or its error) with the others (integration/dataset.py).
         evaluation = evaluation_labels(cfg)  # differs under the random control
         for label_options in [*([evaluation] if evaluation is not cfg else []), cfg]:
             blend = resolve_blend_domains(
                 blend_prefixes_from_args(args),
-                "prefix" if args.moe_edl_domains_per_prefix else "sidecar",
-                domains_per_prefix=args.moe_edl_domains_per_prefix,
+                "prefix" if labels.domains_per_prefix else "sidecar",
+                domains_per_prefix=labels.domains_per_prefix,
                 edl_config=label_options,
                 per_node=True,
             )
@@ -121,27 +98,27 @@ def edl_config_from_args(args):
         from megatron_edl.core.labels import LabelMap
 
         label_map = LabelMap.from_yaml(cfg.label_map, vocabulary=vocabulary)
-        num_domains, names = label_map.num_domains, label_map.domains
-    else:
-        names = tuple(names_by_id.get(i, str(i)) for i in range(num_domains))
-    return dataclasses.replace(cfg, num_domains=num_domains, domain_names=names)
+        return label_map.num_domains, tuple(label_map.domains)
+    return num_domains, tuple(names_by_id.get(i, str(i)) for i in range(num_domains))
 
 
-def specialization_config_from_args(args):
-    """The run's ``SpecializationConfig`` (variance/orthogonality losses), checked against the
-    model; disabled (``enabled`` false) when both coefficients are 0."""
-    from megatron_edl.config import SpecializationConfig, validate_specialization_against_model
+def run_config_from_args(args):
+    """The run's :class:`~megatron_edl.config.EDLRunConfig`, built once from Megatron's parsed
+    ``args`` and validated (domain names resolved by :func:`resolve_domains`)."""
+    from megatron_edl.config import EDLRunConfig
 
-    cfg = SpecializationConfig.from_args(args)
-    validate_specialization_against_model(
-        cfg,
-        num_moe_experts=args.num_experts,
-        moe_router_topk=args.moe_router_topk,
-        token_dispatcher_type=args.moe_token_dispatcher_type,
-        flex_dispatcher_backend=getattr(args, "moe_flex_dispatcher_backend", "deepep"),
-        apply_probs_on_input=getattr(args, "moe_apply_probs_on_input", False),
-    )
-    return cfg
+    return EDLRunConfig.from_args(args, resolve_domains=resolve_domains)
+
+
+def edl_config_from_args(args):
+    """The run's ``EDLConfig``, or ``None`` when no domain labels are needed.
+
+    A config is returned whenever :func:`domain_labels_wanted` names a reason; its ``enabled``
+    says whether the EDL loss is on. ``num_domains`` and ``domain_names`` are filled in from the
+    label map, the data's vocabulary, or the mock data. (The ``edl`` branch of
+    :func:`run_config_from_args`.)
+    """
+    return run_config_from_args(args).edl
 
 
 def blend_prefixes_from_args(args) -> list[str]:
@@ -179,16 +156,22 @@ def edl_layer_spec(base_spec, edl_config, specialization_config=None, **router_k
 def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_step):
     """Set up megatron-edl on parsed ``args`` and the model config, before ``pretrain``.
 
-    Stores ``args.edl_config`` (:func:`edl_config_from_args`) and
-    ``args.specialization_config``. With no megatron-edl flag it changes nothing and returns
-    the two functions it was given: stock training. With the EDL loss or the label-free
-    variance/orthogonality losses on, it installs the EDL router (and dispatcher) into
-    ``model_cfg.transformer_layer_spec`` and registers their metrics for Megatron's log; so it
-    does for the routing telemetry (``--moe-edl-stats-interval``, the probe:
-    :mod:`megatron_edl.integration.telemetry`, whose training-loop hooks it also installs). With
-    domain labels wanted it returns megatron-edl's dataset provider and forward step (stock
-    behaviour plus the labels; :mod:`megatron_edl.integration.gpt`), otherwise the given ones.
-    Used by this launcher and by the patch of Megatron-LM's ``pretrain_gpt.py`` (patches/).
+    Builds the run's :class:`~megatron_edl.config.EDLRunConfig` once
+    (:func:`run_config_from_args`) and hands it explicitly to what needs it: the layer spec
+    (the EDL router), the telemetry, and megatron-edl's dataset provider and forward step. With
+    no megatron-edl flag it changes nothing and returns the two functions it was given: stock
+    training. With the EDL loss or the label-free variance/orthogonality losses on, it installs
+    the EDL router (and dispatcher) into ``model_cfg.transformer_layer_spec`` and registers their
+    metrics for Megatron's log; so it does for the routing telemetry (``--moe-edl-stats-interval``,
+    the probe: :mod:`megatron_edl.integration.telemetry`, whose training-loop hooks it also
+    installs). With domain labels wanted it returns megatron-edl's dataset provider and forward
+    step (stock behaviour plus the labels; :mod:`megatron_edl.integration.gpt`), bound to the
+    run's config, otherwise the given ones. Used by this launcher and by the patch of
+    Megatron-LM's ``pretrain_gpt.py`` (patches/).
+
+    Also stores ``args.edl_config`` and ``args.specialization_config`` (the ``edl`` and
+    ``specialization`` branches) and ``args.edl_run_config``, for the telemetry's writer and for
+    inspection; megatron-edl's step functions never read them back.
 
     Returns:
         ``(train_valid_test_datasets_provider, forward_step)`` to pass to ``pretrain``.
@@ -212,40 +195,37 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
     from megatron_edl.checkpoint import check_resume_checkpoint
 
     check_resume_checkpoint(args)  # a damaged checkpoint under --load: refused, not loaded
-    args.edl_config = edl_config_from_args(args)
-    if args.edl_config is not None and args.edl_config.window_decay > 0:
+    run = run_config_from_args(args)
+    args.edl_run_config = run
+    args.edl_config = run.edl
+    args.specialization_config = run.specialization
+    if run.edl is not None and run.edl.window_decay > 0:
         from megatron_edl.checkpoint import check_window_state
         from megatron_edl.integration.router import WINDOW_BUFFER
 
         check_window_state(args, WINDOW_BUFFER)  # a checkpoint without it: say which flag
-    args.specialization_config = specialization_config_from_args(args)
-    edl_on = args.edl_config is not None and args.edl_config.enabled
-    if edl_on:
-        warn_thin_statistics(args, args.edl_config)
+    if run.edl_loss:
+        warn_thin_statistics(args, run.edl)
     stats_phase = None
-    if args.edl_config is not None:  # the routing telemetry needs the labels
+    if run.labels is not None:  # the routing telemetry needs the labels
         from megatron_edl.integration import telemetry
 
         stats_phase = telemetry.install(args)
-    if edl_on or args.specialization_config.enabled or stats_phase is not None:
+    if run.routers_needed:
         from megatron_edl.integration import router, specialization
 
         router_kwargs = {} if stats_phase is None else {"stats_phase": str(stats_phase)}
         model_cfg.transformer_layer_spec = edl_layer_spec(
-            model_cfg.transformer_layer_spec,
-            args.edl_config,
-            args.specialization_config,
-            **router_kwargs,
+            model_cfg.transformer_layer_spec, run.edl, run.specialization, **router_kwargs
         )
-        edl_metrics = router.METRIC_NAMES if edl_on else ()
-        router.register_edl_metrics(
-            edl_metrics + specialization.metric_names(args.specialization_config)
-        )
-    if args.edl_config is None:  # no labels: the script's own data and step (label-free losses)
+        edl_metrics = router.METRIC_NAMES if run.edl_loss else ()
+        router.register_edl_metrics(edl_metrics + specialization.metric_names(run.specialization))
+    if run.labels is None:  # no labels: the script's own data and step (label-free losses)
         return train_valid_test_datasets_provider, forward_step
     from megatron_edl.integration import gpt
 
-    return gpt.train_valid_test_datasets_provider, gpt.forward_step
+    steps = gpt.LabelledSteps(args=args, edl=run.edl, labels=run.labels)
+    return steps.train_valid_test_datasets_provider, steps.forward_step
 
 
 def warn_thin_statistics(args, cfg) -> float:
@@ -325,47 +305,13 @@ def escape_percent_in_help(parser: argparse.ArgumentParser) -> argparse.Argument
 
 
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Our flags next to Megatron's (``parse_and_validate_args(extra_args_provider=...)``)."""
-    from megatron_edl.config import add_edl_args, add_specialization_args
-    from megatron_edl.integration import modelopt, telemetry
+    """Our flags next to Megatron's (``parse_and_validate_args(extra_args_provider=...)``):
+    every megatron-edl flag (:func:`megatron_edl.config.add_args`), then ModelOpt's when
+    installed."""
+    from megatron_edl.config import add_args
+    from megatron_edl.integration import modelopt
 
-    parser = add_specialization_args(add_edl_args(parser))
-    group = parser.add_argument_group(title="megatron-edl")
-    group.add_argument(
-        CPU_FLAG,
-        action="store_true",
-        help="Run on CPU with gloo (tests, CI, the quickstart): applies megatron_edl.cpu and sets "
-        "the flags CPU needs. Refused when CUDA is available.",
-    )
-    group.add_argument(
-        "--moe-edl-domains-per-prefix",
-        default=None,
-        help="YAML: blend prefix (path or glob) -> domain name. Labels every document of a "
-        "prefix with its domain (no .domains sidecar needed).",
-    )
-    group.add_argument(
-        CONFIG_FLAG,
-        metavar="YAML",
-        help="Read flags from a YAML run config (megatron_edl.yaml_config; examples/configs), "
-        "expanded in place: flags after it override the file's.",
-    )
-    group.add_argument(
-        EVAL_PER_DOMAIN_FLAG,
-        action="store_true",
-        help="Load the domain labels even with the EDL loss off (baseline runs) and report the "
-        "validation LM loss per domain ('lm loss/<domain>') and each domain's share of the "
-        "validation tokens ('token share/<domain>') next to the overall loss. On whenever "
-        "labels are loaded.",
-    )
-    group.add_argument(
-        MOCK_DOMAINS_FLAG,
-        type=int,
-        default=4,
-        help="With --mock-data and domain labels: number of synthetic domains (document i "
-        "belongs to domain i %% N, its tokens to that domain's vocabulary band).",
-    )
-    parser = telemetry.add_telemetry_args(parser)
-    parser = modelopt.add_args(parser)
+    parser = modelopt.add_args(add_args(parser))
     return escape_percent_in_help(parser)
 
 
@@ -383,6 +329,9 @@ def use_wheel_dataset_helpers() -> None:
         return
     from megatron.core.datasets import helpers_cpp  # noqa: F401  (fails loudly if missing)
 
+    from megatron_edl.integration.internals import touch
+
+    touch("dataset-helpers-compile")
     dataset_utils.compile_helpers = lambda: None
 
 
@@ -468,7 +417,8 @@ def _main(argv: list[str] | None) -> None:
     )
     from megatron.training.arguments import parse_and_validate_args, parse_args
 
-    from megatron_edl.integration import gpt, modelopt
+    from megatron_edl.integration import modelopt
+    from megatron_edl.integration import upstream_pretrain_gpt as upstream
 
     main_entry_time = time.time()
     print_rank_0(f"> PyTorch version ................ {get_torch_version()}")
@@ -498,7 +448,7 @@ def _main(argv: list[str] | None) -> None:
         else:
             model_cfg = gpt_config_from_args(args)
         datasets_provider, forward_step = install_edl(
-            args, model_cfg, gpt.train_valid_test_datasets_provider, gpt.forward_step
+            args, model_cfg, upstream.train_valid_test_datasets_provider, upstream.forward_step
         )
     except _REFUSALS as exc:
         raise _Refused from exc
@@ -508,7 +458,7 @@ def _main(argv: list[str] | None) -> None:
         ModelType.encoder_or_decoder,
         forward_step,
         store=store,
-        get_embedding_ranks=gpt.get_embedding_ranks,
+        get_embedding_ranks=upstream.get_embedding_ranks,
     )
 
 

@@ -64,7 +64,13 @@ def test_eval_per_domain_loads_labels_without_the_loss(monkeypatch):
     provider, step = install_edl(args, model_cfg, object(), object())
     from megatron_edl.integration import gpt
 
-    assert (provider, step) == (gpt.train_valid_test_datasets_provider, gpt.forward_step)
+    steps = provider.__self__  # megatron-edl's labelled provider and step, bound to the config
+    assert isinstance(steps, gpt.LabelledSteps) and steps.edl is args.edl_config
+    assert (provider.__func__, step.__func__) == (
+        gpt.LabelledSteps.train_valid_test_datasets_provider,
+        gpt.LabelledSteps.forward_step,
+    )
+    assert step.__self__ is provider.__self__
     assert model_cfg.transformer_layer_spec == "stock spec"  # no EDL router without the loss
     assert not args.edl_config.enabled
     assert args.edl_config.domain_names == ("domain0", "domain1", "domain2")

@@ -84,13 +84,15 @@ def _get_batch_worker(rank: int, world_size: int, flags: list[str], sft_modes: t
     from megatron.training.global_vars import set_args
 
     from megatron_edl.integration import gpt
-    from megatron_edl.pretrain_gpt import cpu_argv, edl_config_from_args, extra_args_provider
+    from megatron_edl.pretrain_gpt import cpu_argv, extra_args_provider, run_config_from_args
 
     sys.argv = ["pretrain_gpt", *cpu_argv(flags)]
     args = parse_args(extra_args_provider)
     validate_args(args, {"tokenizer_type": "NullTokenizer"})
-    args.edl_config = edl_config_from_args(args)
+    run = run_config_from_args(args)
+    args.edl_config = run.edl
     assert args.edl_config is not None
+    steps = gpt.LabelledSteps(args=args, edl=run.edl, labels=run.labels)
     set_args(args)
     core_utils.tex = SimpleNamespace(thd_get_partitioned_indices=_thd_partitioned_indices)
     parallel_state.initialize_model_parallel(
@@ -101,7 +103,7 @@ def _get_batch_worker(rank: int, world_size: int, flags: list[str], sft_modes: t
     outs = []
     for sft in sft_modes:
         args.sft = sft  # get_batch's only SFT switch: the per-document CP split
-        batch = gpt.get_batch(iter([_loader_batch()]))
+        batch = steps.get_batch(iter([_loader_batch()]))
         keys = ("tokens", "labels", "domain_ids", "edl_weights", "cu_seqlens")
         outs.append(
             {

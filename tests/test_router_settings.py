@@ -320,7 +320,7 @@ def test_forward_step_times_batch_and_forward_with_the_straggler_detector(monkey
 
     from megatron.core.utils import StragglerDetector
 
-    from megatron_edl.integration import gpt
+    from megatron_edl.integration import upstream_pretrain_gpt as gpt
 
     assert gpt.stimer is StragglerDetector()
     events: list[str] = []
@@ -341,7 +341,7 @@ def test_forward_step_times_batch_and_forward_with_the_straggler_detector(monkey
             yield
             events.append(f"exit {name}")
 
-    batch = dict.fromkeys(gpt.ALL_KEYS)
+    batch = dict.fromkeys(gpt.BATCH_KEYS)
     batch.update(tokens=torch.zeros(1, 4, dtype=torch.long))
 
     def get_batch(data_iterator, vp_stage=None):
@@ -359,7 +359,6 @@ def test_forward_step_times_batch_and_forward_with_the_straggler_detector(monkey
     monkeypatch.setattr(gpt, "get_timers", lambda: timers)
     monkeypatch.setattr(gpt, "get_batch", get_batch)
     monkeypatch.setattr(gpt, "get_attr_wrapped_model", lambda m, name: None)
-    monkeypatch.setattr(gpt, "edl_config", lambda: None)
     gpt.forward_step(iter(()), model)
     assert events == [
         "enter batch", "get_batch", "exit batch", "enter forward", "model", "exit forward",

@@ -40,7 +40,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from megatron_edl.config import EDLForm
+from megatron_edl.core.options import EDLForm
 
 __all__ = [
     "EDLLossOutput",

@@ -57,8 +57,8 @@ import numpy as np
 import torch
 import yaml
 
-from megatron_edl.config import EDLConfigError
 from megatron_edl.core.edl import IGNORE_DOMAIN
+from megatron_edl.core.options import EDLConfigError
 
 __all__ = ["GLOB_CHARS", "IGNORE_DOMAIN", "LabelMap", "load_strict_yaml", "permute_document_labels"]
 

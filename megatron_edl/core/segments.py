@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from megatron_edl.config import EDLAggregation
+from megatron_edl.core.options import EDLAggregation
 
 AGGREGATIONS = tuple(aggregation.value for aggregation in EDLAggregation)
 """``segment``, ``token``, ``sample``: the values of ``--moe-edl-aggregation``."""

@@ -87,6 +87,7 @@ from megatron_edl.core.labels import LabelMap, load_strict_yaml, permute_documen
 from megatron_edl.core.segments import SampleLabelIndex, sample_token_labels
 from megatron_edl.data.merge import reconcile_vocabularies
 from megatron_edl.data.sidecar import SidecarMismatchError, read_sidecar, sidecar_path
+from megatron_edl.integration.internals import touch
 from megatron_edl.integration.labels import DOMAIN_IDS_KEY, WEIGHTS_KEY
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,10 @@ def mock_document_domains(num_stored_domains: int, edl_config: EDLConfig) -> np.
     """Loss domain of every document of the labelled mock data (stored id: document % D)."""
     stored_N = np.arange(DomainMockGPTLowLevelDataset.size, dtype=np.int64) % num_stored_domains
     return loss_document_domains(stored_N, edl_config)
+
+
+# DomainLabelsMixin overrides a private method of GPTDataset (registered Megatron internal).
+touch("gpt-dataset-sample-documents")
 
 
 class DomainLabelsMixin:

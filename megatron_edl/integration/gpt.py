@@ -1,52 +1,32 @@
-"""GPT pre-training step functions for ``megatron.training.pretrain`` (megatron-core 0.19).
+"""megatron-edl's labelled GPT step functions, around the upstream port.
 
-The functions Megatron-LM's ``pretrain_gpt.py`` defines at the top level (batch fetching, loss,
-forward step, dataset provider, embedding ranks), written against the installed
-``megatron-core`` wheel, which does not ship that script. Behaviour is stock: every dataset kind
-(mock, indexed ``GPTDataset``, FIM, SFT), THD packed sequences, CP splitting, the NaN/spiky-loss
-checks of the rerun state machine, cached-logits distillation and ModelOpt (when installed).
-With domain labels on (an ``EDLConfig`` the launcher stores as ``args.edl_config``: the EDL loss
-is on, or ``--moe-edl-eval-per-domain``), the batch also carries per-token domain ids and EDL
-weights, broadcast over TP and split over CP like the tokens, on every pipeline stage;
-:func:`forward_step` queues each training micro-batch's labels on the EDL routers before the
-forward (EDL loss on), and :func:`loss_func` reports the validation loss per domain. With labels
-off every function behaves exactly as stock.
+:mod:`megatron_edl.integration.upstream_pretrain_gpt` holds Megatron-LM's ``pretrain_gpt.py``
+step functions (stock behaviour, Megatron's args). This module wraps them for a run that loads
+domain labels (``LabelsConfig``; the EDL loss is on, ``--moe-edl-eval-per-domain``, or the
+routing telemetry): the batch also carries per-token domain ids and EDL weights, broadcast over
+TP and split over CP like the tokens, on every pipeline stage; the forward step queues each
+micro-batch's labels on the EDL routers before the forward, and the loss reports the validation
+loss per domain. :class:`LabelledSteps` holds the run's resolved config and hands it to every
+wrapper explicitly (the launcher's ``install_edl`` builds it); nothing here reads Megatron's
+global args.
 """
 
 from __future__ import annotations
 
-import json
-from functools import lru_cache, partial
+import dataclasses
+from functools import partial
+from typing import Any
 
 import torch
 from megatron.core import mpu
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.parallel_state import (
-    get_context_parallel_group,
-    get_hybrid_data_context_parallel_groups,
-)
-from megatron.core.rerun_state_machine import get_rerun_state_machine
-from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
-from megatron.core.transformer.multi_token_prediction import get_mtp_ranks, mtp_on_this_rank
-from megatron.core.utils import (
-    StragglerDetector,
-    flatten_batch_for_packed_sequences,
-    get_attr_wrapped_model,
-    get_batch_on_this_cp_rank,
-    get_batch_on_this_tp_rank,
-)
-from megatron.training import get_args, get_timers, print_rank_0
-from megatron.training.arguments import core_transformer_config_from_args
-from megatron.training.datasets.fim_dataset import GPTFIMDataset, GPTFIMDatasetConfig
-from megatron.training.datasets.sft_dataset import SFTDataset
-from megatron.training.training import update_seqlen_stats_from_cu_seqlens
-from megatron.training.utils import get_blend_and_blend_per_split, is_first_or_last_pipeline_stage
+from megatron.core.parallel_state import get_context_parallel_group
+from megatron.core.utils import get_batch_on_this_cp_rank
+from megatron.training import print_rank_0
 
-from megatron_edl.config import EDLConfig
+from megatron_edl.config import EDLConfig, LabelOrigin, LabelsConfig
 from megatron_edl.integration import labels as edl_labels
-from megatron_edl.integration import modelopt
+from megatron_edl.integration import upstream_pretrain_gpt as upstream
 from megatron_edl.integration.dataset import (
     DomainGPTDataset,
     DomainGPTDatasetConfig,
@@ -56,177 +36,216 @@ from megatron_edl.integration.dataset import (
     evaluation_labels,
     mock_document_domains,
 )
+from megatron_edl.integration.internals import touch
 
-# The fields get_batch returns, in this order (alphabetical, as Megatron's callers unpack them).
-BATCH_KEYS = (
-    "attention_mask",
-    "cu_seqlens",
-    "cu_seqlens_padded",
-    "hybrid_cp_group",
-    "labels",
-    "local_cp_size",
-    "loss_mask",
-    "max_seqlen",
-    "position_ids",
-    "tokens",
-)
+__all__ = [
+    "ALL_KEYS",
+    "BATCH_KEYS",
+    "SHARE_LINE",
+    "LabelledSteps",
+    "domain_loss_report",
+    "install_share_logging",
+]
+
+BATCH_KEYS = upstream.BATCH_KEYS
 
 ALL_KEYS = BATCH_KEYS + edl_labels.EDL_BATCH_KEYS
 
-# A loss this many times the largest loss seen so far counts as a spike (rerun state machine).
-SPIKY_LOSS_FACTOR = 10
 
-# Megatron's straggler detector (a process-wide singleton, reported by the training loop under
-# --log-straggler): times the batch fetch and the forward, as the stock forward_step does.
-stimer = StragglerDetector()
+class _Tap:
+    """The data iterator, remembering the loader batch the upstream ``get_batch`` takes (on TP
+    rank 0): the labels ride in it next to the tokens."""
 
+    def __init__(self, data_iterator) -> None:
+        self._iterator = data_iterator
+        self.taken: dict | None = None
 
-def edl_config() -> EDLConfig | None:
-    """The run's EDL configuration (set on Megatron's args by the launcher), or ``None``."""
-    return getattr(get_args(), "edl_config", None)
+    def __iter__(self):
+        return self
 
-
-def _mtp_on_this_rank(args, vp_stage: int | None) -> bool:
-    config = core_transformer_config_from_args(args)
-    return mtp_on_this_rank(
-        layout=config.pipeline_model_parallel_layout,
-        mtp_num_layers=config.mtp_num_layers,
-        ignore_virtual=False,
-        vp_stage=vp_stage,
-    )
+    def __next__(self) -> dict:
+        self.taken = next(self._iterator)
+        return self.taken
 
 
-def get_batch(data_iterator, vp_stage: int | None = None) -> dict[str, torch.Tensor | None]:
-    """Fetch one micro-batch on TP rank 0, broadcast it over TP, then slice it for this CP rank.
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class LabelledSteps:
+    """The dataset provider and forward step of a run with domain labels (``install_edl``).
 
-    Intermediate pipeline stages receive no data (unless packed sequences need their metadata,
-    or their MoE layers need domain labels). With packed (THD) sequences, the domain labels are
-    flattened to ``[1, b * s]`` like the tokens and cut for CP by the same split (including the
-    per-document one of ``--sft``), so every router sees the labels of its tokens.
+    ``train_valid_test_datasets_provider`` and ``forward_step`` are what ``pretrain`` gets; the
+    forward step is the upstream one with this object as its hooks
+    (:class:`~megatron_edl.integration.upstream_pretrain_gpt.StepHooks`).
     """
-    args = get_args()
-    has_cu_seqlens = args.sft or args.dataloader_inter_document_masking
-    mtp_here = _mtp_on_this_rank(args, vp_stage)
-    edge_stage = is_first_or_last_pipeline_stage(vp_stage)
-    if not edge_stage and not mtp_here and not has_cu_seqlens:
-        if edl_config() is not None:  # its MoE layers may need the domain labels
-            return _get_edl_labels_only(data_iterator, args)
-        return dict.fromkeys(ALL_KEYS)
 
-    tp_rank = mpu.get_tensor_model_parallel_rank()
-    batch: dict = {}
-    next_batch: dict = {}
-    if tp_rank == 0:
-        batch = next_batch = next(data_iterator)
-        for key in BATCH_KEYS:
-            value = batch.get(key)
-            batch[key] = value.cuda(non_blocking=True) if value is not None else None
+    args: Any
+    """Megatron's parsed args, for Megatron's own settings (micro-batch size, sequence length,
+    parallel layout, ``--sft``/``--mock-data``, the current iteration); the same object the
+    upstream functions read through ``get_args()``."""
 
-    batch = get_batch_on_this_tp_rank(
-        batch,
-        has_cu_seqlens=has_cu_seqlens,
-        is_hybrid_cp=args.hybrid_context_parallel,
-        create_attention_mask_in_dataloader=args.create_attention_mask_in_dataloader,
-        broadcast_src_rank=mpu.get_tensor_model_parallel_src_rank(),
-        broadcast_group=mpu.get_tensor_model_parallel_group(),
-        cp_size=args.context_parallel_size,
-        tp_rank=tp_rank,
-        micro_batch_size=args.micro_batch_size,
-        seq_length=args.seq_length,
-        mtp_on_this_rank=mtp_here,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        is_pipeline_first_stage=mpu.is_pipeline_first_stage(),
-        is_pipeline_last_stage=mpu.is_pipeline_last_stage(),
-    )
-    labels = _broadcast_edl_labels(next_batch, args) if edl_config() is not None else {}
-    for key in edl_labels.EDL_BATCH_KEYS:  # TP rank 0's loader copies; `labels` is split below
-        batch.pop(key, None)
-    batch = flatten_batch_for_packed_sequences(batch)
-    if labels and batch.get("cu_seqlens") is not None:
-        labels = {key: value.reshape(1, -1) for key, value in labels.items()}  # as the tokens
+    edl: EDLConfig
+    """The EDL options with the resolved domains (``enabled`` false: labels without the loss)."""
 
-    if not edge_stage and not mtp_here:
-        # Intermediate stage with packed sequences: the THD metadata (and, with domain labels,
-        # this CP rank's labels for its MoE layers).
-        keep = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen")
-        out = {key: batch.get(key) if key in keep else None for key in ALL_KEYS}
-        return out | _labels_on_this_cp_rank(labels, batch, args)
+    labels: LabelsConfig
+    """Where the labels come from."""
 
-    batch = get_batch_on_this_cp_rank(
-        batch,
-        is_hybrid_cp=args.hybrid_context_parallel,
-        cp_group=get_context_parallel_group(),
-        hybrid_cp_group_func=get_hybrid_data_context_parallel_groups,
-        use_per_sequence_balancing=_per_sequence_cp_balancing(args),
-    )
-    batch.update(_labels_on_this_cp_rank(labels, batch, args))
-    return {key: batch.get(key) for key in ALL_KEYS}
+    # -- batch ---------------------------------------------------------------------------------
 
+    def get_batch(self, data_iterator, vp_stage: int | None = None) -> dict[str, Any]:
+        """The upstream batch plus this rank's domain labels, on every pipeline stage.
 
-def _per_sequence_cp_balancing(args) -> bool:
-    """Megatron's choice of CP split for packed sequences (per sequence unless ``--sft``)."""
-    return args.dataloader_inter_document_masking and not args.sft
+        Upstream's ``get_batch`` reads the loader's batch on TP rank 0 (or, on an intermediate
+        stage without packed sequences, nothing: this reads it then, for the labels the stage's
+        MoE layers need). The labels are broadcast over TP; with packed (THD) sequences they are
+        flattened to ``[1, b * s]`` like the tokens and cut for CP by the same split (including
+        the per-document one of ``--sft``), so every router sees the labels of its tokens.
+        """
+        tap = _Tap(data_iterator)
+        batch = upstream.get_batch(tap, vp_stage)
+        loaded = tap.taken
+        if loaded is None and mpu.get_tensor_model_parallel_rank() == 0:
+            loaded = next(data_iterator)  # a stage upstream gives no tokens: the labels only
+        labels = self._broadcast_labels(loaded or {})
+        if labels and batch.get("cu_seqlens") is not None:
+            labels = {key: value.reshape(1, -1) for key, value in labels.items()}  # as the tokens
+        batch = {**batch, **self._labels_on_this_cp_rank(labels, batch)}
+        return {key: batch.get(key) for key in ALL_KEYS}
 
+    def _broadcast_labels(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The EDL keys of TP rank 0's loader ``batch`` on every TP rank."""
+        return edl_labels.broadcast_labels_over_tp(
+            batch,
+            tp_rank=mpu.get_tensor_model_parallel_rank(),
+            src_rank=mpu.get_tensor_model_parallel_src_rank(),
+            group=mpu.get_tensor_model_parallel_group(),
+            micro_batch_size=self.args.micro_batch_size,
+            seq_length=self.args.seq_length,
+        )
 
-def _labels_on_this_cp_rank(labels: dict, batch: dict, args) -> dict[str, torch.Tensor]:
-    """This CP rank's part of the (flattened) labels, cut exactly like the tokens.
+    def _labels_on_this_cp_rank(self, labels: dict, batch: dict) -> dict[str, torch.Tensor]:
+        """This CP rank's part of the (flattened) labels, cut exactly like the tokens.
 
-    Megatron's ``get_batch_on_this_cp_rank`` picks the split: zig-zag over the whole sequence,
-    or, for ``--sft`` packed sequences, per document with TE's THD partition indices; the
-    per-document split only cuts its fixed sequence keys. So the labels go through the same
-    function with the same packed-sequence metadata, riding in the ``tokens`` and ``labels``
-    slots. ``{}`` when there are no labels.
-    """
-    if not labels:
-        return {}
-    meta = {key: batch.get(key) for key in ("cu_seqlens", "cu_seqlens_padded", "max_seqlen")}
-    carrier = get_batch_on_this_cp_rank(
-        {
-            **meta,
-            "tokens": labels[edl_labels.DOMAIN_IDS_KEY],
-            "labels": labels[edl_labels.WEIGHTS_KEY],
-        },
-        is_hybrid_cp=False,  # refused with domain labels (edl_config_from_args)
-        cp_group=get_context_parallel_group(),
-        use_per_sequence_balancing=_per_sequence_cp_balancing(args),
-    )
-    return {
-        edl_labels.DOMAIN_IDS_KEY: carrier["tokens"],
-        edl_labels.WEIGHTS_KEY: carrier["labels"],
-    }
+        Megatron's ``get_batch_on_this_cp_rank`` picks the split: zig-zag over the whole
+        sequence, or, for ``--sft`` packed sequences, per document with TE's THD partition
+        indices; the per-document split only cuts its fixed sequence keys. So the labels go
+        through the same function with the same packed-sequence metadata, riding in the
+        ``tokens`` and ``labels`` slots. ``{}`` when there are no labels.
+        """
+        if not labels:
+            return {}
+        meta = {key: batch.get(key) for key in ("cu_seqlens", "cu_seqlens_padded", "max_seqlen")}
+        carrier = get_batch_on_this_cp_rank(
+            {
+                **meta,
+                "tokens": labels[edl_labels.DOMAIN_IDS_KEY],
+                "labels": labels[edl_labels.WEIGHTS_KEY],
+            },
+            is_hybrid_cp=False,  # refused with domain labels (LabelsConfig.from_args)
+            cp_group=get_context_parallel_group(),
+            use_per_sequence_balancing=upstream.per_sequence_cp_balancing(self.args),
+        )
+        return {
+            edl_labels.DOMAIN_IDS_KEY: carrier["tokens"],
+            edl_labels.WEIGHTS_KEY: carrier["labels"],
+        }
 
+    # -- forward and loss ----------------------------------------------------------------------
 
-def _broadcast_edl_labels(batch: dict, args) -> dict[str, torch.Tensor]:
-    """The EDL keys of TP rank 0's ``batch`` on every TP rank."""
-    return edl_labels.broadcast_labels_over_tp(
-        batch,
-        tp_rank=mpu.get_tensor_model_parallel_rank(),
-        src_rank=mpu.get_tensor_model_parallel_src_rank(),
-        group=mpu.get_tensor_model_parallel_group(),
-        micro_batch_size=args.micro_batch_size,
-        seq_length=args.seq_length,
-    )
+    def before_forward(self, model, batch: dict) -> None:
+        """Queue the micro-batch's labels on the routers that consume them (EDL loss,
+        telemetry)."""
+        if not edl_labels.routers_wanting_labels(model):
+            return
+        ids_BS = batch[edl_labels.DOMAIN_IDS_KEY]
+        if ids_BS is None:
+            raise RuntimeError("EDL is on but this pipeline stage received no domain labels")
+        args = self.args
+        labels = edl_labels.router_labels(
+            ids_BS,
+            batch[edl_labels.WEIGHTS_KEY],
+            sequence_parallel=args.sequence_parallel,
+            tp_rank=mpu.get_tensor_model_parallel_rank(),
+            tp_size=args.tensor_model_parallel_size,
+            iteration=getattr(args, "curr_iteration", None),  # the step of the beta schedule
+        )
+        edl_labels.push_labels(model, labels)
 
+    def loss_func(self, batch: dict, model):
+        """The loss closure: upstream's, plus the per-domain report in evaluation."""
+        return partial(
+            self._loss, batch["loss_mask"], model=model, domain_ids=batch[edl_labels.DOMAIN_IDS_KEY]
+        )
 
-def _get_edl_labels_only(data_iterator, args) -> dict[str, torch.Tensor | None]:
-    """Labels for a stage that gets no tokens: read the batch, keep the EDL keys, slice for CP."""
-    batch = next(data_iterator) if mpu.get_tensor_model_parallel_rank() == 0 else {}
-    labels = _labels_on_this_cp_rank(_broadcast_edl_labels(batch, args), {}, args)
-    return {key: labels.get(key) for key in ALL_KEYS}
+    def _loss(self, loss_mask, output_tensor, model=None, domain_ids=None):
+        """Upstream's ``loss_func``; in evaluation (model in eval mode, labels present) the
+        report also holds :func:`domain_loss_report`'s per-domain entries."""
+        loss, num_tokens, report = upstream.loss_func(loss_mask, output_tensor, model=model)
+        if domain_ids is not None and model is not None and not model.training:
+            report.update(
+                domain_loss_report(
+                    output_tensor.view_as(loss_mask), loss_mask, domain_ids, self.edl.domain_names
+                )
+            )
+        return loss, num_tokens, report
 
+    def forward_step(self, data_iterator, model, return_schedule_plan: bool = False):
+        """Upstream's ``forward_step`` with this object's hooks."""
+        return upstream.forward_step(data_iterator, model, return_schedule_plan, hooks=self)
 
-@lru_cache(maxsize=1)
-def _cached_logits_loss(logprobs_dir, threads, prefetch, msc_depth, alpha, ignore_errors):
-    from megatron.training.distillation import LossFuncCallable
+    # -- datasets ------------------------------------------------------------------------------
 
-    return LossFuncCallable(
-        logprobs_dir=logprobs_dir,
-        decode_threads=threads,
-        prefetch_factor=prefetch,
-        msc_prefetch_depth=msc_depth,
-        kd_loss_alpha=alpha,
-        ignore_errors=ignore_errors,
-    )
+    def dataset_config(self) -> DomainGPTDatasetConfig:
+        """Upstream's dataset config fields plus the label options."""
+        kwargs = upstream.dataset_config_kwargs(self.args)
+        cfg = self.edl
+        if self.labels.origin is LabelOrigin.MOCK:
+            num_domains = self.labels.mock_domains
+            return DomainGPTDatasetConfig(
+                **kwargs,
+                edl_aggregation=str(cfg.aggregation),
+                edl_num_domains=num_domains,
+                edl_document_domains=mock_document_domains(num_domains, cfg),
+                edl_eval_document_domains=mock_document_domains(
+                    num_domains, evaluation_labels(cfg)
+                ),
+            )
+        return DomainGPTDatasetConfig(
+            **kwargs,
+            edl_aggregation=str(cfg.aggregation),
+            edl_config=cfg,
+            edl_domains_per_prefix=self.labels.domains_per_prefix,
+        )
+
+    @staticmethod
+    def is_dataset_built_on_rank(vp_stage=None, is_packed_sequence: bool = False) -> bool:
+        """On TP rank 0 of every stage: intermediate stages hold MoE layers that need the
+        domain labels, which stock Megatron never sends them."""
+        return mpu.get_tensor_model_parallel_rank() == 0
+
+    def train_valid_test_datasets_provider(self, train_val_test_num_samples, vp_stage=None):
+        """Build the labelled train/valid/test datasets (``BlendedMegatronDatasetBuilder``)."""
+        config = self.dataset_config()
+        if self.args.sft:  # per-prefix domains (LabelsConfig.from_args checks the flags)
+            dataset_type = DomainSFTDataset
+        elif self.labels.origin is LabelOrigin.MOCK:
+            dataset_type = DomainMockGPTDataset
+        elif self.labels.origin is LabelOrigin.PREFIX:
+            dataset_type = DomainPerPrefixGPTDataset
+        else:
+            dataset_type = DomainGPTDataset
+        install_share_logging()
+        print_rank_0("> building train, validation, and test datasets for GPT ...")
+        built_here = partial(
+            self.is_dataset_built_on_rank, vp_stage=vp_stage, is_packed_sequence=self.args.sft
+        )
+        datasets = BlendedMegatronDatasetBuilder(
+            dataset_type, train_val_test_num_samples, built_here, config
+        ).build()
+        print_rank_0("> finished creating GPT datasets ...")
+        return datasets
+
+    # Megatron builds the data loaders on every rank and broadcasts nothing itself (read off
+    # the bound method through its function).
+    train_valid_test_datasets_provider.is_distributed = True
 
 
 def domain_loss_report(
@@ -294,6 +313,8 @@ def install_share_logging() -> None:
     from megatron.training import training
     from megatron.training.utils import print_rank_last
 
+    touch("evaluate-share-logging")
+
     evaluate = training.evaluate
     if getattr(evaluate, "_edl_shares", False):
         return
@@ -310,277 +331,3 @@ def install_share_logging() -> None:
 
     evaluate_logging_shares._edl_shares = True
     training.evaluate = evaluate_logging_shares
-
-
-def loss_func(
-    loss_mask: torch.Tensor,
-    output_tensor: torch.Tensor,
-    model=None,
-    domain_ids: torch.Tensor | None = None,
-):
-    """Masked sum of per-token LM losses.
-
-    Returns:
-        ``(loss_sum, num_tokens, {"lm loss": [loss_sum, num_tokens], ...})``, the contract of
-        Megatron's schedules (they divide by the token count across DP). In evaluation with
-        domain labels (``domain_ids`` given, model in eval mode), the report also holds
-        :func:`domain_loss_report`'s per-domain entries.
-    """
-    args = get_args()
-    if args.logits_load_dir is not None:
-        cached = _cached_logits_loss(
-            args.logits_load_dir,
-            args.logits_load_decode_threads,
-            args.logits_load_prefetch_factor,
-            args.logits_load_msc_prefetch_depth,
-            args.logits_load_kd_loss_alpha,
-            args.logits_load_ignore_errors,
-        )
-        loss, num_tokens, report = cached(loss_mask, output_tensor, model=model)
-    elif modelopt.enabled(args):
-        loss, num_tokens, report = modelopt.loss_func(loss_mask, output_tensor, model=model)
-    else:
-        mask_T = loss_mask.view(-1).float()
-        loss = torch.sum(output_tensor.view(-1).float() * mask_T)
-        num_tokens = mask_T.sum().clone().detach().to(torch.int)
-        report = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
-    if domain_ids is not None and model is not None and not model.training:
-        cfg = edl_config()
-        report.update(
-            domain_loss_report(
-                output_tensor.view_as(loss_mask), loss_mask, domain_ids, cfg.domain_names
-            )
-        )
-
-    rerun = get_rerun_state_machine()
-    if args.check_for_nan_in_loss_and_grad:
-        for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
-            rerun.validate_result(
-                result=loss,
-                rejection_func=reject,
-                message=f"found {what} in local forward loss calculation",
-                tolerance=0.0,
-                fatal=True,
-            )
-    if args.check_for_spiky_loss:
-        rerun.validate_result(
-            result=loss,
-            rejection_func=partial(
-                rerun.is_unexpectedly_large, threshold=SPIKY_LOSS_FACTOR, context="loss"
-            ),
-            message="Spiky loss",
-            tolerance=0.0,
-            fatal=False,
-        )
-    return loss, num_tokens, report
-
-
-def packed_seq_params_from_batch(batch: dict, seq_length: int) -> PackedSeqParams | None:
-    """THD ``PackedSeqParams`` for a batch that carries ``cu_seqlens``; ``None`` otherwise."""
-    cu_seqlens = batch["cu_seqlens"]
-    if cu_seqlens is None:
-        return None
-    cu_seqlens = cu_seqlens.squeeze(0)  # the batch keeps it as [1, N]; TE wants 1-D
-    padded = batch["cu_seqlens_padded"]
-    padded = padded.squeeze(0) if padded is not None else None
-    update_seqlen_stats_from_cu_seqlens(cu_seqlens)
-    # Attention runs over the padded boundaries when they exist (as upstream does).
-    effective = padded if padded is not None else cu_seqlens
-    max_seqlen = int(batch["max_seqlen"].item())
-    local_cp_size = batch["local_cp_size"]
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=effective,
-        cu_seqlens_kv=effective,
-        cu_seqlens_q_padded=padded,
-        cu_seqlens_kv_padded=padded,
-        max_seqlen_q=max_seqlen,
-        max_seqlen_kv=max_seqlen,
-        local_cp_size=int(local_cp_size.item()) if local_cp_size is not None else None,
-        cp_group=batch["hybrid_cp_group"],
-        tokens_per_sample=seq_length,
-    )
-
-
-def forward_step(data_iterator, model, return_schedule_plan: bool = False):
-    """One micro-batch forward; returns the output and the loss closure the schedule calls."""
-    args = get_args()
-    timers = get_timers()
-    timers("batch-generator", log_level=2).start()
-    with stimer(bdata=True):
-        batch = get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"))
-        packed_seq_params = packed_seq_params_from_batch(batch, args.seq_length)
-        cfg = edl_config()
-        if cfg is not None and edl_labels.routers_wanting_labels(model):  # EDL loss, telemetry
-            _push_edl_labels(model, batch, args)
-    timers("batch-generator").stop()
-
-    tokens, position_ids = batch["tokens"], batch["position_ids"]
-    attention_mask, labels, loss_mask = batch["attention_mask"], batch["labels"], batch["loss_mask"]
-    domain_ids = batch[edl_labels.DOMAIN_IDS_KEY]
-    if return_schedule_plan:
-        if not args.overlap_moe_expert_parallel_comm:
-            raise ValueError("a schedule plan needs --overlap-moe-expert-parallel-comm")
-        plan = model.build_schedule_plan(
-            tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask
-        )
-        return plan, partial(loss_func, loss_mask, model=model, domain_ids=domain_ids)
-    with stimer:
-        output_tensor = model(
-            tokens,
-            position_ids,
-            attention_mask,
-            labels=labels,
-            loss_mask=loss_mask,
-            packed_seq_params=packed_seq_params,
-        )
-    return output_tensor, partial(loss_func, loss_mask, model=model, domain_ids=domain_ids)
-
-
-def _push_edl_labels(model, batch: dict, args) -> None:
-    ids_BS = batch[edl_labels.DOMAIN_IDS_KEY]
-    if ids_BS is None:
-        raise RuntimeError("EDL is on but this pipeline stage received no domain labels")
-    labels = edl_labels.router_labels(
-        ids_BS,
-        batch[edl_labels.WEIGHTS_KEY],
-        sequence_parallel=args.sequence_parallel,
-        tp_rank=mpu.get_tensor_model_parallel_rank(),
-        tp_size=args.tensor_model_parallel_size,
-        iteration=getattr(args, "curr_iteration", None),  # the step of the beta schedule
-    )
-    edl_labels.push_labels(model, labels)
-
-
-def is_dataset_built_on_rank(vp_stage=None, is_packed_sequence: bool = False) -> bool:
-    """Datasets live on TP rank 0 of the stages that read tokens or labels (or MTP stages).
-
-    With EDL on, on TP rank 0 of every stage: intermediate stages hold MoE layers that need the
-    domain labels, which stock Megatron never sends them.
-    """
-    if mpu.get_tensor_model_parallel_rank() != 0:
-        return False
-    if is_packed_sequence or edl_config() is not None:  # EDL: every stage needs labels
-        return True
-    args = get_args()
-    return is_first_or_last_pipeline_stage(vp_stage) or _mtp_on_this_rank(args, vp_stage)
-
-
-def gpt_dataset_config_from_args(args) -> GPTDatasetConfig:
-    """The ``GPTDatasetConfig`` (or FIM config) Megatron's flags describe."""
-    blend, blend_per_split = get_blend_and_blend_per_split(args)
-    sequences_per_dataset = None
-    if args.per_dataset_sequences_path is not None:
-        with open(args.per_dataset_sequences_path) as f:
-            sequences_per_dataset = json.load(f)
-    kwargs = dict(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=blend,
-        blend_per_split=blend_per_split,
-        split=args.split,
-        multiple_validation_sets=args.multiple_validation_sets,
-        full_validation=args.full_validation,
-        num_dataset_builder_threads=args.num_dataset_builder_threads,
-        path_to_cache=args.data_cache_path,
-        mmap_bin_files=args.mmap_bin_files,
-        tokenizer=build_tokenizer(args),
-        reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask,
-        eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=args.create_attention_mask_in_dataloader,
-        object_storage_cache_path=args.object_storage_cache_path,
-        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
-        allow_ambiguous_pad_tokens=args.allow_ambiguous_pad_tokens,
-        fast_cache_load=args.dataloader_fast_cache_load,
-        sequences_per_dataset=sequences_per_dataset,
-        defer_npy_index_mmap=args.dataloader_defer_npy_index_mmap,
-        context_parallel_size=args.context_parallel_size,
-        data_parallel_size=args.data_parallel_size,
-        sequence_parallel_size=args.tensor_model_parallel_size * args.sequence_parallel,
-        hybrid_context_parallel=args.hybrid_context_parallel,
-        inter_document_masking=args.dataloader_inter_document_masking,
-    )
-    cfg = edl_config()
-    if cfg is not None:
-        if args.mock_data:
-            return DomainGPTDatasetConfig(
-                **kwargs,
-                edl_aggregation=str(cfg.aggregation),
-                edl_num_domains=args.moe_edl_mock_domains,
-                edl_document_domains=mock_document_domains(args.moe_edl_mock_domains, cfg),
-                edl_eval_document_domains=mock_document_domains(
-                    args.moe_edl_mock_domains, evaluation_labels(cfg)
-                ),
-            )
-        return DomainGPTDatasetConfig(
-            **kwargs,
-            edl_aggregation=str(cfg.aggregation),
-            edl_config=cfg,
-            edl_domains_per_prefix=args.moe_edl_domains_per_prefix,
-        )
-    if not args.fim_data:
-        return GPTDatasetConfig(**kwargs)
-    return GPTFIMDatasetConfig(
-        **kwargs,
-        fim_rate=args.fim_rate,
-        fim_spm_rate=args.fim_spm_rate,
-        fim_extra_tokens={
-            "prefix": args.fim_prefix_token,
-            "middle": args.fim_middle_token,
-            "suffix": args.fim_suffix_token,
-            "pad": args.fim_pad_token,
-            "eod": args.fim_eod_token,
-        },
-        fim_split_sample=args.fim_split_sample,
-        fim_fragment_rate=args.fim_fragment_rate,
-        fim_no_prefix=args.fim_no_prefix,
-    )
-
-
-def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
-    """Build the train/valid/test datasets with Megatron's ``BlendedMegatronDatasetBuilder``."""
-    args = get_args()
-    config = gpt_dataset_config_from_args(args)
-    if edl_config() is not None:
-        packed = args.sft
-        if args.sft:  # per-prefix domains (edl_config_from_args checks the flags)
-            dataset_type = DomainSFTDataset
-        elif args.mock_data:
-            dataset_type = DomainMockGPTDataset
-        elif args.moe_edl_domains_per_prefix:
-            dataset_type = DomainPerPrefixGPTDataset
-        else:
-            dataset_type = DomainGPTDataset
-    elif args.sft:
-        dataset_type, packed = SFTDataset, True
-    elif args.mock_data:
-        dataset_type, packed = MockGPTDataset, False
-    elif args.fim_data:
-        dataset_type, packed = GPTFIMDataset, False
-    else:
-        dataset_type, packed = GPTDataset, False
-    if edl_config() is not None:
-        install_share_logging()
-    print_rank_0("> building train, validation, and test datasets for GPT ...")
-    built_here = partial(is_dataset_built_on_rank, vp_stage=vp_stage, is_packed_sequence=packed)
-    datasets = BlendedMegatronDatasetBuilder(
-        dataset_type, train_val_test_num_samples, built_here, config
-    ).build()
-    print_rank_0("> finished creating GPT datasets ...")
-    return datasets
-
-
-# Megatron builds the data loaders on every rank and broadcasts nothing itself.
-train_valid_test_datasets_provider.is_distributed = True
-
-
-def get_embedding_ranks(pp_ranks: list[int]) -> list[int]:
-    """Ranks holding embeddings: first stage, last stage when tied, and MTP stages."""
-    ranks = {pp_ranks[0]}
-    if len(pp_ranks) > 1:
-        args = get_args()
-        if not args.untie_embeddings_and_output_weights:
-            ranks.add(pp_ranks[-1])
-        ranks.update(get_mtp_ranks(pp_ranks, core_transformer_config_from_args(args)))
-    return sorted(ranks)

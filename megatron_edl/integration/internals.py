@@ -254,3 +254,42 @@ _register(
     remove_when="megatron.training offers evaluation callbacks",
     parameters=("forward_step_func", "data_iterator", "model"),
 )
+
+# -- megatron_edl.pretrain_gpt, integration.gpt, integration.dataset ---------------------------
+
+_register(
+    name="dataset-helpers-compile",
+    target="megatron.core.datasets.utils:compile_helpers",
+    kind="rebind",
+    where="megatron_edl.pretrain_gpt.use_wheel_dataset_helpers",
+    why="Megatron's initialize runs compile_helpers (make -C megatron/core/datasets) on rank 0 and "
+    "exits when it fails; the megatron-core wheel ships the compiled helpers_cpp but no Makefile, "
+    "so we replace it by a no-op when the Makefile is absent and helpers_cpp imports",
+    remove_when="megatron-core skips the build when the compiled helpers are present (or the "
+    "wheel ships its Makefile)",
+)
+
+_register(
+    name="evaluate-share-logging",
+    target="megatron.training.training:evaluate",
+    kind="rebind",
+    where="megatron_edl.integration.gpt.install_share_logging",
+    why="the per-domain 'token share/<d>' entries of the validation report are shares, not "
+    "losses; Megatron's evaluate_and_print_results prints a PPL for every entry, so the wrapper "
+    "pops them after evaluate and prints them on a line of their own",
+    remove_when="Megatron's evaluation report can mark an entry as not a loss (no PPL), or takes "
+    "a logging callback",
+    parameters=("forward_step_func", "data_iterator", "model"),
+)
+
+_register(
+    name="gpt-dataset-sample-documents",
+    target="megatron.core.datasets.gpt_dataset:GPTDataset._query_document_sample_shuffle_indices",
+    kind="override",
+    where="megatron_edl.integration.dataset.DomainLabelsMixin",
+    why="a sample's per-token domain labels need the ids and lengths of the documents it was cut "
+    "from; GPTDataset computes them in this private method and __getitem__ drops them",
+    remove_when="GPTDataset returns (or exposes through a public hook) the document ids and "
+    "lengths of each sample",
+    parameters=("idx",),
+)

@@ -51,13 +51,25 @@ import dataclasses
 import functools
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 import torch
 
 from megatron_edl.analysis.routing_stats import RoutingStats, write_stats
+
+# The flag functions and constants live in the config tree (megatron_edl.config.telemetry);
+# re-exported here for the code that imports them from this module.
+from megatron_edl.config.telemetry import (
+    DIR_FLAG,
+    INTERVAL_FLAG,
+    PROBE_DIR_FLAG,
+    Phase,
+    add_telemetry_args,
+    flags_in_use,
+    stats_directory,
+    telemetry_phase,
+)
 from megatron_edl.core.routing_sums import num_packed_columns, routing_sums, unpack_routing_sums
 from megatron_edl.distributed import sum_over_group
 from megatron_edl.integration.internals import touch
@@ -79,20 +91,6 @@ __all__ = [
     "per_domain_lm_loss",
     "telemetry_phase",
 ]
-
-INTERVAL_FLAG = "--moe-edl-stats-interval"
-DIR_FLAG = "--moe-edl-stats-dir"
-PROBE_DIR_FLAG = "--moe-edl-probe-dir"
-STATS_SUBDIR = "routing_stats"
-
-
-class Phase(StrEnum):
-    """Which forwards a router's statistics count."""
-
-    TRAIN = "train"
-    """Grad-enabled training forwards (one per micro-batch)."""
-    EVAL = "eval"
-    """Evaluation forwards (model in eval mode)."""
 
 
 class RouterStats:
@@ -210,57 +208,6 @@ class RouterStats:
         self._sums_XF = None
         self.num_forwards = 0
         return sums_XF
-
-
-def telemetry_phase(args: argparse.Namespace) -> Phase | None:
-    """The statistics phase the flags ask for (``None``: no telemetry).
-
-    Raises:
-        ValueError: If both the training statistics and the probe are requested, the interval
-            is < 1, or the probe lacks ``--skip-train``/``--eval-iters`` (names the flag).
-    """
-    interval = getattr(args, "moe_edl_stats_interval", None)
-    probe_dir = getattr(args, "moe_edl_probe_dir", None)
-    if interval is not None and interval < 1:
-        raise ValueError(f"{INTERVAL_FLAG} must be >= 1, got {interval}")
-    if interval is not None and probe_dir is not None:
-        raise ValueError(f"{INTERVAL_FLAG} and {PROBE_DIR_FLAG} cannot be combined")
-    if interval is not None:
-        return Phase.TRAIN
-    if probe_dir is not None:
-        if not getattr(args, "skip_train", False):
-            raise ValueError(f"{PROBE_DIR_FLAG} evaluates a checkpoint: it needs --skip-train")
-        if not getattr(args, "eval_iters", 0):
-            raise ValueError(f"{PROBE_DIR_FLAG} needs --eval-iters > 0 (the probe's batches)")
-        return Phase.EVAL
-    return None
-
-
-def flags_in_use(args: argparse.Namespace) -> list[str]:
-    """The telemetry flags set on the command line (reasons to load the domain labels)."""
-    flags = []
-    if getattr(args, "moe_edl_stats_interval", None) is not None:
-        flags.append(INTERVAL_FLAG)
-    if getattr(args, "moe_edl_probe_dir", None) is not None:
-        flags.append(PROBE_DIR_FLAG)
-    return flags
-
-
-def stats_directory(args: argparse.Namespace) -> str:
-    """Where the dumps go: ``--moe-edl-probe-dir``/``--moe-edl-stats-dir``, or
-    ``<--save>/routing_stats``, or ``<--tensorboard-dir>/routing_stats``.
-
-    Raises:
-        ValueError: If no directory can be derived (names the flags).
-    """
-    if getattr(args, "moe_edl_probe_dir", None):
-        return args.moe_edl_probe_dir
-    if getattr(args, "moe_edl_stats_dir", None):
-        return args.moe_edl_stats_dir
-    for base in (getattr(args, "save", None), getattr(args, "tensorboard_dir", None)):
-        if base:
-            return os.path.join(base, STATS_SUBDIR)
-    raise ValueError(f"{INTERVAL_FLAG} needs {DIR_FLAG}, --save or --tensorboard-dir")
 
 
 def _layer_number(router) -> int:
@@ -512,28 +459,3 @@ def install(args: argparse.Namespace) -> Phase | None:
     )
     install_hooks(writer, get_iteration=lambda: args.iteration)
     return phase
-
-
-def add_telemetry_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The telemetry flags (in the launcher's ``megatron-edl`` argument group)."""
-    group = parser.add_argument_group(title="routing telemetry (megatron-edl)")
-    group.add_argument(
-        INTERVAL_FLAG,
-        type=int,
-        default=None,
-        help="Write per-domain routing statistics of every MoE layer every N iterations (and "
-        "after the last one). Loads the domain labels whether or not the EDL loss is on.",
-    )
-    group.add_argument(
-        DIR_FLAG,
-        default=None,
-        help=f"Directory of the statistics dumps (default: <--save>/{STATS_SUBDIR}, else "
-        f"<--tensorboard-dir>/{STATS_SUBDIR}).",
-    )
-    group.add_argument(
-        PROBE_DIR_FLAG,
-        default=None,
-        help="Evaluation probe: record the routing of Megatron's (first) evaluation, with "
-        "--load CKPT --skip-train, and write it with the per-domain LM loss to this directory.",
-    )
-    return parser
