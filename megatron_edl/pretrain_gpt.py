@@ -137,7 +137,7 @@ def blend_prefixes_from_args(args) -> list[str]:
 def edl_layer_spec(base_spec, edl_config, specialization_config=None, **router_kwargs):
     """A ``GPTModelConfig.transformer_layer_spec`` provider that installs the EDL router (and
     the variance/orthogonality losses of ``specialization_config``; ``router_kwargs``: further
-    keyword arguments of ``EDLTopKRouter``)."""
+    keyword arguments of ``AuxLossTopKRouter``)."""
     from megatron.training.models.gpt import default_layer_spec
 
     from megatron_edl.integration.spec import with_edl_router

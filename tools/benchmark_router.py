@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Router forward+backward with the EDL loss vs without, and vs Megatron's own aux loss.
 
-Builds Megatron's ``TopKRouter`` and the ``EDLTopKRouter`` (same weights) on a one-process group
+Builds Megatron's ``TopKRouter`` and the ``AuxLossTopKRouter`` (same weights) on a one-process group
 and times ``router(hidden)`` plus the backward of a fixed upstream gradient on ``probs``, the
 variants alternated round by round in this process (megatron_edl.benchmarks.harness). Variants
 (``--configs``): ``stock`` (no router loss), ``edl`` (EDL only), ``aux`` (Megatron's

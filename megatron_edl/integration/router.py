@@ -88,7 +88,6 @@ __all__ = [
     "WINDOW_BUFFER",
     "AuxLossTopKRouter",
     "DomainLabels",
-    "EDLTopKRouter",
     "register_edl_metrics",
 ]
 
@@ -274,5 +273,4 @@ class AuxLossTopKRouter(TopKRouter, LabelConsumer):
         )
 
 
-EDLTopKRouter = AuxLossTopKRouter
 """Former name, kept while tools/ and benchmarks/ still import it; use ``AuxLossTopKRouter``."""
