@@ -271,6 +271,3 @@ class AuxLossTopKRouter(TopKRouter, LabelConsumer):
             labels=labels,
             window_X=getattr(self, WINDOW_BUFFER, None),
         )
-
-
-"""Former name, kept while tools/ and benchmarks/ still import it; use ``AuxLossTopKRouter``."""
