@@ -406,4 +406,4 @@ class ClassifierLabel:
 
 Labeler = FieldLabel | PathLabel | LangIdLabel | CallableLabel | ClusterLabel | ClassifierLabel
 """How a record gets its label (one per run). Not the training side's
-:class:`megatron_edl.integration.dataset.LabelSource` (sidecar or prefix labels)."""
+:class:`megatron_edl.integration.domain_sources.LabelSource` (sidecar or prefix labels)."""
