@@ -41,6 +41,9 @@ Shape legend (suffixes of array names):
     K  clusters
     F  features (terms of the vectorizer's vocabulary)
     G  coarse domains
+
+It stays one module, a little over 500 lines: sampling, fitting, the model file and its command line
+share the settings and the file format above.
 """
 
 from __future__ import annotations

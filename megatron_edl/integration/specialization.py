@@ -69,6 +69,9 @@ Auto-calibration (released code): at a term's first training forward its weight 
 (the loss is already identical there; the reduction makes the weight independent of any rounding
 difference). Calibration is per MoE layer and is not saved in checkpoints: a resumed run
 calibrates again (pass the logged weights as coefficients to avoid that).
+
+It stays one module, a little over 500 lines: each dispatcher subclass places the same orthogonality
+hook in one of Megatron's dispatchers, so they are read side by side.
 """
 
 from __future__ import annotations
