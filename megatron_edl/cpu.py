@@ -14,7 +14,7 @@ Rules:
 * Every patch is an entry of :data:`PATCHES` that says what it changes, why, which parallel
   layouts need it and what would let it go. Patches can be switched off one by one, by name,
   through :func:`apply`'s ``disable`` argument or the ``MEGATRON_EDL_CPU_DISABLE`` environment
-  variable (comma-separated names). ``tests/test_cpu_layer.py`` switches each one off in turn and
+  variable (comma-separated names). ``tests/unit/test_cpu.py`` switches each one off in turn and
   reports which are still needed, so a megatron-core upgrade shows what broke and what can go.
 * Only what CPU needs is here. Fixes that a GPU run needs as well (for instance the wheel's
   missing dataset-helper Makefile, or the ``%`` in a 0.19.2 help string) live in the launcher.

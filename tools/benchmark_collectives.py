@@ -5,9 +5,10 @@ Runs one forward+backward of a megatron-core ``MoELayer`` (stock router, or the 
 installed as the launcher does) on ``--world`` gloo ranks for each parallel layout, and counts
 every collective that reaches the process-group backend (``CollectiveCounter``: all ``c10d``
 operators, also those Megatron issues through saved aliases). Counting is exact, so this is a
-check as much as a measurement (tests/test_benchmarks.py asserts it): EDL must add exactly one
-all-reduce of D*E + D fp32 numbers per layer and micro-batch where its statistics group has more
-than one rank, and nothing where it has one (``local`` scope without TP/CP) or where EDL is off.
+check as much as a measurement (tests/unit/benchmarks/test_harness.py asserts it): EDL must add
+exactly one all-reduce of D*E + D fp32 numbers per layer and micro-batch where its statistics group
+has more than one rank, and nothing where it has one (``local`` scope without TP/CP) or where EDL is
+off.
 
 Layouts: ``dp`` (data parallel over all ranks), ``ep`` (expert parallel, all-to-all dispatcher),
 ``tp`` (tensor parallel with sequence parallelism), each with the ``global`` scope (statistics

@@ -52,7 +52,7 @@ from megatron_edl.benchmarks.preprocessing import (
 
 
 def train_tiny_tokenizer(directory: Path) -> Path:
-    """The tests' tiny byte-level BPE (tests/data_helpers.py), trained here on the spot."""
+    """The tests' tiny byte-level BPE (tests/helpers/data_helpers.py), trained here on the spot."""
     from megatron_edl.demo.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(tiny_tokenizer_texts(), directory, vocab_size=512)

@@ -17,8 +17,8 @@ with and without the causal attention mask that Megatron builds in the data load
 Timing uses megatron_edl.benchmarks.harness (alternated rounds, per-round ratios,
 median [min, max]); tables are printed in Markdown (docs/BENCHMARKS.md).
 
-The tokenizer is the tests' byte-level BPE trained on the spot (tests/data_helpers.py), or any
-HuggingFace tokenizer folder given with --tokenizer-model; nothing downloads. The generated
+The tokenizer is the tests' byte-level BPE trained on the spot (tests/helpers/data_helpers.py), or
+any HuggingFace tokenizer folder given with --tokenizer-model; nothing downloads. The generated
 corpus and the timed run are megatron_edl.benchmarks.preprocessing (shared with
 tools/benchmark_domain_labels.py).
 
@@ -61,7 +61,7 @@ from megatron_edl.benchmarks.preprocessing import (
 
 
 def train_tiny_tokenizer(directory: Path) -> Path:
-    """The tests' tiny byte-level BPE (tests/data_helpers.py), trained here on the spot."""
+    """The tests' tiny byte-level BPE (tests/helpers/data_helpers.py), trained here on the spot."""
     from megatron_edl.demo.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(tiny_tokenizer_texts(), directory, vocab_size=512)

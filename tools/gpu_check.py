@@ -74,7 +74,7 @@ WHEEL_DISTRIBUTIONS = (
     "pytest-timeout",
 )
 
-# The tests' tiny MoE GPT (tests/megatron_runs.TINY_MOE_GPT) scaled to a GPU: wider, longer
+# The tests' tiny MoE GPT (tests/helpers/megatron_runs.TINY_MOE_GPT) scaled to a GPU: wider, longer
 # sequences, more experts, bf16, local spec. Later flags override the tiny model's.
 TRAINING_SCALE = (
     "--hidden-size 1024 --ffn-hidden-size 4096 --num-attention-heads 16 "
@@ -111,7 +111,7 @@ class Step:
 
 def gpu_test_files() -> list[str]:
     """The test modules with GPU-marked tests (the others may import what the wheels lack)."""
-    tests = sorted((REPO / "tests").glob("test_*.py"))
+    tests = sorted((REPO / "tests").rglob("test_*.py"))
     return [str(p.relative_to(REPO)) for p in tests if "pytest.mark.gpu" in p.read_text()]
 
 

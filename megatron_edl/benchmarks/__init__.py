@@ -8,7 +8,7 @@
   they issue. Imports megatron (only when imported itself).
 * :mod:`megatron_edl.benchmarks.collectives`: the per-rank worker of the collectives count.
 * :mod:`megatron_edl.benchmarks.gloo`: ``run_distributed``, a function on N local processes
-  (gloo on CPU, NCCL on GPUs); also the tests' runner (``tests/distributed.py``).
+  (gloo on CPU, NCCL on GPUs); also the tests' runner (``tests/helpers/distributed.py``).
 * :mod:`megatron_edl.benchmarks.preprocessing`: generated labelled text, the tiny tokenizer's
   training text and one timed preprocessing run (also the tests' data fixtures).
 * :mod:`megatron_edl.benchmarks.runs`: the tiny MoE GPT's flags, a free port, Megatron's log

@@ -13,7 +13,7 @@ inside ``fn``. A rank that raises sends its traceback back and the runner raises
 ``timeout_s`` (a hang in a collective, typically) is killed and reported as such, so a hang fails
 the test instead of blocking CI.
 
-The tests import it as ``tests.distributed``; ``tools/benchmark_collectives.py`` counts the
+The tests import it as ``tests.helpers.distributed``; ``tools/benchmark_collectives.py`` counts the
 collectives of an MoE layer on its ranks.
 """
 

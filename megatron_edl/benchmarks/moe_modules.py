@@ -128,9 +128,9 @@ def init_megatron(
     """Process group (if none yet: one rank) and Megatron's model-parallel state on ``device``.
 
     On CPU applies :mod:`megatron_edl.cpu` and uses gloo; on ``cuda`` uses NCCL. A process
-    group that already exists (several ranks, e.g. under ``tests/distributed.run_distributed``)
-    is used as it is. Also sets Megatron's micro-batch calculator to one micro-batch per
-    data-parallel rank (the EDL router reads it).
+    group that already exists (several ranks, e.g. under
+    ``tests/helpers/distributed.run_distributed``) is used as it is. Also sets Megatron's
+    micro-batch calculator to one micro-batch per data-parallel rank (the EDL router reads it).
 
     Returns:
         The ``torch.device`` to build and run on.

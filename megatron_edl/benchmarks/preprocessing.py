@@ -1,6 +1,6 @@
 """Generated labelled text and one timed preprocessing run, for the preprocessing benchmarks
 (``tools/benchmark_preprocess.py``, ``tools/benchmark_domain_labels.py``) and the tests' data
-fixtures (``tests/data_helpers.py``).
+fixtures (``tests/helpers/data_helpers.py``).
 
 The text draws from a few small word lists, one per "domain", so that a BPE trained on it has
 structure to learn; non-ASCII on purpose (a byte-level tokenizer encodes any text, emoji too).

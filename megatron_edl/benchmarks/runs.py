@@ -2,7 +2,8 @@
 a free port for torchrun, and the run's log parsed into per-iteration metrics.
 
 Shared by ``tools/benchmark_training.py`` (and, through it, the GPU check) and the tests'
-``tests/megatron_runs.py``, which starts the runs. Pure Python; imports neither torch nor megatron.
+``tests/helpers/megatron_runs.py``, which starts the runs. Pure Python; imports neither torch nor
+megatron.
 """
 
 from __future__ import annotations

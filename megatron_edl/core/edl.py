@@ -263,7 +263,7 @@ def domain_sums(
         # Under torch.compile (megatron_edl.core.edl_fused) the plain formula: inductor fuses its
         # autograd backward (gather g[index_t], times w_t) with the softmax backward into one
         # kernel, and the embedding_bag backward of _WeightedIndexAdd compiles to a zero
-        # gradient in torch 2.11 (tests/test_edl_fused.py checks the gradients).
+        # gradient in torch 2.11 (tests/unit/core/test_edl_fused.py checks the gradients).
         weighted_TE = probs_TE.to(dtype) * w_T[:, None]
         sums_DE = torch.zeros(num_domains, probs_TE.shape[1], dtype=dtype, device=probs_TE.device)
         sums_DE = sums_DE.index_add(0, index_T, weighted_TE)

@@ -20,7 +20,8 @@ Paths (``--moe-edl-fused``): ``off`` runs the functions eagerly; ``on`` compiles
 where compiling is unavailable or fails; ``auto`` is ``on`` on CUDA and ``off`` elsewhere (on CPU
 the first compile takes tens of seconds and gains little: docs/BENCHMARKS.md). Both paths compute
 the same formulas; compiled code may reorder floating-point reductions, so fp32 results agree to
-about 1e-6 relative (tests/test_edl_fused.py), and fp64 exactness tests use the eager path.
+about 1e-6 relative (tests/unit/core/test_edl_fused.py), and fp64 exactness tests use the eager
+path.
 
 No communication and no Megatron here: pure math plus the choice of how to run it.
 """

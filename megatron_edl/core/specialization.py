@@ -78,7 +78,7 @@ __all__ = [
 ]
 
 # The values of megatron_edl.config.VarianceAxis, restated: this module imports nothing of the
-# package (tests/test_specialization_math.py checks it imports no "megatron*" module).
+# package (tests/unit/core/test_specialization.py checks it imports no "megatron*" module).
 VarianceAxis = Literal["tokens", "experts"]
 AXES = ("tokens", "experts")
 

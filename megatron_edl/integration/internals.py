@@ -196,7 +196,7 @@ _register(
     why="each column of expert outputs goes back to its token's rank through DeepEP's combine "
     "with the dispatch's own handle: we call the dispatcher module's fused_combine (None without "
     "DeepEP, so the entry checks _DeepepManager.combine, Megatron's caller of it), the function "
-    "Megatron itself calls (tests/deepep_emulation.py replaces it there)",
+    "Megatron itself calls (tests/helpers/deepep_emulation.py replaces it there)",
     remove_when="as flex-dispatcher-comm-manager",
 )
 _register(

@@ -1,0 +1,122 @@
+"""The study runner (megatron_edl.demo.study): file validation, the runs, mean ± SE by hand, and the
+whole study end to end at tiny size (resumable: a second call trains nothing)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from megatron_edl.demo import study as st
+from tests.unit.demo.test_quickstart import TINY_MODEL
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_runs_are_arms_times_seeds_with_the_seed_last(tmp_path):
+    path = _write(
+        tmp_path,
+        "seeds: [3, 1]\narms:\n  base: --moe-edl-eval-per-domain\n"
+        "  rnd: [--moe-edl-coeff, '0.1', --moe-edl-labels, random]\n"
+        "quickstart:\n  train_iters: 7\n  train_args: --num-layers 2\n",
+    )
+    study = st.load_study(path, tmp_path / "w")
+    assert study.quickstart.train_iters == 7
+    assert study.quickstart.extra_train_args == ("--num-layers", "2")
+    runs = st.study_runs(study)
+    assert [r.name for r in runs] == ["base-s3", "base-s1", "rnd-s3", "rnd-s1"]
+    assert runs[0].flags == ("--moe-edl-eval-per-domain", "--seed", "3")
+    assert runs[0].fine_labels and not runs[2].fine_labels  # random labels: a control
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("seeds: []\narms: {a: ''}\n", "seeds must be a list of distinct integers"),
+        ("seeds: [1, 1]\narms: {a: ''}\n", "seeds must be a list of distinct integers"),
+        ("seeds: [1]\narms: {}\n", "arms must map arm names"),
+        ("seeds: [1]\narms: {'a b': ''}\n", "arm name 'a b'"),
+        ("seeds: [1]\narms: {a: ''}\nquickstart: {iters: 3}\n", "unknown quickstart settings"),
+        ("seeds: [1]\narms: {a: ''}\nquickstart: {train_iters: 0}\n", "quickstart: --train-iters"),
+        ("seeds: [1]\narms: {a: ''}\nextra: 1\n", "unknown keys ['extra']"),
+    ],
+)
+def test_bad_study_files_name_the_file_and_key(tmp_path, text, message):
+    with pytest.raises(st.StudyError, match=message.replace("[", r"\[").replace("]", r"\]")) as e:
+        st.load_study(_write(tmp_path, text), tmp_path / "w")
+    assert "study.yaml" in str(e.value)
+
+
+def test_mean_and_standard_error_by_hand(tmp_path):
+    study = st.load_study(_write(tmp_path, "seeds: [1, 2, 3]\narms: {a: '', b: ''}\n"), tmp_path)
+    evaluations = {}
+    for arm, losses in (("a", [3.0, 4.0, 5.0]), ("b", [2.0, float("nan"), 2.0])):
+        for seed, loss in zip((1, 2, 3), losses, strict=True):
+            evaluations[f"{arm}-s{seed}"] = {
+                "valid_lm_loss": loss,
+                "probe_mi": 0.1 * seed,
+                "valid_lm_loss_per_domain": {"code": loss + 1},
+            }
+    table = st.aggregate(study, evaluations)
+    # a: mean 4, sample sd 1, SE = 1 / sqrt(3)
+    assert table["a"]["valid_lm_loss"]["mean"] == pytest.approx(4.0)
+    assert table["a"]["valid_lm_loss"]["se"] == pytest.approx(1 / math.sqrt(3))
+    assert table["a"]["valid_lm_loss/code"]["mean"] == pytest.approx(5.0)
+    # b: the non-finite seed is left out: mean 2, SE 0 over two seeds
+    assert table["b"]["valid_lm_loss"]["mean"] == 2.0 and table["b"]["valid_lm_loss"]["se"] == 0
+    assert table["a"]["probe_mi"]["se"] == pytest.approx(0.1 / math.sqrt(3))
+    assert table["a"]["probe_jsd"] == {"mean": None, "se": None, "n": 3, "values": [None] * 3}
+    text = st.study_tables(study, table)
+    assert "| a | 4.000 ± 0.577 |" in text and "| code | 5.000 ± 0.577 |" in text
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end_and_resumes(tmp_path, capsys):
+    import dataclasses
+
+    path = _write(
+        tmp_path,
+        "seeds: [1, 2]\narms:\n  baseline: --moe-edl-eval-per-domain\n"
+        "  edl-window: --moe-edl-coeff 0.1 --moe-edl-window-decay 0.5\n"
+        "quickstart:\n  corpus_bytes_per_domain: 16384\n  vocab_size: 512\n  train_iters: 4\n"
+        "  micro_batch_size: 2\n  global_batch_size: 4\n",
+    )
+    study = st.load_study(path, tmp_path / "w")
+    study = dataclasses.replace(
+        study, quickstart=dataclasses.replace(study.quickstart, model=TINY_MODEL)
+    )
+    lines: list[str] = []
+    st.run_study(study, log=lines.append)
+    report = tmp_path / "w" / "report"
+    data = json.loads((report / "study.json").read_text())
+    assert sorted(data["runs"]) == ["baseline-s1", "baseline-s2", "edl-window-s1", "edl-window-s2"]
+    for arm in ("baseline", "edl-window"):
+        loss = data["aggregate"][arm]["valid_lm_loss"]
+        assert loss["n"] == 2 and loss["mean"] > 0 and loss["se"] is not None
+        assert data["aggregate"][arm]["probe_mi"]["mean"] >= 0
+    # Different seeds, different runs: the two baseline runs differ.
+    values = data["aggregate"]["baseline"]["valid_lm_loss"]["values"]
+    assert values[0] != values[1]
+    assert (report / "pareto.png").stat().st_size > 0
+    assert "| edl-window |" in (report / "study.md").read_text()
+
+    lines.clear()  # a second call reuses every stage
+    st.run_study(study, log=lines.append)
+    assert not [line for line in lines if line.endswith(": running")], lines
+    assert st.main([str(path), "--workdir", str(tmp_path / "w"), "--list"]) == 0
+    assert capsys.readouterr().out.splitlines()[3] == "3\tedl-window-s2"
+
+
+def test_shipped_example_studies_load(tmp_path):
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[3] / "examples" / "studies").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        study = st.load_study(path, tmp_path)
+        assert len(study.seeds) >= 3 and study.arms[0][0] == "baseline", path
