@@ -34,9 +34,38 @@ def test_runs_are_arms_times_seeds_with_the_seed_last(tmp_path):
     assert runs[0].fine_labels and not runs[2].fine_labels  # random labels: a control
 
 
+def test_arms_choose_their_labels(tmp_path):
+    path = _write(
+        tmp_path,
+        "seeds: [1]\narms:\n  fine: {flags: --moe-edl-coeff 0.1}\n"
+        "  rnd: {flags: --moe-edl-coeff 0.1, labels: random}\n"
+        "  grp: {flags: --moe-edl-coeff 0.1, labels: coarse}\n"
+        "  top: {flags: --moe-edl-coeff 0.1, labels: 'clusters:5'}\n",
+    )
+    study = st.load_study(path, tmp_path / "w")
+    assert study.quickstart.controls == ("clusters:5",)  # its fit and relabel stages run once
+    runs = {r.name: r for r in st.study_runs(study)}
+    assert runs["fine-s1"].flags == ("--moe-edl-coeff", "0.1", "--seed", "1")
+    assert runs["fine-s1"].fine_labels and runs["fine-s1"].data == ""
+    seed = str(study.quickstart.seed)
+    assert runs["rnd-s1"].flags == (
+        "--moe-edl-coeff", "0.1", "--moe-edl-labels", "random", "--moe-edl-random-seed", seed,
+        "--seed", "1",
+    )  # fmt: skip
+    label_map = str(tmp_path / "w" / "corpus" / "label_map_coarse.yaml")
+    assert runs["grp-s1"].flags[2:4] == ("--moe-edl-label-map", label_map)
+    assert runs["top-s1"].data == "clusters-5" and runs["top-s1"].flags[2:] == ("--seed", "1")
+    assert not any(runs[f"{a}-s1"].fine_labels for a in ("rnd", "grp", "top"))
+    ctx = st.qs.Context(config=study.quickstart, log=lambda _: None)
+    names = [s.name for s in st._stages(ctx, study, list(runs.values()))]
+    assert names.index("preprocess:clusters-5") < names.index("train:top-s1")
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
+        ("seeds: [1]\narms: {a: {flags: '', labels: topics}}\n", "arms.a.labels must be fine"),
+        ("seeds: [1]\narms: {a: {flag: ''}}\n", "arms.a: unknown keys ['flag']"),
         ("seeds: []\narms: {a: ''}\n", "seeds must be a list of distinct integers"),
         ("seeds: [1, 1]\narms: {a: ''}\n", "seeds must be a list of distinct integers"),
         ("seeds: [1]\narms: {}\n", "arms must map arm names"),
