@@ -117,7 +117,11 @@ def test_time_limit_saves_requeues_and_resumes_exactly(cluster, tmp_path):
         env=_job_env(run_dir),
         cwd=tmp_path,
     )
-    cluster.wait(job, lambda i: i.get("Restarts") == "1", 300, "requeue")
+    # Pending again, not still completing the first attempt: an update while the node is still
+    # cleaning up can start the second attempt too early, and it then fails to launch.
+    cluster.wait(
+        job, lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING", 300, "requeue"
+    )
     # Test control: start the requeued job now (Slurm delays a requeued job by two minutes) and
     # give it the time to finish.
     cluster.scontrol("update", f"JobId={job}", "StartTime=now", "TimeLimit=10")
