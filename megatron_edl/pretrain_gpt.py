@@ -210,7 +210,7 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
     if run.labels is not None:  # the routing telemetry needs the labels
         from megatron_edl.integration import telemetry
 
-        stats_phase = telemetry.install(args)
+        stats_phase = telemetry.install(run.telemetry, domains=run.edl.domain_names, args=args)
     if run.routers_needed:
         from megatron_edl.integration import router, specialization
 

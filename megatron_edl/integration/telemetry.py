@@ -65,9 +65,10 @@ from megatron_edl.config.telemetry import (
     INTERVAL_FLAG,
     PROBE_DIR_FLAG,
     Phase,
+    TelemetryConfig,
     add_telemetry_args,
     flags_in_use,
-    stats_directory,
+    stats_directory,  # noqa: F401  (re-exported: the flag helpers live in the config tree)
     telemetry_phase,
 )
 from megatron_edl.core.routing_sums import num_packed_columns, routing_sums, unpack_routing_sums
@@ -431,31 +432,31 @@ def _run_description(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name, None) for name in names}
 
 
-def install(args: argparse.Namespace) -> Phase | None:
-    """Set up the telemetry the flags ask for: the writer and the training-loop hooks.
+def install(
+    config: TelemetryConfig, *, domains: Sequence[str], args: argparse.Namespace
+) -> Phase | None:
+    """Set up the telemetry ``config`` asks for: the writer and the training-loop hooks.
 
-    Call once per process, after ``args.edl_config`` is set (the domain names), before
-    ``pretrain``.
+    Call once per process, before ``pretrain``.
 
     Args:
-        args: Megatron's parsed arguments.
+        config: The telemetry branch of the run config (resolved once from the flags).
+        domains: The domain names of the labels (the dumps' domain axis).
+        args: Megatron's parsed arguments, for Megatron's own settings only (``train_iters``,
+            the current ``iteration``, the run description written into each dump).
 
     Returns:
         The phase the routers must record (to bind into the router builder), or ``None``.
-
-    Raises:
-        ValueError: On inconsistent flags (names them).
     """
-    phase = telemetry_phase(args)
-    if phase is None:
+    if config.phase is None:
         return None
     writer = StatsWriter(
-        phase=phase,
-        directory=stats_directory(args),
-        domains=tuple(args.edl_config.domain_names),
-        interval=getattr(args, "moe_edl_stats_interval", None),
+        phase=config.phase,
+        directory=config.directory,
+        domains=tuple(domains),
+        interval=config.interval,
         train_iters=args.train_iters,
         run=_run_description(args),
     )
     install_hooks(writer, get_iteration=lambda: args.iteration)
-    return phase
+    return config.phase
