@@ -14,7 +14,8 @@ The CPU compatibility layer (:mod:`megatron_edl.cpu`) keeps its own registry (``
 runs only, switchable one by one); :func:`all_touches` lists both.
 
 Rules for a new touch: add an entry (what, why, remove_when; the exact ``target``), call
-:func:`touch` at the call site, and name the public API that would replace it in
+:func:`touch` at the call site (in the class body for code run every forward, so the lookup
+happens once at import), and name the public API that would replace it in
 ``remove_when``.
 """
 

@@ -208,13 +208,14 @@ class AuxLossTopKRouter(TopKRouter, LabelConsumer):
         )
         return edl_here or stats
 
+    _touches = (touch("router-apply-aux-loss"),)  # registered at import, not per forward
+
     def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask=False):
         # Megatron's aux losses (aux_loss, seq_aux_loss, global_aux_loss share these scores)
         # already computed the normalised scores of the router's score function in fp32 over
         # every token: EDL's dense probabilities when EDL uses that score function. Reuse them
         # (one softmax and one softmax backward fewer; docs/BENCHMARKS.md). Fused (TE) scores
         # are not reused: EDL computes its own from the logits.
-        touch("router-apply-aux-loss")
         if (
             self.edl_score_function == self.score_function
             and not self.config.moe_router_fusion

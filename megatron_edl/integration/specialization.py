@@ -193,13 +193,15 @@ def _valid_slots(selected_TE: Tensor, num_slots: int) -> Tensor:
 class OrthogonalityAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """Megatron's alltoall dispatcher plus the orthogonality loss in ``combine_postprocess``."""
 
+    # Megatron internals read below (registered at import, not per forward).
+    _touches = (touch("alltoall-dispatcher-state"),)
+
     def __init__(self, *args, orthogonality: OrthogonalityLoss, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.orthogonality = orthogonality
 
     def combine_postprocess(self, permutated_local_input_tokens: Tensor) -> Tensor:
         """Megatron's unpermute; the loss is computed on its input, attached to its output."""
-        touch("alltoall-dispatcher-state")
         routing_map_TE, probs_TE = self.routing_map, self.probs
         output = super().combine_postprocess(permutated_local_input_tokens)
         ortho = self.orthogonality
@@ -226,6 +228,9 @@ class OrthogonalityAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 class OrthogonalityAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
     """Megatron's allgather dispatcher plus the orthogonality loss (see the module docstring)."""
 
+    # Megatron internals read below (registered at import, not per forward).
+    _touches = (touch("allgather-dispatcher-state"),)
+
     def __init__(self, *args, orthogonality: OrthogonalityLoss, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.orthogonality = orthogonality
@@ -243,7 +248,6 @@ class OrthogonalityAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
     def dispatch_postprocess(self, hidden_states: Tensor, probs: Tensor):
         """Megatron's; first keeps the slots of the local experts' (gathered) tokens."""
         if self._ortho_active:
-            touch("allgather-dispatcher-state")
             first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
             selected_TE = self.routing_map & (probs != 0)  # global tokens of the tp_ep group
             self._ortho_slot_TL = spec_math.token_slots(selected_TE=selected_TE)[:, first:last]
@@ -330,6 +334,13 @@ class OrthogonalityFlexTokenDispatcher(MoEFlexTokenDispatcher):
     a ``[C, T_recv, H]`` buffer (the allgather path also moves k times its combine).
     """
 
+    # Megatron internals read below (registered at import, not per forward).
+    _touches = (
+        touch("flex-dispatcher-comm-manager"),
+        touch("deepep-manager-state"),
+        touch("token-dispatcher-fused-combine"),
+    )
+
     def __init__(
         self,
         num_local_experts: int,
@@ -359,8 +370,6 @@ class OrthogonalityFlexTokenDispatcher(MoEFlexTokenDispatcher):
 
     def _columns(self, rows_RH: Tensor) -> Tensor:
         """``[C, T_recv, H]``: every expert output row in its (column, received token) slot."""
-        touch("flex-dispatcher-comm-manager")
-        touch("deepep-manager-state")
         manager = self._comm_manager
         indices_TC = manager.dispatched_indices
         token_R, local_R = spec_math.permuted_row_tokens(
@@ -391,9 +400,6 @@ class OrthogonalityFlexTokenDispatcher(MoEFlexTokenDispatcher):
         if not self._ortho_active:
             return super().token_combine(hidden_states, async_finish, allocate_on_comm_stream)
         columns_CTH, self._ortho_columns_CTH = self._ortho_columns_CTH, None
-        touch("flex-dispatcher-comm-manager")
-        touch("deepep-manager-state")
-        touch("token-dispatcher-fused-combine")
         manager = self._comm_manager
         combined = [
             megatron_token_dispatcher.fused_combine(column_TH, manager.group, manager.handle)[0]
