@@ -92,6 +92,7 @@ from megatron_edl.demo.stages import (
     cluster_counts,
     coarse_label_map,
     config_json,  # noqa: F401 (re-exported)
+    control_labels,
     edl_flags,  # noqa: F401 (re-exported)
     fit_clusters_stage,
     model_setting,
@@ -110,6 +111,7 @@ __all__ = [
     "QuickstartError",
     "RunSpec",
     "cluster_count",
+    "control_labels",
     "coarse_label_map",
     "main",
     "model_setting",

@@ -171,6 +171,21 @@ def edl_flags(config: QuickstartConfig) -> tuple[str, ...]:
     return flags
 
 
+def control_labels(config: QuickstartConfig, control: str) -> tuple[tuple[str, ...], str]:
+    """What gives an EDL run the labels of ``control``: its extra flags and its data folder.
+
+    ``fine`` (the corpus's domains): nothing; ``random``: the fine labels permuted per document
+    with the quickstart's seed; ``coarse``: the corpus's label map to the 3 groups;
+    ``clusters:K``: the data relabelled with K discovered clusters (``data/clusters-K``).
+    """
+    if control == "random":
+        return ("--moe-edl-labels", "random", "--moe-edl-random-seed", str(config.seed)), ""
+    if control == "coarse":
+        return ("--moe-edl-label-map", os.fspath(coarse_label_map(config.workdir))), ""
+    k = cluster_count(control)
+    return (), ("" if k is None else f"clusters-{k}")
+
+
 def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
     """The runs to train: baseline, EDL, then the chosen controls (in :data:`CONTROLS` order).
 
@@ -196,7 +211,7 @@ def run_specs(config: QuickstartConfig, label_map: Path) -> list[RunSpec]:
             RunSpec(
                 "edl-random",
                 "EDL with the documents' labels randomly permuted (the control)",
-                (*beta, "--moe-edl-labels", "random", "--moe-edl-random-seed", str(config.seed)),
+                (*beta, *control_labels(config, "random")[0]),
                 fine_labels=False,
             )
         )

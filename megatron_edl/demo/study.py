@@ -181,15 +181,7 @@ def load_study(path: str | os.PathLike, workdir: str | os.PathLike) -> StudyConf
 
 def _label_flags(study: StudyConfig, arm: str) -> tuple[tuple[str, ...], str]:
     """The flags and the data folder that give ``arm`` its labels (:attr:`StudyConfig.labels`)."""
-    label = study.labels.get(arm, "fine")
-    if label == "random":
-        flags = ("--moe-edl-labels", "random", "--moe-edl-random-seed", str(study.quickstart.seed))
-        return flags, ""
-    if label == "coarse":
-        label_map = qs.coarse_label_map(Path(study.quickstart.workdir))
-        return ("--moe-edl-label-map", os.fspath(label_map)), ""
-    k = qs.cluster_count(label)
-    return (), ("" if k is None else f"clusters-{k}")
+    return qs.control_labels(study.quickstart, study.labels.get(arm, "fine"))
 
 
 def study_runs(study: StudyConfig) -> list[qs.RunSpec]:
