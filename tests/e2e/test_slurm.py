@@ -117,17 +117,22 @@ def test_time_limit_saves_requeues_and_resumes_exactly(cluster, tmp_path):
         env=_job_env(run_dir),
         cwd=tmp_path,
     )
-    # Pending again, not still completing the first attempt: an update while the node is still
-    # cleaning up can start the second attempt too early, and it then fails to launch.
+    # Pending again, and the node idle (the first attempt's cleanup done): Slurm delays a requeued
+    # job by two minutes so that its relaunch cannot meet the first attempt's revoked credential or
+    # unfinished cleanup; a relaunch too early fails without running the script (seen in CI).
     cluster.wait(
         job, lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING", 300, "requeue"
     )
-    # Test control: start the requeued job now (Slurm delays a requeued job by two minutes) and
-    # give it the time to finish.
-    cluster.scontrol("update", f"JobId={job}", "StartTime=now", "TimeLimit=10")
+    cluster.wait_for_idle_node(120)
+    # Test control: start the requeued job in 10 s instead of two minutes, with time to finish.
+    cluster.scontrol("update", f"JobId={job}", "StartTime=now+10", "TimeLimit=10")
     info = cluster.wait(job, _finished, 400, "end of the requeued run")
     log = (tmp_path / f"megatron-edl-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-3000:])
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (
+        {k: info.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts")},
+        log[-3000:],
+        cluster.logs(),
+    )
 
     first, second = _attempts(log)
     stopped = parse_iterations(first)

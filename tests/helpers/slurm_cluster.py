@@ -81,12 +81,16 @@ class SlurmCluster:
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf), "-N", host])
 
-        def node_idle() -> bool:
-            out = self._run(["sinfo", "--noheader", "--format=%t"], check=False).stdout
-            return out.strip() == "idle"
-
-        self._wait_for(node_idle, timeout_s, "an idle Slurm node")
+        self.wait_for_idle_node(timeout_s)
         return self
+
+    def node_idle(self) -> bool:
+        """Whether the node is idle: no job on it and no job still completing."""
+        out = self._run(["sinfo", "--noheader", "--format=%t"], check=False).stdout
+        return out.strip() == "idle"
+
+    def wait_for_idle_node(self, timeout_s: float) -> None:
+        self._wait_for(self.node_idle, timeout_s, "an idle Slurm node")
 
     def stop(self) -> None:
         """Cancel every job, then stop the daemons this object started (by pid)."""
