@@ -7,7 +7,10 @@ this module re-implements it, keeping upstream's function names, order and behav
 dataset kind (mock, indexed ``GPTDataset``, FIM, SFT), THD packed sequences, CP splitting, the
 NaN/spiky-loss checks of the rerun state machine, cached-logits distillation and ModelOpt (when
 installed). It reads Megatron's global args (``get_args()``), as upstream does. An upgrade of
-megatron-core is a diff of this file against the new tag's ``pretrain_gpt.py``.
+megatron-core is upstream's diff between the two tags (``git diff core_v0.19.0 core_vNEW --
+pretrain_gpt.py``), carried into this file (docs/CONTRIBUTING.md, "The upstream port"). Checked
+against ``core_v0.19.0`` (commit 5be9626709af); ``tests/e2e/test_upstream_patch.py`` with
+``MEGATRON_LM_DIR`` compares the upstream script, patched and not, with the launcher.
 
 What differs from upstream, and why (megatron-edl's wrappers live in
 :mod:`megatron_edl.integration.gpt`, not here):
