@@ -425,20 +425,22 @@ def per_domain_table(runs: Sequence[RunSpec], evaluations: dict[str, dict[str, A
     return "\n".join(lines)
 
 
-def analysis_reports(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, dict[str, float]]:
+def analysis_reports(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, dict[str, Any]]:
     """The analysis reports of the runs' probes (:mod:`megatron_edl.analysis.report`).
 
     ``report/fine/index.html``: the fine domains (heat maps per layer, I(D;E) and JSD versus step
     from the training dumps of the runs trained on fine labels, load balance, Jaccard, entropy);
     ``report/coarse/index.html``: the same grouped into the 3 coarse domains with the corpus's
     label map, with the ternary plot. Returns, per run, the probe's I(D;E), mean JSD (dense
-    probabilities, fine domains) and max/mean expert load, averaged over the MoE layers.
+    probabilities, fine domains) and max/mean expert load, averaged over the MoE layers
+    (``probe_mi``, ``probe_jsd``, ``probe_balance``) and per layer (``probe_per_layer``: a list of
+    ``{"layer", "mi", "jsd", "balance"}``).
     """
     from megatron_edl.analysis import report
 
     options = report.ReportOptions(source="probe", title="Quickstart: expert specialization")
     label_map = coarse_label_map(ctx.workdir)
-    numbers: dict[str, dict[str, float]] = {}
+    numbers: dict[str, dict[str, Any]] = {}
     for name, grouping in (("fine", None), ("coarse", label_map)):
         loaded = [
             report.load_report_run(run.name, probe_dir(ctx, run), options, label_map=grouping)
@@ -452,6 +454,15 @@ def analysis_reports(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, dict[st
                     "probe_mi": sum(m.mi for m in layers) / len(layers),
                     "probe_jsd": sum(m.jsd_mean for m in layers) / len(layers),
                     "probe_balance": sum(m.balance.max_over_mean for m in layers) / len(layers),
+                    "probe_per_layer": [
+                        {
+                            "layer": m.layer,
+                            "mi": m.mi,
+                            "jsd": m.jsd_mean,
+                            "balance": m.balance.max_over_mean,
+                        }
+                        for m in layers
+                    ],
                 }
     return numbers
 

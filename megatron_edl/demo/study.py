@@ -38,6 +38,8 @@ Usage:
     megatron-edl-study STUDY.yaml --workdir runs/study --prepare       # stages 1-3 only
     megatron-edl-study STUDY.yaml --workdir runs/study --run 4         # one arm x seed
     megatron-edl-study STUDY.yaml --workdir runs/study --report        # the report only
+    megatron-edl-study STUDY.yaml --workdir runs/study --report --tensorboard-dir tb
+                                            # ... and every run's numbers per layer to TensorBoard
     bash examples/slurm/study.sh STUDY.yaml runs/study                 # prepare, array, report
 """
 
@@ -340,7 +342,8 @@ def write_study_report(
 def _stages(ctx: qs.Context, study: StudyConfig, runs: Sequence[qs.RunSpec]) -> list[qs.Stage]:
     report = qs.Stage(
         "study-report",
-        lambda c: {"runs": [r.name for r in runs]},
+        # "format" 2: study.json holds the probe's per-layer numbers (demo.trackers reads them)
+        lambda c: {"runs": [r.name for r in runs], "format": 2},
         lambda c: write_study_report(c, study, runs),
         lambda c: [c.report_dir / "study.md"],
         after=tuple(f"evaluate:{r.name}" for r in runs),
@@ -416,7 +419,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="Only run INDEX (default: $SLURM_ARRAY_TASK_ID), after the shared stages.",
     )
     mode.add_argument("--report", action="store_true", help="Only the report.")
+    trackers = parser.add_argument_group(
+        "trackers",
+        "After the report: every run's validation loss and probe numbers, overall "
+        "and per MoE layer, one tracker run per study run (megatron_edl.demo.trackers).",
+    )
+    trackers.add_argument("--tensorboard-dir", help="TensorBoard folder (one subfolder per run).")
+    trackers.add_argument("--wandb-project", help="Weights & Biases project (group = arm).")
+    trackers.add_argument("--wandb-save-dir", help="Local folder of the W&B runs.")
     return parser
+
+
+def log_to_trackers(args: argparse.Namespace, report_dir: Path) -> None:
+    """Log the report's runs to TensorBoard and/or W&B, as ``args`` asks (nothing if neither)."""
+    if not (args.tensorboard_dir or args.wandb_project):
+        return
+    from megatron_edl.demo import trackers
+
+    try:
+        runs = trackers.runs_from_study_json(report_dir / "study.json")
+        if args.tensorboard_dir:
+            trackers.write_tensorboard(runs, args.tensorboard_dir)
+            print(f"TensorBoard: {len(runs)} runs in {args.tensorboard_dir}")
+        if args.wandb_project:
+            trackers.write_wandb(runs, args.wandb_project, save_dir=args.wandb_save_dir)
+            print(f"W&B: {len(runs)} runs in project {args.wandb_project}")
+    except (RuntimeError, ValueError) as err:  # a tracker package missing, an old report
+        raise StudyError(str(err)) from err
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -442,10 +471,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if task is None or not task.isdigit():
                     raise StudyError("--run without INDEX needs $SLURM_ARRAY_TASK_ID")
                 run_index = int(task)
+        if (args.tensorboard_dir or args.wandb_project) and only not in ("all", "report"):
+            raise StudyError(
+                "--tensorboard-dir and --wandb-project log the report: use them "
+                "with --report or without a mode"
+            )
         ctx = run_study(study, only=only, run_index=run_index)
         if "study-report" in ctx.results:
             print(ctx.results["study-report"]["tables"])
             print(f"Report: {ctx.report_dir / 'study.md'} and {ctx.report_dir / 'pareto.png'}")
+            log_to_trackers(args, ctx.report_dir)
     except (StudyError, qs.QuickstartError, FileNotFoundError) as err:
         print(f"megatron-edl-study: error: {err}", file=sys.stderr)
         return 1

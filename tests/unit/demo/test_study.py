@@ -3,6 +3,7 @@ whole study end to end at tiny size (resumable: a second call trains nothing).""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -10,6 +11,7 @@ import pytest
 
 from megatron_edl.demo import study as st
 from tests.unit.demo.test_quickstart import TINY_MODEL
+from tests.unit.demo.test_trackers import _read_scalars
 
 
 def _write(tmp_path, text: str):
@@ -133,6 +135,19 @@ def test_tiny_study_end_to_end_and_resumes(tmp_path, capsys):
     assert values[0] != values[1]
     assert (report / "pareto.png").stat().st_size > 0
     assert "| edl-window |" in (report / "study.md").read_text()
+    # The probe's per-layer numbers average to the table's, and reach TensorBoard per layer.
+    for name, run in data["runs"].items():
+        layers = run["probe_per_layer"]
+        assert layers and [x["layer"] for x in layers] == sorted(x["layer"] for x in layers)
+        mean = sum(x["mi"] for x in layers) / len(layers)
+        assert mean == pytest.approx(run["probe_mi"]), name
+    tb = tmp_path / "tb"
+    tracker_args = argparse.Namespace(tensorboard_dir=tb, wandb_project=None, wandb_save_dir=None)
+    st.log_to_trackers(tracker_args, report)
+    scalars = _read_scalars(tb / "edl-window-s2")
+    for layer in data["runs"]["edl-window-s2"]["probe_per_layer"]:
+        tag = f"probe/jsd/layer_{layer['layer']:02d}"
+        assert scalars[tag] == [(4, pytest.approx(layer["jsd"]))], tag
 
     lines.clear()  # a second call reuses every stage
     st.run_study(study, log=lines.append)
