@@ -19,6 +19,7 @@ the arm's flags and seed (needs the ``wandb`` package; offline with ``WANDB_MODE
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -102,18 +103,23 @@ def runs_from_study_json(path: str | Path) -> list[TrackedRun]:
     return runs
 
 
+def _require(module: str, flag: str, package: str) -> Any:
+    """``import module``, or a RuntimeError naming the flag that needs it and the package."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise RuntimeError(f"{flag} needs the {package} package (pip install {package})") from err
+
+
 def write_tensorboard(runs: list[TrackedRun], log_dir: str | Path) -> list[Path]:
     """One TensorBoard run folder per study run under ``log_dir``; returns the folders.
 
     Raises:
         RuntimeError: ``tensorboard`` is not installed (names the package to install).
     """
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as err:
-        raise RuntimeError(
-            f"--tensorboard-dir {log_dir} needs the tensorboard package (pip install tensorboard)"
-        ) from err
+    SummaryWriter = _require(  # noqa: N806 (a class)
+        "torch.utils.tensorboard", f"--tensorboard-dir {log_dir}", "tensorboard"
+    ).SummaryWriter
     folders = []
     for run in runs:
         folder = Path(log_dir) / run.name
@@ -136,12 +142,7 @@ def write_wandb(runs: list[TrackedRun], project: str, *, save_dir: str | Path | 
     Raises:
         RuntimeError: ``wandb`` is not installed (names the package to install).
     """
-    try:
-        import wandb
-    except ImportError as err:
-        raise RuntimeError(
-            f"--wandb-project {project} needs the wandb package (pip install wandb)"
-        ) from err
+    wandb = _require("wandb", f"--wandb-project {project}", "wandb")
     for run in runs:
         handle = wandb.init(
             project=project,
