@@ -46,16 +46,9 @@ from megatron_edl.benchmarks.harness import (
 from megatron_edl.benchmarks.preprocessing import (
     generate_corpus,
     run_once,
-    tiny_tokenizer_texts,
     tokenizer_args,
 )
-
-
-def train_tiny_tokenizer(directory: Path) -> Path:
-    """The tests' tiny byte-level BPE (tests/helpers/data_helpers.py), trained here on the spot."""
-    from megatron_edl.demo.tokenizer import train_bpe_tokenizer
-
-    return train_bpe_tokenizer(tiny_tokenizer_texts(), directory, vocab_size=512)
+from megatron_edl.demo.tokenizer import train_tiny_tokenizer
 
 
 def _cpu_seconds() -> float:

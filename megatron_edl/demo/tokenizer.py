@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["EOD_TOKEN", "jsonl_texts", "main", "train_bpe_tokenizer"]
+__all__ = ["EOD_TOKEN", "jsonl_texts", "main", "train_bpe_tokenizer", "train_tiny_tokenizer"]
 
 EOD_TOKEN = "<|endoftext|>"
 
@@ -82,6 +82,24 @@ def train_bpe_tokenizer(
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def train_tiny_tokenizer(directory: str | os.PathLike, vocab_size: int = 512) -> Path:
+    """The tiny byte-level BPE of the tests and benchmarks, trained on the spot.
+
+    :func:`train_bpe_tokenizer` on generated text
+    (:func:`megatron_edl.benchmarks.preprocessing.tiny_tokenizer_texts`: 1,200 sentences, seed 0).
+
+    Args:
+        directory: Folder to write ``tokenizer.json`` and ``tokenizer_config.json`` into.
+        vocab_size: Target vocabulary size (the result may be smaller: the corpus is tiny).
+
+    Returns:
+        The folder.
+    """
+    from megatron_edl.benchmarks.preprocessing import tiny_tokenizer_texts
+
+    return train_bpe_tokenizer(tiny_tokenizer_texts(), directory, vocab_size=vocab_size)
 
 
 def jsonl_texts(paths: Sequence[str | os.PathLike], key: str = "text") -> Iterator[str]:

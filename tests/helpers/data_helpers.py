@@ -33,27 +33,9 @@ import pytest
 from megatron_edl.benchmarks.preprocessing import (
     DOMAIN_WORDS,
     sentence,
-    tiny_tokenizer_texts,
     tokenizer_args,
 )
-
-
-def train_tiny_tokenizer(directory: str | os.PathLike, vocab_size: int = 512) -> Path:
-    """Train a byte-level BPE on generated text and save it where AutoTokenizer can load it.
-
-    The library's trainer (``megatron_edl.demo.tokenizer``, the quickstart's) on generated text
-    (:func:`megatron_edl.benchmarks.preprocessing.tiny_tokenizer_texts`).
-
-    Args:
-        directory: Folder to write ``tokenizer.json`` and ``tokenizer_config.json`` into.
-        vocab_size: Target vocabulary size (the result may be smaller: the corpus is tiny).
-
-    Returns:
-        The folder.
-    """
-    from megatron_edl.demo.tokenizer import train_bpe_tokenizer
-
-    return train_bpe_tokenizer(tiny_tokenizer_texts(), directory, vocab_size=vocab_size)
+from megatron_edl.demo.tokenizer import train_tiny_tokenizer
 
 
 @pytest.fixture(scope="session", name="tiny_tokenizer_dir")
