@@ -34,9 +34,11 @@ from megatron_edl.benchmarks.harness import (
     CLOCKS,
     Stats,
     Table,
+    add_timing_args,
     alternate,
     describe_machine,
     ratios,
+    set_threads,
 )
 from megatron_edl.benchmarks.moe_modules import (
     RATIOS,
@@ -115,16 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         "--null", action="store_true",
         help=f"also time a second stock layer, '{NULL}': the A/A ratio shows the resolution",
     )  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds per shape")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per shape")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument(
-        "--clock", choices=CLOCKS, default="wall",
-        help="wall time, or CPU time of this process (shared CPU machines; not on a GPU)",
-    )  # fmt: skip
+    add_timing_args(parser, repeats=10, warmup=2)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     device = init_megatron(args.device)
     if args.clock == "cpu" and device.type == "cuda":
         parser.error("--clock cpu measures the host, not the GPU: use --clock wall")

@@ -34,9 +34,11 @@ from megatron_edl.benchmarks.harness import (
     CLOCKS,
     Stats,
     Table,
+    add_timing_args,
     alternate,
     describe_machine,
     ratios,
+    set_threads,
 )
 from megatron_edl.benchmarks.moe_modules import (
     DEFAULT_VARIANTS,
@@ -188,17 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         "--configs", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
         help=f"variants to compare (default: {' '.join(DEFAULT_VARIANTS)})",
     )  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=20, help="timed rounds per shape")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds per shape")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument(
-        "--clock", choices=CLOCKS, default="wall",
-        help="wall time, or CPU time of this process (shared CPU machines; not on a GPU)",
-    )  # fmt: skip
+    add_timing_args(parser, repeats=20, warmup=3)
     parser.add_argument("--sweep", action="store_true", help="EDL cost vs T, E, D, H instead")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     device = init_megatron(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     print(describe_machine(args.device))

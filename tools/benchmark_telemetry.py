@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from megatron_edl.benchmarks.harness import add_timing_args, set_threads
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -150,13 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[1024])
     parser.add_argument("--experts", type=int, nargs="+", default=[64])
     parser.add_argument("--domains", type=int, nargs="+", default=[3, 49])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_timing_args(parser, repeats=20, warmup=3, clock=False)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     _init(torch.device(args.device))
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("T H E D | stock fwd+bwd ms | with telemetry ms | ratio | routing_sums ms | dump ms")

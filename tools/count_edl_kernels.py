@@ -27,9 +27,11 @@ from megatron_edl.benchmarks.harness import (
     CLOCKS,
     Stats,
     Table,
+    add_timing_args,
     alternate,
     describe_machine,
     ratios,
+    set_threads,
 )
 from megatron_edl.benchmarks.kernels import count_kernels, edl_chain
 from megatron_edl.core import edl_fused
@@ -46,14 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=4096, help="T")
     parser.add_argument("--experts", type=int, default=64, help="E")
     parser.add_argument("--domains", type=int, default=49, help="D")
-    parser.add_argument("--repeats", type=int, default=20, help="timed rounds")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--clock", choices=CLOCKS, default="wall")
+    add_timing_args(parser, repeats=20, warmup=3)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     device = torch.device(args.device)
     if device.type == "cuda" and args.clock == "cpu":
         parser.error("--clock cpu measures the host, not the GPU: use --clock wall")

@@ -19,6 +19,7 @@ they are and the smoke tests can read them back (:func:`read_tables`) and check 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import platform
@@ -28,12 +29,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 __all__ = [
     "CLOCKS",
+    "add_timing_args",
     "Stats",
     "Table",
     "alternate",
     "describe_machine",
     "ratios",
     "read_tables",
+    "set_threads",
 ]
 
 
@@ -226,3 +229,30 @@ def describe_machine(device: str = "cpu") -> str:
         mcore = "?"
     parts.append(f"python {platform.python_version()}, torch {torch.__version__}, mcore {mcore}")
     return "; ".join(parts)
+
+
+def add_timing_args(
+    parser: argparse.ArgumentParser, *, repeats: int, warmup: int, clock: bool = True
+) -> argparse.ArgumentParser:
+    """The flags every timing benchmark shares: ``--repeats``, ``--warmup``, ``--threads`` (torch
+    CPU threads; :func:`set_threads` applies it) and, with ``clock``, ``--clock``
+    (:data:`CLOCKS`)."""
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds per shape")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed rounds per shape")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    if clock:
+        parser.add_argument(
+            "--clock",
+            choices=CLOCKS,
+            default="wall",
+            help="wall time, or CPU time of this process (shared CPU machines; not on a GPU)",
+        )
+    return parser
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """``torch.set_num_threads(args.threads)`` when ``--threads`` was given."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)

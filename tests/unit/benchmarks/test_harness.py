@@ -28,9 +28,11 @@ import pytest
 from megatron_edl.benchmarks.harness import (
     Stats,
     Table,
+    add_timing_args,
     alternate,
     ratios,
     read_tables,
+    set_threads,
 )
 from tests.helpers.megatron_runs import RunResult, parse_iterations
 
@@ -260,3 +262,24 @@ def test_stats_and_table_round_trip():
         table.add(1)
     text = "noise\n" + table.render() + "\nmore noise\n"
     assert read_tables(text) == {"Title with | no pipes": [{"x": "1", "y": "2.0 [1.0, 3.0]"}]}
+
+
+def test_timing_args_defaults_and_threads(monkeypatch):
+    import argparse
+
+    import torch
+
+    parser = add_timing_args(argparse.ArgumentParser(), repeats=7, warmup=2)
+    args = parser.parse_args([])
+    assert (args.repeats, args.warmup, args.threads, args.clock) == (7, 2, None, "wall")
+    assert parser.parse_args(["--clock", "cpu"]).clock == "cpu"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--clock", "gpu"])
+    no_clock = add_timing_args(argparse.ArgumentParser(), repeats=1, warmup=0, clock=False)
+    assert not hasattr(no_clock.parse_args([]), "clock")
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    set_threads(parser.parse_args([]))
+    set_threads(parser.parse_args(["--threads", "3"]))
+    assert calls == [3]
