@@ -144,6 +144,7 @@ def test_tiny_study_end_to_end_and_resumes(tmp_path, capsys):
     tb = tmp_path / "tb"
     tracker_args = argparse.Namespace(tensorboard_dir=tb, wandb_project=None, wandb_save_dir=None)
     st.log_to_trackers(tracker_args, report)
+    assert capsys.readouterr().out.strip() == f"TensorBoard: 4 runs in {tb}"
     scalars = _read_scalars(tb / "edl-window-s2")
     for layer in data["runs"]["edl-window-s2"]["probe_per_layer"]:
         tag = f"probe/jsd/layer_{layer['layer']:02d}"
