@@ -47,6 +47,7 @@ __all__ = [
     "escape_percent_in_help",
     "extra_args_provider",
     "install_edl",
+    "labels_config_from_args",
     "main",
     "megatron_assertion_message",
     "refuse",
@@ -65,7 +66,7 @@ def domain_labels_wanted(args) -> list[str]:
     return label_reasons(args)
 
 
-def resolve_domains(args, cfg, labels) -> tuple[int, tuple[str, ...]]:
+def resolve_domains(args, labels) -> tuple[int, tuple[str, ...]]:
     """``num_domains`` and ``domain_names`` of a run that loads labels (``EDLRunConfig``'s
     ``resolve_domains``): from the label map, the data's label vocabulary, or the mock data.
 
@@ -83,21 +84,21 @@ def resolve_domains(args, cfg, labels) -> tuple[int, tuple[str, ...]]:
     else:
         from megatron_edl.integration.dataset import evaluation_labels, resolve_blend_domains
 
-        evaluation = evaluation_labels(cfg)  # differs under the random control
-        for label_options in [*([evaluation] if evaluation is not cfg else []), cfg]:
+        evaluation = evaluation_labels(labels)  # differs under the random control
+        for label_options in [*([evaluation] if evaluation is not labels else []), labels]:
             blend = resolve_blend_domains(
                 blend_prefixes_from_args(args),
                 "prefix" if labels.domains_per_prefix else "sidecar",
                 domains_per_prefix=labels.domains_per_prefix,
-                edl_config=label_options,
+                labels=label_options,
                 per_node=True,
             )
         num_domains, vocabulary = blend.num_stored_domains, blend.vocabulary
         names_by_id = {stored: name for name, stored in vocabulary.items()}
-    if cfg.label_map is not None:
+    if labels.label_map is not None:
         from megatron_edl.core.labels import LabelMap
 
-        label_map = LabelMap.from_yaml(cfg.label_map, vocabulary=vocabulary)
+        label_map = LabelMap.from_yaml(labels.label_map, vocabulary=vocabulary)
         return label_map.num_domains, tuple(label_map.domains)
     return num_domains, tuple(names_by_id.get(i, str(i)) for i in range(num_domains))
 
@@ -111,14 +112,19 @@ def run_config_from_args(args):
 
 
 def edl_config_from_args(args):
-    """The run's ``EDLConfig``, or ``None`` when no domain labels are needed.
-
-    A config is returned whenever :func:`domain_labels_wanted` names a reason; its ``enabled``
-    says whether the EDL loss is on. ``num_domains`` and ``domain_names`` are filled in from the
-    label map, the data's vocabulary, or the mock data. (The ``edl`` branch of
-    :func:`run_config_from_args`.)
-    """
+    """The run's ``EDLConfig`` (the loss options; ``enabled`` says whether the loss is on), after
+    every check of :func:`run_config_from_args` passed. (Its ``edl`` branch.)"""
     return run_config_from_args(args).edl
+
+
+def labels_config_from_args(args):
+    """The run's ``LabelsConfig``, or ``None`` when no domain labels are needed.
+
+    A config is returned whenever :func:`domain_labels_wanted` names a reason. ``num_domains``
+    and ``domain_names`` are filled in from the label map, the data's vocabulary, or the mock
+    data. (The ``labels`` branch of :func:`run_config_from_args`.)
+    """
+    return run_config_from_args(args).labels
 
 
 def blend_prefixes_from_args(args) -> list[str]:
@@ -137,7 +143,7 @@ def blend_prefixes_from_args(args) -> list[str]:
 def edl_layer_spec(base_spec, edl_config, specialization_config=None, **router_kwargs):
     """A ``GPTModelConfig.transformer_layer_spec`` provider that installs the EDL router (and
     the variance/orthogonality losses of ``specialization_config``; ``router_kwargs``: further
-    keyword arguments of ``AuxLossTopKRouter``)."""
+    keyword arguments of ``with_edl_router``, e.g. ``num_domains``, ``stats_phase``)."""
     from megatron.training.models.gpt import default_layer_spec
 
     from megatron_edl.integration.spec import with_edl_router
@@ -169,9 +175,10 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
     run's config, otherwise the given ones. Used by this launcher and by the patch of
     Megatron-LM's ``pretrain_gpt.py`` (patches/).
 
-    Also stores ``args.edl_config`` and ``args.specialization_config`` (the ``edl`` and
-    ``specialization`` branches) and ``args.edl_run_config``, for the telemetry's writer and for
-    inspection; megatron-edl's step functions never read them back.
+    Also stores ``args.edl_config``, ``args.labels_config`` and ``args.specialization_config``
+    (the ``edl``, ``labels`` and ``specialization`` branches) and ``args.edl_run_config``, for
+    the telemetry's writer and for inspection; megatron-edl's step functions never read them
+    back.
 
     Returns:
         ``(train_valid_test_datasets_provider, forward_step)`` to pass to ``pretrain``.
@@ -198,25 +205,30 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
     run = run_config_from_args(args)
     args.edl_run_config = run
     args.edl_config = run.edl
+    args.labels_config = run.labels
     args.specialization_config = run.specialization
-    if run.edl is not None and run.edl.window_decay > 0:
+    if run.labels is not None and run.edl.window_decay > 0:
         from megatron_edl.checkpoint import check_window_state
         from megatron_edl.integration.router import WINDOW_BUFFER
 
         check_window_state(args, WINDOW_BUFFER)  # a checkpoint without it: say which flag
     if run.edl_loss:
-        warn_thin_statistics(args, run.edl)
+        warn_thin_statistics(args, run.edl, run.labels.num_domains)
     stats_phase = None
     if run.labels is not None:  # the routing telemetry needs the labels
         from megatron_edl.integration import telemetry
 
-        stats_phase = telemetry.install(run.telemetry, domains=run.edl.domain_names, args=args)
+        stats_phase = telemetry.install(run.telemetry, domains=run.labels.domain_names, args=args)
     if run.routers_needed:
         from megatron_edl.integration import router, specialization
 
         router_kwargs = {} if stats_phase is None else {"stats_phase": str(stats_phase)}
+        # Without labels the routers get no EDL config (no EDL, no telemetry: label-free losses).
+        edl = None if run.labels is None else run.edl
+        if run.labels is not None:
+            router_kwargs["num_domains"] = run.labels.num_domains
         model_cfg.transformer_layer_spec = edl_layer_spec(
-            model_cfg.transformer_layer_spec, run.edl, run.specialization, **router_kwargs
+            model_cfg.transformer_layer_spec, edl, run.specialization, **router_kwargs
         )
         edl_metrics = router.METRIC_NAMES if run.edl_loss else ()
         router.register_edl_metrics(edl_metrics + specialization.metric_names(run.specialization))
@@ -228,12 +240,17 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
     return steps.train_valid_test_datasets_provider, steps.forward_step
 
 
-def warn_thin_statistics(args, cfg) -> float:
+def warn_thin_statistics(args, cfg, num_domains: int) -> float:
     """Warn (rank 0, stderr) when the EDL statistics hold few sequences per domain.
 
     With about one document per domain in a micro-batch step, p̄_j is a single document's
     routing and the loss pushes documents apart, not domains (docs/method.md section 5). The
     estimate is :func:`megatron_edl.core.window.sequences_per_domain`.
+
+    Args:
+        args: Megatron's parsed arguments (batch sizes, data-parallel size).
+        cfg: The ``EDLConfig`` (scope, accumulation, window).
+        num_domains: The number of loss domains (``LabelsConfig.num_domains``).
 
     Returns:
         The estimated sequences per domain.
@@ -248,12 +265,12 @@ def warn_thin_statistics(args, cfg) -> float:
     if cfg.accumulate and args.global_batch_size:  # every micro-batch of the global batch
         sequences *= args.global_batch_size // (args.micro_batch_size * data_parallel)
     estimate = sequences_per_domain(
-        sequences=sequences, num_domains=cfg.num_domains, decay=cfg.window_decay
+        sequences=sequences, num_domains=num_domains, decay=cfg.window_decay
     )
     if estimate < MIN_SEQUENCES_PER_DOMAIN and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"{PROG}: warning: the EDL statistics hold about {estimate:.1f} sequences per domain "
-            f"({sequences} sequences per micro-batch step over {cfg.num_domains} domains, window "
+            f"({sequences} sequences per micro-batch step over {num_domains} domains, window "
             f"decay {cfg.window_decay}): each domain mean is a few documents' routing. Raise "
             "--micro-batch-size, use --moe-edl-window-decay or coarser labels "
             "(--moe-edl-label-map)",

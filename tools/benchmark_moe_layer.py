@@ -73,7 +73,7 @@ def moe_cases(shape: ModuleShape, configs: list[str], device: torch.device, dtyp
     for name in configs:
         variant = VARIANTS["stock" if name == NULL else name]
         config = transformer_config(shape, load_balancing=variant.load_balancing, dtype=dtype)
-        layer = build_moe_layer(config, variant.edl_config(shape.domains), device)
+        layer = build_moe_layer(config, variant.edl_config(), device, num_domains=shape.domains)
         # Same weights in every variant (the state dict also holds non-tensor extra states).
         if state is None:
             state = {k: p.detach().clone() for k, p in layer.named_parameters()}

@@ -68,7 +68,7 @@ def router_cases(shape: ModuleShape, configs: list[str], device: torch.device, d
     for name in configs:
         variant = VARIANTS[name]
         config = transformer_config(shape, load_balancing=variant.load_balancing, dtype=dtype)
-        router = build_router(config, variant.edl_config(shape.domains), device)
+        router = build_router(config, variant.edl_config(), device, num_domains=shape.domains)
         if weight is None:
             weight = router.weight.detach().clone()
         with torch.no_grad():

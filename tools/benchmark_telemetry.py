@@ -76,7 +76,8 @@ def _router(hidden: int, experts: int, domains: int, stats: bool, dtype, device)
     router = AuxLossTopKRouter(
         config=config,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-        edl_config=EDLConfig(coeff=0.0, num_domains=domains),
+        edl_config=EDLConfig(coeff=0.0),
+        num_domains=domains,
         stats_phase="train" if stats else None,
     )
     router.set_layer_number(1)

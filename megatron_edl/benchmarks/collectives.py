@@ -61,7 +61,9 @@ def count_worker(rank: int, world: int, spec: dict) -> dict:
                     sequence_parallel=tp > 1,
                     expert_model_parallel_size=ep,
                 )
-                layer = build_moe_layer(config, variant.edl_config(domains), torch.device("cpu"))
+                layer = build_moe_layer(
+                    config, variant.edl_config(), torch.device("cpu"), num_domains=domains
+                )
                 if weights is None:
                     weights = {k: p.detach().clone() for k, p in layer.named_parameters()}
                 with torch.no_grad():

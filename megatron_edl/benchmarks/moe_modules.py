@@ -75,14 +75,14 @@ class Variant:
     load_balancing: str
     """Megatron's ``moe_router_load_balancing_type`` (``"none"``, ``"aux_loss"``, ...)."""
     edl: dict[str, Any] | None = None
-    """``EDLConfig`` fields (``num_domains`` is added per shape), or ``None`` for the stock
-    ``TopKRouter``."""
+    """``EDLConfig`` fields, or ``None`` for the stock ``TopKRouter`` (the number of domains is
+    the shape's, passed to the router builders as ``num_domains``)."""
 
-    def edl_config(self, num_domains: int) -> EDLConfig | None:
-        """The ``EDLConfig`` of this variant for ``num_domains`` domains (``None``: stock)."""
+    def edl_config(self) -> EDLConfig | None:
+        """The ``EDLConfig`` of this variant (``None``: stock)."""
         if self.edl is None:
             return None
-        return EDLConfig(**{**self.edl, "num_domains": num_domains})
+        return EDLConfig(**self.edl)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -211,11 +211,16 @@ def transformer_config(
     return TransformerConfig(**fields)
 
 
-def build_router(config, edl_config: EDLConfig | None, device: torch.device) -> torch.nn.Module:
+def build_router(
+    config, edl_config: EDLConfig | None, device: torch.device, *, num_domains: int | None = None
+) -> torch.nn.Module:
     """Megatron's ``TopKRouter`` (``edl_config=None``) or an ``AuxLossTopKRouter``, layer 1.
 
+    Args:
+        num_domains: The number of loss domains of the ``AuxLossTopKRouter``.
+
     Raises:
-        ValueError: If ``edl_config`` lacks ``num_domains``.
+        ValueError: If EDL is on and ``num_domains`` is ``None``.
     """
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe.router import TopKRouter
@@ -226,13 +231,18 @@ def build_router(config, edl_config: EDLConfig | None, device: torch.device) -> 
     if edl_config is None:
         router = TopKRouter(config=config, pg_collection=pg)
     else:
-        router = AuxLossTopKRouter(config=config, pg_collection=pg, edl_config=edl_config)
+        router = AuxLossTopKRouter(
+            config=config, pg_collection=pg, edl_config=edl_config, num_domains=num_domains
+        )
     router.set_layer_number(1)
     return router.to(device).train()
 
 
-def build_moe_layer(config, edl_config: EDLConfig | None, device: torch.device) -> torch.nn.Module:
-    """Megatron's ``MoELayer`` from its own MLP spec, with the EDL router installed if asked.
+def build_moe_layer(
+    config, edl_config: EDLConfig | None, device: torch.device, *, num_domains: int | None = None
+) -> torch.nn.Module:
+    """Megatron's ``MoELayer`` from its own MLP spec, with the EDL router installed if asked
+    (``num_domains``: the number of loss domains of its router).
 
     The Transformer Engine spec on a GPU when TE is installed, the local spec (``SequentialMLP``
     experts) otherwise; the router is swapped exactly as the training launcher does
@@ -248,7 +258,7 @@ def build_moe_layer(config, edl_config: EDLConfig | None, device: torch.device) 
         use_te=use_te, num_experts=config.num_moe_experts, moe_grouped_gemm=use_te
     )
     if edl_config is not None:
-        spec = with_edl_router(spec, edl_config)
+        spec = with_edl_router(spec, edl_config, num_domains=num_domains)
     # The spec is a builder (a functools.partial of MoELayer binding its submodules).
     layer = spec(
         config=config,

@@ -6,9 +6,11 @@ module                             holds
 :mod:`.run`                        ``EDLRunConfig``, the root (built once by ``from_args``);
                                    ``add_args``, the entry point of every flag; the launcher's
                                    ``--cpu`` and ``--config-yaml``
-:mod:`.labels`                     whether domain labels are loaded and where they come from
-                                   (``LabelsConfig``); ``check_supported``
-:mod:`.edl`                        the EDL loss (``EDLConfig``, ``--moe-edl-*``)
+:mod:`.labels`                     whether domain labels are loaded, where they come from and
+                                   how they become loss domains (``LabelsConfig``: label map,
+                                   random control, aggregation, resolved domains);
+                                   ``check_supported``
+:mod:`.edl`                        the EDL loss (``EDLConfig``, its ``--moe-edl-*`` flags)
 :mod:`.layers`                     ``--moe-edl-layers`` and the checks against the model shape
 :mod:`.specialization`             the variance/orthogonality losses (``SpecializationConfig``)
 :mod:`.telemetry`                  the routing telemetry's flags (``TelemetryConfig``)
@@ -24,16 +26,16 @@ from megatron_edl.config._convert import EDLConfigError
 from megatron_edl.config.edl import (
     ARGUMENT_GROUP_TITLE,
     FLAGS,
-    EDLAggregation,
     EDLConfig,
     EDLForm,
     EDLFused,
-    EDLLabels,
     EDLScope,
     EDLScores,
     add_edl_args,
 )
 from megatron_edl.config.labels import (
+    LABEL_FLAGS,
+    LabelControl,
     LabelOrigin,
     LabelsConfig,
     add_label_args,
@@ -51,10 +53,12 @@ from megatron_edl.config.specialization import (
     validate_specialization_against_model,
 )
 from megatron_edl.config.telemetry import Phase, TelemetryConfig, add_telemetry_args
+from megatron_edl.core.options import EDLAggregation
 
 __all__ = [
     "ARGUMENT_GROUP_TITLE",
     "FLAGS",
+    "LABEL_FLAGS",
     "SPECIALIZATION_FLAGS",
     "SPECIALIZATION_GROUP_TITLE",
     "EDLAggregation",
@@ -62,10 +66,10 @@ __all__ = [
     "EDLConfigError",
     "EDLForm",
     "EDLFused",
-    "EDLLabels",
     "EDLRunConfig",
     "EDLScope",
     "EDLScores",
+    "LabelControl",
     "LabelOrigin",
     "LabelsConfig",
     "Phase",

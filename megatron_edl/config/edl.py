@@ -1,13 +1,10 @@
 """The EDL loss branch of the config tree: ``EDLConfig``, its enums and its ``--moe-edl-*`` flags.
 
-``EDLConfig`` holds the options of the Expert Divergence Loss (docs/method.md section 2). Its
-``coeff`` turns the loss on; a config with ``coeff == 0`` still travels whenever domain labels are
-loaded (:mod:`megatron_edl.config.labels` says when), because it also carries the label options
-the loss and the datasets share: ``label_map``, ``labels``/``random_seed`` (the random control),
-``aggregation``, and the resolved ``num_domains``/``domain_names``. Those fields stay here (their
-flags in the one ``--moe-edl-*`` group) because the routers, the datasets and the recorded runs
-read them from this object; :class:`megatron_edl.config.labels.LabelsConfig` holds the rest of
-"where the labels come from" (data source, mock domains, per-domain evaluation).
+``EDLConfig`` holds the options of the Expert Divergence Loss (docs/method.md section 2) and
+nothing else; its ``coeff`` turns the loss on (``coeff == 0``: off). The label options the loss
+shares with the datasets and the routing telemetry (the label map, the random control, the token
+weighting ``--moe-edl-aggregation``, the resolved ``num_domains``/``domain_names``) are fields of
+:class:`megatron_edl.config.labels.LabelsConfig`, with their flags in the labels argument group.
 
 Every field is validated once, in ``__post_init__``; every error is an ``EDLConfigError`` whose
 message names the flag and the bad value. Imports neither ``megatron`` nor ``torch``.
@@ -25,33 +22,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
-from megatron_edl.config._convert import (
-    EDLConfigError,
-    as_enum,
-    as_float,
-    as_int,
-    as_names,
-    choices,
-)
+from megatron_edl.config._convert import EDLConfigError, as_enum, as_float, as_int, choices
 from megatron_edl.config.layers import COEFF_FLAG, LAYERS_FLAG, as_layers, parse_layers
-from megatron_edl.core.options import EDLAggregation, EDLForm
+from megatron_edl.core.options import EDLForm
 from megatron_edl.core.schedule import edl_coefficient
 
 __all__ = [
     "ARGUMENT_GROUP_TITLE",
     "FLAGS",
-    "EDLAggregation",
     "EDLConfig",
     "EDLForm",
     "EDLFused",
-    "EDLLabels",
     "EDLScope",
     "EDLScores",
     "add_edl_args",
@@ -85,15 +72,6 @@ class EDLFused(StrEnum):
         return {EDLFused.AUTO: None, EDLFused.ON: True, EDLFused.OFF: False}[self]
 
 
-class EDLLabels(StrEnum):
-    """Where the domain labels come from."""
-
-    DATA = "data"
-    """The labels stored with the data, through the label map."""
-    RANDOM = "random"
-    """The control of the paper: the documents' labels randomly permuted (seeded)."""
-
-
 class EDLScores(StrEnum):
     """Which dense expert distribution p_t the loss and the routing telemetry use."""
 
@@ -111,12 +89,8 @@ FLAGS: Mapping[str, str] = MappingProxyType(
         "form": "--moe-edl-form",
         "eps": "--moe-edl-eps",
         "scope": "--moe-edl-scope",
-        "aggregation": "--moe-edl-aggregation",
         "accumulate": "--moe-edl-accumulate",
         "layers": LAYERS_FLAG,
-        "label_map": "--moe-edl-label-map",
-        "labels": "--moe-edl-labels",
-        "random_seed": "--moe-edl-random-seed",
         "scores": "--moe-edl-scores",
         "start_iter": "--moe-edl-start-iter",
         "warmup_iters": "--moe-edl-warmup-iters",
@@ -124,9 +98,10 @@ FLAGS: Mapping[str, str] = MappingProxyType(
         "fused": "--moe-edl-fused",
     }
 )
-"""EDLConfig field -> command-line flag, for every field that has a flag (``num_domains`` has
-none: it comes from the label map or the data). The namespace attribute is the flag's
-argparse ``dest``, e.g. ``--moe-edl-coeff`` -> ``args.moe_edl_coeff``."""
+"""EDLConfig field -> command-line flag, for every field (the label flags, ``--moe-edl-label-map``,
+``--moe-edl-labels``, ``--moe-edl-random-seed`` and ``--moe-edl-aggregation``, are
+``megatron_edl.config.labels.LABEL_FLAGS``). The namespace attribute is the flag's argparse
+``dest``, e.g. ``--moe-edl-coeff`` -> ``args.moe_edl_coeff``."""
 
 
 def _flag(field: str) -> str:
@@ -145,8 +120,8 @@ class EDLConfig:
 
     Strings are accepted for the enum fields (case-insensitive) and for ``layers`` (the
     ``--moe-edl-layers`` syntax of ``parse_layers``); ``__post_init__`` converts them, so the
-    stored values always have the annotated types. Use ``dataclasses.replace`` to derive a copy
-    (for instance to fill in ``num_domains``); it validates again.
+    stored values always have the annotated types. Use ``dataclasses.replace`` to derive a copy;
+    it validates again.
     """
 
     coeff: float = 0.0
@@ -164,9 +139,6 @@ class EDLConfig:
     """Ranks whose tokens the per-domain statistics sum over: ``global`` (tp_dp_cp) or
     ``local`` (tp_cp)."""
 
-    aggregation: EDLAggregation = EDLAggregation.SEGMENT
-    """Token weighting inside a domain mean: ``segment`` (paper), ``token`` or ``sample``."""
-
     accumulate: bool = False
     """Accumulate the statistics across the micro-batches of one global batch; the earlier
     micro-batches enter detached."""
@@ -174,16 +146,6 @@ class EDLConfig:
     layers: tuple[int, ...] | None = None
     """1-based Megatron layer numbers EDL applies to, sorted and unique; ``None`` means every
     MoE layer."""
-
-    label_map: str | None = None
-    """Path of the YAML label map (stored data labels -> loss domains); ``None`` uses the
-    stored ids as they are."""
-
-    labels: EDLLabels = EDLLabels.DATA
-    """Label source: ``data`` or ``random`` (the paper's random-label control)."""
-
-    random_seed: int = 1234
-    """Seed of the label permutation of the ``random`` control; >= 0."""
 
     scores: EDLScores = EDLScores.ROUTER
     """The dense distribution p_t: the router's normalised scores (``router``) or ``softmax``."""
@@ -201,13 +163,6 @@ class EDLConfig:
     micro-batches; 0 = off. In [0, 1); needs the ``global`` scope, excludes ``accumulate``."""
     fused: EDLFused = EDLFused.AUTO
     """``torch.compile`` of the EDL math: ``auto`` (on CUDA), ``on`` or ``off`` (eager)."""
-
-    num_domains: int | None = None
-    """Number of loss domains D; ``None`` until the label map or the data tells. >= 1."""
-
-    domain_names: tuple[str, ...] | None = None
-    """Names of the loss domains, in id order (``num_domains`` of them), for logs and reports;
-    ``None`` until the label map or the data tells."""
 
     @property
     def enabled(self) -> bool:
@@ -274,35 +229,17 @@ class EDLConfig:
                 f"{_flag('window_decay')} must be in [0, 1), got {self.window_decay!r}"
             )
 
-        label_map = self.label_map
-        if isinstance(label_map, os.PathLike):
-            label_map = os.fspath(label_map)
-        if label_map is not None and (not isinstance(label_map, str) or not label_map.strip()):
-            raise EDLConfigError(
-                f"{_flag('label_map')} must be a non-empty path, got {self.label_map!r}"
-            )
-
         values: dict[str, Any] = {
             "coeff": coeff,
             "form": form,
             "eps": eps,
             "scope": as_enum(_flag("scope"), self.scope, EDLScope),
-            "aggregation": as_enum(_flag("aggregation"), self.aggregation, EDLAggregation),
             "layers": as_layers(self.layers),
-            "label_map": label_map,
-            "labels": as_enum(_flag("labels"), self.labels, EDLLabels),
-            "random_seed": as_int(_flag("random_seed"), self.random_seed, minimum=0),
             "scores": as_enum(_flag("scores"), self.scores, EDLScores),
             "start_iter": as_int(_flag("start_iter"), self.start_iter, minimum=0),
             "warmup_iters": as_int(_flag("warmup_iters"), self.warmup_iters, minimum=0),
             "fused": as_enum(_flag("fused"), self.fused, EDLFused),
-            "num_domains": (
-                None
-                if self.num_domains is None
-                else as_int(_flag("num_domains"), self.num_domains, minimum=1)
-            ),
         }
-        values["domain_names"] = as_names(self.domain_names, values["num_domains"])
         values["window_decay"] = window_decay
         if window_decay > 0 and self.accumulate:
             raise EDLConfigError(
@@ -329,7 +266,7 @@ class EDLConfig:
             args: Any object with ``moe_edl_*`` attributes.
 
         Returns:
-            The validated config (``num_domains`` is ``None``).
+            The validated config.
 
         Raises:
             EDLConfigError: On any invalid value.
@@ -390,15 +327,6 @@ def add_edl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "replica). Default: %(default)s.",
     )
     group.add_argument(
-        FLAGS["aggregation"],
-        type=str,
-        default=default["aggregation"].value,
-        help=f"Token weighting inside a domain mean: {choices(EDLAggregation)}. segment = "
-        "every document segment weighs the same (the paper's), token = every token, "
-        "sample = one label per sample. "
-        "Default: %(default)s.",
-    )
-    group.add_argument(
         FLAGS["accumulate"],
         action="store_true",
         default=default["accumulate"],
@@ -411,26 +339,6 @@ def add_edl_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=default["layers"],
         help="1-based layer numbers EDL applies to, e.g. '1,3,5-8', or 'all'. "
         "Default: every MoE layer.",
-    )
-    group.add_argument(
-        FLAGS["label_map"],
-        type=str,
-        default=default["label_map"],
-        help="YAML file mapping the stored data labels to loss domains (groups, ignored "
-        "labels). Default: use the stored ids as they are.",
-    )
-    group.add_argument(
-        FLAGS["labels"],
-        type=str,
-        default=default["labels"].value,
-        help=f"Label source: {choices(EDLLabels)}. random = the documents' labels randomly "
-        "permuted (the paper's control). Default: %(default)s.",
-    )
-    group.add_argument(
-        FLAGS["random_seed"],
-        type=int,
-        default=default["random_seed"],
-        help="Seed of the label permutation of --moe-edl-labels random. Default: %(default)s.",
     )
     group.add_argument(
         FLAGS["scores"],

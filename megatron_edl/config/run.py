@@ -1,9 +1,9 @@
 """The root of the config tree: one ``EDLRunConfig`` per run, built once from Megatron's args.
 
-Branches (one module each): :mod:`~megatron_edl.config.labels` (whether domain labels are loaded
-and where they come from), :mod:`~megatron_edl.config.edl` (the EDL loss, plus the label options
-it shares with the datasets), :mod:`~megatron_edl.config.specialization` (variance and
-orthogonality losses), :mod:`~megatron_edl.config.telemetry` (routing statistics).
+Branches (one module each): :mod:`~megatron_edl.config.labels` (whether domain labels are loaded,
+where they come from and how they become loss domains), :mod:`~megatron_edl.config.edl` (the EDL
+loss), :mod:`~megatron_edl.config.specialization` (variance and orthogonality losses),
+:mod:`~megatron_edl.config.telemetry` (routing statistics).
 :func:`add_args` defines every megatron-edl flag (Megatron's ``extra_args_provider`` calls it);
 :meth:`EDLRunConfig.from_args` reads and validates them after Megatron parsed and validated its
 own, and the launcher passes the result explicitly to the dataset provider, the step functions
@@ -23,6 +23,7 @@ from megatron_edl.config.labels import (
     LabelsConfig,
     add_label_args,
     check_supported,
+    label_flag_values,
     label_reasons,
 )
 from megatron_edl.config.layers import validate_against_model
@@ -47,8 +48,8 @@ CPU_FLAG = "--cpu"
 CONFIG_FLAG = "--config-yaml"
 LAUNCHER_GROUP_TITLE = "megatron-edl"
 
-DomainResolver = Callable[[Any, EDLConfig, LabelsConfig], tuple[int, tuple[str, ...]]]
-"""``(args, edl, labels) -> (num_domains, domain_names)``: reads the label map, the data's label
+DomainResolver = Callable[[Any, LabelsConfig], tuple[int, tuple[str, ...]]]
+"""``(args, labels) -> (num_domains, domain_names)``: reads the label map, the data's label
 vocabulary or the mock domains (the launcher's reads files; see
 ``megatron_edl.pretrain_gpt.resolve_domains``)."""
 
@@ -58,12 +59,11 @@ class EDLRunConfig:
     """Everything megatron-edl adds to one run, validated (:meth:`from_args`)."""
 
     labels: LabelsConfig | None
-    """Where the domain labels come from; ``None``: the run loads none (stock data and step)."""
+    """Where the domain labels come from and how they become loss domains, with the resolved
+    ``num_domains``/``domain_names``; ``None``: the run loads none (stock data and step)."""
 
-    edl: EDLConfig | None
-    """The EDL loss and the label options; ``None`` exactly when ``labels`` is ``None``. With
-    labels loaded and ``coeff == 0`` (``enabled`` false) it carries the label options and the
-    resolved ``num_domains``/``domain_names`` only."""
+    edl: EDLConfig
+    """The EDL loss options (``coeff == 0``, ``enabled`` false: the loss is off)."""
 
     specialization: SpecializationConfig
     """The variance/orthogonality losses (label-free; ``enabled`` false when both are off)."""
@@ -74,7 +74,7 @@ class EDLRunConfig:
     @property
     def edl_loss(self) -> bool:
         """Whether the EDL loss is on."""
-        return self.edl is not None and self.edl.enabled
+        return self.edl.enabled
 
     @property
     def routers_needed(self) -> bool:
@@ -85,16 +85,17 @@ class EDLRunConfig:
     def from_args(cls, args: Any, *, resolve_domains: DomainResolver | None = None) -> EDLRunConfig:
         """Read and validate every megatron-edl flag of Megatron's parsed ``args``.
 
-        Order of the checks (the first failing one is reported): the EDL options, the Megatron
-        settings labels cannot work with, the EDL options against the model, the label source,
-        the domain names (``resolve_domains``, which reads files), the variance/orthogonality
-        options against the model, the telemetry flags.
+        Order of the checks (the first failing one is reported): the EDL options, the label
+        options (label map, random control, aggregation: checked whether or not labels are
+        loaded), the Megatron settings labels cannot work with, the EDL options against the
+        model, the label source, the domain names (``resolve_domains``, which reads files), the
+        variance/orthogonality options against the model, the telemetry flags.
 
         Args:
             args: Megatron's parsed (and validated) arguments, or any object with the
                 attributes :func:`add_args` and Megatron define.
-            resolve_domains: Fills in ``num_domains``/``domain_names``; ``None`` leaves them
-                unset.
+            resolve_domains: Fills in the labels' ``num_domains``/``domain_names``; ``None``
+                leaves them unset.
 
         Raises:
             EDLConfigError: An invalid or unsupported setting (names the flag and the value).
@@ -103,10 +104,9 @@ class EDLRunConfig:
         """
         reasons = label_reasons(args)
         edl = EDLConfig.from_args(args)
+        LabelsConfig(**label_flag_values(args))  # the label flags are checked in any case
         labels = None
-        if not reasons:
-            edl = None
-        else:
+        if reasons:
             check_supported(args, reasons)
             if edl.enabled:
                 validate_against_model(
@@ -117,8 +117,8 @@ class EDLRunConfig:
                 )
             labels = LabelsConfig.from_args(args, reasons)
             if resolve_domains is not None:
-                num_domains, names = resolve_domains(args, edl, labels)
-                edl = dataclasses.replace(edl, num_domains=num_domains, domain_names=names)
+                num_domains, names = resolve_domains(args, labels)
+                labels = dataclasses.replace(labels, num_domains=num_domains, domain_names=names)
         specialization = SpecializationConfig.from_args(args)
         validate_specialization_against_model(
             specialization,

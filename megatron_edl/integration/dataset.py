@@ -78,7 +78,7 @@ from megatron.core.datasets.utils import Split
 from megatron.core.utils import log_single_rank
 from megatron.training.datasets.sft_dataset import SFTDataset
 
-from megatron_edl.config import EDLConfig, EDLConfigError, EDLLabels
+from megatron_edl.config import EDLConfigError, LabelControl, LabelsConfig
 from megatron_edl.core.labels import LabelMap, permute_document_labels
 from megatron_edl.core.segments import SampleLabelIndex, sample_token_labels
 from megatron_edl.data.merge import reconcile_vocabularies
@@ -121,8 +121,8 @@ class DomainGPTDatasetConfig(GPTDatasetConfig):
     """The same for the validation and test splits, which never get the random control
     (:func:`evaluation_labels`); ``None``: ``edl_document_domains``."""
 
-    edl_config: EDLConfig | None = None
-    """The run's EDL options, for ``DomainGPTDataset``/``DomainPerPrefixGPTDataset``: the label
+    edl_labels: LabelsConfig | None = None
+    """The run's label options, for ``DomainGPTDataset``/``DomainPerPrefixGPTDataset``: the label
     map and the random control, and ``num_domains`` (loss ids must lie below it). ``None``: the
     (reconciled) stored ids are the loss ids."""
 
@@ -133,7 +133,7 @@ class DomainGPTDatasetConfig(GPTDatasetConfig):
 
 def loss_document_domains(
     stored_N: np.ndarray,
-    edl_config: EDLConfig,
+    labels: LabelsConfig,
     vocabulary: Mapping[str, int] | None = None,
 ) -> np.ndarray:
     """Loss domain ids of documents from their stored ids: label map, then the random control.
@@ -145,21 +145,21 @@ def loss_document_domains(
 
     Args:
         stored_N: Stored label id of every document (-1: unlabelled).
-        edl_config: The label map path, label source and seed.
+        labels: The label map path, label source and seed.
         vocabulary: Stored label name -> id, for the label map's name keys and globs.
 
     Returns:
         int64 loss ids, one per document.
     """
     loss_N = stored_N
-    if edl_config.label_map is not None:
-        loss_N = LabelMap.from_yaml(edl_config.label_map, vocabulary=vocabulary).apply(stored_N)
-    if edl_config.labels == EDLLabels.RANDOM:
-        loss_N = permute_document_labels(loss_N, edl_config.random_seed)
+    if labels.label_map is not None:
+        loss_N = LabelMap.from_yaml(labels.label_map, vocabulary=vocabulary).apply(stored_N)
+    if labels.control == LabelControl.RANDOM:
+        loss_N = permute_document_labels(loss_N, labels.random_seed)
     return np.asarray(loss_N, dtype=np.int64)
 
 
-def evaluation_labels(edl_config: EDLConfig | None) -> EDLConfig | None:
+def evaluation_labels(labels: LabelsConfig | None) -> LabelsConfig | None:
     """The label options of the validation and test splits: the data's own labels.
 
     The random-label control (``--moe-edl-labels random``) permutes the labels the EDL loss sees
@@ -167,15 +167,15 @@ def evaluation_labels(edl_config: EDLConfig | None) -> EDLConfig | None:
     real domains, so validation and test samples carry the unpermuted loss ids (label map
     applied).
     """
-    if edl_config is None or edl_config.labels == EDLLabels.DATA:
-        return edl_config
-    return dataclasses.replace(edl_config, labels=EDLLabels.DATA)
+    if labels is None or labels.control == LabelControl.DATA:
+        return labels
+    return dataclasses.replace(labels, control=LabelControl.DATA)
 
 
-def mock_document_domains(num_stored_domains: int, edl_config: EDLConfig) -> np.ndarray:
+def mock_document_domains(num_stored_domains: int, labels: LabelsConfig) -> np.ndarray:
     """Loss domain of every document of the labelled mock data (stored id: document % D)."""
     stored_N = np.arange(DomainMockGPTLowLevelDataset.size, dtype=np.int64) % num_stored_domains
-    return loss_document_domains(stored_N, edl_config)
+    return loss_document_domains(stored_N, labels)
 
 
 # DomainLabelsMixin overrides a private method of GPTDataset (registered Megatron internal).
@@ -306,7 +306,7 @@ def blend_document_domains(
     """Stored and loss domain ids of every sequence of every prefix of the config's blend.
 
     Args:
-        config: The dataset config (``edl_config``, ``edl_domains_per_prefix``, the blends).
+        config: The dataset config (``edl_labels``, ``edl_domains_per_prefix``, the blends).
         source: ``sidecar`` or ``prefix`` (:class:`LabelSource`).
         extra: A prefix to include if the blends lack it.
         split: The split the labels are for (validation and test: :func:`evaluation_labels`).
@@ -325,9 +325,7 @@ def blend_document_domains(
         blend_prefixes(config, extra),
         source,
         domains_per_prefix=config.edl_domains_per_prefix,
-        edl_config=config.edl_config
-        if split == Split.train
-        else evaluation_labels(config.edl_config),
+        labels=config.edl_labels if split == Split.train else evaluation_labels(config.edl_labels),
     )
 
 
@@ -336,14 +334,14 @@ def resolve_blend_domains(
     source: LabelSource | str,
     *,
     domains_per_prefix: str | None = None,
-    edl_config: EDLConfig | None = None,
+    labels: LabelsConfig | None = None,
     per_node: bool = False,
 ) -> BlendDomains:
     """Stored and loss domain ids of every sequence of the given prefixes, resolved together.
 
     Computed once and reused (thread-safe): the result is cached under the prefixes, the size
     and modification time of every file read, and the label options, so a changed file is read
-    again; only the latest result is kept. The launcher can call it with ``edl_config=None``
+    again; only the latest result is kept. The launcher can call it with ``labels=None``
     to learn the blend's vocabulary (for the label map's names) and ``num_stored_domains``.
 
     Args:
@@ -351,7 +349,7 @@ def resolve_blend_domains(
             the random permutation).
         source: ``sidecar`` or ``prefix`` (:class:`LabelSource`).
         domains_per_prefix: The per-prefix YAML file (needed for ``prefix``).
-        edl_config: Label map and random control; ``None``: loss ids = stored ids.
+        labels: Label map and random control; ``None``: loss ids = stored ids.
         per_node: Read the files on one rank per node (:func:`shared_per_node`); every local
             rank must then make the same call (the launcher's calls, made on every rank).
 
@@ -373,13 +371,13 @@ def resolve_blend_domains(
         raise EDLConfigError(
             "DomainPerPrefixGPTDataset needs edl_domains_per_prefix (--moe-edl-domains-per-prefix)"
         )
-    cfg = edl_config
+    cfg = labels
     key = (
         source,
         prefixes,
         tuple(_file_state(f) for p in prefixes for f in _label_files(p, source)),
         _file_state(domains_per_prefix if source is LabelSource.PREFIX else None),
-        None if cfg is None else (_file_state(cfg.label_map), str(cfg.labels), cfg.random_seed),
+        None if cfg is None else (_file_state(cfg.label_map), str(cfg.control), cfg.random_seed),
     )
     with _BLEND_LOCK:
         if key not in _BLEND_CACHE:
@@ -394,7 +392,7 @@ def _resolve_blend(
     prefixes: tuple[str, ...],
     source: LabelSource,
     per_prefix_file: str | None,
-    cfg: EDLConfig | None,
+    cfg: LabelsConfig | None,
 ) -> BlendDomains:
     remapped: tuple[str, ...] = ()
     if source is LabelSource.SIDECAR:
@@ -421,7 +419,7 @@ def _resolve_blend(
         stored = [np.full(_sequence_count(p), table.stored_id(p), dtype=np.int64) for p in prefixes]
 
     loss = stored
-    if cfg is not None and (cfg.label_map is not None or cfg.labels == EDLLabels.RANDOM):
+    if cfg is not None and (cfg.label_map is not None or cfg.control == LabelControl.RANDOM):
         # One call over the whole blend: the random control permutes across prefixes.
         loss_all = loss_document_domains(
             np.concatenate(stored) if stored else np.zeros(0, np.int64), cfg, vocabulary
@@ -573,7 +571,7 @@ def _loss_ids_of(
         raise SidecarMismatchError(
             f"{dataset_path}: {loss_N.shape[0]} domain labels for {num_sequences} sequences"
         )
-    cfg = config.edl_config
+    cfg = config.edl_labels
     if cfg is not None and cfg.num_domains is not None and loss_N.size:
         top = int(loss_N.max())
         if top >= cfg.num_domains:

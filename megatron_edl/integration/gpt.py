@@ -83,10 +83,11 @@ class LabelledSteps:
     upstream functions read through ``get_args()``."""
 
     edl: EDLConfig
-    """The EDL options with the resolved domains (``enabled`` false: labels without the loss)."""
+    """The EDL loss options (``enabled`` false: labels without the loss)."""
 
     labels: LabelsConfig
-    """Where the labels come from."""
+    """Where the labels come from and how they become loss domains, with the resolved
+    domains."""
 
     # -- batch ---------------------------------------------------------------------------------
 
@@ -182,7 +183,10 @@ class LabelledSteps:
         if domain_ids is not None and model is not None and not model.training:
             report.update(
                 domain_loss_report(
-                    output_tensor.view_as(loss_mask), loss_mask, domain_ids, self.edl.domain_names
+                    output_tensor.view_as(loss_mask),
+                    loss_mask,
+                    domain_ids,
+                    self.labels.domain_names,
                 )
             )
         return loss, num_tokens, report
@@ -196,9 +200,9 @@ class LabelledSteps:
     def dataset_config(self) -> DomainGPTDatasetConfig:
         """Upstream's dataset config fields plus the label options."""
         kwargs = upstream.dataset_config_kwargs(self.args)
-        cfg = self.edl
-        if self.labels.origin is LabelOrigin.MOCK:
-            num_domains = self.labels.mock_domains
+        cfg = self.labels
+        if cfg.origin is LabelOrigin.MOCK:
+            num_domains = cfg.mock_domains
             return DomainGPTDatasetConfig(
                 **kwargs,
                 edl_aggregation=str(cfg.aggregation),
@@ -211,8 +215,8 @@ class LabelledSteps:
         return DomainGPTDatasetConfig(
             **kwargs,
             edl_aggregation=str(cfg.aggregation),
-            edl_config=cfg,
-            edl_domains_per_prefix=self.labels.domains_per_prefix,
+            edl_labels=cfg,
+            edl_domains_per_prefix=cfg.domains_per_prefix,
         )
 
     @staticmethod

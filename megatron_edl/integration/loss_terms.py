@@ -313,6 +313,8 @@ class EDLTerm(AuxLossTerm):
 
     Args:
         cfg: The EDL config.
+        num_domains: D, the number of loss domains (``LabelsConfig.num_domains``; ``None`` only
+            for a term that never computes, EDL off).
         score_function: Score function of the dense ``p_t`` (``EDLConfig.score_function``).
         config: Megatron's ``TransformerConfig``.
         groups: The process groups.
@@ -322,10 +324,18 @@ class EDLTerm(AuxLossTerm):
     metric_names = EDL_METRICS
 
     def __init__(
-        self, *, cfg: EDLConfig, score_function: str, config, groups, is_mtp_layer: bool
+        self,
+        *,
+        cfg: EDLConfig,
+        num_domains: int | None,
+        score_function: str,
+        config,
+        groups,
+        is_mtp_layer: bool,
     ) -> None:
         super().__init__(config=config, groups=groups, is_mtp_layer=is_mtp_layer, scope=cfg.scope)
         self.cfg = cfg
+        self.num_domains = num_domains
         self.score_function = score_function
         self.accumulator = DomainStatsAccumulator()
         """(A, n) of the earlier micro-batches of the global batch (``accumulate``)."""
@@ -388,7 +398,7 @@ class EDLTerm(AuxLossTerm):
             **dense,
             domain_ids_T=labels.domain_ids_T,
             weights_T=labels.weights_T,
-            num_domains=self.cfg.num_domains,
+            num_domains=self.num_domains,
         )
         return LocalSums((sums_DE, counts_D), logits_TE.shape[0])
 

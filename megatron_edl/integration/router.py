@@ -63,7 +63,9 @@ consumed labels): a forward consumes one entry if the EDL loss or the statistics
 The same router also carries the variance loss of arXiv 2505.22323 when its
 ``SpecializationConfig`` turns it on (:class:`megatron_edl.integration.loss_terms.VarianceTerm`:
 one packed all-reduce over ``tp_dp_cp``, the ``global`` scale above). EDL and the variance loss
-are independent: ``edl_config=None`` builds a router without EDL.
+are independent: ``edl_config=None`` builds a router without EDL. The number of loss domains is
+the labels' (``LabelsConfig.num_domains``), passed as ``num_domains``: needed when EDL is on (or
+its window is), or the router records the telemetry.
 """
 
 from __future__ import annotations
@@ -107,8 +109,11 @@ class AuxLossTopKRouter(TopKRouter, LabelConsumer):
         config: Megatron's ``TransformerConfig``.
         pg_collection: Megatron's process groups (``None``: its defaults).
         is_mtp_layer: Whether the layer is a multi-token-prediction layer.
-        edl_config: The EDL config (the domains; the loss applies where
-            ``edl_config.applies_to(layer)``), or ``None`` for no EDL and no telemetry.
+        edl_config: The EDL config (the loss applies where ``edl_config.applies_to(layer)``), or
+            ``None`` for no EDL and no telemetry.
+        num_domains: D, the number of loss domains of the labels the router receives
+            (``LabelsConfig.num_domains``); needed when EDL is on (or its window is) or with
+            ``stats_phase``, else may be ``None``.
         specialization_config: The variance loss's config (``None``: off).
         stats_phase: Which forwards the routing telemetry counts (``"train"``/``"eval"``), or
             ``None`` for no telemetry.
@@ -121,6 +126,7 @@ class AuxLossTopKRouter(TopKRouter, LabelConsumer):
         is_mtp_layer: bool = False,
         *,
         edl_config: EDLConfig | None,
+        num_domains: int | None = None,
         specialization_config: SpecializationConfig | None = None,
         stats_phase: str | None = None,
     ):
@@ -129,12 +135,14 @@ class AuxLossTopKRouter(TopKRouter, LabelConsumer):
                 raise TypeError(
                     f"edl_config must be an EDLConfig or None, got {type(edl_config).__name__}"
                 )
-            if edl_config.num_domains is None:
+            if num_domains is None and (edl_config.enabled or edl_config.window_decay > 0):
                 raise ValueError(
-                    "AuxLossTopKRouter needs edl_config.num_domains (number of loss domains)"
+                    "AuxLossTopKRouter with EDL on needs num_domains (number of loss domains)"
                 )
         if stats_phase is not None and edl_config is None:
-            raise ValueError("routing statistics (stats_phase) need an edl_config (the domains)")
+            raise ValueError("routing statistics (stats_phase) need an edl_config (the scores)")
+        if stats_phase is not None and num_domains is None:
+            raise ValueError("routing statistics (stats_phase) need num_domains (the domains)")
         if specialization_config is None:
             specialization_config = SpecializationConfig()
         elif not isinstance(specialization_config, SpecializationConfig):
@@ -144,6 +152,8 @@ class AuxLossTopKRouter(TopKRouter, LabelConsumer):
             )
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self.edl_config = edl_config
+        self.num_domains = num_domains
+        """D, the number of loss domains (``None``: neither EDL nor the telemetry is on)."""
         self.edl_score_function = (
             None if edl_config is None else edl_config.score_function(self.score_function)
         )
@@ -155,6 +165,7 @@ class AuxLossTopKRouter(TopKRouter, LabelConsumer):
             if edl_config is None
             else EDLTerm(
                 cfg=edl_config,
+                num_domains=num_domains,
                 score_function=self.edl_score_function,
                 config=config,
                 groups=groups,
@@ -177,7 +188,6 @@ class AuxLossTopKRouter(TopKRouter, LabelConsumer):
         if edl_config is not None and edl_config.window_decay > 0:
             # The window state (packed [D*E + D]): persistent, so Megatron's checkpoint holds it
             # (a stock model ignores the extra key when it loads such a checkpoint).
-            num_domains = edl_config.num_domains
             size = num_domains * config.num_moe_experts + num_domains
             window_X = torch.zeros(size, dtype=torch.float32, device=self.weight.device)
             self.register_buffer(WINDOW_BUFFER, window_X, persistent=True)
@@ -188,7 +198,7 @@ class AuxLossTopKRouter(TopKRouter, LabelConsumer):
             tp_size = self.tp_group.size() if self.tp_group is not None else 1
             records = tp_size == 1 or config.sequence_parallel or self.tp_group.rank() == 0
             self.routing_stats = RouterStats(
-                num_domains=edl_config.num_domains, phase=stats_phase, records=records
+                num_domains=num_domains, phase=stats_phase, records=records
             )
 
     @property

@@ -103,6 +103,8 @@ def with_edl_router(
     spec: Any,
     edl_config: EDLConfig | None,
     specialization: SpecializationConfig | None = None,
+    *,
+    num_domains: int | None = None,
     **router_kwargs: Any,
 ) -> Any:
     """Return ``spec`` with every MoE router built as an :class:`AuxLossTopKRouter`.
@@ -115,6 +117,9 @@ def with_edl_router(
             (``TransformerBlockSubmodules``), GPT or Hybrid, TE or local.
         edl_config: The EDL configuration the routers use (``None``: no EDL).
         specialization: The variance/orthogonality configuration (``None``: neither loss).
+        num_domains: The number of loss domains (``LabelsConfig.num_domains``), bound into
+            every router builder when given; the routers need it with EDL on or the telemetry
+            (``stats_phase``), not otherwise.
         **router_kwargs: Further keyword arguments of every ``AuxLossTopKRouter`` (e.g.
             ``stats_phase``, the routing telemetry).
 
@@ -125,6 +130,8 @@ def with_edl_router(
         ValueError: if the spec holds no MoE layer, or an MoE layer uses a router other than
             Megatron's ``TopKRouter``.
     """
+    if num_domains is not None:
+        router_kwargs = {"num_domains": num_domains, **router_kwargs}
     found: list[int] = []
     new_spec = _replace_routers(spec, edl_config, found, specialization, router_kwargs)
     if not found:

@@ -1,8 +1,8 @@
 """The launcher's EDL set-up on parsed Megatron arguments (nothing is launched).
 
-``edl_config_from_args`` and ``install_edl`` are what both our launcher and the patched
-Megatron-LM script run: their errors must name the flag or file, and with no EDL flag they must
-change nothing.
+``edl_config_from_args``, ``labels_config_from_args`` and ``install_edl`` are what both our
+launcher and the patched Megatron-LM script run: their errors must name the flag or file, and
+with no EDL flag they must change nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from megatron_edl.config import EDLConfigError
-from megatron_edl.pretrain_gpt import edl_config_from_args, install_edl
+from megatron_edl.pretrain_gpt import edl_config_from_args, install_edl, labels_config_from_args
 from tests.helpers.megatron_runs import TINY_MOE_GPT
 
 
@@ -53,7 +53,8 @@ def test_no_edl_flag_is_stock(monkeypatch):
     model_cfg = types.SimpleNamespace(transformer_layer_spec="stock spec")
     provider, step = object(), object()
     assert install_edl(args, model_cfg, provider, step) == (provider, step)
-    assert args.edl_config is None and model_cfg.transformer_layer_spec == "stock spec"
+    assert args.labels_config is None and not args.edl_config.enabled
+    assert model_cfg.transformer_layer_spec == "stock spec"
 
 
 def test_eval_per_domain_loads_labels_without_the_loss(monkeypatch):
@@ -73,7 +74,7 @@ def test_eval_per_domain_loads_labels_without_the_loss(monkeypatch):
     assert step.__self__ is provider.__self__
     assert model_cfg.transformer_layer_spec == "stock spec"  # no EDL router without the loss
     assert not args.edl_config.enabled
-    assert args.edl_config.domain_names == ("domain0", "domain1", "domain2")
+    assert args.labels_config.domain_names == ("domain0", "domain1", "domain2")
 
 
 def test_edl_without_moe_names_the_flags(monkeypatch):
@@ -95,14 +96,14 @@ def test_missing_sidecar_names_the_file(tmp_path, monkeypatch):
 def test_domain_names_come_from_the_sidecar_or_the_label_map(tmp_path, monkeypatch):
     prefix = _indexed(tmp_path, labels=[0, 1, 2, 0, 1, 2])
     args = parse([*_data_flags(prefix), "--moe-edl-coeff", "0.1"], monkeypatch)
-    assert edl_config_from_args(args).domain_names == ("code", "prose", "math")
+    assert labels_config_from_args(args).domain_names == ("code", "prose", "math")
     label_map = tmp_path / "map.yaml"
     label_map.write_text("domains: [text, code]\nmap:\n  code: code\n  prose: text\n  math: text\n")
     args = parse(
         [*_data_flags(prefix), "--moe-edl-coeff", "0.1", "--moe-edl-label-map", str(label_map)],
         monkeypatch,
     )
-    cfg = edl_config_from_args(args)
+    cfg = labels_config_from_args(args)
     assert (cfg.num_domains, cfg.domain_names) == (2, ("text", "code"))
 
 
@@ -132,9 +133,9 @@ def test_label_map_that_does_not_cover_the_data_fails_before_the_model(tmp_path,
         edl_config_from_args(args)
     # A covering map: the launcher's resolution is the one the training dataset build reuses.
     label_map.write_text("domains: [text, code]\nmap:\n  code: code\n  '*': text\n")
-    cfg = edl_config_from_args(args)
+    cfg = labels_config_from_args(args)
     monkeypatch.setattr(dataset, "_resolve_blend", None)  # a second resolution would fail
-    blend = dataset.resolve_blend_domains([prefix], "sidecar", edl_config=cfg)
+    blend = dataset.resolve_blend_domains([prefix], "sidecar", labels=cfg)
     assert blend.loss_ids[prefix].tolist() == [1, 0, 0, 1, 0, 0]
 
 
@@ -166,7 +167,7 @@ def test_thin_statistics_warn_at_start(extra, warned, monkeypatch, capsys):
     args = parse(flags, monkeypatch)
     args.data_parallel_size = 1
     cfg = edl_config_from_args(args)
-    estimate = warn_thin_statistics(args, cfg)
+    estimate = warn_thin_statistics(args, cfg, labels_config_from_args(args).num_domains)
     err = capsys.readouterr().err
     assert ("sequences per domain" in err) is warned, (estimate, err)
     expected = {(): 2 / 3, ("--moe-edl-window-decay", "0.9"): 2 / 3 / 0.1}.get(tuple(extra))

@@ -1,4 +1,5 @@
-"""Tests of ``megatron_edl.config``: EDLConfig validation, flags, layer specs, model checks."""
+"""Tests of ``megatron_edl.config``: EDLConfig validation, flags, layer specs, model checks (the
+label options: test_labels.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,9 @@ import pytest
 
 from megatron_edl.config import (
     FLAGS,
-    EDLAggregation,
     EDLConfig,
     EDLConfigError,
     EDLForm,
-    EDLLabels,
     EDLScope,
     add_edl_args,
     parse_layers,
@@ -36,13 +35,8 @@ def test_defaults_are_valid_and_disabled() -> None:
     assert cfg.form is EDLForm.LOG
     assert cfg.eps == 1e-6
     assert cfg.scope is EDLScope.GLOBAL
-    assert cfg.aggregation is EDLAggregation.SEGMENT
     assert cfg.accumulate is False
     assert cfg.layers is None
-    assert cfg.label_map is None
-    assert cfg.labels is EDLLabels.DATA
-    assert cfg.random_seed == 1234
-    assert cfg.num_domains is None
 
 
 def test_enabled_and_applies_to() -> None:
@@ -62,13 +56,6 @@ def test_frozen_and_kw_only() -> None:
         EDLConfig(0.1)  # type: ignore[misc]
 
 
-def test_replace_revalidates() -> None:
-    cfg = dataclasses.replace(EDLConfig(coeff=0.1), num_domains=3)
-    assert cfg.num_domains == 3 and cfg.coeff == 0.1
-    with pytest.raises(EDLConfigError, match="num_domains must be >= 1, got 0"):
-        dataclasses.replace(cfg, num_domains=0)
-
-
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
@@ -82,13 +69,6 @@ def test_replace_revalidates() -> None:
         ("eps", math.nan, "--moe-edl-eps must be >= 0 and finite, got nan"),
         ("form", "quadratic", "unknown --moe-edl-form 'quadratic'; choose from log, linear"),
         ("scope", "world", "unknown --moe-edl-scope 'world'; choose from global, local"),
-        (
-            "aggregation",
-            "foo",
-            "unknown --moe-edl-aggregation 'foo'; choose from segment, token, sample",
-        ),
-        ("aggregation", 3, "unknown --moe-edl-aggregation 3; choose from segment, token, sample"),
-        ("labels", "shuffled", "unknown --moe-edl-labels 'shuffled'; choose from data, random"),
         ("fused", "fast", "unknown --moe-edl-fused 'fast'; choose from auto, on, off"),
         ("accumulate", "yes", "--moe-edl-accumulate must be a bool, got 'yes'"),
         ("accumulate", 1, "--moe-edl-accumulate must be a bool, got 1"),
@@ -97,19 +77,10 @@ def test_replace_revalidates() -> None:
         ("layers", (1.5,), "--moe-edl-layers: layer numbers are 1-based integers, got 1.5"),
         ("layers", 3, "--moe-edl-layers must be a sequence of layer numbers"),
         ("layers", "2-x", "--moe-edl-layers: bad entry '2-x'"),
-        ("label_map", "", "--moe-edl-label-map must be a non-empty path, got ''"),
-        ("label_map", 7, "--moe-edl-label-map must be a non-empty path, got 7"),
-        ("random_seed", -1, "--moe-edl-random-seed must be >= 0, got -1"),
-        ("random_seed", 1.5, "--moe-edl-random-seed must be an integer, got 1.5"),
         ("scores", "tanh", "unknown --moe-edl-scores 'tanh'; choose from router, softmax"),
         ("start_iter", -1, "--moe-edl-start-iter must be >= 0, got -1"),
         ("warmup_iters", 2.5, "--moe-edl-warmup-iters must be an integer, got 2.5"),
         ("window_decay", 1.5, "--moe-edl-window-decay must be in [0, 1), got 1.5"),
-        ("num_domains", 0, "num_domains must be >= 1, got 0"),
-        ("num_domains", "three", "num_domains must be an integer, got 'three'"),
-        ("domain_names", "ab", "domain_names must be a sequence of non-empty strings, got 'ab'"),
-        ("domain_names", ("a", ""), "domain_names must be a sequence of non-empty strings"),
-        ("domain_names", ("a", "a"), "domain names must be unique, got ('a', 'a')"),
     ],
 )
 def test_invalid_field_names_flag_and_value(field: str, value: object, message: str) -> None:
@@ -126,29 +97,17 @@ def test_every_flagged_field_has_an_invalid_value_case() -> None:
         "eps",
         "form",
         "scope",
-        "aggregation",
-        "labels",
         "accumulate",
         "layers",
-        "label_map",
-        "random_seed",
         "scores",
         "start_iter",
         "warmup_iters",
         "window_decay",
         "fused",
-        "num_domains",
-        "domain_names",
     }
     assert covered == {f.name for f in dataclasses.fields(EDLConfig)}
-    assert set(FLAGS) == covered - {"num_domains", "domain_names"}
+    assert set(FLAGS) == covered
     assert all(flag.startswith("--moe-edl-") for flag in FLAGS.values())
-
-
-def test_domain_names_must_match_num_domains() -> None:
-    assert EDLConfig(num_domains=2, domain_names=["a", "b"]).domain_names == ("a", "b")
-    with pytest.raises(EDLConfigError, match=r"2 domain names \('a', 'b'\) for 3 domains"):
-        EDLConfig(num_domains=3, domain_names=("a", "b"))
 
 
 def test_linear_form_accepts_zero_eps() -> None:
@@ -161,9 +120,6 @@ def test_linear_form_accepts_zero_eps() -> None:
         ("form", "linear", EDLForm.LINEAR),
         ("form", " LOG ", EDLForm.LOG),
         ("scope", "local", EDLScope.LOCAL),
-        ("aggregation", "Token", EDLAggregation.TOKEN),
-        ("aggregation", "sample", EDLAggregation.SAMPLE),
-        ("labels", "random", EDLLabels.RANDOM),
     ],
 )
 def test_enum_strings_are_converted(field: str, text: str, member: object) -> None:
@@ -172,14 +128,10 @@ def test_enum_strings_are_converted(field: str, text: str, member: object) -> No
     assert value == member.value  # StrEnum compares equal to its string
 
 
-def test_numeric_and_path_normalisation(tmp_path) -> None:
-    cfg = EDLConfig(
-        coeff=1, eps="1e-5", random_seed="7", num_domains=3, label_map=tmp_path / "m.yaml"
-    )
+def test_numeric_normalisation() -> None:
+    cfg = EDLConfig(coeff=1, eps="1e-5")
     assert isinstance(cfg.coeff, float) and cfg.coeff == 1.0
     assert cfg.eps == 1e-5
-    assert cfg.random_seed == 7
-    assert cfg.label_map == str(tmp_path / "m.yaml")
 
 
 def test_layers_normalised_sorted_unique() -> None:
@@ -271,8 +223,7 @@ def test_help_renders() -> None:
 def test_round_trip_all_flags() -> None:
     argv = (
         "--moe-edl-coeff 0.05 --moe-edl-form linear --moe-edl-eps 1e-4 --moe-edl-scope local "
-        "--moe-edl-aggregation token --moe-edl-accumulate --moe-edl-layers 2,4-5 "
-        "--moe-edl-label-map maps/3.yaml --moe-edl-labels random --moe-edl-random-seed 9"
+        "--moe-edl-accumulate --moe-edl-layers 2,4-5"
     ).split()
     cfg = EDLConfig.from_args(_parser().parse_args(argv))
     assert cfg == EDLConfig(
@@ -280,20 +231,10 @@ def test_round_trip_all_flags() -> None:
         form=EDLForm.LINEAR,
         eps=1e-4,
         scope=EDLScope.LOCAL,
-        aggregation=EDLAggregation.TOKEN,
         accumulate=True,
         layers=(2, 4, 5),
-        label_map="maps/3.yaml",
-        labels=EDLLabels.RANDOM,
-        random_seed=9,
     )
     assert cfg.enabled
-
-
-def test_from_args_bad_enum_is_config_error() -> None:
-    args = _parser().parse_args(["--moe-edl-aggregation", "foo"])
-    with pytest.raises(EDLConfigError, match="choose from segment, token, sample"):
-        EDLConfig.from_args(args)
 
 
 def test_from_args_checks_layers_against_num_layers() -> None:

@@ -157,7 +157,7 @@ def test_validation_against_the_model() -> None:
 # ---------------------------------------------------------------------------------------------
 
 BOTH = SpecializationConfig(variance_coeff=0.1, ortho_coeff=0.2)
-EDL_CFG = EDLConfig(coeff=0.1, num_domains=3)
+EDL_CFG = EDLConfig(coeff=0.1)
 
 
 def _block_spec():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_edl.config import EDLConfig
+from megatron_edl.config import LabelsConfig
 from megatron_edl.core.segments import sample_token_labels
 
 
@@ -45,16 +45,16 @@ def test_bad_input_is_named():
 def test_mock_document_domains_label_map_and_random_control(tmp_path):
     from megatron_edl.integration.dataset import mock_document_domains
 
-    cfg = EDLConfig(coeff=0.1, num_domains=3)
+    cfg = LabelsConfig(num_domains=3)
     stored = mock_document_domains(3, cfg)
     assert stored[:6].tolist() == [0, 1, 2, 0, 1, 2]
 
     label_map = tmp_path / "map.yaml"
     label_map.write_text("domains: [x, y]\nmap:\n  0: x\n  1: null\n  2: y\n")
-    mapped = mock_document_domains(3, EDLConfig(coeff=0.1, label_map=str(label_map)))
+    mapped = mock_document_domains(3, LabelsConfig(label_map=str(label_map)))
     assert mapped[:6].tolist() == [0, -1, 1, 0, -1, 1]
 
-    shuffled = mock_document_domains(3, EDLConfig(coeff=0.1, labels="random", random_seed=7))
+    shuffled = mock_document_domains(3, LabelsConfig(control="random", random_seed=7))
     assert np.bincount(shuffled).tolist() == np.bincount(stored).tolist()
     assert (shuffled != stored).mean() > 0.5  # labels no longer follow the documents
 

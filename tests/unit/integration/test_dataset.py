@@ -23,7 +23,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
 
-from megatron_edl.config import EDLConfig, EDLConfigError
+from megatron_edl.config import EDLConfigError, LabelsConfig
 from megatron_edl.core.segments import sample_token_labels
 from megatron_edl.data.merge import VocabularyConflictError
 from megatron_edl.data.sidecar import SidecarMismatchError, write_sidecar
@@ -154,8 +154,8 @@ def test_label_map_by_vocabulary_names_and_unlabelled_documents(tmp_path):
         'domains: [english, chinese]\nmap:\n  "en/ads": null\n  "en/*": english\n'
         '  "zh/*": chinese\n  math: english\n'
     )
-    edl = EDLConfig(coeff=0.1, label_map=str(label_map), num_domains=2)
-    config = make_config(tmp_path, blend=([prefix], None), edl_config=edl)
+    edl = LabelsConfig(label_map=str(label_map), num_domains=2)
+    config = make_config(tmp_path, blend=([prefix], None), edl_labels=edl)
     (train, _, _) = build(DomainGPTDataset, config, [30, 0, 0])
     loss = np.array([-1, 0, -1, 1, 0])[stored + 1]  # stored -1, 0, 1, 2, 3
     assert (loss == -1).any() and (loss == 0).any() and (loss == 1).any()
@@ -165,9 +165,7 @@ def test_label_map_by_vocabulary_names_and_unlabelled_documents(tmp_path):
 
 def test_loss_ids_beyond_num_domains_are_refused(tmp_path):
     prefix = write_prefix(tmp_path / "corpus", np.arange(30) % 3, {"a": 0, "b": 1, "c": 2})
-    config = make_config(
-        tmp_path, blend=([prefix], None), edl_config=EDLConfig(coeff=0.1, num_domains=2)
-    )
+    config = make_config(tmp_path, blend=([prefix], None), edl_labels=LabelsConfig(num_domains=2))
     with pytest.raises(EDLConfigError, match="loss domain id 2 but the run has 2 domains"):
         build(DomainGPTDataset, config, [10, 0, 0])
 
@@ -241,7 +239,7 @@ def test_per_prefix_random_control_permutes_across_prefixes(tmp_path):
         tmp_path,
         blend=([a, b], None),
         edl_domains_per_prefix=str(domains),
-        edl_config=EDLConfig(coeff=0.1, labels="random", random_seed=5),
+        edl_labels=LabelsConfig(control="random", random_seed=5),
     )
     build(DomainPerPrefixGPTDataset, config, [20, 0, 0])
     domains_ = blend_document_domains(config, "prefix")
@@ -261,7 +259,7 @@ def test_random_control_applies_to_training_samples_only(tmp_path):
         blend=([a, b], [0.5, 0.5]),
         split="80,20,0",
         edl_domains_per_prefix=str(domains),
-        edl_config=EDLConfig(coeff=0.1, labels="random", random_seed=5),
+        edl_labels=LabelsConfig(control="random", random_seed=5),
     )
     train, valid, _ = build(DomainPerPrefixGPTDataset, config, [30, 10, 0])
     for i in range(len(valid)):

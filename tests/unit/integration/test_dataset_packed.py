@@ -90,8 +90,8 @@ def _get_batch_worker(rank: int, world_size: int, flags: list[str], sft_modes: t
     args = parse_args(extra_args_provider)
     validate_args(args, {"tokenizer_type": "NullTokenizer"})
     run = run_config_from_args(args)
-    args.edl_config = run.edl
-    assert args.edl_config is not None
+    args.edl_config, args.labels_config = run.edl, run.labels
+    assert args.labels_config is not None
     steps = gpt.LabelledSteps(args=args, edl=run.edl, labels=run.labels)
     set_args(args)
     core_utils.tex = SimpleNamespace(thd_get_partitioned_indices=_thd_partitioned_indices)
@@ -190,7 +190,7 @@ def test_inter_document_masking_labels_match_document_boundaries():
     )
     from megatron.core.tokenizers import MegatronTokenizer
 
-    from megatron_edl.config import EDLConfig
+    from megatron_edl.config import LabelsConfig
     from megatron_edl.integration.dataset import (
         DomainGPTDatasetConfig,
         DomainMockGPTDataset,
@@ -200,7 +200,7 @@ def test_inter_document_masking_labels_match_document_boundaries():
     tokenizer = MegatronTokenizer.from_pretrained(
         metadata_path={"library": "null-text"}, vocab_size=512
     )
-    cfg = EDLConfig(coeff=0.1, num_domains=3)
+    cfg = LabelsConfig(num_domains=3)
     config = DomainGPTDatasetConfig(
         random_seed=1,
         sequence_length=64,
@@ -272,7 +272,7 @@ def _read_jsonl(path: str) -> list[list[dict]]:
 
 
 def _sft_config(tmp_path, files: dict[str, str], seq: int, cp: int = 1, weights=None):
-    from megatron_edl.config import EDLConfig
+    from megatron_edl.config import LabelsConfig
     from megatron_edl.integration.dataset import DomainGPTDatasetConfig
 
     yaml_path = tmp_path / "domains.yaml"
@@ -288,7 +288,7 @@ def _sft_config(tmp_path, files: dict[str, str], seq: int, cp: int = 1, weights=
         tokenizer=_ChatTokenizer(),
         create_attention_mask=False,  # SFT's packing has none
         context_parallel_size=cp,
-        edl_config=EDLConfig(coeff=0.1, num_domains=2),
+        edl_labels=LabelsConfig(num_domains=2),
         edl_domains_per_prefix=str(yaml_path),
     )
 
@@ -364,12 +364,12 @@ def test_sft_label_count_mismatch_names_the_file(tmp_path):
 
 def test_launcher_accepts_packed_sequences_and_names_what_it_refuses(tmp_path, monkeypatch):
     from megatron_edl.config import EDLConfigError
-    from megatron_edl.pretrain_gpt import edl_config_from_args
+    from megatron_edl.pretrain_gpt import edl_config_from_args, labels_config_from_args
     from tests.unit.test_yaml_config import _megatron_args
 
     base = [*TINY_MOE_GPT, "--moe-edl-coeff", "0.1", "--moe-edl-mock-domains", "3"]
     args = _megatron_args([*base, "--dataloader-inter-document-masking"], monkeypatch)
-    assert edl_config_from_args(args).num_domains == 3
+    assert labels_config_from_args(args).num_domains == 3
     args = _megatron_args([*base, "--sft"], monkeypatch)
     with pytest.raises(EDLConfigError, match="--sft need --moe-edl-domains-per-prefix"):
         edl_config_from_args(args)
@@ -383,7 +383,7 @@ def test_launcher_accepts_packed_sequences_and_names_what_it_refuses(tmp_path, m
          "--moe-edl-domains-per-prefix", str(tmp_path / "domains.yaml")],
         monkeypatch,
     )  # fmt: skip
-    cfg = edl_config_from_args(args)
+    cfg = labels_config_from_args(args)
     assert (cfg.num_domains, cfg.domain_names) == (2, ("code", "chat"))
     args = _megatron_args(base, monkeypatch)
     args.hybrid_context_parallel = True

@@ -17,7 +17,7 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
 
-from megatron_edl.config import EDLConfig
+from megatron_edl.config import LabelsConfig
 from megatron_edl.integration.dataset import DomainGPTDataset
 from tests.unit.integration.test_dataset import VOCAB, make_config
 
@@ -52,7 +52,7 @@ def test_jsonl_to_samples_round_trip(tmp_path):
         tmp_path,
         sequence_length=SEQ,
         blend=([str(tmp_path / "out_text_document")], None),
-        edl_config=EDLConfig(coeff=0.1, num_domains=3),
+        edl_labels=LabelsConfig(num_domains=3),
     )
     train, _, _ = BlendedMegatronDatasetBuilder(
         DomainGPTDataset, [40, 0, 0], lambda: True, config

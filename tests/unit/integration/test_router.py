@@ -308,7 +308,6 @@ def _make_router(job: dict[str, Any], config_overrides: dict | None = None, **ed
     config = TransformerConfig(**{**config_kwargs, **(config_overrides or {})})
     edl_kwargs = {
         "coeff": COEFF,
-        "num_domains": NUM_DOMAINS,
         "scope": job["scope"],
         "accumulate": job.get("accumulate", False),
         "window_decay": job.get("window_decay", 0.0),
@@ -318,6 +317,7 @@ def _make_router(job: dict[str, Any], config_overrides: dict | None = None, **ed
         config=config,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         edl_config=EDLConfig(**edl_kwargs),
+        num_domains=NUM_DOMAINS,
     )
     router.set_layer_number(1)
     with torch.no_grad():

@@ -36,7 +36,7 @@ from megatron_edl.integration.router import AuxLossTopKRouter
 from megatron_edl.integration.spec import with_edl_router
 from tests.helpers.distributed import run_distributed
 
-EDL_CFG = EDLConfig(coeff=0.5, num_domains=3)
+EDL_CFG = EDLConfig(coeff=0.5)
 
 # ---------------------------------------------------------------------------------------------
 # A generic spec walker (independent of megatron_edl.integration.spec)
@@ -270,7 +270,7 @@ def test_installing_twice_is_rejected(kind):
     with pytest.raises(ValueError, match="already"):
         with_edl_router(once, EDL_CFG)
     with pytest.raises(ValueError, match="already"):
-        with_edl_router(once, EDLConfig(coeff=1.0, num_domains=2))
+        with_edl_router(once, EDLConfig(coeff=1.0), num_domains=2)
 
 
 class CustomRouter(torch.nn.Module):
@@ -355,7 +355,7 @@ def _model_worker(rank: int, world_size: int) -> dict[str, Any]:
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed)
         if edl_config is not None:
-            spec = with_edl_router(spec, edl_config)
+            spec = with_edl_router(spec, edl_config, num_domains=NUM_DOMAINS)
         return GPTModel(
             config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ
         )

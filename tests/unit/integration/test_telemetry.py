@@ -203,7 +203,8 @@ def _make_router(tp: int, sequence_parallel: bool, coeff: float, weight_EH: torc
     router = AuxLossTopKRouter(
         config=config,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-        edl_config=EDLConfig(coeff=coeff, num_domains=NUM_DOMAINS, aggregation="token"),
+        edl_config=EDLConfig(coeff=coeff),
+        num_domains=NUM_DOMAINS,
         stats_phase="train",
     )
     router.set_layer_number(2)
@@ -343,7 +344,7 @@ def test_launcher_loads_labels_and_builds_recording_routers(tmp_path, monkeypatc
     model_cfg = types.SimpleNamespace(transformer_layer_spec=None)
     install_edl(args, model_cfg, object(), object())
     assert not args.edl_config.enabled  # the loss stays off: labels for the telemetry only
-    assert args.edl_config.domain_names == ("domain0", "domain1", "domain2")
+    assert args.labels_config.domain_names == ("domain0", "domain1", "domain2")
     assert callable(model_cfg.transformer_layer_spec)  # the EDL router's spec provider
     hooks = training.post_training_step_callbacks._edl_telemetry
     assert hooks.writer.interval == 5 and hooks.writer.directory == str(tmp_path)
