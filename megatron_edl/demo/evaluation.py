@@ -2,7 +2,8 @@
 
 Part of :mod:`megatron_edl.demo.quickstart`, which re-exports these names: the training
 command line (:func:`train_args`, :func:`training_command`; the training stage's fingerprint
-hashes it), the log-line parsing, :func:`evaluate_run` and :func:`write_report`.
+hashes it), the log-line parsing, :func:`evaluate_run` and :func:`write_report`. A little
+over 500 lines: training, evaluation and report share the run folder layout and the log parsing.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Part of :mod:`megatron_edl.demo.quickstart`, which re-exports these names: the settings
 (:class:`QuickstartConfig`, :class:`RunSpec`), the stages and their stamps (:class:`Context`,
 :class:`Stage`, :func:`run_stage`) and stages 1-3 (corpus, tokenizer, preprocessing, clusters).
+A little over 500 lines: the settings and the stamp machinery every stage reads stay with the
+data stages they fingerprint (a split would move the fingerprints away from what they hash).
 """
 
 from __future__ import annotations
