@@ -113,6 +113,7 @@ __all__ = [
     "cluster_count",
     "control_labels",
     "coarse_label_map",
+    "config_from_args",
     "main",
     "model_setting",
     "parse_iteration_line",
@@ -289,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="extend",
         default=[],
         help="Extra runs with the losses of arXiv 2505.22323, comma-separated: ortho+variance "
-        "(EDL off), all (EDL with both).",
+        "(EDL off, both losses), all (also EDL without them, or with them under --edl-alone).",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
@@ -319,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.edl_warmup_iters,
         help="Linear warm-up of beta (--moe-edl-warmup-iters; 0: off).",
     )
+    parser.add_argument(
+        "--edl-alone",
+        action="store_true",
+        help="EDL runs without the orthogonality and variance losses (default: with them, the "
+        "best arm of docs/science.md).",
+    )
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--nproc", type=int, default=defaults.nproc, help="Processes (= EP).")
     parser.add_argument(
@@ -341,32 +348,35 @@ def _label_control(text: str) -> str:
     return f"clusters:{k}"
 
 
+def config_from_args(args: argparse.Namespace) -> QuickstartConfig:
+    """The :class:`QuickstartConfig` of :func:`build_parser`'s parsed flags (validated)."""
+    return QuickstartConfig(
+        workdir=Path(args.workdir),
+        seed=args.seed,
+        controls=(
+            *(c for c in CONTROLS[:2] if c in args.labels),
+            *(f"clusters:{k}" for k in sorted({cluster_count(c) for c in args.labels} - {None})),
+        ),
+        compare=tuple(c for c in COMPARE if c in args.compare),
+        corpus_bytes_per_domain=args.corpus_bytes,
+        vocab_size=args.vocab_size,
+        train_iters=args.train_iters,
+        eval_iters=args.eval_iters,
+        edl_coeff=args.edl_coeff,
+        edl_window_decay=args.edl_window_decay,
+        edl_warmup_iters=args.edl_warmup_iters,
+        edl_with_ortho_variance=not args.edl_alone,
+        lr=args.lr,
+        nproc=args.nproc,
+        extra_train_args=tuple(args.train_args.split()),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (``megatron-edl-quickstart``); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        config = QuickstartConfig(
-            workdir=Path(args.workdir),
-            seed=args.seed,
-            controls=(
-                *(c for c in CONTROLS[:2] if c in args.labels),
-                *(
-                    f"clusters:{k}"
-                    for k in sorted({cluster_count(c) for c in args.labels} - {None})
-                ),
-            ),
-            compare=tuple(c for c in COMPARE if c in args.compare),
-            corpus_bytes_per_domain=args.corpus_bytes,
-            vocab_size=args.vocab_size,
-            train_iters=args.train_iters,
-            eval_iters=args.eval_iters,
-            edl_coeff=args.edl_coeff,
-            edl_window_decay=args.edl_window_decay,
-            edl_warmup_iters=args.edl_warmup_iters,
-            lr=args.lr,
-            nproc=args.nproc,
-            extra_train_args=tuple(args.train_args.split()),
-        )
+        config = config_from_args(args)
         run_quickstart(config)
     except (QuickstartError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -92,23 +93,38 @@ def test_run_specs_and_controls(tmp_path):
     assert list(runs) == ["baseline", "edl", "edl-random", "edl-coarse"]
     # The baseline loads the labels for the per-domain validation loss only.
     assert runs["baseline"].flags == ("--moe-edl-eval-per-domain",)
+    # EDL runs: beta, window, warm-up and (the default) the orthogonality and variance losses;
+    # the controls at the same settings.
     assert runs["edl"].flags == (
         "--moe-edl-coeff", "0.1", "--moe-edl-window-decay", "0.95", "--moe-edl-warmup-iters", "25",
+        "--moe-ortho-loss-coeff", "1.0", "--moe-variance-loss-coeff", "1.0",
+        "--moe-specialization-auto-calibrate",
     )  # fmt: skip
-    assert runs["edl-random"].flags[6:8] == ("--moe-edl-labels", "random")
-    assert runs["edl-coarse"].flags[6:] == ("--moe-edl-label-map", str(label_map))
-    plain = QuickstartConfig(workdir=tmp_path, edl_window_decay=0.0, edl_warmup_iters=0)
+    assert runs["edl-random"].flags[:11] == runs["edl"].flags
+    assert runs["edl-random"].flags[11:13] == ("--moe-edl-labels", "random")
+    assert runs["edl-coarse"].flags[11:] == ("--moe-edl-label-map", str(label_map))
+    plain = QuickstartConfig(
+        workdir=tmp_path, edl_window_decay=0.0, edl_warmup_iters=0, edl_with_ortho_variance=False
+    )
     assert quickstart.edl_flags(plain) == ("--moe-edl-coeff", "0.03")
     with pytest.raises(ValueError, match="--labels must be among"):
         QuickstartConfig(controls=("fine",))
     with pytest.raises(ValueError, match="--labels must be among"):
         QuickstartConfig(controls=("clusters:1",))
+    # --compare all: the 2 x 2 grid (EDL on/off x ortho+variance on/off).
+    losses = {"--moe-ortho-loss-coeff", "--moe-variance-loss-coeff"}
     config = QuickstartConfig(workdir=tmp_path, compare=("ortho+variance", "all"))
     runs = {run.name: run for run in run_specs(config, label_map)}
-    assert list(runs) == ["baseline", "edl", "ortho+variance", "edl+ortho+variance"]
+    assert list(runs) == ["baseline", "edl", "ortho+variance", "edl-alone"]
     assert "--moe-edl-coeff" not in runs["ortho+variance"].flags
-    for name in ("ortho+variance", "edl+ortho+variance"):
-        assert {"--moe-ortho-loss-coeff", "--moe-variance-loss-coeff"} <= set(runs[name].flags)
+    assert losses <= set(runs["ortho+variance"].flags) and losses <= set(runs["edl"].flags)
+    assert (
+        not losses & set(runs["edl-alone"].flags) and "--moe-edl-coeff" in runs["edl-alone"].flags
+    )
+    alone = dataclasses.replace(config, edl_with_ortho_variance=False)
+    runs = {run.name: run for run in run_specs(alone, label_map)}
+    assert list(runs) == ["baseline", "edl", "ortho+variance", "edl+ortho+variance"]
+    assert not losses & set(runs["edl"].flags) and losses <= set(runs["edl+ortho+variance"].flags)
     with pytest.raises(ValueError, match="--compare must be among"):
         QuickstartConfig(compare=("ortho",))
     with pytest.raises(ValueError, match=r"--nproc \(3\) must divide"):
@@ -142,6 +158,13 @@ def test_cluster_control_runs_on_its_own_labels(tmp_path, capsys):
     with pytest.raises(SystemExit):
         quickstart.build_parser().parse_args(["--labels", "clusters:x"])
     assert "expected random, coarse or clusters:K" in capsys.readouterr().err
+    parse = quickstart.build_parser().parse_args
+    assert quickstart.config_from_args(parse([])).edl_with_ortho_variance
+    alone = quickstart.config_from_args(parse(["--edl-alone", "--compare", "all"]))
+    assert not alone.edl_with_ortho_variance and alone.compare == ("all",)
+    assert alone.controls == () and quickstart.config_from_args(
+        parse(["--labels", "clusters:8", "random", "coarse"])
+    ).controls == ("random", "coarse", "clusters:8")
 
 
 def test_same_flags_for_every_run_but_edl(tmp_path):
