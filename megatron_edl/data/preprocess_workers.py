@@ -236,31 +236,43 @@ def _ordered_map(
 
     Raises:
         PreprocessError: if a worker process died (killed by a signal, e.g. SIGKILL from the
-            out-of-memory killer, or exited): names the signal and the chunks in flight.
+            out-of-memory killer, or exited): names the signal and the chunks in flight. The
+            pool reports its breakage on the next result or on the next submit, whichever comes
+            first; both give this error.
     """
     pending: deque = deque()
+
+    def failed_in_flight() -> list[Chunk]:
+        return [c for c, f in pending if f.done() and f.exception() is not None]
 
     def result() -> _ChunkResult:
         chunk, future = pending.popleft()
         try:
             return future.result()
         except BrokenProcessPool as e:
-            lost = [chunk] + [c for c, f in pending if f.done() and f.exception() is not None]
-            where = ", ".join(
-                f"{c.path}:{c.first_line}-{c.first_line + len(c.records) - 1}" for c in lost
-            )
-            raise PreprocessError(
-                f"a worker process {_dead_workers(pool)} while tokenizing chunk(s) {where} "
-                "(out of memory? try fewer --workers or a smaller --chunk-size); nothing was "
-                "written"
-            ) from e
+            raise _broken_pool_error(pool, [chunk, *failed_in_flight()]) from e
 
     for item in items:
-        pending.append((item[0], pool.submit(_encode_in_worker, item)))
+        try:
+            future = pool.submit(_encode_in_worker, item)
+        except BrokenProcessPool as e:
+            # The pool broke after the last result was taken: the chunks it lost are the ones
+            # in flight that failed (the pool fails them all), else the one not submitted.
+            raise _broken_pool_error(pool, failed_in_flight() or [item[0]]) from e
+        pending.append((item[0], future))
         if len(pending) >= window:
             yield result()
     while pending:
         yield result()
+
+
+def _broken_pool_error(pool: ProcessPoolExecutor, lost: list[Chunk]) -> PreprocessError:
+    """The one error of a broken pool: how its workers ended and where (``file:first-last``)."""
+    where = ", ".join(f"{c.path}:{c.first_line}-{c.first_line + len(c.records) - 1}" for c in lost)
+    return PreprocessError(
+        f"a worker process {_dead_workers(pool)} while tokenizing chunk(s) {where} "
+        "(out of memory? try fewer --workers or a smaller --chunk-size); nothing was written"
+    )
 
 
 def _dead_workers(pool: ProcessPoolExecutor) -> str:

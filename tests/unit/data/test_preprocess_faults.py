@@ -9,6 +9,7 @@ up, and a rerun that writes byte-identical outputs. Fault times are random with 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -16,11 +17,15 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from megatron_edl.data import preprocess_workers
+from megatron_edl.data.label_sources import PreprocessError
 from megatron_edl.data.preprocess import main
+from megatron_edl.data.readers import Chunk
 from tests.helpers.data_helpers import (  # noqa: F401 (fixtures)
     make_corpus,
     tiny_tokenizer_dir_fixture,
@@ -184,6 +189,37 @@ def test_worker_killed_on_a_record_is_an_error_naming_the_chunk(corpus):
     assert "deadly.jsonl:33-41" in last  # chunks of 16 records: the chunk of line 41
     assert outputs(out) == {}  # no temporary folder, no output
     check_rerun(folder, argv, reference)
+
+
+def _echo_chunk(task):
+    """Stands in for the worker's encoder: returns the chunk's first line."""
+    return task[0].first_line
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+def test_pool_broken_between_a_result_and_the_next_submit(monkeypatch):
+    """A worker killed after the last result was taken breaks the pool for the next ``submit``:
+    that is the same one error (the random-point test below met this race), not a traceback."""
+    monkeypatch.setattr(preprocess_workers, "_encode_in_worker", _echo_chunk)
+    chunks = [Chunk("in.jsonl", 0, 1 + 16 * i, [b"{}"] * 16, 0) for i in range(3)]
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+    try:
+        results = preprocess_workers._ordered_map(pool, ((c, None) for c in chunks), window=1)
+        assert next(results) == 1  # nothing is in flight now
+        (worker,) = list(pool._processes)  # the pool's private table: no public accessor
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not pool._broken:  # the pool's manager thread notices the death
+            assert time.monotonic() < deadline, "the pool never noticed its dead worker"
+            time.sleep(0.01)
+        with pytest.raises(PreprocessError) as raised:
+            next(results)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    assert str(raised.value) == (
+        "a worker process was killed by SIGKILL while tokenizing chunk(s) in.jsonl:17-32 "
+        "(out of memory? try fewer --workers or a smaller --chunk-size); nothing was written"
+    )
 
 
 @pytest.mark.timeout(4 * TIMEOUT_S)
