@@ -96,6 +96,53 @@ _TRAINING_LABEL_FLAGS = ("--moe-edl-labels", "--moe-edl-random-seed", "--moe-edl
 
 def probe_command(ctx: Context, run: RunSpec) -> list[str]:
     """``torchrun ... -m megatron_edl.probe --out DIR <the run's flags> --load CKPT``."""
+    return [
+        sys.executable,
+        *("-m", "torch.distributed.run", f"--nproc-per-node={ctx.config.nproc}"),
+        f"--master-port={_free_port()}",
+        *("-m", "megatron_edl.probe", "--out", os.fspath(probe_dir(ctx, run))),
+        *_probe_flags(ctx, run),
+    ]
+
+
+def prune_dir(ctx: Context, run: RunSpec) -> Path:
+    """Where the pruning evaluation of ``run`` writes (:mod:`megatron_edl.prune`)."""
+    return ctx.run_dir(run.name) / "prune"
+
+
+def prune_command(ctx: Context, run: RunSpec) -> list[str]:
+    """``python -m megatron_edl.prune --out DIR -- <the probe's flags>``: the random ranking
+    seeded with the run's own ``--seed`` (the last one of its command line)."""
+    flags = _probe_flags(ctx, run)
+    seeds = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == "--seed"]
+    return [
+        sys.executable,
+        *("-m", "megatron_edl.prune", "--out", os.fspath(prune_dir(ctx, run))),
+        *("--nproc", str(ctx.config.nproc), "--seed", seeds[-1] if seeds else "0", "--"),
+        *flags,
+    ]
+
+
+def prune_run(ctx: Context, run: RunSpec) -> dict[str, Any]:
+    """The study's pruning stage: the loss increase per (ranking, m) of one checkpoint."""
+    log_path = ctx.run_dir(run.name) / "prune.log"
+    with open(log_path, "w", encoding="utf-8") as log:
+        returncode = subprocess.run(
+            prune_command(ctx, run), env=_training_env(ctx), stdout=log, stderr=subprocess.STDOUT
+        ).returncode
+    summary_path = prune_dir(ctx, run) / "prune.json"
+    if returncode != 0 or not summary_path.exists():
+        tail = "".join(log_path.read_text(errors="replace").splitlines(True)[-10:])
+        raise QuickstartError(
+            f"prune:{run.name}: exit status {returncode}; full log: {log_path}\n{tail}"
+        )
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    return {"full": summary["full"], "curves": summary["curves"]}
+
+
+def _probe_flags(ctx: Context, run: RunSpec) -> list[str]:
+    """The launcher flags of ``run``'s probe: ``--cpu``, the run's flags (less its training
+    labels, plus ``--moe-edl-eval-per-domain``), ``--load CKPT``."""
     flags: list[str] = []
     run_flags = list(run.flags)
     i = 0
@@ -109,14 +156,7 @@ def probe_command(ctx: Context, run: RunSpec) -> list[str]:
     args = train_args(ctx, probe_run, telemetry=False)
     save = args.index("--save")
     del args[save : save + 4]  # --save DIR --save-interval N
-    return [
-        sys.executable,
-        *("-m", "torch.distributed.run", f"--nproc-per-node={ctx.config.nproc}"),
-        f"--master-port={_free_port()}",
-        *("-m", "megatron_edl.probe", "--out", os.fspath(probe_dir(ctx, run)), "--cpu"),
-        *args,
-        *("--load", os.fspath(ctx.run_dir(run.name) / "checkpoints")),
-    ]
+    return ["--cpu", *args, "--load", os.fspath(ctx.run_dir(run.name) / "checkpoints")]
 
 
 def train_args(ctx: Context, run: RunSpec, *, telemetry: bool = True) -> list[str]:
@@ -453,6 +493,7 @@ def analysis_reports(ctx: Context, runs: Sequence[RunSpec]) -> dict[str, dict[st
                 layers = data.snapshot_metrics
                 numbers[data.name] = {
                     "probe_mi": sum(m.mi for m in layers) / len(layers),
+                    "probe_mi_hard": sum(m.mi_hard for m in layers) / len(layers),
                     "probe_jsd": sum(m.jsd_mean for m in layers) / len(layers),
                     "probe_balance": sum(m.balance.max_over_mean for m in layers) / len(layers),
                     "probe_per_layer": [

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_edl.demo import quickstart as qs
+from megatron_edl.demo.evaluation import prune_dir, prune_run
 
 __all__ = [
     "StudyConfig",
@@ -72,10 +73,20 @@ __all__ = [
 METRICS = (
     ("valid_lm_loss", "valid LM loss"),
     ("probe_mi", "I(D;E)"),
+    ("probe_mi_hard", "hard I(D;E)"),
     ("probe_jsd", "mean JSD"),
     ("probe_balance", "load max/mean"),
     ("train_lm_loss", "train LM loss"),
+    ("prune_domain_half", "Δloss E/2 (domain)"),
+    ("prune_global_half", "Δloss E/2 (global)"),
+    ("prune_domain_quarter", "Δloss E/4 (domain)"),
+    ("prune_global_quarter", "Δloss E/4 (global)"),
 )
+# Paired differences against the reference arm (the study's ``reference``, default its first).
+PAIRED_METRICS = (
+    "valid_lm_loss", "probe_mi", "probe_mi_hard",
+    "prune_domain_half", "prune_global_half", "prune_domain_quarter", "prune_global_quarter",
+)  # fmt: skip
 # Settings of the quickstart a study may set (QuickstartConfig fields; train_args is a string).
 _QUICKSTART_KEYS = (
     "corpus_bytes_per_domain", "vocab_size", "train_iters", "micro_batch_size",
@@ -99,6 +110,12 @@ class StudyConfig:
     """(name, Megatron flags) of every arm, in file order."""
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     """Arm name -> its labels (``random``, ``coarse``, ``clusters:K``); absent: ``fine``."""
+    reference: str = ""
+    """The arm the paired differences are taken against (default: the first arm)."""
+
+    def __post_init__(self) -> None:
+        if not self.reference:
+            object.__setattr__(self, "reference", self.arms[0][0])
 
 
 def load_study(path: str | os.PathLike, workdir: str | os.PathLike) -> StudyConfig:
@@ -120,9 +137,11 @@ def load_study(path: str | os.PathLike, workdir: str | os.PathLike) -> StudyConf
     where = os.fspath(path)
     if not isinstance(data, dict):
         raise StudyError(f"{where}: a study is a mapping (seeds, arms, quickstart)")
-    unknown = sorted(set(data) - {"seeds", "arms", "quickstart"})
+    unknown = sorted(set(data) - {"seeds", "arms", "quickstart", "reference"})
     if unknown:
-        raise StudyError(f"{where}: unknown keys {unknown}; a study has seeds, arms, quickstart")
+        raise StudyError(
+            f"{where}: unknown keys {unknown}; a study has seeds, arms, quickstart, reference"
+        )
     seeds = data.get("seeds")
     if (
         not isinstance(seeds, list)
@@ -176,8 +195,15 @@ def load_study(path: str | os.PathLike, workdir: str | os.PathLike) -> StudyConf
         )
     except (TypeError, ValueError) as err:
         raise StudyError(f"{where}: quickstart: {err}") from err
+    reference = data.get("reference", parsed_arms[0][0])
+    if reference not in dict(parsed_arms):
+        raise StudyError(f"{where}: reference {reference!r} is not an arm of the study")
     return StudyConfig(
-        quickstart=config, seeds=tuple(seeds), arms=tuple(parsed_arms), labels=arm_labels
+        quickstart=config,
+        seeds=tuple(seeds),
+        arms=tuple(parsed_arms),
+        labels=arm_labels,
+        reference=reference,
     )
 
 
@@ -197,14 +223,90 @@ def study_runs(study: StudyConfig) -> list[qs.RunSpec]:
                     f"{arm}-s{seed}",
                     f"arm {arm}, seed {seed}: {' '.join(flags) or '(no extra flag)'}"
                     + (f", labels {study.labels[arm]}" if arm in study.labels else ""),
-                    # the seed after the quickstart's --seed: wins
-                    (*flags, *label_flags, "--seed", str(seed)),
+                    # the seed after the quickstart's --seed: wins; a random-label control
+                    # permutes the labels with the run's own seed
+                    (
+                        *flags,
+                        *_with_run_seed(label_flags, seed),
+                        "--seed",
+                        str(seed),
+                    ),
                     fine_labels=arm not in study.labels
                     and not any(f in _CONTROL_FLAGS for f in flags),
                     data=data,
                 )
             )
     return runs
+
+
+def _with_run_seed(label_flags: Sequence[str], seed: int) -> tuple[str, ...]:
+    """``label_flags`` with a random-label control's permutation seeded by the run's ``seed``."""
+    flags = list(label_flags)
+    for i, flag in enumerate(flags[:-1]):
+        if flag == "--moe-edl-random-seed":
+            flags[i + 1] = str(seed)
+    return tuple(flags)
+
+
+def prune_numbers(prune: dict[str, Any] | None, num_experts: int) -> dict[str, float | None]:
+    """The study's pruning columns of one run: the mean loss increase when each domain keeps
+    E/2 and E/4 experts, by the domain and the global ranking (``None`` where not measured)."""
+    out: dict[str, float | None] = {}
+    for ranking in ("domain", "global"):
+        points = (prune or {}).get("curves", {}).get(ranking, [])
+        for name, keep in (("half", num_experts // 2), ("quarter", num_experts // 4)):
+            point = next((p for p in points if p["keep"] == keep), None)
+            out[f"prune_{ranking}_{name}"] = None if point is None else point["mean_increase"]
+    return out
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean and two-sided Student-t interval of ``values`` (scipy), ``mean ± t · s / sqrt(n)``.
+
+    Returns:
+        ``{"mean", "low", "high", "half_width", "n", "significant"}``; ``significant``: the
+        interval excludes 0. Fewer than 2 finite values: no interval (``None``).
+    """
+    from scipy import stats
+
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    n = len(values)
+    if n < 2:
+        return {"mean": values[0] if values else None, "low": None, "high": None,
+                "half_width": None, "n": n, "significant": None}  # fmt: skip
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * se
+    return {
+        "mean": mean,
+        "low": mean - half,
+        "high": mean + half,
+        "half_width": half,
+        "n": n,
+        "significant": bool(mean - half > 0 or mean + half < 0),
+    }
+
+
+def paired_differences(
+    study: StudyConfig, evaluations: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per arm other than the reference: per metric of :data:`PAIRED_METRICS`, the per-seed
+    differences arm - reference and their 95 % t-interval (:func:`t_interval`)."""
+    reference = study.reference
+    out: dict[str, dict[str, Any]] = {}
+    for arm, _ in study.arms:
+        if arm == reference:
+            continue
+        table: dict[str, Any] = {}
+        for key in PAIRED_METRICS:
+            diffs = []
+            for seed in study.seeds:
+                a = evaluations[f"{arm}-s{seed}"].get(key)
+                b = evaluations[f"{reference}-s{seed}"].get(key)
+                diffs.append(None if a is None or b is None else a - b)
+            table[key] = {**t_interval(diffs), "values": diffs}
+        out[arm] = table
+    return out
 
 
 def _mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -269,6 +371,33 @@ def study_tables(study: StudyConfig, table: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _interval_cell(entry: dict[str, Any]) -> str:
+    if entry["mean"] is None:
+        return "n/a"
+    if entry["half_width"] is None:
+        return f"{entry['mean']:+.3f}"
+    mark = " *" if entry["significant"] else ""
+    return f"{entry['mean']:+.3f} ± {entry['half_width']:.3f}{mark}"
+
+
+def paired_table(study: StudyConfig, paired: dict[str, dict[str, Any]]) -> str:
+    """Markdown: per arm, the paired difference to the reference and its 95 % t half-width
+    (``*``: the interval excludes 0)."""
+    titles = dict(METRICS)
+    lines = [
+        f"Paired differences against `{study.reference}` (mean ± 95 % t half-width over seeds; "
+        "* = significant at 95 %):",
+        "",
+        "| arm | " + " | ".join(titles[k] for k in PAIRED_METRICS) + " |",
+        "|" + " --- |" * (len(PAIRED_METRICS) + 1),
+    ]
+    for arm, _ in study.arms:
+        if arm in paired:
+            cells = [_interval_cell(paired[arm][k]) for k in PAIRED_METRICS]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def pareto_plot(study: StudyConfig, table: dict[str, dict[str, Any]], path: Path) -> None:
     """Validation LM loss (y) against I(D;E) (x), one point per arm with ±1 SE error bars."""
     import matplotlib
@@ -303,14 +432,22 @@ def write_study_report(
     evaluations = {run.name: dict(ctx.results[f"evaluate:{run.name}"]) for run in runs}
     for name, values in qs.analysis_reports(ctx, runs).items():
         evaluations[name].update(values)
+    for run in runs:
+        prune = ctx.results.get(f"prune:{run.name}")
+        if prune is not None:
+            evaluations[run.name]["prune"] = prune
+            evaluations[run.name].update(prune_numbers(prune, prune["full"]["keep"]))
     table = aggregate(study, evaluations)
-    tables = study_tables(study, table)
+    paired = paired_differences(study, evaluations)
+    tables = study_tables(study, table) + "\n\n" + paired_table(study, paired)
     (ctx.report_dir / "study.json").write_text(
         json.dumps(
             {
                 "seeds": list(study.seeds),
                 "arms": {arm: list(flags) for arm, flags in study.arms},
                 "aggregate": table,
+                "reference": study.reference,
+                "paired": paired,
                 "runs": evaluations,
                 "quickstart": qs.config_json(study.quickstart),
             },
@@ -324,9 +461,13 @@ def write_study_report(
         "# Study: arms x seeds on the quickstart's data",
         "",
         f"Seeds: {', '.join(map(str, study.seeds))}. Cells: mean ± standard error over the seeds "
-        "(sample standard deviation / sqrt(n)). valid LM loss: Megatron's validation loss "
-        "after the last iteration; I(D;E), mean JSD and max/mean load: the evaluation probe on "
-        "the fine labels, averaged over MoE layers; train LM loss: the last log lines.",
+        "(sample standard deviation / sqrt(n)); paired differences: mean ± the two-sided 95 % "
+        "Student-t half-width. Δloss E/2, E/4: mean over domains of the validation LM-loss "
+        "increase when each domain keeps E/2 (E/4) experts per layer, ranked by its own routing "
+        "mass (domain) or one ranking for all (global) (megatron-edl-prune). "
+        "valid LM loss: Megatron's validation loss after the last iteration; I(D;E) (dense "
+        "and hard), mean JSD and max/mean load: the evaluation probe on the fine labels, "
+        "averaged over MoE layers; train LM loss: the last log lines.",
         "",
         tables,
         "",
@@ -339,16 +480,43 @@ def write_study_report(
     return {"tables": tables}
 
 
-def _stages(ctx: qs.Context, study: StudyConfig, runs: Sequence[qs.RunSpec]) -> list[qs.Stage]:
+def _stages(
+    ctx: qs.Context,
+    study: StudyConfig,
+    runs: Sequence[qs.RunSpec],
+    pruned: Sequence[str] | None = None,
+) -> list[qs.Stage]:
+    """Every stage; ``pruned``: the runs with a pruning stage (``None``: all of them)."""
+    prune_runs = [r for r in runs if pruned is None or r.name in pruned]
     report = qs.Stage(
         "study-report",
-        # "format" 2: study.json holds the probe's per-layer numbers (demo.trackers reads them)
-        lambda c: {"runs": [r.name for r in runs], "format": 2},
+        # "format" 3: study.json holds the probe's per-layer numbers (demo.trackers reads them),
+        # the hard I(D;E) and every run's pruning curves
+        lambda c: {"runs": [r.name for r in runs], "format": 3},
         lambda c: write_study_report(c, study, runs),
         lambda c: [c.report_dir / "study.md"],
-        after=tuple(f"evaluate:{r.name}" for r in runs),
+        after=(
+            *(f"evaluate:{r.name}" for r in runs if r not in prune_runs),
+            *(f"prune:{r.name}" for r in prune_runs),
+        ),
     )
-    return [*qs.data_stages(), *qs.cluster_stages(study.quickstart), *qs.run_stages(runs), report]
+    prune = [
+        qs.Stage(
+            f"prune:{run.name}",
+            lambda c: {"format": 1},
+            lambda c, run=run: prune_run(c, run),
+            lambda c, run=run: [prune_dir(c, run) / "prune.json"],
+            after=(f"evaluate:{run.name}",),
+        )
+        for run in prune_runs
+    ]
+    return [
+        *qs.data_stages(),
+        *qs.cluster_stages(study.quickstart),
+        *qs.run_stages(runs),
+        *prune,
+        report,
+    ]
 
 
 def run_study(
@@ -385,12 +553,19 @@ def run_study(
         if run_index is None or not 0 <= run_index < len(runs):
             raise StudyError(f"--run must be in [0, {len(runs)}), got {run_index!r}")
         name = runs[run_index].name
-        wanted = (*shared, f"train:{name}", f"evaluate:{name}")
+        wanted = (*shared, f"train:{name}", f"evaluate:{name}", f"prune:{name}")
         stages = [s for s in stages if s.name in wanted]
     elif only == "report":
         missing = [r.name for r in runs if not qs.stamp_path(ctx, _evaluate(stages, r)).exists()]
         if missing:
             raise StudyError(f"the report needs every run evaluated; missing: {missing}")
+        # the pruning curves of the runs pruned so far (the others' columns read n/a)
+        pruned = [
+            s.name.split(":", 1)[1]
+            for s in stages
+            if s.name.startswith("prune:") and qs.stamp_path(ctx, s).exists()
+        ]
+        stages = _stages(ctx, study, runs, pruned)
     total = len(stages)
     for index, stage in enumerate(stages, 1):
         qs.run_stage(stage, ctx, index, total)

@@ -249,9 +249,11 @@ _register(
     name="training-evaluate",
     target="megatron.training.training:evaluate",
     kind="rebind",
-    where="megatron_edl.integration.telemetry.install_hooks",
+    where="megatron_edl.integration.telemetry.install_hooks, "
+    "megatron_edl.integration.pruning.install_masked_evaluation",
     why="the evaluation probe records the routing of Megatron's evaluation and needs a hook "
-    "before and after it; evaluate() is looked up as a module global by its callers",
+    "before and after it; the pruning evaluation repeats it on the same batches under each "
+    "expert mask; evaluate() is looked up as a module global by its callers",
     remove_when="megatron.training offers evaluation callbacks",
     parameters=("forward_step_func", "data_iterator", "model"),
 )

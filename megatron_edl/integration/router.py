@@ -83,6 +83,7 @@ from megatron_edl.integration.loss_terms import (
     VarianceTerm,
     register_edl_metrics,
 )
+from megatron_edl.integration.pruning import mask_expert_logits
 from megatron_edl.integration.telemetry import RouterStats
 
 __all__ = [
@@ -191,6 +192,9 @@ class AuxLossTopKRouter(TopKRouter, LabelConsumer):
             size = num_domains * config.num_moe_experts + num_domains
             window_X = torch.zeros(size, dtype=torch.float32, device=self.weight.device)
             self.register_buffer(WINDOW_BUFFER, window_X, persistent=True)
+        self.expert_mask_DE: torch.Tensor | None = None
+        """bool [D, E]: the experts each domain's tokens may route to in evaluation (pruning:
+        :mod:`megatron_edl.integration.pruning`); ``None``: every expert."""
         self.routing_stats = None
         """Per-domain routing telemetry (:mod:`megatron_edl.integration.telemetry`), or None."""
         if stats_phase is not None:
@@ -236,11 +240,18 @@ class AuxLossTopKRouter(TopKRouter, LabelConsumer):
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         self._edl_dense_probs = None
-        probs, routing_map = super().routing(logits, padding_mask)
-        logits_TE = logits.view(-1, self.config.num_moe_experts)
+        labels = None
         if self.wants_labels(torch.is_grad_enabled()):
-            # One entry: EDL and the statistics.
-            labels = self.label_queue.pop(logits_TE.shape[0], consumer=self._consumer_name())
+            # One entry: EDL, the statistics and the evaluation's expert mask.
+            num_tokens = logits.numel() // self.config.num_moe_experts
+            labels = self.label_queue.pop(num_tokens, consumer=self._consumer_name())
+        logits_TE = logits.view(-1, self.config.num_moe_experts)
+        if self.expert_mask_DE is not None and not self.training:
+            # pruning evaluation: top-k among the kept experts; the statistics below see the
+            # unmasked logits (finite entropies) and the masked routing map
+            logits = mask_expert_logits(logits, self.expert_mask_DE, labels, self.layer_number)
+        probs, routing_map = super().routing(logits, padding_mask)
+        if labels is not None:
             if self.training and torch.is_grad_enabled() and self.edl_active:
                 probs = self._apply_edl(logits_TE, probs, labels)
             if self.routing_stats is not None:

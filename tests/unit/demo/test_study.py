@@ -49,11 +49,16 @@ def test_arms_choose_their_labels(tmp_path):
     runs = {r.name: r for r in st.study_runs(study)}
     assert runs["fine-s1"].flags == ("--moe-edl-coeff", "0.1", "--seed", "1")
     assert runs["fine-s1"].fine_labels and runs["fine-s1"].data == ""
-    seed = str(study.quickstart.seed)
     assert runs["rnd-s1"].flags == (
-        "--moe-edl-coeff", "0.1", "--moe-edl-labels", "random", "--moe-edl-random-seed", seed,
-        "--seed", "1",
-    )  # fmt: skip
+        "--moe-edl-coeff",
+        "0.1",
+        "--moe-edl-labels",
+        "random",
+        "--moe-edl-random-seed",
+        "1",
+        "--seed",
+        "1",
+    )  # fmt: skip: the permutation is seeded by the run's seed
     label_map = str(tmp_path / "w" / "corpus" / "label_map_coarse.yaml")
     assert runs["grp-s1"].flags[2:4] == ("--moe-edl-label-map", label_map)
     assert runs["top-s1"].data == "clusters-5" and runs["top-s1"].flags[2:] == ("--seed", "1")
@@ -164,4 +169,66 @@ def test_shipped_example_studies_load(tmp_path):
     assert examples
     for path in examples:
         study = st.load_study(path, tmp_path)
-        assert len(study.seeds) >= 3 and study.arms[0][0] == "baseline", path
+        assert len(study.seeds) >= 3 and study.reference.endswith("baseline"), path
+
+
+def test_random_control_differs_per_seed(tmp_path):
+    path = _write(
+        tmp_path, "seeds: [4, 5]\narms:\n  rnd: {flags: --moe-edl-coeff 0.1, labels: random}\n"
+    )
+    runs = st.study_runs(st.load_study(path, tmp_path / "w"))
+    seeds = [r.flags[r.flags.index("--moe-edl-random-seed") + 1] for r in runs]
+    assert seeds == ["4", "5"]
+
+
+def test_t_interval_equals_scipy():
+    from scipy import stats
+
+    values = [0.10, 0.04, 0.07]
+    got = st.t_interval(values)
+    low, high = stats.t.interval(0.95, df=2, loc=0.07, scale=stats.sem(values))
+    assert got["mean"] == pytest.approx(0.07)
+    assert (got["low"], got["high"]) == (pytest.approx(low), pytest.approx(high))
+    # by hand: s = 0.03, se = 0.03 / sqrt(3), t(0.975, 2) = 4.302653
+    assert got["half_width"] == pytest.approx(4.302653 * 0.03 / 3**0.5, rel=1e-6)
+    assert got["significant"] is False  # 0.07 - 0.0745 < 0: 3 seeds need t = 4.30 SE
+    assert st.t_interval([0.10, 0.08, 0.09])["significant"] is True
+    assert st.t_interval([0.2])["half_width"] is None
+
+
+def test_paired_differences_against_the_reference(tmp_path):
+    path = _write(
+        tmp_path,
+        "seeds: [1, 2, 3]\nreference: base\narms:\n  edl: --moe-edl-coeff 0.1\n"
+        "  base: --moe-edl-eval-per-domain\n",
+    )
+    study = st.load_study(path, tmp_path / "w")
+    losses = {"base": [3.70, 3.72, 3.71], "edl": [3.80, 3.76, 3.78]}
+    evaluations = {
+        f"{arm}-s{s}": {"valid_lm_loss": losses[arm][i]}
+        for arm in losses
+        for i, s in enumerate((1, 2, 3))
+    }
+    paired = st.paired_differences(study, evaluations)
+    assert list(paired) == ["edl"]
+    entry = paired["edl"]["valid_lm_loss"]
+    assert entry["values"] == pytest.approx([0.10, 0.04, 0.07])
+    assert entry["half_width"] == pytest.approx(4.302653 * 0.03 / 3**0.5, rel=1e-6)
+    assert paired["edl"]["probe_mi"]["mean"] is None  # not measured: no interval
+    bad = _write(tmp_path, "seeds: [1]\nreference: nope\narms:\n  a: ''\n")
+    with pytest.raises(st.StudyError, match="reference 'nope'"):
+        st.load_study(bad, tmp_path / "w")
+
+
+def test_prune_numbers_pick_half_and_quarter():
+    prune = {
+        "full": {"keep": 8},
+        "curves": {
+            "domain": [{"keep": 4, "mean_increase": 0.5}, {"keep": 2, "mean_increase": 1.5}],
+            "global": [{"keep": 4, "mean_increase": 0.9}],
+        },
+    }
+    assert st.prune_numbers(prune, 8) == {
+        "prune_domain_half": 0.5, "prune_domain_quarter": 1.5,
+        "prune_global_half": 0.9, "prune_global_quarter": None,
+    }  # fmt: skip
