@@ -8,6 +8,9 @@ Usage::
 
 Each positional argument is ``[NAME=]PATH``: a directory of routing-statistics dumps (training
 telemetry, ``--moe-edl-stats-interval``, or ``tools/probe.py`` output) or one dump's ``.json``.
+A directory's ``*.json`` files that are not JSON (empty, truncated) are skipped with one
+``warning:`` line naming and counting them; a damaged ``.npz`` or metadata of the wrong type is
+one ``error:`` line naming the file.
 Console script: ``megatron-edl-report``.
 
 What it writes under ``--out``:
@@ -43,6 +46,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,7 @@ from megatron_edl.analysis.metrics import SCALAR_METRICS, LayerMetrics, stats_me
 from megatron_edl.analysis.routing_stats import (
     SOURCES,
     RoutingStats,
+    UnreadableDumpWarning,
     group_domains,
     load_run,
     sum_steps,
@@ -624,9 +629,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments (default ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 1 on an input error (printed).
+        0 on success, 1 on an input error (one ``error:`` line naming the file). Dump files of a
+        run directory that cannot be parsed (empty, truncated) are skipped with one ``warning:``
+        line per directory that names and counts them.
     """
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        # Skipped dump files (and any other warning) as one line each, not file:line + source.
+        warnings.showwarning = _print_warning
+        warnings.simplefilter("always", UnreadableDumpWarning)
+        return _run(args)
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         layers = parse_layers(args.layers) if args.layers else None
         options = ReportOptions(

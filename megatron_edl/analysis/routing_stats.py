@@ -53,6 +53,9 @@ import json
 import os
 import re
 import secrets
+import warnings
+import zipfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "RoutingStats",
+    "UnreadableDumpWarning",
     "group_domains",
     "load_run",
     "merge_parts",
@@ -94,6 +98,10 @@ ARRAY_DOCS: Mapping[str, str] = {
 _REQUIRED = tuple(name for name in ARRAY_DOCS if not name.startswith("lm_loss"))
 _OPTIONAL = ("lm_loss_sums_D", "lm_loss_tokens_D")
 _STEM_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class UnreadableDumpWarning(UserWarning):
+    """:func:`load_run` skipped ``*.json`` files of a run directory that are not JSON."""
 
 
 def _shape_of(name: str, num_layers: int, num_domains: int, num_experts: int) -> tuple[int, ...]:
@@ -294,13 +302,14 @@ def read_stats(json_path: str | os.PathLike) -> RoutingStats:
         The statistics.
 
     Raises:
-        ValueError: If the file is not a routing-stats dump, has an unknown format version, or
-            its arrays do not match the metadata; the message names the file.
+        ValueError: If the file is not a routing-stats dump, has an unknown format version, its
+            metadata has a wrong type, or its ``.npz`` is missing, truncated or does not match
+            the metadata; the message names the file.
     """
     json_path = Path(json_path)
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{json_path}: not a JSON file: {err}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{json_path}: not a {FORMAT} file")
@@ -310,8 +319,15 @@ def read_stats(json_path: str | os.PathLike) -> RoutingStats:
             f"(this reader knows version {FORMAT_VERSION})"
         )
     npz_path = json_path.with_suffix(".npz")
-    with np.load(npz_path) as data:
-        arrays = {name: data[name] for name in data.files if name in ARRAY_DOCS}
+    try:
+        with np.load(npz_path) as data:
+            arrays = {name: data[name] for name in data.files if name in ARRAY_DOCS}
+    except FileNotFoundError:
+        raise ValueError(f"{npz_path}: missing (the arrays of {json_path})") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as err:
+        raise ValueError(
+            f"{npz_path}: not a readable .npz archive (truncated or damaged): {err}"
+        ) from None
     missing = [name for name in _REQUIRED if name not in arrays]
     if missing:
         raise ValueError(f"{npz_path}: missing arrays {missing}")
@@ -327,8 +343,10 @@ def read_stats(json_path: str | os.PathLike) -> RoutingStats:
             run=meta.get("run", {}),
             **arrays,
         )
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"{json_path}: {err}") from None
+    except KeyError as err:
+        raise ValueError(f"{json_path}: metadata field {err} is missing") from None
+    except (ValueError, TypeError) as err:  # TypeError: e.g. "layers": 5, "topk": null
+        raise ValueError(f"{json_path}: bad metadata: {err}") from None
 
 
 def merge_parts(parts: Sequence[RoutingStats]) -> RoutingStats:
@@ -382,6 +400,11 @@ def load_run(path: str | os.PathLike) -> list[RoutingStats]:
     Returns:
         One ``RoutingStats`` per (source, step); training dumps first, then probes.
 
+    Warns:
+        UnreadableDumpWarning: Once per directory, naming and counting its ``*.json`` files that
+            are empty, truncated or not UTF-8 JSON (skipped; the dumps are written atomically,
+            so such a file is damaged, not in progress).
+
     Raises:
         ValueError: If ``path`` does not exist or holds no dump, or a dump cannot be read.
     """
@@ -390,13 +413,24 @@ def load_run(path: str | os.PathLike) -> list[RoutingStats]:
         raise ValueError(f"{path}: no such file or directory")
     if path.is_dir():
         files = []
+        unreadable = []
         for candidate in sorted(path.glob("*.json")):
+            if not candidate.is_file():
+                continue
             try:
                 head = json.loads(candidate.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError):
+                unreadable.append(candidate.name)
                 continue
             if isinstance(head, dict) and head.get("format") == FORMAT:
                 files.append(candidate)
+        if unreadable:
+            warnings.warn(
+                f"{path}: skipped {len(unreadable)} unreadable dump file(s) (empty, truncated or "
+                f"not UTF-8 JSON): {', '.join(unreadable)}",
+                UnreadableDumpWarning,
+                stacklevel=2,
+            )
     else:
         files = [path]
     if not files:

@@ -3,8 +3,10 @@
 * :func:`inspect_dataset`: sequences, documents and tokens, per-domain counts (sequences and
   tokens per stored domain id, with the label names), and every consistency problem found:
   the ``.idx`` against the ``.bin`` (pointers, sizes, document boundaries), the sidecar against
-  the ``.idx`` (:func:`megatron_edl.data.sidecar.read_sidecar`'s checks), the vocabulary's form
-  and ids that the vocabulary does not name.
+  the ``.idx`` (:func:`megatron_edl.data.sidecar.read_sidecar`'s checks: a damaged JSON block,
+  ids below -1), the vocabulary's form and ids that the vocabulary does not name. A truncated
+  ``.idx`` or an empty ``.bin`` is one problem line naming the file (megatron-core is not asked
+  to map it).
 * :func:`show_document`: the tokens of sequence ``N`` with its label, and the decoded text when
   a tokenizer is given (the command line builds one from Megatron's tokenizer flags).
 
@@ -29,7 +31,13 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_edl.data.merge import VocabularyConflictError, check_vocabulary
-from megatron_edl.data.sidecar import SidecarMismatchError, read_sidecar, sidecar_path
+from megatron_edl.data.sidecar import (
+    IndexFileError,
+    SidecarMismatchError,
+    read_index_header,
+    read_sidecar,
+    sidecar_path,
+)
 
 __all__ = [
     "DatasetReport",
@@ -168,6 +176,34 @@ def _index_problems(dataset: IndexedDataset, prefix: str) -> list[str]:
     return problems
 
 
+def _check_files(prefix: str) -> None:
+    for suffix in (".idx", ".bin"):
+        path = prefix + suffix
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a folder, not a file")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file")
+
+
+def _open_dataset(prefix: str) -> IndexedDataset:
+    """megatron-core's reader of ``prefix`` without the tracebacks of a failed open.
+
+    ``IndexedDataset.__del__`` deletes attributes that a failed ``__init__`` never set, so a
+    failed open prints "Exception ignored in ... __del__" tracebacks after the error; here the
+    missing attributes are set to ``None`` first. (Its ``.bin`` reader has the same flaw when the
+    ``.bin`` cannot be mapped; callers check for an empty ``.bin`` before opening.)
+    """
+    dataset = IndexedDataset.__new__(IndexedDataset)
+    try:
+        dataset.__init__(prefix, multimodal=False, mmap=True)
+    except BaseException:
+        for name in ("bin_reader", "index"):
+            if not hasattr(dataset, name):
+                setattr(dataset, name, None)
+        raise
+    return dataset
+
+
 def inspect_dataset(prefix: str | os.PathLike) -> DatasetReport:
     """Count a labelled dataset's sequences and tokens per domain and check its consistency.
 
@@ -179,13 +215,24 @@ def inspect_dataset(prefix: str | os.PathLike) -> DatasetReport:
 
     Raises:
         FileNotFoundError: If ``<prefix>.idx`` or ``<prefix>.bin`` is missing.
+        IsADirectoryError: If one of them is a folder.
     """
     prefix = os.fspath(prefix)
-    for suffix in (".idx", ".bin"):
-        if not os.path.isfile(prefix + suffix):
-            raise FileNotFoundError(f"{prefix}{suffix}: no such file")
+    _check_files(prefix)
     try:
-        dataset = IndexedDataset(prefix, multimodal=False, mmap=True)
+        header = read_index_header(f"{prefix}.idx")
+    except IndexFileError as err:
+        return DatasetReport(prefix, 0, 0, 0, "?", None, (), (str(err),))
+    if os.path.getsize(f"{prefix}.bin") == 0:
+        problem = (
+            f"{prefix}.bin: empty (0 bytes, {header.sequences} sequences in the .idx); "
+            "Megatron cannot memory-map an empty file"
+        )
+        dtype = np.dtype(header.dtype).name
+        counts = (header.sequences, max(header.documents - 1, 0), 0)
+        return DatasetReport(prefix, *counts, dtype, None, (), (problem,))
+    try:
+        dataset = _open_dataset(prefix)
     except (AssertionError, ValueError) as err:
         return DatasetReport(prefix, 0, 0, 0, "?", None, (), (f"{prefix}.idx: unreadable: {err}",))
     problems = _index_problems(dataset, prefix)
@@ -255,10 +302,13 @@ def show_document(
     Raises:
         IndexError: If ``index`` is out of range (the message gives the range).
         SidecarMismatchError: If the sidecar does not match the index.
+        IndexFileError: If the ``.idx`` is not a readable Megatron index.
         FileNotFoundError: If a file is missing.
     """
     prefix = os.fspath(prefix)
-    dataset = IndexedDataset(prefix, multimodal=False, mmap=True)
+    _check_files(prefix)
+    read_index_header(f"{prefix}.idx")
+    dataset = _open_dataset(prefix)
     count = len(dataset.sequence_lengths)
     if not -count <= index < count:
         raise IndexError(f"{prefix}: sequence {index} out of range; it has {count} sequences")
@@ -315,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
         report = inspect_dataset(args.prefix)
-    except FileNotFoundError as err:
+    except OSError as err:  # missing, a folder, no permission: the message names the file
         print(f"inspect_dataset: error: {err}", file=sys.stderr)
         return 1
     views: list[DocumentView] = []
@@ -325,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n in args.show:
             try:
                 views.append(show_document(args.prefix, n, decode))
-            except IndexError as err:
+            except (IndexError, ValueError, OSError) as err:
                 print(f"inspect_dataset: error: {err}", file=sys.stderr)
                 status = 1
     elif args.show:

@@ -22,7 +22,15 @@ Vocabularies (label name -> stored id) are reconciled by *name* (:func:`reconcil
 
 Output is atomic: everything is written under temporary names next to the output and renamed
 into place only when complete (``.bin``, ``.domains``, then ``.idx`` last, so a reader never
-finds an index without its data); a failure removes the temporary files.
+finds an index without its data); a failure (a full disk included) removes the temporary files
+and is one :class:`MergeError` naming the output.
+
+Inputs are checked before anything is written, and every refusal names the file: paths are
+compared by real path (an input reached through a linked folder, or listed twice through two
+paths, is refused); an output prefix that names a folder, lies below a file, or is in a folder
+that cannot be written; a truncated ``.idx``, a ``.bin`` of the wrong size, a file that is a
+folder; a damaged sidecar (ids below -1, a broken JSON block). A folder named like a prefix is
+Megatron's index cache (``PREFIX/cache/``) and is left alone.
 
 Command line: ``tools/merge_datasets.py`` (see :func:`main`).
 """
@@ -40,9 +48,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from megatron_edl.data.sidecar import SUFFIX, read_sidecar, sidecar_path, write_sidecar
+from megatron_edl.data.sidecar import (
+    SUFFIX,
+    IndexFileError,
+    read_index_header,
+    read_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
 
 __all__ = [
     "MergeError",
@@ -254,6 +269,9 @@ def reconcile_vocabularies(
 def find_prefixes(inputs: Sequence[str | os.PathLike]) -> list[str]:
     """Expand inputs into dataset prefixes: a directory gives all its ``*.idx`` prefixes, sorted.
 
+    A folder ``P`` next to ``P.idx`` is the folder Megatron's ``GPTDataset`` writes its index
+    cache into (``P/cache/GPTDataset_indices``), so ``P`` is taken as the prefix.
+
     Args:
         inputs: Dataset prefixes and/or directories holding shards.
 
@@ -261,25 +279,146 @@ def find_prefixes(inputs: Sequence[str | os.PathLike]) -> list[str]:
         The prefixes, in the given order (directories expanded in sorted name order).
 
     Raises:
-        MergeError: If a directory holds no ``.idx`` file.
+        MergeError: If a directory holds no ``.idx`` file, or is also a dataset prefix while it
+            holds ``.idx`` files (which is meant cannot be told).
     """
     prefixes: list[str] = []
     for item in map(os.fspath, inputs):
-        if os.path.isdir(item):
-            found = sorted(str(p.with_suffix("")) for p in Path(item).glob("*.idx"))
-            if not found:
-                raise MergeError(f"{item}: directory holds no .idx file to merge")
+        if not os.path.isdir(item):
+            prefixes.append(item)
+            continue
+        found = sorted(str(p.with_suffix("")) for p in Path(item).glob("*.idx"))
+        if os.path.isfile(item + ".idx"):
+            if found:
+                raise MergeError(
+                    f"{item} is both a dataset prefix ({item}.idx) and a folder holding .idx "
+                    f"files ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
+                    "list the shards one by one"
+                )
+            prefixes.append(item)
+        elif found:
             prefixes.extend(found)
         else:
-            prefixes.append(item)
+            raise MergeError(f"{item}: directory holds no .idx file to merge")
     return prefixes
 
 
-def _token_dtype(prefix: str) -> type[np.number]:
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """What the merge needs of a shard's ``.idx``/``.bin`` (from :func:`_check_shard`)."""
+
+    dtype: type[np.number]
+    sequences: int
+    documents: int
+    tokens: int
+
+
+def _check_shard(prefix: str) -> _Shard:
+    """Check that ``prefix.idx`` and ``prefix.bin`` form a dataset Megatron can append.
+
+    Raises:
+        MergeError: Naming the file: an unreadable or truncated ``.idx``, document boundaries
+            out of order, or a ``.bin`` whose size is not what the ``.idx`` describes.
+    """
+    idx_path, bin_path = f"{prefix}.idx", f"{prefix}.bin"
     try:
-        return IndexedDataset(prefix, multimodal=False, mmap=True).index.dtype
-    except (AssertionError, ValueError, OSError) as err:
-        raise MergeError(f"{prefix}.idx: not a readable Megatron index: {err}") from err
+        header = read_index_header(idx_path)
+        with open(idx_path, "rb") as f:
+            f.seek(header.arrays_offset)
+            lengths_N = np.fromfile(f, dtype=np.int32, count=header.sequences)
+            f.seek(header.arrays_offset + 12 * header.sequences)
+            documents = np.fromfile(f, dtype=np.int64, count=header.documents)
+        bin_size = os.path.getsize(bin_path)
+    except IndexFileError as err:
+        raise MergeError(str(err)) from None
+    except OSError as err:
+        raise MergeError(f"{err.filename or idx_path}: cannot read: {err.strerror}") from None
+    if (
+        documents.size == 0
+        or documents[0] != 0
+        or documents[-1] != header.sequences
+        or (np.diff(documents) < 0).any()
+    ):
+        raise MergeError(
+            f"{idx_path}: document boundaries do not run from 0 to {header.sequences} in order"
+        )
+    tokens = int(lengths_N.sum(dtype=np.int64))
+    itemsize = np.dtype(header.dtype).itemsize
+    if (lengths_N < 0).any() or bin_size != tokens * itemsize:
+        raise MergeError(
+            f"{bin_path}: {bin_size} bytes, but {idx_path} describes {tokens * itemsize} "
+            f"({tokens} tokens of {np.dtype(header.dtype).name})"
+        )
+    return _Shard(header.dtype, header.sequences, header.documents - 1, tokens)
+
+
+def _file_id(path: str) -> tuple[int, int]:
+    """``(device, inode)`` of ``path`` (links followed): equal for one file reached two ways."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def _check_paths(shards: Sequence[str], output: str, overwrite: bool) -> None:
+    """Refuse what would overwrite an input, merge a shard twice or write somewhere odd."""
+    if not output:
+        raise MergeError("the output prefix is empty")
+    folder_like = output.endswith(("/", os.sep)) or os.path.basename(output) in ("", ".", "..")
+    if not folder_like and os.path.isdir(output):
+        # Megatron's index cache (<prefix>/cache/) lives in a folder named like the prefix.
+        folder_like = not os.path.isfile(output + ".idx") and os.listdir(output) != ["cache"]
+    if folder_like:
+        example = os.path.join(output, "merged")
+        raise MergeError(
+            f"{output}: the output prefix names a folder; give a prefix of files, e.g. {example}"
+        )
+    ancestor = os.path.dirname(os.path.abspath(output))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise MergeError(f"{output}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MergeError(f"{ancestor}: folder is not writable (output prefix {output})")
+    for suffix in _DATASET_SUFFIXES:
+        if os.path.lexists(output + suffix) and not os.path.isfile(output + suffix):
+            kind = "folder" if os.path.isdir(output + suffix) else "not a regular file"
+            raise MergeError(
+                f"{output}{suffix} is a {kind}, not a file; remove it or choose another output "
+                "prefix"
+            )
+
+    seen: dict[tuple[int, int], str] = {}  # (device, inode) of a shard's .idx -> the shard
+    inputs: dict[tuple[int, int], str] = {}  # (device, inode) of every input file -> its path
+    real_output = os.path.realpath(output)
+    for shard in shards:
+        for suffix in (".bin", ".idx", SUFFIX):
+            path = shard + suffix
+            if os.path.isdir(path):
+                raise MergeError(f"{path} is a folder, not a file (shard {shard})")
+            if not os.path.isfile(path):
+                what = "domain sidecar" if suffix == SUFFIX else "file"
+                raise MergeError(f"{path}: missing {what} of shard {shard}")
+            inputs.setdefault(_file_id(path), path)
+        key = _file_id(shard + ".idx")
+        if key in seen:
+            raise MergeError(
+                f"shard listed twice: {seen[key]} and {shard} are the same files "
+                f"({os.path.realpath(shard + '.idx')})"
+            )
+        seen[key] = shard
+        if os.path.realpath(shard) == real_output:
+            raise MergeError(
+                f"{shard}: a shard cannot also be the output prefix ({output}; both are "
+                f"{real_output})"
+            )
+    for suffix in _DATASET_SUFFIXES:
+        if os.path.isfile(output + suffix) and _file_id(output + suffix) in inputs:
+            raise MergeError(
+                f"{output}{suffix} is {inputs[_file_id(output + suffix)]} (the same file): a "
+                "shard cannot also be the output"
+            )
+    existing = [output + s for s in _DATASET_SUFFIXES if os.path.exists(output + s)]
+    if existing and not overwrite:
+        raise MergeError(f"output exists: {', '.join(existing)} (pass overwrite to replace it)")
 
 
 def _remove_quietly(paths: Sequence[str]) -> None:
@@ -297,6 +436,10 @@ def merge_datasets(
 ) -> MergeResult:
     """Merge labelled shards (``.bin``/``.idx``/``.domains``) into ``output_prefix``, atomically.
 
+    Paths are compared by their real path (symbolic links resolved), so a shard reached
+    through two paths, or the output reached through a linked folder, is recognised. Empty
+    shards (0 sequences) add nothing; at least one shard must hold data.
+
     Args:
         shard_prefixes: The shards' prefixes, in the order their documents are concatenated.
         output_prefix: Prefix of the merged dataset (its directory is created if needed).
@@ -307,38 +450,39 @@ def merge_datasets(
         A :class:`MergeResult`.
 
     Raises:
-        MergeError: On no shards, a missing file, a shard listed twice or equal to the output,
-            token dtypes that differ, or an existing output without ``overwrite``.
+        MergeError: On no shards, a missing, truncated or inconsistent file, a shard listed
+            twice or equal to the output, an output prefix that names a folder, lies below a
+            file or in a folder that cannot be written, token dtypes that differ, only empty
+            shards, an existing output without ``overwrite``, or a failed write (disk full,
+            ...; nothing is then left under the final names). Each message names the file.
         VocabularyConflictError: On malformed or irreconcilable vocabularies (or different ones
             with ``require_same_vocabulary``).
-        SidecarMismatchError: If a shard's sidecar does not match its index.
+        SidecarMismatchError: If a shard's sidecar does not match its index, or is damaged (an
+            id below -1, a broken JSON block).
     """
     shards = [os.fspath(p) for p in shard_prefixes]
     output = os.fspath(output_prefix)
     if not shards:
         raise MergeError("no shards to merge")
-    seen: set[str] = set()
-    for shard in shards:
-        if os.path.abspath(shard) in seen:
-            raise MergeError(f"{shard}: shard listed twice")
-        seen.add(os.path.abspath(shard))
-        if os.path.abspath(shard) == os.path.abspath(output):
-            raise MergeError(f"{shard}: a shard cannot also be the output prefix")
-        for suffix in (".bin", ".idx", SUFFIX):
-            if not os.path.isfile(shard + suffix):
-                what = "domain sidecar" if suffix == SUFFIX else "file"
-                raise MergeError(f"{shard}{suffix}: missing {what} of shard {shard}")
-    existing = [output + s for s in _DATASET_SUFFIXES if os.path.exists(output + s)]
-    if existing and not overwrite:
-        raise MergeError(f"output exists: {', '.join(existing)} (pass overwrite to replace it)")
+    _check_paths(shards, output, overwrite)
 
-    dtypes = {shard: _token_dtype(shard) for shard in shards}
+    checked = {shard: _check_shard(shard) for shard in shards}
+    dtypes = {shard: info.dtype for shard, info in checked.items()}
     if len(set(dtypes.values())) > 1:
         listed = ", ".join(f"{s}: {np.dtype(d).name}" for s, d in dtypes.items())
         raise MergeError(f"shards have different token dtypes ({listed}); re-tokenise to one")
     dtype = dtypes[shards[0]]
+    if all(info.sequences == 0 for info in checked.values()):
+        many = len(shards) > 1
+        raise MergeError(
+            f"{', '.join(shards)}: empty shard{'s' if many else ''} (0 sequences), nothing to "
+            "merge (Megatron cannot read an empty dataset)"
+        )
 
-    labels = [read_sidecar(shard) for shard in shards]
+    try:
+        labels = [read_sidecar(shard) for shard in shards]
+    except OSError as err:
+        raise MergeError(f"{err.filename}: cannot read: {err.strerror}") from None
     reconciled = reconcile_vocabularies(
         [vocabulary for _, vocabulary in labels],
         [str(sidecar_path(shard)) for shard in shards],
@@ -351,25 +495,38 @@ def merge_datasets(
             "(require_same_vocabulary)"
         )
     ids_N = np.concatenate([reconciled.remap(i, ids) for i, (ids, _) in enumerate(labels)])
+    sequences = sum(info.sequences for info in checked.values())
+    documents = sum(info.documents for info in checked.values())
+    tokens = sum(info.tokens for info in checked.values())
 
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{output}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp_files = [tmp + s for s in _DATASET_SUFFIXES] + [str(sidecar_path(tmp)) + ".tmp"]
+    moved: list[str] = []
     try:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
         builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
         for shard in shards:
             builder.add_index(shard)
         builder.finalize(tmp + ".idx")
         write_sidecar(tmp, ids_N, reconciled.vocabulary)
-        merged = IndexedDataset(tmp, multimodal=False, mmap=True)
-        sequences = len(merged.sequence_lengths)
-        documents = len(merged.document_indices) - 1
-        tokens = int(np.sum(merged.sequence_lengths, dtype=np.int64))
-        del merged
+        header = read_index_header(tmp + ".idx")
+        assert (header.sequences, header.documents - 1) == (sequences, documents), header
+        assert os.path.getsize(tmp + ".bin") == tokens * np.dtype(dtype).itemsize
         if overwrite:  # never leave a new .bin next to an old .idx
             _remove_quietly([output + ".idx"])
         for suffix in _DATASET_SUFFIXES:
             os.replace(tmp + suffix, output + suffix)
+            moved.append(output + suffix)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        state = (
+            f"only {', '.join(moved)} replaced, the dataset is incomplete"
+            if moved
+            else "nothing was written under the final names"
+        )
+        raise MergeError(
+            f"{output}: writing the merged dataset failed: {err.strerror or err}{where}; {state}"
+        ) from None
     finally:
         _remove_quietly(tmp_files)
     return MergeResult(
@@ -422,6 +579,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             require_same_vocabulary=args.require_same_vocabulary,
         )
     except (MergeError, ValueError) as err:
+        print(f"merge_datasets: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. a shard that cannot be read; the message names the file
         print(f"merge_datasets: error: {err}", file=sys.stderr)
         return 1
     print(

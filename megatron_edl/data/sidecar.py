@@ -20,18 +20,26 @@ Format, version 1 (little-endian)::
     81+L    N*s   domain ids, one per sequence, in the dtype (-1 = unlabelled)
 
 Loading checks the magic, the version, the counts, the size and the fingerprint against the
-``.idx`` and raises :class:`SidecarMismatchError` naming the file and the field that differs, so
-a sidecar from another run, or an edited or truncated one, is an error, never a silent mislabel.
+``.idx``, that the JSON block is UTF-8 JSON holding a ``"vocabulary"`` object, and that no id is
+below -1, and raises :class:`SidecarMismatchError` naming the file and the field that differs (or
+the first bad sequence), so a sidecar from another run, or an edited, damaged or truncated one,
+is an error, never a silent mislabel.
+
+:func:`read_index_header` checks a Megatron ``.idx`` before anything maps it: its header and that
+the file is long enough for the arrays the header describes (megatron-core maps a short file and
+fails deep inside with a traceback per half-built object).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,10 +52,86 @@ _FINGERPRINT_SPAN = 1 << 20
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 """The first bytes of every Megatron ``.idx`` file."""
 _INDEX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents
+INDEX_DTYPES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+"""Megatron's ``DType`` codes of the token dtype in an ``.idx`` header."""
 
 
 class SidecarMismatchError(ValueError):
     """The sidecar does not belong to the index next to it (or is damaged)."""
+
+
+class IndexFileError(ValueError):
+    """A Megatron ``.idx`` file that cannot be read (not an index, unknown version, truncated)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexHeader:
+    """The header of a Megatron ``.idx`` file (:func:`read_index_header`)."""
+
+    dtype: type[np.number]
+    """Token dtype of the ``.bin``."""
+    sequences: int
+    """Sequence count (GPTDataset's documents)."""
+    documents: int
+    """Document count: the length of the document-index array, the leading 0 included."""
+    size: int
+    """Size of the ``.idx`` in bytes."""
+
+    @property
+    def arrays_offset(self) -> int:
+        """Where the sequence lengths start."""
+        return _INDEX_HEADER.size
+
+    @property
+    def needed_size(self) -> int:
+        """Bytes the header and its arrays take (lengths int32, pointers and documents int64)."""
+        return _INDEX_HEADER.size + 12 * self.sequences + 8 * self.documents
+
+
+def read_index_header(idx_path: str | os.PathLike) -> IndexHeader:
+    """Read and check the header of a Megatron ``.idx`` file.
+
+    Args:
+        idx_path: The ``.idx`` file.
+
+    Returns:
+        Its :class:`IndexHeader`.
+
+    Raises:
+        IndexFileError: Naming the file, if it is a folder, lacks the magic, has another version
+            or token dtype code, or is shorter than the arrays its header describes.
+        OSError: If it cannot be opened (missing, no permission).
+    """
+    if os.path.isdir(idx_path):
+        raise IndexFileError(f"{idx_path} is a folder, not a file")
+    with open(idx_path, "rb") as f:
+        header = f.read(_INDEX_HEADER.size)
+        size = os.fstat(f.fileno()).st_size
+    if len(header) < _INDEX_HEADER.size:
+        raise IndexFileError(f"{idx_path}: not a Megatron .idx file (only {size} bytes)")
+    magic, version, code, sequences, documents = _INDEX_HEADER.unpack(header)
+    if magic != INDEX_MAGIC:
+        raise IndexFileError(f"{idx_path}: not a Megatron .idx file (magic {magic!r})")
+    if version != 1:
+        raise IndexFileError(f"{idx_path}: .idx format version {version}, Megatron writes 1")
+    if code not in INDEX_DTYPES:
+        raise IndexFileError(f"{idx_path}: unknown token dtype code {code} in the .idx header")
+    result = IndexHeader(INDEX_DTYPES[code], sequences, documents, size)
+    if size < result.needed_size:
+        raise IndexFileError(
+            f"{idx_path}: truncated: {size} bytes, but its header describes {sequences} "
+            f"sequences and {documents} document indices ({result.needed_size} bytes)"
+        )
+    return result
 
 
 def sidecar_path(prefix: str | os.PathLike) -> Path:
@@ -145,10 +229,13 @@ def read_sidecar(prefix: str | os.PathLike) -> tuple[np.ndarray, dict[str, int]]
 
     Raises:
         FileNotFoundError: if the sidecar is missing.
-        SidecarMismatchError: naming the file and the field, if it does not match the index.
+        SidecarMismatchError: naming the file and the field, if it does not match the index, or
+            naming the file (and the sequence) if its JSON block or an id is damaged.
     """
     path = sidecar_path(prefix)
     idx_path = f"{os.fspath(prefix)}.idx"
+    if path.is_dir():
+        raise SidecarMismatchError(f"{path} is a folder, not a domain sidecar")
     data = path.read_bytes()
     if len(data) < _HEADER.size:
         raise SidecarMismatchError(f"{path}: truncated header ({len(data)} bytes)")
@@ -179,6 +266,37 @@ def read_sidecar(prefix: str | os.PathLike) -> tuple[np.ndarray, dict[str, int]]
         raise SidecarMismatchError(
             f"{path}: {len(data)} bytes, expected {start + sequences * dtype.itemsize}"
         )
-    vocabulary = json.loads(data[_HEADER.size : start])["vocabulary"]
+    vocabulary = _vocabulary_block(path, data[_HEADER.size : start])
     ids_N = np.frombuffer(data, dtype=dtype, offset=start, count=sequences).astype(np.int64)
+    below = np.flatnonzero(ids_N < -1)
+    if below.size:
+        first = int(below[0])
+        raise SidecarMismatchError(
+            f"{path}: sequence {first} (document index {first}) has domain id {ids_N[first]}, "
+            f"below -1 (the unlabelled id); {below.size} sequence(s) have such ids: the file is "
+            "damaged"
+        )
     return ids_N, vocabulary
+
+
+def _vocabulary_block(path: Path, block: bytes) -> Any:
+    """The ``"vocabulary"`` of a sidecar's JSON block (its entries are checked by the callers)."""
+    try:
+        parsed = json.loads(block.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise SidecarMismatchError(
+            f"{path}: the JSON block is not UTF-8 (byte {_HEADER.size + err.start} of the file): "
+            "the file is damaged"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise SidecarMismatchError(
+            f"{path}: the JSON block is not valid JSON ({err.msg} at byte "
+            f"{_HEADER.size + err.pos} of the file): the file is damaged"
+        ) from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("vocabulary"), dict):
+        raise SidecarMismatchError(
+            f'{path}: the JSON block holds no "vocabulary" object (keys: '
+            f"{sorted(parsed)[:5] if isinstance(parsed, dict) else type(parsed).__name__}): "
+            "the file is damaged"
+        )
+    return parsed["vocabulary"]

@@ -178,7 +178,7 @@ def test_existing_output_is_refused_then_replaced_atomically(three_shards, tmp_p
         raise OSError("disk full")
 
     monkeypatch.setattr(merge_module, "write_sidecar", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(MergeError, match="merged: writing the merged dataset failed: disk full"):
         merge_datasets(shards, out, overwrite=True)
     assert dataset_files(out) == before  # the old dataset is untouched
     assert sorted(p.name for p in tmp_path.glob("merged*")) == [
@@ -261,6 +261,7 @@ def test_merge_command_line(three_shards, tmp_path, capsys):
         capture_output=True,
         text=True,
         cwd=REPO,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "merged 3 shards" in proc.stdout and "45 sequences" in proc.stdout
