@@ -7,12 +7,12 @@ Usage:
     python -m megatron_edl.demo.science tables --check    # exit 1 if a table differs
 
 ``export`` takes a study's ``report/study.json`` (every run's own numbers: validation LM loss
-overall and per domain, dense and hard I(D;E), the pruning curves) and adds the commit, the corpus
-fingerprint (SHA-256 of the train and validation JSONL) and the corpus's per-domain document
-counts: a small JSON file per study beside docs/science.md. ``tables`` recomputes every study's
-tables (mean ± SE per arm, paired 95 % t-intervals against the reference arm) from those runs
-alone and writes them between the markers ``<!-- tables:NAME -->`` and ``<!-- /tables:NAME -->``
-of docs/science.md.
+overall and per domain, dense and hard I(D;E), the pruning curves) and adds the commit (HEAD at
+export), the corpus fingerprint (SHA-256 of the train and validation JSONL) and the corpus's
+per-domain document counts: a small JSON file per study beside docs/science.md. ``tables``
+recomputes every study's tables (mean ± SE per arm, paired 95 % t-intervals against the
+reference arm) from those runs alone and writes them between the markers
+``<!-- tables:NAME -->`` and ``<!-- /tables:NAME -->`` of docs/science.md.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def export(workdir: Path, study_path: Path, out: Path) -> dict[str, Any]:
         "commit": _commit(),
         "corpus": _corpus(workdir),
         "seeds": report["seeds"],
-        "arms": report["arms"],
+        "arms": [[arm, flags] for arm, flags in report["arms"].items()],  # in file order
         "reference": report.get("reference") or next(iter(report["arms"])),
         "runs": runs,
     }
@@ -85,7 +85,7 @@ def export(workdir: Path, study_path: Path, out: Path) -> dict[str, Any]:
 def render_tables(results: dict[str, Any]) -> str:
     """The study's tables, recomputed from its runs (:func:`megatron_edl.demo.study.aggregate`,
     :func:`~megatron_edl.demo.study.paired_differences`)."""
-    arms = tuple((arm, tuple(flags)) for arm, flags in results["arms"].items())
+    arms = tuple((arm, tuple(flags)) for arm, flags in results["arms"])
     study = st.StudyConfig(
         quickstart=None,  # not needed by the tables
         seeds=tuple(results["seeds"]),
@@ -110,14 +110,14 @@ def update_document(document: Path, results_dir: Path, *, check: bool) -> list[s
     for path in sorted(results_dir.glob("*.json")):
         name = path.stem
         pattern = re.compile(
-            rf"(<!-- tables:{re.escape(name)} -->\n)(.*?)(\n<!-- /tables:{re.escape(name)} -->)",
+            rf"(<!-- tables:{re.escape(name)} -->)(.*?)(<!-- /tables:{re.escape(name)} -->)",
             re.S,
         )
         match = pattern.search(text)
         if match is None:
             stale.append(f"{name} (no marker in {document})")
             continue
-        fresh = render_tables(json.loads(path.read_text(encoding="utf-8")))
+        fresh = "\n" + render_tables(json.loads(path.read_text(encoding="utf-8"))) + "\n"
         if match.group(2) != fresh:
             stale.append(name)
             text = text[: match.start(2)] + fresh + text[match.end(2) :]
