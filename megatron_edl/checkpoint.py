@@ -119,32 +119,52 @@ def check_resume_checkpoint(args) -> None:
             raise CheckpointError(f"checkpoint {folder} is incomplete: {path.name} {what} {hint}")
 
 
-def check_window_state(args, buffer_name: str) -> None:
-    """Refuse resuming an EDL run with the statistics window from a checkpoint without its state.
+def check_window_state(
+    args, buffer_name: str, *, num_domains: int | None = None, num_experts: int | None = None
+) -> None:
+    """Refuse resuming an EDL run with the statistics window from a checkpoint without its state,
+    or with the state of another number of loss domains.
 
     A checkpoint written without ``--moe-edl-window-decay`` (a stock run, or EDL without the
     window) has no ``<router>.{buffer_name}`` entries. Megatron's default
     ``--dist-ckpt-strictness assume_ok_unexpected`` would fail inside the loader; with
     ``log_unexpected`` (Megatron's own option) it logs the absent entries and the window starts
-    empty. This says so in one line, before the model is built. Global rank 0 reads the index.
+    empty. The window is packed ``[D * E + D]`` (the last dimension of its global shape): a
+    checkpoint written with another number of loss domains D (another label map, other data)
+    would fail with a shape mismatch inside the loader, after the model is built. Both say so in
+    one line, before the model is built. Global rank 0 reads the index.
 
     Args:
         args: Megatron's parsed arguments (``load``, ``ckpt_step``, ``ckpt_format``,
             ``dist_ckpt_strictness``).
         buffer_name: The router buffer holding the window.
+        num_domains: The run's loss domains D (``None``: the size is not checked).
+        num_experts: The model's routed experts E (``--num-experts``).
 
     Raises:
         CheckpointError: naming the checkpoint and the flag that lets it load.
     """
-    if getattr(args, "dist_ckpt_strictness", "assume_ok_unexpected") != "assume_ok_unexpected":
-        return
     folder = _folder_to_check(args)
     if folder is None or not (folder / ".metadata").is_file():
         return
     from torch.distributed.checkpoint import FileSystemReader
 
     keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    if not any(key.endswith(f".{buffer_name}") for key in keys):
+    windows = {key: meta for key, meta in keys.items() if key.endswith(f".{buffer_name}")}
+    if num_domains is not None and num_experts:
+        for key, meta in windows.items():
+            size = int(meta.size[-1]) if getattr(meta, "size", None) else None
+            if size is not None and size != num_domains * (num_experts + 1):
+                held = f"{size // (num_experts + 1)}" if size % (num_experts + 1) == 0 else "?"
+                raise CheckpointError(
+                    f"checkpoint {folder} holds an EDL window ({key}) of {held} loss domains x "
+                    f"{num_experts} experts, this run has {num_domains} loss domains: resume "
+                    "with the labels it was trained with (the same --moe-edl-label-map and "
+                    "data), or without --moe-edl-window-decay"
+                )
+    if getattr(args, "dist_ckpt_strictness", "assume_ok_unexpected") != "assume_ok_unexpected":
+        return
+    if not windows:
         raise CheckpointError(
             f"checkpoint {folder} holds no EDL window state (written without "
             "--moe-edl-window-decay): add --dist-ckpt-strictness log_unexpected to load it "

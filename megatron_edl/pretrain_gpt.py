@@ -70,37 +70,59 @@ def resolve_domains(args, labels) -> tuple[int, tuple[str, ...]]:
     """``num_domains`` and ``domain_names`` of a run that loads labels (``EDLRunConfig``'s
     ``resolve_domains``): from the label map, the data's label vocabulary, or the mock data.
 
-    With the run's label options (label map, random control), so that a label map that does not
-    cover the data fails here, before the model is built; the results are cached for the dataset
-    builds (same files, same label options). One rank per node reads the files and shares them
-    (or its error) with the others (integration/dataset.py).
+    The loss domains are those the data and the label map use: the label map's ``domains``, or
+    without one the stored ids the blend's sequences use, compacted (a large or retired id
+    costs nothing; an id the sidecar's vocabulary does not name is refused naming the file;
+    docs/launching.md, "Failure behaviour"). With the run's label options (label map, random
+    control), so that a label map that does not cover the data fails here, before the model is
+    built, mock data included; the results are cached for the dataset builds (same files, same
+    label options). One rank per node reads the files and shares them (or its error) with the
+    others (integration/dataset.py). With the EDL loss on, fewer than two loss domains in use
+    are refused (:func:`megatron_edl.config.labels.check_loss_domains`).
     """
-    from megatron_edl.config.labels import LabelOrigin
+    import numpy as np
+
+    from megatron_edl.config import EDLConfigError, LabelOrigin
+    from megatron_edl.config.labels import check_loss_domains
+    from megatron_edl.integration import dataset
 
     if labels.origin is LabelOrigin.MOCK:
+        null_tokenizer = getattr(args, "tokenizer_type", None) == "NullTokenizer"
+        vocab_size = getattr(args, "vocab_size", None) if null_tokenizer else None
+        dataset.check_mock_domains(labels.mock_domains, vocab_size)
         num_domains = labels.mock_domains
-        names_by_id = {i: f"domain{i}" for i in range(num_domains)}
+        names = tuple(f"domain{i}" for i in range(num_domains))
+        loss_ids = [dataset.mock_document_domains(num_domains, labels)]  # the map's cover
         vocabulary = None
     else:
-        from megatron_edl.integration.dataset import evaluation_labels, resolve_blend_domains
-
-        evaluation = evaluation_labels(labels)  # differs under the random control
+        evaluation = dataset.evaluation_labels(labels)  # differs under the random control
         for label_options in [*([evaluation] if evaluation is not labels else []), labels]:
-            blend = resolve_blend_domains(
+            blend = dataset.resolve_blend_domains(
                 blend_prefixes_from_args(args),
                 "prefix" if labels.domains_per_prefix else "sidecar",
                 domains_per_prefix=labels.domains_per_prefix,
                 labels=label_options,
                 per_node=True,
             )
-        num_domains, vocabulary = blend.num_stored_domains, blend.vocabulary
-        names_by_id = {stored: name for name, stored in vocabulary.items()}
+        vocabulary = blend.vocabulary
+        loss_ids = list(blend.loss_ids.values())
+        if blend.loss_domains is not None:  # no label map: the stored ids in use, compacted
+            if not blend.loss_domains:
+                raise EDLConfigError(
+                    f"domain labels ({', '.join(labels.reasons)}): no sequence of the blend "
+                    f"({', '.join(blend.prefixes)}) has a domain label (every id is -1)"
+                )
+            names_by_id = {stored: name for name, stored in vocabulary.items()}
+            num_domains = len(blend.loss_domains)
+            names = tuple(names_by_id.get(i, str(i)) for i in blend.loss_domains)
     if labels.label_map is not None:
         from megatron_edl.core.labels import LabelMap
 
         label_map = LabelMap.from_yaml(labels.label_map, vocabulary=vocabulary)
-        return label_map.num_domains, tuple(label_map.domains)
-    return num_domains, tuple(names_by_id.get(i, str(i)) for i in range(num_domains))
+        num_domains, names = label_map.num_domains, tuple(label_map.domains)
+    used = np.unique(np.concatenate([np.zeros(0, np.int64), *map(dataset.used_ids, loss_ids)]))
+    check_loss_domains(labels, used.size)
+    return num_domains, names
 
 
 def run_config_from_args(args):
@@ -211,7 +233,10 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
         from megatron_edl.checkpoint import check_window_state
         from megatron_edl.integration.router import WINDOW_BUFFER
 
-        check_window_state(args, WINDOW_BUFFER)  # a checkpoint without it: say which flag
+        # A checkpoint without it, or with another domain count: say which flag.
+        check_window_state(
+            args, WINDOW_BUFFER, num_domains=run.labels.num_domains, num_experts=args.num_experts
+        )
     if run.edl_loss:
         warn_thin_statistics(args, run.edl, run.labels.num_domains)
     stats_phase = None
@@ -380,8 +405,10 @@ def megatron_assertion_message(exc: AssertionError) -> str:
     return f"invalid arguments (Megatron's {where}): {what}"
 
 
-# Errors of the start-time checks (config expansion, flag checks, label resolution, EDL config).
-_REFUSALS = (ValueError, FileNotFoundError)
+# Errors of the start-time checks (config expansion, flag checks, label resolution, EDL config):
+# ValueError (EDLConfigError, CheckpointError, SidecarMismatchError, ...), and OSError for a
+# file that cannot be read (its message names it).
+_REFUSALS = (ValueError, OSError)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from megatron_edl.integration.telemetry import PROBE_DIR_FLAG
 
-__all__ = ["main", "probe_argv"]
+__all__ = ["check_checkpoint", "main", "probe_argv"]
 
 PROBE_FLAGS = ("--skip-train", "--no-load-optim", "--no-load-rng")
 # The statistics window is training state, sized by the training labels' domains; the probe does
@@ -64,6 +64,47 @@ def probe_argv(out: str, flags: Sequence[str]) -> list[str]:
     return [*flags, *extra, *NO_WINDOW, PROBE_DIR_FLAG, out]
 
 
+def _flag_value(flags: Sequence[str], flag: str) -> str | None:
+    """The value of the last ``flag VALUE`` or ``flag=VALUE`` in ``flags`` (``None``: absent)."""
+    value = None
+    for i, f in enumerate(flags):
+        if f == flag and i + 1 < len(flags):
+            value = flags[i + 1]
+        elif f.startswith(f"{flag}="):
+            value = f.split("=", 1)[1]
+    return value
+
+
+def check_checkpoint(flags: Sequence[str]) -> None:
+    """Refuse a ``--load`` with no checkpoint Megatron would load (it would evaluate a random
+    model, warn once in its log and exit 0).
+
+    Megatron loads the iteration its tracker (``latest_checkpointed_iteration.txt``) names, or
+    ``--ckpt-step``'s; without either it starts from random weights, ``iter_*`` folders or not.
+
+    Raises:
+        ValueError: Naming ``--load`` and what is missing.
+    """
+    from pathlib import Path
+
+    from megatron_edl.checkpoint import TRACKER
+
+    load = _flag_value(flags, "--load")
+    if load is None:
+        return  # probe_argv names the missing flag
+    folder = Path(load)
+    if not folder.is_dir():
+        raise ValueError(f"--load {load}: no such folder, so no checkpoint to evaluate")
+    if (folder / TRACKER).is_file() or _flag_value(flags, "--ckpt-step") is not None:
+        return  # the tracker's (or --ckpt-step's) folder: checked by the launcher
+    found = sorted(p.name for p in folder.glob("iter_*") if p.is_dir())
+    hint = f" (it holds {found[-1]}: pass --ckpt-step N)" if found else " (and no iter_* folder)"
+    raise ValueError(
+        f"--load {load}: no checkpoint: no {TRACKER}{hint}; Megatron would evaluate a randomly "
+        "initialised model"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the probe (under ``torchrun`` for several processes).
 
@@ -81,6 +122,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as err:
         parser.error(str(err))
     from megatron_edl import pretrain_gpt
+
+    try:
+        check_checkpoint(flags)
+    except ValueError as err:  # one line, exit status 2 (before anything is built)
+        pretrain_gpt.refuse(err)
 
     pretrain_gpt.main(launcher_argv)
 

@@ -12,7 +12,9 @@ a run's sample is the median of its iteration times after ``--skip`` warm-up ite
 
 Prints per configuration the median [min, max] over runs of those medians, the ratio of the
 median iteration times over all runs (target EDL / baseline <= 1.02), the per-round ratio, and
-tokens per second.
+tokens per second. ``--memory`` adds Megatron's memory report at the last iteration
+(``--log-memory-interval``) and prints the peak allocated memory of each configuration
+(``torch.cuda.max_memory_allocated`` on rank 0, so 0 on CPU).
 
 ``--clock cpu`` (for shared machines) runs ``megatron_edl.benchmarks.cpu_clock_pretrain``
 instead of the launcher: the same training, with Megatron's timers reading the process's CPU
@@ -23,13 +25,14 @@ Usage:
     python tools/benchmark_training.py --clock cpu --rounds 6 --iters 60
     python tools/benchmark_training.py --nproc 2 --extra "--expert-model-parallel-size 2"
     python tools/benchmark_training.py --rounds 1 --iters 4 --skip 2   # smoke test
-    python tools/benchmark_training.py --device cuda --extra "--bf16 --hidden-size 1024 ..."
+    python tools/benchmark_training.py --device cuda --memory --extra "--bf16 --hidden-size 1024"
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -46,6 +49,12 @@ from megatron_edl.benchmarks.runs import TINY_MOE_GPT, RunResult, free_port, par
 
 EDL_FLAGS = ["--moe-edl-coeff", "1e-2", "--moe-edl-mock-domains", "3"]
 ITERATION_TIME = "elapsed time per iteration (ms)"
+# Megatron's report_memory line: "... memory (MB) | allocated: A | max allocated: M | ..."
+_PEAK_RE = re.compile(r"\| max allocated: ([0-9.]+)")
+# Megatron's count of the built model's parameters (rank 0 holds them all with TP = PP = 1).
+# megatron-core 0.19: "number of parameters on (tensor, gtp_remat, pipeline) model parallel
+# rank (0, 0, 0): N".
+_PARAMS_RE = re.compile(r"number of parameters on \([^)]*\) model parallel rank \([0, ]*\): (\d+)")
 LAUNCHERS = {
     "wall": "megatron_edl.pretrain_gpt",
     "cpu": "megatron_edl.benchmarks.cpu_clock_pretrain",
@@ -91,13 +100,19 @@ def run_case(
     timeout_s: float,
     log: dict,
     device: str = "cpu",
+    memory: bool = False,
 ):
-    """A callable for the harness: one training run, returning its median iteration time (s)."""
+    """A callable for the harness: one training run, returning its median iteration time (s).
+
+    With ``memory`` the run logs Megatron's memory report at its last iteration, and the peak
+    allocated MiB goes to ``log["peak_mib"]``.
+    """
+    memory_flags = ["--log-memory-interval", str(iters)] if memory else []
 
     def call() -> float:
         result = run_training(
             nproc,
-            [*flags, "--train-iters", str(iters), "--log-interval", "1"],
+            [*flags, "--train-iters", str(iters), "--log-interval", "1", *memory_flags],
             clock=clock,
             timeout_s=timeout_s,
             device=device,
@@ -110,6 +125,12 @@ def run_case(
         if result.returncode != 0 or len(times_ms) != iters - skip:
             raise RuntimeError(f"training run failed or logged too little:\n{result.describe()}")
         log.setdefault("iterations", []).extend(times_ms)
+        log["parameters"] = [int(n) for n in _PARAMS_RE.findall(result.log)][:1]
+        if memory:
+            peaks = [float(m) for m in _PEAK_RE.findall(result.log)]
+            if not peaks:
+                raise RuntimeError(f"no memory report in the log:\n{result.describe()}")
+            log.setdefault("peak_mib", []).append(peaks[-1])
         return statistics.median(times_ms) / 1e3
 
     return call
@@ -124,7 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=40, help="training iterations per run")
     parser.add_argument("--skip", type=int, default=10, help="warm-up iterations not counted")
     parser.add_argument("--nproc", type=int, default=1, help="processes (torchrun)")
-    parser.add_argument("--extra", default="", help="more Megatron flags for both runs")
+    parser.add_argument(
+        "--extra", action="append", default=[],
+        help="more Megatron flags for both runs (repeatable; a later flag overrides)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--memory", action="store_true",
+        help="report each configuration's peak allocated memory (Megatron's memory report)",
+    )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
     parser.add_argument(
         "--clock", choices=LAUNCHERS, default="wall",
@@ -140,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip >= args.iters:
         parser.error(f"--skip ({args.skip}) must be below --iters ({args.iters})")
 
-    base = [*TINY_MOE_GPT, *shlex.split(args.extra)]
+    extra = shlex.split(" ".join(args.extra))
+    base = [*TINY_MOE_GPT, *extra]
     configs = {"baseline": base, "edl": [*base, *EDL_FLAGS]}
     logs: dict[str, dict] = {name: {} for name in configs}
     cases = {
@@ -153,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             args.timeout,
             logs[name],
             args.device,
+            args.memory,
         )  # fmt: skip
         for name, flags in configs.items()
     }
@@ -168,21 +198,28 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens = _tokens_per_iteration(base)
     table = Table(
-        f"Training iteration (tiny MoE GPT{' with --extra flags' if args.extra else ''}, "
+        f"Training iteration (tiny MoE GPT{' with --extra flags' if extra else ''}, "
         f"Megatron's timer, {args.clock} clock), ms",
         ["config", "runs", "median of run medians [min, max]", "median of all iterations",
-         "tokens/s"],
+         "tokens/s", *(["peak allocated (MiB), max over runs"] if args.memory else [])],
     )  # fmt: skip
     pooled = {name: statistics.median(log["iterations"]) for name, log in logs.items()}
     for name in configs:
+        peak = [f"{max(logs[name]['peak_mib']):,.0f}"] if args.memory else []
         table.add(
             name,
             len(samples[name]),
             Stats.of(samples[name]).format(1e3, 1),
             f"{pooled[name]:.1f}",
             f"{tokens / (pooled[name] / 1e3):,.0f}",
+            *peak,
         )
     table.print()
+    if all(log.get("parameters") for log in logs.values()):
+        model = Table("Model (Megatron's count of the built model)", ["config", "parameters"])
+        for name, log in logs.items():
+            model.add(name, f"{log['parameters'][0]:,}")
+        model.print()
     ratio_table = Table(
         "Training iteration ratio edl / baseline (target <= 1.02)",
         ["ratio of median iteration times", "per-round ratios, median [min, max]"],

@@ -43,7 +43,9 @@ __all__ = [
     "LabelOrigin",
     "LabelsConfig",
     "add_label_args",
+    "check_loss_domains",
     "check_supported",
+    "cuda_graph_capturing_router",
     "label_flag_values",
     "label_reasons",
 ]
@@ -189,6 +191,7 @@ class LabelsConfig:
             "label_map": label_map,
             "control": as_enum(_flag("control"), self.control, LabelControl),
             "random_seed": as_int(_flag("random_seed"), self.random_seed, minimum=0),
+            "mock_domains": as_int(MOCK_DOMAINS_FLAG, self.mock_domains, minimum=1),
             "num_domains": (
                 None
                 if self.num_domains is None
@@ -319,6 +322,32 @@ def add_label_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 _GRAPH_MODULES_WITH_ROUTER = frozenset({"moe", "moe_router", "moe_preprocess"})
 
 
+def cuda_graph_capturing_router(args: Any) -> str | None:
+    """The CUDA-graph setting of ``args`` whose graphs contain the router, as the message names
+    it (e.g. ``"--cuda-graph-impl local capturing the whole layer (empty
+    --cuda-graph-modules)"``), or ``None`` when no graph contains it.
+
+    Captured: ``--cuda-graph-impl full_iteration``; ``local`` or ``transformer_engine`` with an
+    empty ``--cuda-graph-modules`` (the whole layer) or one naming ``moe``, ``moe_router`` or
+    ``moe_preprocess``. Those regions hold the router, and ``moe`` and the whole layer also the
+    token dispatcher's combine.
+    """
+    impl = getattr(args, "cuda_graph_impl", "none") or "none"
+    if impl == "none":
+        return None
+    modules = [getattr(m, "name", str(m)) for m in getattr(args, "cuda_graph_modules", [])]
+    captured = sorted(_GRAPH_MODULES_WITH_ROUTER.intersection(modules))
+    if impl == "full_iteration":
+        region = "the whole iteration"
+    elif captured:
+        region = f"--cuda-graph-modules {' '.join(captured)}"
+    elif not modules:
+        region = "the whole layer (empty --cuda-graph-modules)"
+    else:
+        return None
+    return f"--cuda-graph-impl {impl} capturing {region}"
+
+
 def check_supported(args: Any, reasons: Sequence[str]) -> None:
     """Refuse, at start, the Megatron settings domain labels cannot work with.
 
@@ -341,25 +370,50 @@ def check_supported(args: Any, reasons: Sequence[str]) -> None:
         EDLConfigError: On an unsupported combination; the message names both flags and values.
     """
     why = ", ".join(reasons)
-    impl = getattr(args, "cuda_graph_impl", "none") or "none"
-    if impl != "none":
-        modules = [getattr(m, "name", str(m)) for m in getattr(args, "cuda_graph_modules", [])]
-        captured = sorted(_GRAPH_MODULES_WITH_ROUTER.intersection(modules))
-        if impl == "full_iteration" or not modules or captured:
-            region = (
-                "the whole iteration"
-                if impl == "full_iteration"
-                else f"--cuda-graph-modules {' '.join(captured)}"
-                if captured
-                else "the whole layer (empty --cuda-graph-modules)"
-            )
-            raise EDLConfigError(
-                f"domain labels ({why}) cannot be used with --cuda-graph-impl {impl} capturing "
-                f"{region}: a graph replay would reuse the labels of the capture. Capture only "
-                "attn/mlp (--cuda-graph-modules attn) or set --cuda-graph-impl none"
-            )
+    capture = cuda_graph_capturing_router(args)
+    if capture is not None:
+        raise EDLConfigError(
+            f"domain labels ({why}) cannot be used with {capture}: a graph replay would reuse "
+            "the labels of the capture. Capture only attn/mlp (--cuda-graph-modules attn) or set "
+            "--cuda-graph-impl none"
+        )
     if getattr(args, "fim_data", False):
         raise EDLConfigError(
             f"domain labels ({why}) cannot be used with --fim-data: fill-in-the-middle reorders "
             "the tokens of a document and its dataset carries no labels"
         )
+
+
+def check_loss_domains(labels: LabelsConfig, num_used: int) -> None:
+    """Refuse the EDL loss with fewer than two loss domains in use, naming where they come from.
+
+    With M < 2 present domains the loss is 0 by definition (docs/method.md section 2): a run
+    whose labels give fewer than two loss domains would train with ``edl_loss 0`` and say
+    nothing. Labels without the loss (per-domain validation, telemetry) are not refused.
+
+    Args:
+        labels: The run's label options (``reasons`` tell whether the loss is on).
+        num_used: The loss domains the data's documents use (after the label map).
+
+    Raises:
+        EDLConfigError: The EDL loss is on and ``num_used < 2``; names the flag or file.
+    """
+    if FLAGS["coeff"] not in labels.reasons or num_used >= 2:
+        return
+    if labels.label_map is not None:
+        target = "no loss domain (every label to null)" if num_used == 0 else "1 loss domain"
+        where = f"the label map {labels.label_map} ({_flag('label_map')}) maps the data to {target}"
+    elif labels.origin is LabelOrigin.MOCK:
+        where = f"{MOCK_DOMAINS_FLAG} {labels.mock_domains} gives {num_used} domain"
+    elif labels.origin is LabelOrigin.PREFIX:
+        where = (
+            f"the per-prefix domains {labels.domains_per_prefix} ({DOMAINS_PER_PREFIX_FLAG}) "
+            f"give the blend's prefixes {num_used} domain(s)"
+        )
+    else:
+        where = f"the .domains sidecars of --data-path use {num_used} label id(s)"
+    raise EDLConfigError(
+        f"EDL ({FLAGS['coeff']}) needs at least two loss domains, but {where}: the loss would "
+        f"stay 0. Use labels with two or more domains, or set {FLAGS['coeff']} 0 "
+        f"({EVAL_PER_DOMAIN_FLAG} alone reports per-domain losses)"
+    )

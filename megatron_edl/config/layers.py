@@ -56,6 +56,11 @@ def as_layers(value: Any) -> tuple[int, ...] | None:
     return tuple(sorted(set(value)))
 
 
+def _is_number(text: str) -> bool:
+    """ASCII decimal digits only: ``str.isdigit`` also accepts "²", which ``int`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_layers(spec: str | None, num_layers: int | None = None) -> tuple[int, ...] | None:
     """Parse the ``--moe-edl-layers`` syntax into sorted, unique 1-based layer numbers.
 
@@ -88,7 +93,7 @@ def parse_layers(spec: str | None, num_layers: int | None = None) -> tuple[int, 
         if not token:
             raise EDLConfigError(f"{flag}: empty entry in {spec!r}; expected e.g. '1,3,5-8'")
         first, sep, last = token.partition("-")
-        if not first.isdigit() or (sep and not last.isdigit()):
+        if not _is_number(first) or (sep and not _is_number(last)):
             raise EDLConfigError(
                 f"{flag}: bad entry {token!r} in {spec!r}; expected a layer number or a "
                 f"range 'a-b' of 1-based layer numbers, or 'all'"

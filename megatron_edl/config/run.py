@@ -22,7 +22,9 @@ from megatron_edl.config.edl import EDLConfig, add_edl_args
 from megatron_edl.config.labels import (
     LabelsConfig,
     add_label_args,
+    check_loss_domains,
     check_supported,
+    cuda_graph_capturing_router,
     label_flag_values,
     label_reasons,
 )
@@ -88,7 +90,8 @@ class EDLRunConfig:
         Order of the checks (the first failing one is reported): the EDL options, the label
         options (label map, random control, aggregation: checked whether or not labels are
         loaded), the Megatron settings labels cannot work with, the EDL options against the
-        model, the label source, the domain names (``resolve_domains``, which reads files), the
+        model, the label source, the domain names (``resolve_domains``, which reads files), at
+        least two loss domains with the EDL loss on (``check_loss_domains``), the
         variance/orthogonality options against the model, the telemetry flags.
 
         Args:
@@ -119,6 +122,7 @@ class EDLRunConfig:
             if resolve_domains is not None:
                 num_domains, names = resolve_domains(args, labels)
                 labels = dataclasses.replace(labels, num_domains=num_domains, domain_names=names)
+                check_loss_domains(labels, num_domains)  # EDL needs two domains or more
         specialization = SpecializationConfig.from_args(args)
         validate_specialization_against_model(
             specialization,
@@ -127,6 +131,10 @@ class EDLRunConfig:
             token_dispatcher_type=args.moe_token_dispatcher_type,
             flex_dispatcher_backend=getattr(args, "moe_flex_dispatcher_backend", "deepep"),
             apply_probs_on_input=getattr(args, "moe_apply_probs_on_input", False),
+            cuda_graph_capture=cuda_graph_capturing_router(args),
+            overlap_moe_expert_parallel_comm=getattr(
+                args, "overlap_moe_expert_parallel_comm", False
+            ),
         )
         telemetry = TelemetryConfig.from_args(args) if labels is not None else TelemetryConfig()
         return cls(labels=labels, edl=edl, specialization=specialization, telemetry=telemetry)

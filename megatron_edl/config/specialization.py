@@ -228,6 +228,8 @@ def validate_specialization_against_model(
     token_dispatcher_type: str,
     flex_dispatcher_backend: str = "deepep",
     apply_probs_on_input: bool = False,
+    cuda_graph_capture: str | None = None,
+    overlap_moe_expert_parallel_comm: bool = False,
 ) -> None:
     """Check the variance and orthogonality options against the model.
 
@@ -239,24 +241,53 @@ def validate_specialization_against_model(
         flex_dispatcher_backend: Megatron's ``--moe-flex-dispatcher-backend`` (read with
             ``flex`` only).
         apply_probs_on_input: Megatron's ``--moe-apply-probs-on-input``.
+        cuda_graph_capture: The CUDA-graph setting whose graphs contain the router, as
+            ``megatron_edl.config.labels.cuda_graph_capturing_router`` names it, or ``None``.
+        overlap_moe_expert_parallel_comm: Megatron's ``--overlap-moe-expert-parallel-comm``.
 
     Raises:
-        EDLConfigError: A loss is on without MoE; or the orthogonality loss is on with top-1
-            routing (it is identically 0), with the ``flex`` dispatcher on a backend other than
-            ``deepep`` (``hybridep`` and ``ncclep`` keep the token layout inside opaque
-            handles), or with the gate applied to the expert input (the raw outputs are then
-            unknown).
+        EDLConfigError: A loss is on without MoE or with CUDA graphs that capture the router
+            (the orthogonality hook's ``nonzero()`` and the auto-calibration's ``.item()`` are
+            host syncs, and a replay skips the losses' Python steps); or the orthogonality loss
+            is on with top-1 routing (it is identically 0), with the ``flex`` dispatcher on a
+            backend other than ``deepep`` (``hybridep`` and ``ncclep`` keep the token layout
+            inside opaque handles), with the gate applied to the expert input (the raw outputs
+            are then unknown), or with the EP communication overlap (its combine node would
+            back-propagate through the router node's graph).
     """
     flags = SPECIALIZATION_FLAGS
-    for field, on in (("variance_coeff", cfg.variance_enabled), ("ortho_coeff", cfg.ortho_enabled)):
-        if on and not num_moe_experts:
+    enabled = [
+        field
+        for field, on in (
+            ("variance_coeff", cfg.variance_enabled),
+            ("ortho_coeff", cfg.ortho_enabled),
+        )
+        if on
+    ]
+    for field in enabled:
+        if not num_moe_experts:
             raise EDLConfigError(
                 f"{flags[field]} {getattr(cfg, field)} needs an MoE model, but --num-experts is "
                 f"{num_moe_experts!r}"
             )
+    if enabled and cuda_graph_capture is not None:
+        named = " and ".join(f"{flags[field]} {getattr(cfg, field)}" for field in enabled)
+        raise EDLConfigError(
+            f"{named} cannot be used with {cuda_graph_capture}: the losses run "
+            "host-side steps a graph cannot capture or replay (the orthogonality hook's "
+            "nonzero(), the auto-calibration's .item(), the metric recording). Capture only "
+            "attn/mlp (--cuda-graph-modules attn) or set --cuda-graph-impl none"
+        )
     if not cfg.ortho_enabled:
         return
     flag = flags["ortho_coeff"]
+    if overlap_moe_expert_parallel_comm:
+        raise EDLConfigError(
+            f"{flag} {cfg.ortho_coeff} cannot be used with --overlap-moe-expert-parallel-comm: "
+            "the overlap runs the combine in a schedule node of its own, and the orthogonality "
+            "hook there divides by the router node's probs, so backward would walk the router's "
+            "graph twice. Turn one of them off"
+        )
     if moe_router_topk < 2:
         raise EDLConfigError(
             f"{flag} needs --moe-router-topk >= 2 (the loss compares a token's experts), got "

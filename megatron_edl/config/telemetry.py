@@ -28,6 +28,7 @@ __all__ = [
     "Phase",
     "TelemetryConfig",
     "add_telemetry_args",
+    "check_writable_directory",
     "flags_in_use",
     "stats_directory",
     "telemetry_phase",
@@ -100,6 +101,42 @@ def stats_directory(args: argparse.Namespace) -> str:
     raise ValueError(f"{INTERVAL_FLAG} needs {DIR_FLAG}, --save or --tensorboard-dir")
 
 
+def _directory_flag(args: argparse.Namespace) -> str:
+    """The flag :func:`stats_directory` took the directory from (for messages)."""
+    if getattr(args, "moe_edl_probe_dir", None):
+        return PROBE_DIR_FLAG
+    if getattr(args, "moe_edl_stats_dir", None):
+        return DIR_FLAG
+    return "--save" if getattr(args, "save", None) else "--tensorboard-dir"
+
+
+def check_writable_directory(directory: str | os.PathLike, flag: str) -> None:
+    """Refuse, at start, a dump directory that the first dump could not create or write.
+
+    The dumps create the directory (with its parents) when they are first written, after
+    training started; this checks now what that will need: every existing part of the path is
+    a folder, and the deepest existing one (the directory itself, or the ancestor the dump
+    would create it in) is writable. Nothing is created.
+
+    Args:
+        directory: The dump directory.
+        flag: The flag that set it, for the message.
+
+    Raises:
+        ValueError: Naming the flag and the path, if the directory cannot be used.
+    """
+    path = os.path.abspath(os.fspath(directory))
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is a file" if existing == path else f"lies below the file {existing}"
+        raise ValueError(f"{flag} {directory}: the statistics directory {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (it would be created in {existing})"
+        raise ValueError(f"{flag} {directory}: the statistics directory is not writable{where}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TelemetryConfig:
     """The telemetry a run records, resolved from the flags once (:meth:`from_args`)."""
@@ -123,14 +160,17 @@ class TelemetryConfig:
         """The telemetry the flags ask for, validated.
 
         Raises:
-            ValueError: As :func:`telemetry_phase` and :func:`stats_directory` (names the flag).
+            ValueError: As :func:`telemetry_phase`, :func:`stats_directory` and
+                :func:`check_writable_directory` (names the flag).
         """
         phase = telemetry_phase(args)
         if phase is None:
             return cls()
+        directory = stats_directory(args)
+        check_writable_directory(directory, _directory_flag(args))
         return cls(
             phase=phase,
-            directory=stats_directory(args),
+            directory=directory,
             interval=getattr(args, "moe_edl_stats_interval", None),
         )
 

@@ -336,7 +336,20 @@ def domain_means(*, sums_DE: Tensor, counts_D: Tensor) -> tuple[Tensor, Tensor]:
     return means_DE, present_D
 
 
-def pairwise_jsd(*, dists_DE: Tensor) -> Tensor:
+PAIRWISE_BLOCK_ELEMENTS = 1 << 21
+"""Largest ``(rows, D, E)`` block of intermediates the pairwise JSD forms at once (elements).
+
+Below it (``D * D * E <=`` this: D = 49 with E up to 873, D = 3 with any usual E) the pairwise
+JSD is one pass over the whole ``(D, D, E)`` stack, its analytic backward saved, and
+:func:`edl_loss` takes every row: no host sync, the first version's code path. Above it,
+:func:`edl_loss` keeps only the present domains (one host sync to learn M) and
+:func:`pairwise_jsd` runs in blocks of rows, recomputing each block in the backward, so no
+intermediate exceeds this many elements: memory O(M * M + this) instead of O(D * D * E)
+(docs/BENCHMARKS.md section 2, "Peak memory with many domains"). About 8 MiB per fp32 block
+tensor."""
+
+
+def pairwise_jsd(*, dists_DE: Tensor, block_elements: int = PAIRWISE_BLOCK_ELEMENTS) -> Tensor:
     """Jensen-Shannon divergence between every pair of rows.
 
         JSD(P‖Q) = ½ KL(P‖M) + ½ KL(Q‖M),   M = (P + Q) / 2,   natural log,   0 <= JSD <= ln 2
@@ -351,16 +364,49 @@ def pairwise_jsd(*, dists_DE: Tensor) -> Tensor:
     Entries with P_e = 0 contribute 0 (0 log 0 = 0) with a finite gradient, also where
     P_e = Q_e = 0; every branch a ``where`` discards is kept finite so no NaN reaches the
     backward. Uses KL(Q_k‖M_jk) = K[k, j], so only one ``(D, D, E)`` stack of intermediates is
-    formed.
+    formed, in blocks of rows of at most ``block_elements`` elements (the same values: every
+    block runs the same elementwise formula on its rows).
 
     Args:
         dists_DE: Rows that are probability distributions over E, shape ``(D, E)``.
+        block_elements: Largest ``(rows, D, E)`` block formed at once
+            (:data:`PAIRWISE_BLOCK_ELEMENTS`); at least one row per block.
 
     Returns:
         ``jsd_DD``: symmetric matrix of JSD values (zero diagonal), shape ``(D, D)``, in at least
         fp32, clamped at 0 against rounding.
     """
-    return _PairwiseJSD.apply(dists_DE.to(_compute_dtype(dists_DE.dtype)))
+    p_DE = dists_DE.to(_compute_dtype(dists_DE.dtype))
+    num_rows, num_experts = p_DE.shape
+    block_rows = max(1, block_elements // max(1, num_rows * num_experts))
+    return _PairwiseJSD.apply(p_DE, block_rows)
+
+
+def _jsd_kernel(p_safe_cE: Tensor, positive_f_cE: Tensor, p_DE: Tensor, positive_f_DE: Tensor):
+    """Rows ``c`` of the derivative kernel of the pairwise JSD, shape ``(c, D, E)``.
+
+    ``kernel[j, k, e]`` = log(P_je / M_jke) where P_je > 0 (log1p(δ) near, log(2P / s) far),
+    -1 where P_je = 0 < Q_ke, 0 where both are 0; P = row j (of the block), Q = row k.
+    """
+    # Branches are selected with torch.lerp and 0/1 weights, which is exact (w = 0 gives
+    # a + 0 * (b - a) = a, w = 1 gives b - (b - a) * 0 = b) and, unlike torch.where on CPU,
+    # costs no branch misprediction when the mask is irregular (3-20x faster). It needs both
+    # branches finite everywhere, hence the clamps below, which change nothing where a branch
+    # is selected.
+    p_safe_c1E = p_safe_cE[:, None, :]
+    q_1DE = p_DE[None, :, :]  # pair (j, k): P = row j, Q = row k
+    s_cDE = p_safe_c1E + q_1DE
+    delta_cDE = (p_safe_c1E - q_1DE).div_(s_cDE)
+    near_cDE = (delta_cDE.abs() < 0.5).to(p_DE.dtype)
+    # Near: log1p(delta) (clamped: unchanged where |delta| < 1/2, finite elsewhere).
+    # Far: log(2P / s), finite since P >= tiny.
+    log_ratio_cDE = torch.lerp(
+        (2.0 * p_safe_c1E).div(s_cDE).log_(), delta_cDE.clamp_min_(-0.5).log1p_(), near_cDE
+    )
+    # Derivative kernel of the forward formula (class docstring): log(P/M) where P > 0,
+    # -1 where P = 0 < Q, 0 where P = Q = 0. Where P = 0 it multiplies P = 0 in the forward, so
+    # K[j, k] = Σ_e P_e kernel_e = KL(P_j || M_jk) with 0 log 0 = 0.
+    return torch.lerp(-positive_f_DE[None, :, :], log_ratio_cDE, positive_f_cE[:, None, :])
 
 
 class _PairwiseJSD(torch.autograd.Function):
@@ -377,48 +423,55 @@ class _PairwiseJSD(torch.autograd.Function):
     conventions where entries are zero: for P_e = 0 < Q_e, log_ratio is 0 by the 0 log 0 = 0
     convention and the graph's derivative is -½ (from the Q-side term), for P_e = Q_e = 0 it
     is 0; and G is masked where the ``clamp_min(0)`` clamped (pre-clamp value < 0), as
-    ``clamp_min``'s own backward does. Not differentiable twice.
+    ``clamp_min``'s own backward does. With one block (``block_rows >= D``) the kernel is saved;
+    with several, only P is, and the backward recomputes each block's kernel (twice the
+    arithmetic, memory bounded by one block). Not differentiable twice.
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, p_DE: Tensor) -> Tensor:
-        # Branches are selected with torch.lerp and 0/1 weights, which is exact (w = 0 gives
-        # a + 0 * (b - a) = a, w = 1 gives b - (b - a) * 0 = b) and, unlike torch.where on CPU,
-        # costs no branch misprediction when the mask is irregular (3-20x faster). It needs
-        # both branches finite everywhere, hence the clamps below, which change nothing where
-        # a branch is selected.
+    def forward(ctx: torch.autograd.function.FunctionCtx, p_DE: Tensor, block_rows: int) -> Tensor:
         dtype = p_DE.dtype
         positive_DE = p_DE > 0
         # P with zeros replaced by the smallest normal number: keeps the logs finite; where
-        # P = 0 the kernel takes another value anyway (below).
-        p_safe_D1E = torch.where(positive_DE, p_DE, torch.finfo(dtype).tiny)[:, None, :]
-        q_1DE = p_DE[None, :, :]  # pair (j, k): P = row j, Q = row k
-        s_DDE = p_safe_D1E + q_1DE
-        delta_DDE = (p_safe_D1E - q_1DE).div_(s_DDE)
-        near_DDE = (delta_DDE.abs() < 0.5).to(dtype)
-        # Near: log1p(delta) (clamped: unchanged where |delta| < 1/2, finite elsewhere).
-        # Far: log(2P / s), finite since P >= tiny.
-        log_ratio_DDE = torch.lerp(
-            (2.0 * p_safe_D1E).div(s_DDE).log_(), delta_DDE.clamp_min_(-0.5).log1p_(), near_DDE
-        )
-        # Derivative kernel of the forward formula (class docstring): log(P/M) where P > 0,
-        # -1 where P = 0 < Q, 0 where P = Q = 0. Where P = 0 it multiplies P = 0 below, so
-        # K[j, k] = Σ_e P_e kernel_e = KL(P_j || M_jk) with 0 log 0 = 0.
+        # P = 0 the kernel takes another value anyway (_jsd_kernel).
+        p_safe_DE = torch.where(positive_DE, p_DE, torch.finfo(dtype).tiny)
         positive_f_DE = positive_DE.to(dtype)
-        kernel_DDE = torch.lerp(
-            -positive_f_DE[None, :, :], log_ratio_DDE, positive_f_DE[:, None, :]
-        )
-        kl_DD = (p_DE[:, None, :] * kernel_DDE).sum(dim=-1)  # K[j, k] = KL(P_j || M_jk)
+        num_rows = p_DE.shape[0]
+        if block_rows >= num_rows:
+            kernel_DDE = _jsd_kernel(p_safe_DE, positive_f_DE, p_DE, positive_f_DE)
+            kl_DD = (p_DE[:, None, :] * kernel_DDE).sum(dim=-1)  # K[j, k] = KL(P_j || M_jk)
+            saved = (kernel_DDE,)
+        else:
+            blocks = []
+            for start in range(0, num_rows, block_rows):
+                rows = slice(start, start + block_rows)
+                kernel_cDE = _jsd_kernel(p_safe_DE[rows], positive_f_DE[rows], p_DE, positive_f_DE)
+                blocks.append((p_DE[rows, None, :] * kernel_cDE).sum(dim=-1))
+                del kernel_cDE
+            kl_DD = torch.cat(blocks)
+            saved = (p_safe_DE, positive_f_DE, p_DE)
         raw_DD = 0.5 * (kl_DD + kl_DD.T)
-        ctx.save_for_backward(kernel_DDE, raw_DD >= 0)
+        ctx.block_rows = block_rows
+        ctx.save_for_backward(raw_DD >= 0, *saved)
         return raw_DD.clamp_min(0.0)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_DD: Tensor) -> Tensor:
-        kernel_DDE, unclamped_DD = ctx.saved_tensors
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_DD: Tensor) -> tuple[Tensor, None]:
+        unclamped_DD, *saved = ctx.saved_tensors
         g_DD = torch.where(unclamped_DD, grad_DD, 0.0)
         g_DD = 0.5 * (g_DD + g_DD.T)
-        return torch.bmm(g_DD[:, None, :], kernel_DDE).squeeze(1)
+        if len(saved) == 1:
+            (kernel_DDE,) = saved
+            return torch.bmm(g_DD[:, None, :], kernel_DDE).squeeze(1), None
+        p_safe_DE, positive_f_DE, p_DE = saved
+        block_rows = ctx.block_rows
+        blocks = []
+        for start in range(0, p_DE.shape[0], block_rows):
+            rows = slice(start, start + block_rows)
+            kernel_cDE = _jsd_kernel(p_safe_DE[rows], positive_f_DE[rows], p_DE, positive_f_DE)
+            blocks.append(torch.bmm(g_DD[rows, None, :], kernel_cDE).squeeze(1))
+            del kernel_cDE
+        return torch.cat(blocks), None
 
 
 class EDLLossOutput(NamedTuple):
@@ -428,13 +481,14 @@ class EDLLossOutput(NamedTuple):
         loss: L_ED, differentiable scalar (fp32, or fp64 for fp64 inputs).
         mean_jsd: Mean JSD over the pairs of present domains, detached scalar (0 when M < 2).
         num_present: M, the number of domains with n_j > 0, int64 scalar tensor (no host sync).
-        jsd_DD: Detached ``(D, D)`` JSD matrix; NaN in every row/column of an absent domain.
+        jsd_DD: Detached ``(D, D)`` JSD matrix; NaN in every row/column of an absent domain
+            (``None`` from ``edl_loss(with_matrix=False)`` with many domains).
     """
 
     loss: Tensor
     mean_jsd: Tensor
     num_present: Tensor
-    jsd_DD: Tensor
+    jsd_DD: Tensor | None
 
 
 def edl_loss(
@@ -443,6 +497,8 @@ def edl_loss(
     counts_D: Tensor,
     form: Literal["log", "linear"] = "log",
     eps: float = 1e-6,
+    block_elements: int = PAIRWISE_BLOCK_ELEMENTS,
+    with_matrix: bool = True,
 ) -> EDLLossOutput:
     """Expert Divergence Loss of one MoE layer from the (reduced) per-domain statistics.
 
@@ -455,7 +511,16 @@ def edl_loss(
     For M < 2 the loss is exactly 0 but still a function of ``sums_DE`` (gradient zero, not
     None), so every rank runs the same backward and no collective is skipped. The pair average is
     a masked sum divided by max(number of pairs, 1): no ``.item()``, no host sync, no branching
-    on tensor values.
+    on tensor values (up to the ``block_elements`` limit below).
+
+    Memory (docs/BENCHMARKS.md section 2, "Peak memory with many domains"): with
+    ``D * D * E`` at most ``block_elements`` the pairwise JSD runs over all D rows at once,
+    absent ones masked out (no host sync). Above it only the M present rows enter the pairwise
+    term (one host sync to count them), in row blocks of at most ``block_elements`` elements,
+    so the memory grows with the domains present in the statistics, O(M * M + block_elements),
+    not with D; the values are those of the dense form up to the order of the pair sum
+    (tests/unit/core/test_edl_scale.py), and ``jsd_DD`` is then filled from the M x M values
+    (O(D * D), no E factor; skipped with ``with_matrix=False``).
 
     Levels: ``sums_DE`` and ``counts_D`` come from ``domain_sums`` summed over the statistics
     scope (``global``: the tp_dp_cp group; ``local``: tp_cp), i.e. *after* the all-reduce. The
@@ -467,6 +532,11 @@ def edl_loss(
         form: ``"log"`` (paper's) or ``"linear"``.
         eps: eps inside the log of the ``"log"`` form (method.md decision: 1e-6); must be > 0
             for that form, unused by ``"linear"``.
+        block_elements: The dense-form limit and block size of the pairwise JSD
+            (:data:`PAIRWISE_BLOCK_ELEMENTS`; tests pass 1 to force the present-rows path).
+        with_matrix: Return ``jsd_DD``; ``False`` (the router's metrics need none) skips the
+            ``(D, D)`` matrix of the present-rows path (``jsd_DD`` is then ``None``), so nothing
+            of this call grows with D squared.
 
     Returns:
         An ``EDLLossOutput`` (loss, detached mean JSD, M, detached JSD matrix).
@@ -479,7 +549,10 @@ def edl_loss(
     if form == "log" and not eps > 0:
         raise ValueError(f"eps must be > 0 for the 'log' form, got {eps}")
     means_DE, present_D = domain_means(sums_DE=sums_DE, counts_D=counts_D)
-    jsd_DD = pairwise_jsd(dists_DE=means_DE)
+    num_domains, num_experts = means_DE.shape
+    if num_domains * num_domains * num_experts > block_elements:
+        return _present_rows_loss(means_DE, present_D, form, eps, block_elements, with_matrix)
+    jsd_DD = pairwise_jsd(dists_DE=means_DE, block_elements=block_elements)
 
     both_present_DD = present_D[:, None] & present_D[None, :]
     pairs_DD = both_present_DD.triu(diagonal=1)
@@ -491,6 +564,35 @@ def edl_loss(
     jsd_detached_DD = jsd_DD.detach()
     mean_jsd = torch.where(pairs_DD, jsd_detached_DD, 0.0).sum() / num_pairs
     jsd_out_DD = torch.where(both_present_DD, jsd_detached_DD, math.nan)
+    return EDLLossOutput(
+        loss=loss, mean_jsd=mean_jsd, num_present=present_D.sum(), jsd_DD=jsd_out_DD
+    )
+
+
+def _present_rows_loss(
+    means_DE: Tensor,
+    present_D: Tensor,
+    form: str,
+    eps: float,
+    block_elements: int,
+    with_matrix: bool,
+) -> EDLLossOutput:
+    """``edl_loss`` over the M present rows only (many domains: see its "Memory" paragraph)."""
+    index_M = present_D.nonzero().squeeze(1)  # the one host sync of this path
+    jsd_MM = pairwise_jsd(dists_DE=means_DE[index_M], block_elements=block_elements)
+    pairs_MM = torch.ones_like(jsd_MM, dtype=torch.bool).triu(diagonal=1)
+    num_pairs = pairs_MM.sum().clamp_min(1).to(jsd_MM.dtype)
+    per_pair_MM = -torch.log(jsd_MM + eps) if form == "log" else -jsd_MM
+    loss = torch.where(pairs_MM, per_pair_MM, 0.0).sum() / num_pairs
+    jsd_detached_MM = jsd_MM.detach()
+    mean_jsd = torch.where(pairs_MM, jsd_detached_MM, 0.0).sum() / num_pairs
+    jsd_out_DD = None
+    if with_matrix:
+        num_domains = means_DE.shape[0]
+        jsd_out_DD = torch.full(
+            (num_domains, num_domains), math.nan, dtype=jsd_MM.dtype, device=jsd_MM.device
+        )
+        jsd_out_DD[index_M[:, None], index_M[None, :]] = jsd_detached_MM
     return EDLLossOutput(
         loss=loss, mean_jsd=mean_jsd, num_present=present_D.sum(), jsd_DD=jsd_out_DD
     )

@@ -115,7 +115,7 @@ def edl_step(*, sums_DE: Tensor, counts_D: Tensor, form: str, eps: float) -> EDL
     Returns:
         An ``EDLStepOutput``.
     """
-    out = edl.edl_loss(sums_DE=sums_DE, counts_D=counts_D, form=form, eps=eps)
+    out = edl.edl_loss(sums_DE=sums_DE, counts_D=counts_D, form=form, eps=eps, with_matrix=False)
     mi = edl.mutual_information(sums_DE=sums_DE, counts_D=counts_D)
     return EDLStepOutput(out.loss, out.mean_jsd, out.num_present, mi)
 

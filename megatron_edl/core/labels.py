@@ -113,10 +113,20 @@ def load_strict_yaml(path: str | os.PathLike, *, what: str = "YAML file") -> Any
 
     Raises:
         OSError: if the file cannot be read (``FileNotFoundError`` if it does not exist).
-        EDLConfigError: naming the file, if it is not valid YAML or repeats a key.
+        EDLConfigError: naming the file, if it is a folder, is not UTF-8 text, is not valid
+            YAML or repeats a key.
     """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    if os.path.isdir(path):
+        raise EDLConfigError(f"{os.fspath(path)}: the {what} is a folder, not a YAML file")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise EDLConfigError(
+            f"{os.fspath(path)}: the {what} is not UTF-8 text (byte {data[err.start]:#04x} at "
+            f"offset {err.start})"
+        ) from None
     try:
         return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as err:
@@ -496,7 +506,7 @@ class LabelMap:
             return key
         if self.vocabulary is not None and key in self.vocabulary:
             return self.vocabulary[key]
-        if key.strip().isdigit():
+        if key.strip().isascii() and key.strip().isdigit():  # not "²" (int() refuses it)
             return int(key)
         if self.vocabulary is None:
             raise self._error(

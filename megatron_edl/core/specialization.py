@@ -335,6 +335,8 @@ def group_rows_by_token(
     """Gather permuted rows into one ``(K, H)`` block per token: ``outputs[t, s] = rows[r]``.
 
     Differentiable with respect to ``rows_RH``. Each valid (token, slot) pair must occur once.
+    No host sync: skipped rows are added as zeros (not cut out by a boolean index, which would
+    wait for the device to count them).
 
     Args:
         rows_RH: Rows, shape ``(R, H)``.
@@ -357,17 +359,40 @@ def group_rows_by_token(
             f"rows_RH, token_R and slot_R must have one entry per row, got "
             f"{rows_RH.shape[0]}, {token_R.shape[0]} and {slot_R.shape[0]}"
         )
-    if valid_R is not None:
-        rows_RH, token_R, slot_R = rows_RH[valid_R], token_R[valid_R], slot_R[valid_R]
-    if validate and slot_R.numel() and (int(slot_R.min()) < 0 or int(slot_R.max()) >= num_slots):
-        raise ValueError(
-            f"slots must lie in [0, {num_slots}), got [{int(slot_R.min())}, {int(slot_R.max())}]"
-        )
+    if validate:
+        placed_R = slot_R if valid_R is None else slot_R[valid_R]
+        if placed_R.numel() and (int(placed_R.min()) < 0 or int(placed_R.max()) >= num_slots):
+            raise ValueError(
+                f"slots must lie in [0, {num_slots}), got "
+                f"[{int(placed_R.min())}, {int(placed_R.max())}]"
+            )
+    if valid_R is None:
+        outputs_TKH = rows_RH.new_zeros(num_tokens, num_slots, rows_RH.shape[1])
+        outputs_TKH = outputs_TKH.index_put((token_R, slot_R), rows_RH)
+        valid_TK = torch.zeros(num_tokens, num_slots, dtype=torch.bool, device=rows_RH.device)
+        valid_TK[token_R, slot_R] = True
+        return outputs_TKH, valid_TK
+    # A skipped row adds an exact zero to slot 0 of its token (where(), so a NaN in it does not
+    # leak in); each valid slot receives one row plus zeros: the same values, in any order.
+    slot_R = torch.where(valid_R, slot_R, 0)
+    rows_RH = torch.where(valid_R[:, None], rows_RH, 0)
+    return _place_rows(rows_RH, token_R, slot_R, valid_R, num_tokens, num_slots)
+
+
+def _place_rows(
+    rows_RH: Tensor,
+    token_R: Tensor,
+    slot_R: Tensor,
+    valid_R: Tensor,
+    num_tokens: int,
+    num_slots: int,
+) -> tuple[Tensor, Tensor]:
+    """``outputs[t, s] += rows[r]`` and ``valid[t, s] |= valid[r]`` (skipped rows hold zeros)."""
     outputs_TKH = rows_RH.new_zeros(num_tokens, num_slots, rows_RH.shape[1])
-    outputs_TKH = outputs_TKH.index_put((token_R, slot_R), rows_RH)
-    valid_TK = torch.zeros(num_tokens, num_slots, dtype=torch.bool, device=rows_RH.device)
-    valid_TK[token_R, slot_R] = True
-    return outputs_TKH, valid_TK
+    outputs_TKH = outputs_TKH.index_put((token_R, slot_R), rows_RH, accumulate=True)
+    placed_TK = torch.zeros(num_tokens, num_slots, dtype=torch.int32, device=rows_RH.device)
+    placed_TK.index_put_((token_R, slot_R), valid_R.to(torch.int32), accumulate=True)
+    return outputs_TKH, placed_TK > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +439,8 @@ def merge_columns(
 
     ``outputs[t, s] = Σ_c columns[t, c]`` over the valid columns c of token t whose expert is the
     token's s-th distinct expert (in column order of first occurrence). Differentiable with
-    respect to ``columns_TCH``.
+    respect to ``columns_TCH``. No host sync (without ``validate``): invalid columns are added as
+    zeros, not cut out by a boolean index.
 
     Args:
         columns_TCH: One row per column, shape ``(T, C, H)``.
@@ -454,9 +480,13 @@ def merge_columns(
             f"num_slots = {num_slots}"
         )
     token_TC = torch.arange(num_tokens, device=expert_TC.device)[:, None].expand_as(slot_TC)
-    token_V, slot_V = token_TC[valid_TC], slot_TC[valid_TC]
-    outputs_TKH = columns_TCH.new_zeros(num_tokens, num_slots, hidden)
-    outputs_TKH = outputs_TKH.index_put((token_V, slot_V), columns_TCH[valid_TC], accumulate=True)
-    valid_TK = torch.zeros(num_tokens, num_slots, dtype=torch.bool, device=expert_TC.device)
-    valid_TK[token_V, slot_V] = True
-    return outputs_TKH, valid_TK
+    slot_TC = torch.where(valid_TC, slot_TC, 0)  # an invalid column adds zeros to slot 0
+    columns_TCH = torch.where(valid_TC[:, :, None], columns_TCH, 0)
+    return _place_rows(
+        columns_TCH.reshape(num_tokens * num_columns, hidden),
+        token_TC.reshape(-1),
+        slot_TC.reshape(-1),
+        valid_TC.reshape(-1),
+        num_tokens,
+        num_slots,
+    )

@@ -17,10 +17,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from megatron_edl.config import EDLConfigError
-from megatron_edl.data.vocabulary import (
-    label_name_problem,
-    load_strict_yaml,
-)
+from megatron_edl.data.vocabulary import label_name_problem, load_yaml_file
 
 LANGID_MAX_CHARS = 1000
 """Characters of a document's first json key that the language identifier reads."""
@@ -177,9 +174,13 @@ class PathLabel:
             The path labeller.
 
         Raises:
-            EDLConfigError: if the file is not a mapping of pattern strings to label names or null.
+            EDLConfigError: if the file is missing, unreadable, or not a mapping of pattern
+                strings to label names or null.
         """
-        data = load_strict_yaml(path)
+        try:
+            data = load_yaml_file(path, what="path map")
+        except FileNotFoundError:
+            raise EDLConfigError(f"--domain-from-path {path!r} does not exist") from None
         if not isinstance(data, dict) or not data:
             raise EDLConfigError(
                 f"{path}: a path map is a non-empty mapping of file pattern -> label name"

@@ -43,10 +43,12 @@ as its decimal string); ``None``, a missing field or ``""`` mean no label.
 
 Label ids come from ``--label-vocab vocab.yaml`` (``megatron_edl.data.vocabulary``). A label not
 in it is *unknown*: handled by ``--on-unknown``, unless ``--extend-vocab`` appends it (and the
-file is rewritten after a successful run). Without ``--label-vocab``, ids are given in order of
-first appearance (pass one shared vocabulary when preprocessing shards separately), except for
-``--domain-clusters`` / ``--domain-classifier``: the model's names with its cluster / class ids
-(a fallback name gets the next id).
+file is rewritten after a successful run, under a lock on ``VOCAB.lock`` and after reading it
+again, so that concurrent runs end with the same ids: see ``megatron_edl.data.vocabulary``).
+Without ``--label-vocab``, ids are given in order of first appearance (pass one shared
+vocabulary when preprocessing shards separately), except for ``--domain-clusters`` /
+``--domain-classifier``: the model's names with its cluster / class ids (a fallback name gets
+the next id).
 
 Policies (``fail`` is the default of each, so nothing is dropped silently):
 
@@ -60,22 +62,27 @@ Policies (``fail`` is the default of each, so nothing is dropped silently):
   invalid UTF-8 (or unpaired surrogates, in the text or in the label), a json key absent/null
   or not a string.
 * Always skipped and counted: blank lines, documents that tokenize to nothing (``empty_text``),
-  documents longer than ``--max-document-tokens`` (``too_long``, counted with the EOD token).
+  documents longer than ``--max-document-tokens L`` (``too_long``, counted with the EOD token;
+  a text of more than ``64 L`` characters is not even tokenized, which bounds memory).
 
 A record is written to every key's dataset or to none (the datasets stay aligned). ``fail``
 raises :class:`PreprocessError` naming ``file:line`` (the row number for Parquet). Each record is
 accounted for exactly once: ``documents_in == documents_written + sum(skipped.values())``.
 
-Workers (``--workers N``) tokenize and label chunks of records; the main process resolves label
-ids and writes, in input order, so the output is byte-identical for every ``N``. Memory stays
-bounded by ``2 N`` chunks in flight (plus what megatron's builder keeps per document: its
-``sequence_lengths`` list, and our 4-byte id per document). All outputs are written into a
-temporary folder next to the output prefix and moved into place only after the whole input was
-processed (the ``.idx`` last: a dataset is never visible half-written); on any error the
-temporary folder is removed and existing outputs stay untouched.
+Workers (``--workers N``, at most 4 x the CPU count) tokenize and label chunks of records; the
+main process resolves label ids and writes, in input order, so the output is byte-identical for
+every ``N``. Memory stays bounded by ``2 N`` chunks in flight (plus what megatron's builder
+keeps per document: its ``sequence_lengths`` list, and our 4-byte id per document). All outputs
+are written into a temporary folder next to the output prefix and moved into place only after
+the whole input was processed (the ``.idx`` last: a dataset is never visible half-written); on
+any error the temporary folder is removed and existing outputs stay untouched.
 
-Faults: ``--output-prefix`` is checked before any work (a prefix ending in ``/``, below a
-regular file, or an output name that is a folder are refused). A worker that dies (killed by
+Faults: ``--output-prefix``, the tokenizer flags and, with ``--extend-vocab``, the vocabulary's
+folder are checked before any work (a prefix ending in ``/``, below a regular file, or an output
+name that is a folder are refused). Each input is read once, as a stream, so pipes, FIFOs and
+``/dev/stdin`` lose nothing (``megatron_edl.data.readers``). A full disk, like any error writing
+the outputs, is one error naming ``--output-prefix``; the temporary folder is removed even when
+closing its files fails again. A worker that dies (killed by
 the out-of-memory killer, say) stops the run with an error naming the signal and the chunks in
 flight (``concurrent.futures`` reports the broken pool; nothing waits forever). SIGTERM, like
 Ctrl-C, stops the workers, removes the temporary folder and exits with status 143 (130); the
@@ -96,6 +103,7 @@ ordered sequence of steps that reads best in one place.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -105,6 +113,7 @@ import signal
 import sys
 import tempfile
 import time
+from array import array
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -149,11 +158,19 @@ from megatron_edl.data.preprocess_workers import (
     _RecordEncoder,
     _stop_pool,
     build_megatron_tokenizer,
+    check_tokenizer_flags,
 )
-from megatron_edl.data.readers import InputError, detect_format, expand_inputs, iter_chunks
+from megatron_edl.data.readers import (
+    InputError,
+    InputFile,
+    expand_inputs,
+    iter_chunks,
+    probe_input,
+)
 from megatron_edl.data.sidecar import write_sidecar
 from megatron_edl.data.vocabulary import (
     LabelVocabulary,
+    VocabularyLock,
     label_name_problem,
 )
 
@@ -176,6 +193,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED_UNKNOWN = 1000  # distinct unknown label names counted in the stats
+VOCAB_LOCK_TIMEOUT_S = 600.0  # --extend-vocab: longest wait for another run's vocabulary update
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,6 +217,10 @@ class _LabelResolver:
         elif config.label_vocab is None:
             self.vocab = LabelVocabulary(source="<built from the input>")
             self.growable = True
+        elif os.path.isdir(config.label_vocab):
+            raise EDLConfigError(
+                f"--label-vocab {config.label_vocab!r} is a folder, not a label vocabulary file"
+            )
         elif os.path.exists(config.label_vocab):
             self.vocab = LabelVocabulary.from_yaml(config.label_vocab)
             self.growable = config.extend_vocab
@@ -210,7 +232,7 @@ class _LabelResolver:
                 f"--label-vocab {config.label_vocab!r} does not exist "
                 "(pass --extend-vocab to create it)"
             )
-        self.initial_size = len(self.vocab)
+        self.initial = self.vocab.as_dict()
         self.unknown_names: Counter[str] = Counter()
         for flag, policy in (
             ("--on-unknown", config.on_unknown),
@@ -225,6 +247,9 @@ class _LabelResolver:
                     f"{flag} {policy}: {policy.fallback!r} is not in {self.vocab.source} "
                     "(add it, or pass --extend-vocab)"
                 )
+        self.file_size = len(self.vocab)  # entries of the file when last read
+        # --extend-vocab: the folder must take the rewritten file; checked now, before any work.
+        self.lock = _vocabulary_lock(config.label_vocab) if config.extend_vocab else None
 
     def resolve(
         self, status: SkipReason | None, name: str | None, detail: str | None, where: str
@@ -258,6 +283,82 @@ class _LabelResolver:
         if status is SkipReason.UNKNOWN_LABEL:
             hint = f"it is not in {self.vocab.source}; add it, pass --extend-vocab, or {hint}"
         raise PreprocessError(f"{where}: {detail} ({hint})")
+
+    def rebase(self) -> dict[int, int]:
+        """Re-read ``--label-vocab`` (under its lock) and put this run's new labels on top.
+
+        Another run may have extended the file since this one read it: a label it added keeps
+        that run's id here too, the others get the next free ids, in this run's order.
+
+        Returns:
+            ``{id given during the run: id in the file}`` for each id that changes (empty when
+            nobody else changed the file, as in any run without a concurrent one).
+
+        Raises:
+            EDLConfigError: naming the file, if a label this run started with has another id now
+                (or none): ids are never renumbered, so the file was edited by hand meanwhile.
+        """
+        path = self.config.label_vocab
+        assert path is not None and self.growable
+        current = (
+            LabelVocabulary.from_yaml(path)
+            if os.path.exists(path)
+            else LabelVocabulary(source=path)
+        )
+        for name, label_id in self.initial.items():
+            now = current.get(name)
+            if now != label_id:
+                raise EDLConfigError(
+                    f"{path}: label {name!r} had id {label_id} when this run started and has "
+                    f"{'no id' if now is None else f'id {now}'} now; ids must never change "
+                    "(was the file edited during the run?)"
+                )
+        self.file_size = len(current)
+        mapping = {}
+        for name, label_id in self.vocab.as_dict().items():  # new ids ascend in order met
+            if name in self.initial:
+                continue
+            new_id = current.get(name)
+            if new_id is None:
+                new_id = current.add(name)
+            if new_id != label_id:
+                mapping[label_id] = new_id
+        self.vocab = current
+        return mapping
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+
+
+def _vocabulary_lock(path: str) -> VocabularyLock:
+    """The lock of ``--label-vocab`` for ``--extend-vocab``; refuses an unwritable folder now."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise EDLConfigError(
+            f"--label-vocab {path!r}: folder {folder} does not exist, so --extend-vocab "
+            "cannot write the file (create the folder first)"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EDLConfigError(
+            f"--label-vocab {path!r}: folder {folder} is not writable, so --extend-vocab "
+            "cannot rewrite the file there"
+        )
+    return VocabularyLock(path, timeout_s=VOCAB_LOCK_TIMEOUT_S)
+
+
+def _renumber(writers: Sequence[_DatasetWriter], mapping: dict[int, int]) -> None:
+    """Replace label ids in the written ids and per-domain counts (after :meth:`rebase`)."""
+    for writer in writers:
+        ids_N = np.frombuffer(writer.domain_ids, dtype=np.int32)
+        table_L = np.arange(max(int(ids_N.max(initial=0)), *mapping) + 1, dtype=np.int32)
+        for old, new in mapping.items():
+            table_L[old] = new
+        writer.domain_ids = array("i", table_L[ids_N].tobytes())
+        for counts in (writer.domain_documents, writer.domain_tokens):
+            renamed = Counter({mapping.get(k, k): v for k, v in counts.items()})
+            counts.clear()
+            counts.update(renamed)
 
 
 @dataclass
@@ -335,14 +436,39 @@ def preprocess(
     from megatron.core.datasets.indexed_dataset import DType
 
     out_dir = _check_output_prefix(config)
+    check_tokenizer_flags(tokenizer_args)
     files = expand_inputs(config.inputs)
-    formats = [detect_format(path) for path in files]
     source = config.label_source
     resolver = _LabelResolver(config) if source is not None else None
-    file_labels = _file_labels(source, files, config, resolver) if resolver is not None else {}
+    inputs: list[InputFile] = []
+    try:
+        file_labels = _file_labels(source, files, config, resolver) if resolver is not None else {}
+        for path in files:  # opens pipes and FIFOs now: each is read once, from its first byte
+            inputs.append(probe_input(path))
+        tokenizer = build_megatron_tokenizer(tokenizer_args)
+        return _run(
+            config, tokenizer_args, tokenizer, DType, out_dir, inputs, file_labels, resolver
+        )
+    finally:
+        for input_file in inputs:
+            input_file.close()
+        if resolver is not None:
+            resolver.close()
 
-    tokenizer = build_megatron_tokenizer(tokenizer_args)
-    dtype = np.dtype(DType.optimal_dtype(tokenizer.vocab_size))
+
+def _run(
+    config: PreprocessConfig,
+    tokenizer_args: argparse.Namespace,
+    tokenizer: Any,
+    dtype_class: Any,
+    out_dir: str,
+    inputs: Sequence[InputFile],
+    file_labels: dict[str, str | None],
+    resolver: _LabelResolver | None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`preprocess` once the settings, the inputs and the tokenizer are checked."""
+    source = config.label_source
+    dtype = np.dtype(dtype_class.optimal_dtype(tokenizer.vocab_size))
     spec = _EncoderSpec(
         tokenizer_args=tokenizer_args,
         json_keys=config.json_keys,
@@ -357,10 +483,12 @@ def preprocess(
 
     base = os.path.basename(config.output_prefix)
     _remove_stale_temporaries(out_dir, base)
-    tmp_dir = tempfile.mkdtemp(prefix=_tmp_dir_prefix(base, os.getpid()), dir=out_dir)
     writers: list[_DatasetWriter] = []
     pool = None
+    tmp_dir = None
+    committing = False
     try:
+        tmp_dir = tempfile.mkdtemp(prefix=_tmp_dir_prefix(base, os.getpid()), dir=out_dir)
         for key in config.json_keys:
             writers.append(
                 _DatasetWriter(
@@ -370,10 +498,13 @@ def preprocess(
                 )
             )
         tasks = (
-            (chunk, file_labels.get(path))
-            for index, path in enumerate(files)
+            (chunk, file_labels.get(input_file.path))
+            for index, input_file in enumerate(inputs)
             for chunk in iter_chunks(
-                path, index, chunk_records=config.chunk_records, chunk_bytes=config.chunk_bytes
+                input_file,
+                index,
+                chunk_records=config.chunk_records,
+                chunk_bytes=config.chunk_bytes,
             )
         )
         if config.workers == 1:
@@ -389,7 +520,7 @@ def preprocess(
             )
             results = _ordered_map(pool, tasks, window=2 * config.workers)
 
-        tally = _Tally(per_input=[_input_entry(p, f) for p, f in zip(files, formats, strict=True)])
+        tally = _Tally(per_input=[_input_entry(f.path, f.format) for f in inputs])
         progress = _Progress(config.log_interval, config.progress)
         try:
             for result in results:
@@ -406,34 +537,70 @@ def preprocess(
                 f"{skipped or 'none'} (megatron's IndexedDataset cannot read an empty dataset)"
             )
 
-        all_stats: dict[str, dict[str, Any]] = {}
-        vocabulary = resolver.vocab.as_dict() if resolver is not None else None
-        for key, writer in zip(config.json_keys, writers, strict=True):
-            writer.builder.finalize(f"{writer.tmp_prefix}.idx")
-            if vocabulary is not None:
-                ids_N = np.frombuffer(writer.domain_ids, dtype=np.int32)
-                write_sidecar(writer.tmp_prefix, ids_N, vocabulary)
-            stats = _stats(config, key, writer, tally, resolver, tokenizer_args, tokenizer, dtype)
-            Path(f"{writer.tmp_prefix}.stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-            all_stats[key] = stats
-        if resolver is not None and config.extend_vocab:
-            added = len(resolver.vocab) - resolver.initial_size
-            if added or not os.path.exists(config.label_vocab):
-                # Before the datasets that use the new ids become visible.
-                resolver.vocab.to_yaml(config.label_vocab)
-                logger.info("Added %d labels to %s", added, config.label_vocab)
-        with _signals_deferred():  # all outputs or none (short of SIGKILL: see _commit)
-            for writer in writers:
-                _commit(writer.tmp_prefix, writer.final_prefix, with_sidecar=resolver is not None)
+        lock = resolver.lock if resolver is not None else None
+        # --extend-vocab: from the re-read to the commit, no other run changes the vocabulary.
+        with lock if lock is not None else contextlib.nullcontext():
+            if lock is not None:
+                assert resolver is not None
+                mapping = resolver.rebase()
+                if mapping:
+                    logger.info(
+                        "%s was extended by another run meanwhile; new ids: %s",
+                        config.label_vocab,
+                        mapping,
+                    )
+                    _renumber(writers, mapping)
+            all_stats: dict[str, dict[str, Any]] = {}
+            vocabulary = resolver.vocab.as_dict() if resolver is not None else None
+            for key, writer in zip(config.json_keys, writers, strict=True):
+                writer.builder.finalize(f"{writer.tmp_prefix}.idx")
+                if vocabulary is not None:
+                    ids_N = np.frombuffer(writer.domain_ids, dtype=np.int32)
+                    write_sidecar(writer.tmp_prefix, ids_N, vocabulary)
+                stats = _stats(
+                    config, key, writer, tally, resolver, tokenizer_args, tokenizer, dtype
+                )
+                Path(f"{writer.tmp_prefix}.stats.json").write_text(_stats_json(stats))
+                all_stats[key] = stats
+            if lock is not None:
+                assert resolver is not None and config.label_vocab is not None
+                added = len(resolver.vocab) - resolver.file_size
+                if added or not os.path.exists(config.label_vocab):
+                    # Before the datasets that use the new ids become visible.
+                    try:
+                        resolver.vocab.to_yaml(config.label_vocab)
+                    except OSError as e:
+                        raise PreprocessError(
+                            f"--label-vocab {config.label_vocab!r}: cannot write the extended "
+                            f"vocabulary: {e.strerror or e}; no dataset was written"
+                        ) from e
+                    logger.info("Added %d labels to %s", added, config.label_vocab)
+            committing = True
+            with _signals_deferred():  # all outputs or none (short of SIGKILL: see _commit)
+                for writer in writers:
+                    _commit(
+                        writer.tmp_prefix, writer.final_prefix, with_sidecar=resolver is not None
+                    )
         for key, writer in zip(config.json_keys, writers, strict=True):
             _log_summary(writer.final_prefix, all_stats[key])
         return all_stats
+    except OSError as e:  # writing the outputs: a full disk (ENOSPC), a quota, an I/O error
+        outcome = (
+            "moving the outputs into place was interrupted (rerun to replace them)"
+            if committing
+            else "nothing under the final names changed"
+        )
+        raise PreprocessError(
+            f"--output-prefix {config.output_prefix!r}: cannot write the outputs in {out_dir}: "
+            f"{e.strerror or e}; {outcome}"
+        ) from e
     finally:
         if pool is not None:
             _stop_pool(pool)
         for writer in writers:
-            writer.close()
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+            writer.close()  # never raises: the clean-up below must run
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _check_output_prefix(config: PreprocessConfig) -> str:
@@ -609,7 +776,9 @@ def _stats(
             "on_unknown": str(config.on_unknown),
             "on_missing": str(config.on_missing),
             "on_invalid": config.on_invalid,
-            "relabelled_to_fallback": {str(r): tally.relabelled[r] for r in _LABEL_PROBLEMS},
+            "relabelled_to_fallback": {
+                str(r): tally.relabelled[r] for r in sorted(_LABEL_PROBLEMS)
+            },
             "unknown_labels": dict(resolver.unknown_names.most_common()),
         }
         stats["domains"] = {
@@ -621,6 +790,12 @@ def _stats(
             for name, label_id in resolver.vocab.as_dict().items()
         }
     return stats
+
+
+def _stats_json(stats: dict[str, Any]) -> str:
+    """The stats file's text: keys sorted, so it depends on the content only (not on the hash
+    seed of the process, which orders sets)."""
+    return json.dumps(stats, indent=2, sort_keys=True) + "\n"
 
 
 def _log_summary(prefix: str, stats: dict[str, Any]) -> None:
@@ -649,7 +824,7 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
         description: Help text (default: this module's docstring).
 
     Returns:
-        The exit status: 0 on success, 1 for an input, policy or configuration error, 128 +
+        The exit status: 0 on success, 1 for an input, policy, configuration or I/O error, 128 +
         the signal after SIGINT (130) or SIGTERM (143): both stop the workers and remove the
         temporary outputs.
     """
@@ -661,8 +836,8 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in _STOP_SIGNALS}
     try:
         preprocess(config_from_args(args), args)
-    except (PreprocessError, InputError, EDLConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (PreprocessError, InputError, EDLConfigError, OSError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     except Interrupted as e:
         print(f"error: {e}; temporary outputs removed, existing outputs untouched", file=sys.stderr)
@@ -671,6 +846,11 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (a label or a library message may hold line breaks)."""
+    return " ".join(str(error).splitlines()) or type(error).__name__
 
 
 if __name__ == "__main__":

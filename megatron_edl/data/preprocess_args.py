@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 from megatron_edl.config import EDLConfigError
@@ -21,6 +22,9 @@ from megatron_edl.data.label_sources import (
     LangIdLabel,
     PathLabel,
 )
+
+MAX_WORKERS_PER_CPU = 4
+"""``--workers`` may be at most this many times ``os.cpu_count()``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +65,7 @@ class PreprocessConfig:
     """Skip (as ``too_long``) documents with more tokens, EOD included."""
 
     workers: int = 1
-    """Processes that tokenize (1: all in this process)."""
+    """Processes that tokenize (1: all in this process; at most 4 x ``os.cpu_count()``)."""
 
     log_interval: int = 1000
     """Documents between progress log lines (when stderr is not a terminal)."""
@@ -90,6 +94,12 @@ class PreprocessConfig:
         ):
             if value < 1:
                 raise EDLConfigError(f"{flag} must be >= 1, got {value}")
+        cpus = os.cpu_count() or 1
+        if self.workers > MAX_WORKERS_PER_CPU * cpus:
+            raise EDLConfigError(
+                f"--workers {self.workers} is more than {MAX_WORKERS_PER_CPU} x the {cpus} CPUs "
+                f"of this machine ({MAX_WORKERS_PER_CPU * cpus}); each worker is a process"
+            )
         if self.max_document_tokens is not None and self.max_document_tokens < 1:
             raise EDLConfigError(
                 f"--max-document-tokens must be >= 1, got {self.max_document_tokens}"
@@ -239,7 +249,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=1,
-        help="Tokenizing processes (output is identical for any number).",
+        help="Tokenizing processes (output is identical for any number; at most 4 x the CPUs).",
     )
     group.add_argument(
         "--chunk-size", type=int, default=256, help="Records per unit of work for a worker."

@@ -48,7 +48,13 @@ class _DatasetWriter:
             self.domain_tokens[label_id] += n
 
     def close(self) -> None:
-        self.builder.data_file.close()
+        """Close the token file, ignoring a failing flush (disk full): clean-up must go on.
+
+        The file is closed all the same (``io`` closes the descriptor after a failed flush);
+        it lies in the temporary folder, which the caller removes next.
+        """
+        with contextlib.suppress(OSError):
+            self.builder.data_file.close()
 
 
 def _tmp_dir_prefix(base: str, pid: int) -> str:

@@ -11,6 +11,7 @@ import argparse
 import copy
 import ctypes
 import json
+import os
 import signal
 import sys
 from collections import deque
@@ -22,11 +23,18 @@ from typing import Any
 
 import numpy as np
 
+from megatron_edl.config import EDLConfigError
 from megatron_edl.data.label_sources import Labeler, PreprocessError, SkipReason
 from megatron_edl.data.readers import Chunk
 from megatron_edl.data.vocabulary import (
     SURROGATE,
 )
+
+MAX_CHARS_PER_TOKEN = 64
+"""With ``--max-document-tokens L``, a text of more than ``64 L`` characters is ``too_long``
+without being tokenized. Real text averages 3-5 characters per token; 64 is more than the
+longest tokens of common vocabularies (runs of spaces or punctuation) hold, so such a text has
+more than ``L`` tokens with any of them."""
 
 
 @dataclass(frozen=True)
@@ -184,13 +192,21 @@ class _RecordEncoder:
             if may_have_surrogates and SURROGATE.search(text):
                 detail = f"json key {key!r} has an unpaired surrogate escape (not valid UTF-8)"
                 return SkipReason.INVALID_UTF8, detail, None, "", None
+            limit = self.spec.max_document_tokens
+            if limit is not None and len(text) > limit * MAX_CHARS_PER_TOKEN:
+                # Longer than any tokenization of it could fit: skipped without tokenizing the
+                # whole text, whose cost (a 20 MB line: gigabytes) is what the limit bounds.
+                detail = (
+                    f"json key {key!r}: {len(text)} characters > {MAX_CHARS_PER_TOKEN} x "
+                    f"--max-document-tokens {limit} (not tokenized)"
+                )
+                return SkipReason.TOO_LONG, detail, None, "", None
             ids = self.tokenizer.tokenize(text) if text else ()
             if len(ids) == 0:
                 return SkipReason.EMPTY_TEXT, f"json key {key!r} has no tokens", None, "", None
             ids = list(ids)
             if self.eod is not None:
                 ids.append(self.eod)
-            limit = self.spec.max_document_tokens
             if limit is not None and len(ids) > limit:
                 detail = f"json key {key!r}: {len(ids)} tokens > --max-document-tokens {limit}"
                 return SkipReason.TOO_LONG, detail, None, "", None
@@ -303,6 +319,51 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=True)
 
 
+# Megatron-core's build_tokenizer: the files each --tokenizer-type reads (none: NullTokenizer).
+_MODEL_TOKENIZERS = (
+    "HuggingFaceTokenizer",
+    "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
+    "Llama2Tokenizer",
+    "TikTokenizer",
+    "SFTTokenizer",
+)
+_FILE_FLAGS = {
+    "GPT2BPETokenizer": ("vocab_file", "merge_file"),  # without them megatron downloads GPT-2's
+    "BertWordPieceLowerCase": ("vocab_file",),
+    "BertWordPieceCase": ("vocab_file",),
+}
+
+
+def check_tokenizer_flags(tokenizer_args: argparse.Namespace) -> None:
+    """Check the ``--tokenizer-*`` flags without building the tokenizer (before any work).
+
+    Args:
+        tokenizer_args: Parsed tokenizer flags.
+
+    Raises:
+        EDLConfigError: naming the flag, for a missing ``--tokenizer-type``, a missing
+            ``--tokenizer-model`` / ``--vocab-file`` / ``--merge-file`` that the type needs, or
+            a local file or folder given by them that does not exist.
+    """
+    kind = getattr(tokenizer_args, "tokenizer_type", None)
+    if kind is None:
+        raise EDLConfigError("--tokenizer-type is required (e.g. HuggingFaceTokenizer)")
+    needed = ("tokenizer_model",) if kind in _MODEL_TOKENIZERS else _FILE_FLAGS.get(kind, ())
+    for name in needed:
+        if getattr(tokenizer_args, name, None) is None:
+            flag = "--" + name.replace("_", "-")
+            raise EDLConfigError(f"--tokenizer-type {kind} needs {flag}")
+    for name in ("tokenizer_model", "vocab_file", "merge_file"):
+        value = getattr(tokenizer_args, name, None)
+        if value is None or os.path.exists(value):
+            continue
+        # A Hugging Face model may be a hub id ("gpt2", "org/model"): only a path is checked.
+        hub_id = kind == "HuggingFaceTokenizer" and name == "tokenizer_model"
+        if not hub_id or os.path.isabs(value) or value.startswith((".", "~")):
+            raise EDLConfigError(f"--{name.replace('_', '-')} {value!r} does not exist")
+
+
 def build_megatron_tokenizer(tokenizer_args: argparse.Namespace) -> Any:
     """Megatron's tokenizer for the ``--tokenizer-*`` flags, as megatron's own tool builds it.
 
@@ -311,9 +372,14 @@ def build_megatron_tokenizer(tokenizer_args: argparse.Namespace) -> Any:
 
     Returns:
         A megatron-core tokenizer (``tokenize``, ``eod``, ``vocab_size``).
+
+    Raises:
+        EDLConfigError: naming the flags, if they are incomplete (:func:`check_tokenizer_flags`)
+            or megatron cannot build the tokenizer from them.
     """
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 
+    check_tokenizer_flags(tokenizer_args)
     args = copy.copy(tokenizer_args)
     # The dummy values megatron-LM's tools/preprocess_data.py sets (used for vocab padding).
     for name, value in (
@@ -324,4 +390,13 @@ def build_megatron_tokenizer(tokenizer_args: argparse.Namespace) -> Any:
     ):
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    return build_tokenizer(args)
+    try:
+        return build_tokenizer(args)
+    except Exception as e:  # megatron's and the libraries' errors, asserts included
+        given = " ".join(
+            f"--{name.replace('_', '-')} {getattr(args, name)}"
+            for name in ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
+            if getattr(args, name, None) is not None
+        )
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise EDLConfigError(f"cannot build the tokenizer of {given}: {reason}") from e

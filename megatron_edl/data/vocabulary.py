@@ -20,27 +20,46 @@ Rules:
   Names and ids are unique; ids need not be contiguous (a retired label keeps its id reserved).
 * A name is a non-empty string of ``/``-separated non-empty parts without surrounding
   whitespace, and without the glob characters ``* ? [ ]`` (label maps treat those as patterns).
-  Quote names that YAML would read as something else (``"yes"``, ``"7"``).
+  Every character is printable (``str.isprintable``; the space is the only blank allowed): no
+  control characters (NUL, ESC, DEL U+007F, NEL U+0085), no line or paragraph separators
+  (U+2028, U+2029), no format characters (zero-width space, joiners, BOM), none unassigned or
+  private-use. YAML would turn some of these into other characters or refuse the file, and the
+  others look like a different name. Quote names that YAML would read as something else
+  (``"yes"``, ``"7"``).
 * Extending (``--extend-vocab``) appends new names with ids ``max id + 1, max id + 2, ...`` in
   the order the labels are first met in the input (deterministic for a given input and flags)
-  and rewrites the file atomically (comments in the file are not kept).
+  and rewrites the file atomically (comments in the file are not kept). The rewrite happens
+  under an exclusive lock on ``FILE.lock`` (:class:`VocabularyLock`), after reading the file
+  again: two runs extending one file at the same time both end with the ids of that file.
 
 Errors are ``EDLConfigError`` (a ``ValueError``) naming the file and the entry.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from megatron_edl.config import EDLConfigError
 from megatron_edl.core.labels import GLOB_CHARS, load_strict_yaml
 
-__all__ = ["LabelVocabulary", "label_name_problem", "load_strict_yaml"]
+__all__ = [
+    "LabelVocabulary",
+    "VocabularyLock",
+    "label_name_problem",
+    "load_strict_yaml",
+    "load_yaml_file",
+]
+
+logger = logging.getLogger(__name__)
 
 _NOT_IN_NAMES = GLOB_CHARS | {"]"}
 """A name never looks like a glob: no glob character, nor the ``]`` that closes a class."""
@@ -66,6 +85,12 @@ def label_name_problem(name: object) -> str | None:
         return "has an unpaired surrogate (not valid UTF-8)"
     if name != name.strip():
         return "has leading or trailing whitespace"
+    if not name.isprintable():
+        bad = next(c for c in name if not c.isprintable())
+        return (
+            f"has the non-printable character U+{ord(bad):04X} (control, line separator, "
+            "format or unassigned characters cannot be label names)"
+        )
     if _NOT_IN_NAMES.intersection(name):
         return "contains a glob character (* ? [ ])"
     if any(not part for part in name.split("/")):
@@ -128,7 +153,7 @@ class LabelVocabulary:
             EDLConfigError: if the file is not a valid vocabulary.
         """
         source = os.fspath(path)
-        data = load_strict_yaml(path)
+        data = load_yaml_file(path, what="label vocabulary")
         if data is None:
             data = {"labels": {}}
         if not isinstance(data, dict) or set(data) != {"labels"}:
@@ -211,6 +236,106 @@ class LabelVocabulary:
 
     def __repr__(self) -> str:
         return f"LabelVocabulary({self.as_dict()!r}, source={self.source!r})"
+
+
+def load_yaml_file(path: str | os.PathLike, *, what: str) -> Any:
+    """:func:`load_strict_yaml`, with a one-line error naming the file for an unreadable one.
+
+    Args:
+        path: The YAML file.
+        what: What the file is, for the error message (``"label vocabulary"``).
+
+    Returns:
+        The parsed document (``None`` for an empty file).
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        EDLConfigError: naming the file, if it is a folder, cannot be read, is not UTF-8 or not
+            valid YAML.
+    """
+    source = os.fspath(path)
+    if os.path.isdir(source):
+        raise EDLConfigError(f"{source}: is a folder, not a {what} file")
+    try:
+        return load_strict_yaml(path, what=what)
+    except FileNotFoundError:
+        raise
+    except UnicodeDecodeError as e:
+        raise EDLConfigError(
+            f"{source}: the {what} is not UTF-8 text (byte {e.start}: {e.reason})"
+        ) from None
+    except OSError as e:
+        raise EDLConfigError(f"{source}: cannot read the {what}: {e.strerror or e}") from None
+
+
+class VocabularyLock:
+    """An exclusive ``fcntl.flock`` on ``VOCAB.lock``, beside a vocabulary file.
+
+    Opening the lock file (at construction) is the up-front check that the file's folder can
+    be written; :meth:`acquire` waits for another run's update to end (the operating system
+    releases the lock of a process that dies). The lock file stays (removing it would race).
+
+    Args:
+        vocab_path: The vocabulary file (need not exist yet).
+        timeout_s: Seconds :meth:`acquire` waits before it gives up.
+
+    Raises:
+        EDLConfigError: naming the lock file, if it cannot be created or opened.
+    """
+
+    def __init__(self, vocab_path: str | os.PathLike, timeout_s: float = 600.0) -> None:
+        self.path = f"{os.fspath(vocab_path)}.lock"
+        self.timeout_s = timeout_s
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise EDLConfigError(
+                f"cannot create the lock file {self.path} beside the label vocabulary: "
+                f"{e.strerror or e}"
+            ) from None
+
+    def acquire(self) -> None:
+        """Take the lock, waiting at most ``timeout_s``.
+
+        Raises:
+            EDLConfigError: naming the lock file, when the wait times out.
+        """
+        assert self._fd is not None, "the lock was closed"
+        deadline = time.monotonic() + self.timeout_s
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            if not waiting:
+                logger.info("Waiting for %s: another run is updating the vocabulary", self.path)
+                waiting = True
+            if time.monotonic() >= deadline:
+                raise EDLConfigError(
+                    f"{self.path}: another run held the label vocabulary's lock for over "
+                    f"{self.timeout_s:g} s; is it stuck?"
+                )
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        """Release the lock (if held)."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Close the lock file (releasing the lock)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> VocabularyLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _yaml_scalar(name: str) -> str:

@@ -95,7 +95,10 @@ from megatron_edl.integration.domain_sources import (
     _label_files,
     _sequence_count,
     blend_prefixes,
+    check_named_ids,
+    compact_ids,
     shared_per_node,
+    used_ids,
 )
 from megatron_edl.integration.internals import touch
 from megatron_edl.integration.labels import DOMAIN_IDS_KEY, WEIGHTS_KEY
@@ -172,6 +175,39 @@ def evaluation_labels(labels: LabelsConfig | None) -> LabelsConfig | None:
     return dataclasses.replace(labels, control=LabelControl.DATA)
 
 
+def check_mock_domains(num_domains: int, vocab_size: int | None) -> None:
+    """Refuse a ``--moe-edl-mock-domains`` the labelled mock data cannot hold.
+
+    Every domain needs documents (the mock data has :attr:`DomainMockGPTLowLevelDataset.size`)
+    and a band of at least one token id (``vocab_size - 2`` ids are shared out; with more
+    domains the tokens would run past the vocabulary and the embedding would fail in the first
+    forward).
+
+    Args:
+        num_domains: ``--moe-edl-mock-domains``.
+        vocab_size: The tokenizer's vocabulary size, or ``None`` when not known yet (the
+            launcher knows it at start for ``NullTokenizer``: ``--vocab-size``).
+
+    Raises:
+        EDLConfigError: Naming the flag and the bound.
+    """
+    flag = "--moe-edl-mock-domains"
+    if num_domains < 1:
+        raise EDLConfigError(f"{flag} must be >= 1, got {num_domains}")
+    documents = DomainMockGPTLowLevelDataset.size
+    if num_domains > documents:
+        raise EDLConfigError(
+            f"{flag} {num_domains}: the mock data has {documents} documents, at most one domain "
+            "per document"
+        )
+    if vocab_size is not None and num_domains > vocab_size - 2:
+        raise EDLConfigError(
+            f"{flag} {num_domains}: each mock domain needs its own band of token ids, and the "
+            f"vocabulary ({vocab_size}, --vocab-size) holds at most {max(vocab_size - 2, 0)} "
+            "bands"
+        )
+
+
 def mock_document_domains(num_stored_domains: int, labels: LabelsConfig) -> np.ndarray:
     """Loss domain of every document of the labelled mock data (stored id: document % D)."""
     stored_N = np.arange(DomainMockGPTLowLevelDataset.size, dtype=np.int64) % num_stored_domains
@@ -246,8 +282,7 @@ class DomainMockGPTLowLevelDataset(MockGPTLowLevelDataset):
 
     def __init__(self, tokenizer, num_domains: int) -> None:
         super().__init__(tokenizer)
-        if num_domains < 1:
-            raise ValueError(f"--moe-edl-mock-domains must be >= 1, got {num_domains}")
+        check_mock_domains(num_domains, self.vocab_size)
         self.num_domains = num_domains
         self.band = max(1, (self.vocab_size - 2) // num_domains)
 
@@ -397,6 +432,8 @@ def _resolve_blend(
     remapped: tuple[str, ...] = ()
     if source is LabelSource.SIDECAR:
         labels = [_read_sidecar_labels(p) for p in prefixes]
+        for prefix, (ids, own_vocabulary) in zip(prefixes, labels, strict=True):
+            check_named_ids(ids, own_vocabulary, str(sidecar_path(prefix)))
         merge = reconcile_vocabularies(
             [vocabulary for _, vocabulary in labels],
             [str(sidecar_path(p)) for p in prefixes],
@@ -419,11 +456,15 @@ def _resolve_blend(
         stored = [np.full(_sequence_count(p), table.stored_id(p), dtype=np.int64) for p in prefixes]
 
     loss = stored
-    if cfg is not None and (cfg.label_map is not None or cfg.control == LabelControl.RANDOM):
+    loss_domains = None
+    if cfg is not None:
         # One call over the whole blend: the random control permutes across prefixes.
-        loss_all = loss_document_domains(
-            np.concatenate(stored) if stored else np.zeros(0, np.int64), cfg, vocabulary
-        )
+        loss_all = np.concatenate(stored) if stored else np.zeros(0, np.int64)
+        if cfg.label_map is None:  # the loss domains: the stored ids in use, compacted
+            used = used_ids(loss_all)  # ids are named by the vocabulary (checked above)
+            loss_domains = tuple(used.tolist())
+            loss_all = compact_ids(loss_all, used)
+        loss_all = loss_document_domains(loss_all, cfg, vocabulary)
         loss = np.split(loss_all, np.cumsum([len(ids) for ids in stored])[:-1])
     return BlendDomains(
         prefixes=prefixes,
@@ -431,6 +472,7 @@ def _resolve_blend(
         stored_ids={p: _compact(ids) for p, ids in zip(prefixes, stored, strict=True)},
         loss_ids={p: _compact(np.asarray(ids)) for p, ids in zip(prefixes, loss, strict=True)},
         remapped=remapped,
+        loss_domains=loss_domains,
     )
 
 

@@ -173,6 +173,12 @@ class BlendDomains:
     remapped: tuple[str, ...] = ()
     """Prefixes whose sidecar ids were remapped to the shared vocabulary."""
 
+    loss_domains: tuple[int, ...] | None = None
+    """Without a label map: the stored ids the blend's sequences use, ascending; loss id ``i``
+    is stored id ``loss_domains[i]`` (the loss domains, compacted: a large or retired id costs
+    nothing). ``None`` with a label map (its ``domains`` are the loss domains) or without label
+    options (the loss ids are the stored ids)."""
+
     @property
     def num_stored_domains(self) -> int:
         """Stored label ids in use or named: ``max id + 1`` (the loss's D without a label map)."""
@@ -238,6 +244,47 @@ def _file_state(path: str | os.PathLike | None) -> tuple:
     except OSError:
         return (os.fspath(path), None)
     return (os.fspath(path), st.st_size, st.st_mtime_ns)
+
+
+def used_ids(ids_N: np.ndarray) -> np.ndarray:
+    """The distinct ids >= 0 of ``ids_N``, ascending, in O(N) (the caller bounds the ids)."""
+    labelled_N = ids_N[ids_N >= 0]
+    if not labelled_N.size:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.bincount(labelled_N.astype(np.int64)))
+
+
+def compact_ids(ids_N: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """``ids_N`` with stored id ``used[i]`` replaced by ``i`` (-1 stays -1); ``used`` ascending
+    and holding every id >= 0 of ``ids_N``."""
+    table = np.full(int(used[-1]) + 1 if used.size else 1, -1, dtype=np.int64)
+    table[used] = np.arange(used.size)
+    ids_N = np.asarray(ids_N, dtype=np.int64)
+    return np.where(ids_N >= 0, table[np.maximum(ids_N, 0)], -1)
+
+
+def check_named_ids(ids_N: np.ndarray, vocabulary: Mapping[str, int], source: str) -> None:
+    """Refuse stored ids >= 0 that ``vocabulary`` does not name (a flipped byte, or a sidecar of
+    another vocabulary), naming ``source``, the id and its first sequence.
+
+    Raises:
+        SidecarMismatchError: On an id the vocabulary does not name.
+    """
+    named = np.zeros(max(vocabulary.values(), default=0) + 1, dtype=bool)
+    named[list(vocabulary.values())] = True
+    ids_N = np.asarray(ids_N, dtype=np.int64)
+    inside_N = (ids_N >= 0) & (ids_N < named.size)
+    bad_N = (ids_N >= named.size) | (inside_N & ~named[np.where(inside_N, ids_N, 0)])
+    if bad_N.any():
+        first = int(np.flatnonzero(bad_N)[0])
+        known = sorted(set(vocabulary.values()))
+        shown = f"{known[:10]}{' ...' if len(known) > 10 else ''}" if known else "none"
+        raise SidecarMismatchError(
+            f"{source}: sequence {first} has domain id {int(ids_N[first])}, which the file's "
+            f"label vocabulary does not name (its ids: {shown}; "
+            f"{int(bad_N.sum())} sequence(s) have such ids): the file is damaged or was "
+            "written with another vocabulary"
+        )
 
 
 def _compact(ids_N: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ __all__ = [
     "push_labels",
     "router_labels",
     "routers_wanting_labels",
+    "to_device_async",
 ]
 
 # Batch keys the labelled datasets add (both [b, S]).
@@ -147,6 +148,11 @@ def broadcast_labels_over_tp(
 ) -> dict[str, torch.Tensor]:
     """Broadcast the EDL keys from TP rank 0 to the TP group, as one packed float64 tensor.
 
+    No host sync: on TP rank 0 each key goes to the GPU from pinned memory with
+    ``non_blocking=True`` (:func:`to_device_async`; Megatron's data loader already pins its
+    batches), and the packing runs on the GPU. Without CUDA (``--cpu``) the tensors stay where
+    they are.
+
     Args:
         batch: On TP rank 0, the data loader's batch (must hold both EDL keys); ignored elsewhere.
 
@@ -162,17 +168,39 @@ def broadcast_labels_over_tp(
                 "(--mock-data with EDL, or a domain-labelled indexed dataset)"
             )
         packed = torch.stack(
-            [batch[DOMAIN_IDS_KEY].to(torch.float64), batch[WEIGHTS_KEY].to(torch.float64)]
-        ).cuda()
+            [to_device_async(batch[key]).to(torch.float64) for key in EDL_BATCH_KEYS]
+        )
         if tuple(packed.shape) != shape:
             raise ValueError(
                 f"EDL labels have shape {tuple(packed.shape[1:])}, expected {shape[1:]}"
             )
     else:
-        packed = torch.empty(shape, dtype=torch.float64, device="cuda")
+        packed = torch.empty(shape, dtype=torch.float64, device=_label_device())
     if torch.distributed.get_world_size(group) > 1:
         torch.distributed.broadcast(packed, src_rank, group=group)
     return {DOMAIN_IDS_KEY: packed[0].to(torch.int64), WEIGHTS_KEY: packed[1].to(torch.float32)}
+
+
+def _label_device() -> torch.device:
+    """The current CUDA device, or the CPU without CUDA (``--cpu``)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_device_async(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the current CUDA device, copied without a host sync.
+
+    A host tensor is staged in pinned memory (unless it already is, as Megatron's data loader
+    leaves it) and copied with ``non_blocking=True``: the copy is queued on the current stream
+    and the host goes on (a pageable source makes ``.cuda()`` wait for the copy). Without CUDA
+    the tensor is returned as it is (CPU runs: nothing to copy, and pinning needs CUDA).
+    """
+    if not torch.cuda.is_available():
+        return tensor
+    if tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(_label_device(), non_blocking=True)
 
 
 def router_labels(

@@ -24,6 +24,10 @@ statistics" and "Gradient scale"):
    layer index of :func:`layer_index` (MTP layers after the decoder's), averaged over ``tp_cp``
    and DP (the values are replicated over the reduce group, never partial).
 
+A repeated MTP layer (``--mtp-use-repeated-layer``) runs its one router N = ``mtp_num_layers``
+times per forward; as Megatron does for its aux and z losses, each call's loss is attached and
+recorded times 1/N (:func:`mtp_repeats`), so the N calls add up to their mean.
+
 :meth:`AuxLossTerm.apply` runs the five steps in this order. Implementations: :class:`EDLTerm`
 (in the router, scope ``global`` or ``local``), :class:`VarianceTerm` (in the router) and
 :class:`OrthogonalityTerm` (in the token dispatcher's combine,
@@ -76,6 +80,7 @@ __all__ = [
     "TermGroups",
     "VarianceTerm",
     "layer_index",
+    "mtp_repeats",
     "register_edl_metrics",
 ]
 
@@ -113,6 +118,24 @@ def layer_index(config, layer_number: int, *, is_mtp_layer: bool) -> LayerIndex:
     num_layers = config.num_layers + (config.mtp_num_layers or 0)
     layer = layer_number + (config.num_layers if is_mtp_layer else 0)
     return LayerIndex(layer, num_layers)
+
+
+def mtp_repeats(config, *, is_mtp_layer: bool) -> int:
+    """How many times a layer runs per model forward: N = ``mtp_num_layers`` for the one layer of
+    a repeated MTP block (``--mtp-use-repeated-layer``), else 1.
+
+    Megatron's ``MultiTokenPredictionBlock`` then calls that layer once per prediction depth, and
+    scales its aux and z losses by 1/N (``TopKRouter.attach_and_log_load_balancing_loss``,
+    ``apply_z_loss``); every term here does the same (:meth:`AuxLossTerm.attach`,
+    :meth:`AuxLossTerm.record`).
+
+    Args:
+        config: Megatron's ``TransformerConfig``.
+        is_mtp_layer: Whether the layer is a multi-token-prediction layer.
+    """
+    if is_mtp_layer and getattr(config, "mtp_use_repeated_layer", False):
+        return max(int(config.mtp_num_layers or 1), 1)
+    return 1
 
 
 def register_edl_metrics(names: tuple[str, ...] = EDL_METRICS) -> None:
@@ -197,6 +220,8 @@ class AuxLossTerm:
         self.groups = groups
         self.is_mtp_layer = is_mtp_layer
         self.scope = scope
+        self.repeats = mtp_repeats(config, is_mtp_layer=is_mtp_layer)
+        """Calls per model forward (N of a repeated MTP layer, else 1); each counts 1/N."""
 
     @property
     def reduce_group(self):
@@ -247,7 +272,9 @@ class AuxLossTerm:
     def attach(
         self, activation: Tensor, loss: Tensor, *, weight: float, num_local_tokens: int | Tensor
     ) -> Tensor:
-        """Step 4: attach ``weight * s * loss`` to ``activation`` (returned unchanged in value).
+        """Step 4: attach ``weight * s * loss`` to ``activation`` (returned unchanged in value);
+        times 1/N for a layer that runs N times per forward (:attr:`repeats`), as Megatron's aux
+        loss.
 
         Args:
             activation: The tensor whose backward carries the loss.
@@ -256,10 +283,13 @@ class AuxLossTerm:
             num_local_tokens: This rank's tokens in the loss.
         """
         scale = self.gradient_scale(num_local_tokens)
+        if self.repeats > 1:
+            scale = scale / self.repeats
         return MoEAuxLossAutoScaler.apply(activation, loss * (weight * scale))
 
     def record(self, metrics: Mapping[str, Tensor], layer_number: int | None) -> None:
-        """Step 5: each metric in Megatron's MoE metrics tracker (nothing without a layer number).
+        """Step 5: each metric in Megatron's MoE metrics tracker (nothing without a layer number);
+        times 1/N for a layer that runs N times per forward, so its slot holds the calls' mean.
 
         Args:
             metrics: ``{name: value}``, values replicated over the reduce group.
@@ -270,6 +300,8 @@ class AuxLossTerm:
         layer, num_layers = layer_index(self.config, layer_number, is_mtp_layer=self.is_mtp_layer)
         tracker = get_moe_metrics_tracker()
         for name, value in metrics.items():
+            if self.repeats > 1:
+                value = value / self.repeats
             # Values are replicated over the reduce group, not partial: average, never sum.
             tracker.record(
                 name, value, layer, num_layers, avg_group=self.groups.tp_cp, needs_dp_avg=True
@@ -340,13 +372,16 @@ class EDLTerm(AuxLossTerm):
         self.accumulator = DomainStatsAccumulator()
         """(A, n) of the earlier micro-batches of the global batch (``accumulate``)."""
         self.microbatches_seen = 0
-        """Grad-enabled forwards of the current global batch, modulo ``num_microbatches``."""
+        """Grad-enabled forwards of the current global batch, modulo ``num_microbatches`` (times
+        N for a repeated MTP layer)."""
 
     def begin_microbatch(self, *, queued: int, consumer: str) -> None:
         """Track the micro-batch's position in its global batch; reset the accumulator at a new one.
 
         A new global batch starts every ``num_microbatches`` grad-enabled forwards (Megatron
-        updates that number, e.g. under batch-size ramp-up, before an iteration's first forward).
+        updates that number, e.g. under batch-size ramp-up, before an iteration's first forward),
+        ``N * num_microbatches`` for a repeated MTP layer: each of its N calls per forward is one
+        step of the statistics (accumulated, or one step of the window).
 
         Args:
             queued: Label entries queued for this router, this forward's included.
@@ -356,15 +391,16 @@ class EDLTerm(AuxLossTerm):
             RuntimeError: If more entries are queued at a global batch's start than it has
                 micro-batches (labels pushed for forwards that never consumed them).
         """
+        forwards = get_num_microbatches() * self.repeats
         if self.microbatches_seen == 0:
             self.accumulator.reset()
-            if queued > get_num_microbatches():
+            if queued > forwards:
                 raise RuntimeError(
                     f"{consumer} holds {queued} "
                     "queued label sets at the start of a global batch: labels were pushed for "
                     "forwards that never consumed them"
                 )
-        self.microbatches_seen = (self.microbatches_seen + 1) % get_num_microbatches()
+        self.microbatches_seen = (self.microbatches_seen + 1) % forwards
 
     def _path(self, logits_TE: Tensor) -> edl_fused.EDLPath:
         # Eager or compiled (--moe-edl-fused): the math on either side of the all-reduce.

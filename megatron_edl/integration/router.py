@@ -60,6 +60,17 @@ The same FIFO entry feeds the routing telemetry when the router records it (``st
 consumed labels): a forward consumes one entry if the EDL loss or the statistics need it
 (:meth:`AuxLossTopKRouter.wants_labels`), and both read that entry.
 
+A repeated MTP layer (``--mtp-use-repeated-layer``) runs its one router N = ``mtp_num_layers``
+times per forward: :meth:`AuxLossTopKRouter.push_labels` queues the micro-batch's labels N times,
+each call consumes one copy (the same labels: the N depths route the same positions), every
+loss counts 1/N per call, as Megatron's aux loss
+(:func:`~megatron_edl.integration.loss_terms.mtp_repeats`), and the routing telemetry counts
+every call's routing (N observations of each token per micro-batch).
+
+The window buffer is initialised in :meth:`AuxLossTopKRouter.reset_parameters`, which
+Megatron-FSDP calls after it materialises a router built on the meta device
+(``--init-model-with-meta-device``): a buffer created on the meta device holds no values.
+
 The same router also carries the variance loss of arXiv 2505.22323 when its
 ``SpecializationConfig`` turns it on (:class:`megatron_edl.integration.loss_terms.VarianceTerm`:
 one packed all-reduce over ``tp_dp_cp``, the ``global`` scale above). EDL and the variance loss
@@ -81,6 +92,7 @@ from megatron_edl.integration.loss_terms import (
     EDLTerm,
     TermGroups,
     VarianceTerm,
+    mtp_repeats,
     register_edl_metrics,
 )
 from megatron_edl.integration.pruning import mask_expert_logits
@@ -192,6 +204,8 @@ class AuxLossTopKRouter(TopKRouter, LabelConsumer):
             size = num_domains * config.num_moe_experts + num_domains
             window_X = torch.zeros(size, dtype=torch.float32, device=self.weight.device)
             self.register_buffer(WINDOW_BUFFER, window_X, persistent=True)
+        self.forwards_per_microbatch = mtp_repeats(config, is_mtp_layer=is_mtp_layer)
+        """Forwards of this router per micro-batch: N of a repeated MTP layer, else 1."""
         self.expert_mask_DE: torch.Tensor | None = None
         """bool [D, E]: the experts each domain's tokens may route to in evaluation (pruning:
         :mod:`megatron_edl.integration.pruning`); ``None``: every expert."""
@@ -204,6 +218,25 @@ class AuxLossTopKRouter(TopKRouter, LabelConsumer):
             self.routing_stats = RouterStats(
                 num_domains=num_domains, phase=stats_phase, records=records
             )
+
+    def reset_parameters(self) -> None:
+        """Megatron's (the router weight), then the window state to zeros.
+
+        Megatron-FSDP materialises a module built on the meta device with ``to_empty`` (its
+        parameters and buffers hold uninitialised memory) and then calls this; Megatron's
+        ``Router.__init__`` calls it before the window exists.
+        """
+        super().reset_parameters()
+        window_X = getattr(self, WINDOW_BUFFER, None)
+        if window_X is not None and not window_X.is_meta:
+            with torch.no_grad():
+                window_X.zero_()
+
+    def push_labels(self, labels: DomainLabels) -> None:
+        """Queue one micro-batch's labels, once per forward of this router in that micro-batch
+        (:attr:`forwards_per_microbatch`: N copies for a repeated MTP layer)."""
+        for _ in range(self.forwards_per_microbatch):
+            self.label_queue.push(labels)
 
     @property
     def edl_active(self) -> bool:

@@ -271,6 +271,23 @@ def test_multi_token_prediction_layers():
     assert max(result.losses("edl_loss")) > 0
 
 
+def test_repeated_multi_token_prediction_layer():
+    """``--mtp-use-repeated-layer``: one MTP router runs at each of the 2 depths of a forward;
+    it gets the labels once per depth (an empty queue would raise at the second depth), and the
+    variance and orthogonality losses run there too. The 1/N scaling is checked in
+    tests/unit/integration/test_gpu_paths.py."""
+    flags = [
+        *TINY_MOE_GPT, *EDL, "--train-iters", "3",
+        "--moe-variance-loss-coeff", "0.01", "--moe-ortho-loss-coeff", "0.01",
+        "--mtp-num-layers", "2", "--mtp-use-repeated-layer",
+    ]  # fmt: skip
+    result = run_pretrain(1, flags)
+    _assert_trained(result, 3)
+    assert {"mtp_1 loss", "mtp_2 loss"} <= set(result.iterations[3]), result.describe()
+    for name in ("edl_loss", "variance_loss", "ortho_loss"):
+        assert min(result.losses(name)) > 0, name
+
+
 def _write_labelled_prefix(prefix, domains: list[int], names: dict[str, int]) -> None:
     """An indexed dataset whose document i (domain d) has tokens in d's vocabulary band."""
     import numpy as np

@@ -1,13 +1,17 @@
-"""``make gpu-wheelhouse`` and the dry run of ``make gpu-check`` (tools/gpu_check.py), on CPU.
+"""The rehearsal of ``make gpu-check`` (``tools/gpu_check.py --dry-run``) on CPU.
 
-Builds the wheel folder from PyPI (or pip's cache) into a temporary directory, then runs the dry
-run: the wheels install with ``--no-index --no-deps`` into an environment holding only torch and
-its dependencies, and from there every step's script imports and the GPU tests collect. So the
-GPU check cannot rot while no GPU is around.
+Every step's real command runs at a tiny size with the GPU run's flags: the GPU tests (they
+skip), the kernel count, the router and MoE-layer benchmarks, and Megatron's training loop
+through the launcher's ``--cpu`` with the check's model flags. A flag Megatron refuses fails
+the rehearsal (two planted ones below), so it fails here and not on the first GPU.
+
+The slow test also builds the wheel folder (``make gpu-wheelhouse``, from PyPI or pip's cache)
+and rehearses with it installed into an environment that holds only torch and its dependencies.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import runpy
@@ -19,16 +23,100 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "gpu_check.py"
+CPU_STEPS = [
+    "install",
+    "tests",
+    "kernels",
+    "router",
+    "moe_layer",
+    "training_small",
+    "training_large",
+]
+
+
+def _gpu_check():
+    name = "_tools_gpu_check"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before exec: its dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _rehearse(out: Path, *extra: str, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *extra],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def _check_results(out: Path) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    assert results["dry_run"] is True and results["device"] == "cpu"
+    records = {r["step"]: r for r in results["steps"]}
+    assert list(records) == CPU_STEPS  # no TE here: no training_te
+    assert all(r["returncode"] == 0 for r in records.values()), records
+    for name in CPU_STEPS[2:]:
+        assert "--device cpu" in records[name]["command"], name
+    # The two local-spec sizes are the same command at the tiny size: run once.
+    assert records["training_large"]["same_as"] == "training_small"
+    assert "skipped" in (out / "tests.log").read_text()  # collected, then skipped on CPU
+    (train,) = [rows for t, rows in records["training_small"]["tables"].items() if "ms" in t]
+    assert [row["config"] for row in train] == ["baseline", "edl"]
+    assert all(row["peak allocated (MiB), max over runs"] == "0" for row in train)  # CPU
+    assert "--no-masked-softmax-fusion" in records["training_small"]["command"]
+    report = (out / "results.md").read_text()
+    assert "no all-reduce of EDL's per-domain statistics; no NCCL" in report
+    assert "| large | 631,452,672 |" in report
+    return results
+
+
+def test_the_rehearsal_runs_every_step_on_cpu(tmp_path):
+    out = tmp_path / "results"
+    proc = _rehearse(out, "--no-install", timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + _logs(out)
+    results = _check_results(out)
+    assert "training_te" in results["te_pair"] or "does not import" in results["te_pair"]
+
+
+@pytest.mark.parametrize(
+    ("plant", "refusal"),
+    [
+        # A flag Megatron refuses: fp16 with the check's bf16 (its validate_args asserts).
+        (lambda flags: [*flags, "--fp16"], "assert not args.bf16"),
+        # A derived flag left out: the bf16 softmax needs apex's kernel on CPU as on a GPU.
+        (
+            lambda flags: [f for f in flags if f != "--no-masked-softmax-fusion"],
+            "scaled_masked_softmax_cuda",
+        ),
+    ],
+    ids=["megatron-refuses-fp16-with-bf16", "masked-softmax-fusion-without-apex"],
+)
+def test_a_planted_bad_flag_fails_the_rehearsal(tmp_path, monkeypatch, plant, refusal):
+    gpu_check = _gpu_check()
+    derive = gpu_check.model_flags
+    monkeypatch.setattr(gpu_check, "model_flags", lambda *a, **k: plant(derive(*a, **k)))
+    out = tmp_path / "results"
+    rc = gpu_check.main(["--dry-run", "--no-install", "--out", str(out), "--steps",
+                         "training_small"])  # fmt: skip
+    assert rc == 1
+    log = (out / "training_small.log").read_text()
+    assert refusal in log, log[-3000:]
+    (record,) = [r for r in json.loads((out / "results.json").read_text())["steps"]
+                 if r["step"] == "training_small"]  # fmt: skip
+    assert record["returncode"] != 0
 
 
 @pytest.mark.slow
-def test_wheelhouse_builds_and_the_dry_run_passes(tmp_path):
+def test_wheelhouse_builds_and_the_rehearsal_passes_with_it(tmp_path):
     max_mib = runpy.run_path(str(SCRIPT))["MAX_WHEELHOUSE_MIB"]  # the script, not run as main
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     wheelhouse = tmp_path / "wheels"
     build = subprocess.run(
         [sys.executable, str(SCRIPT), "--build-wheelhouse", str(wheelhouse)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert build.returncode == 0, build.stdout + build.stderr
     wheels = list(wheelhouse.glob("*.whl"))
@@ -36,28 +124,14 @@ def test_wheelhouse_builds_and_the_dry_run_passes(tmp_path):
     assert any(w.name.startswith("megatron_core-") for w in wheels)
 
     out = tmp_path / "results"
-    dry = subprocess.run(
-        [sys.executable, str(SCRIPT), "--wheelhouse", str(wheelhouse), "--dry-run",
-         "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
-    assert dry.returncode == 0, dry.stdout + dry.stderr + _logs(out)
-    results = json.loads((out / "results.json").read_text())
-    assert results["dry_run"] is True
-    names = [r["step"] for r in results["steps"]]
-    assert names == ["install", "tests", "kernels", "router", "moe_layer", "training"]
-    assert all(r["returncode"] == 0 for r in results["steps"])
-    # The GPU tests were collected (not an empty selection), from the check's environment.
-    assert "collected" in (out / "tests.log").read_text()
-    assert "| training |" in (out / "results.md").read_text()
+    proc = _rehearse(out, "--wheelhouse", str(wheelhouse), timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + _logs(out)
+    results = _check_results(out)
+    assert results["steps"][0]["command"].startswith("pip install --no-index --no-deps")
 
 
 def test_missing_wheelhouse_is_named(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--wheelhouse", str(tmp_path / "none"), "--dry-run",
-         "--out", str(tmp_path / "out")],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    proc = _rehearse(tmp_path / "out", "--wheelhouse", str(tmp_path / "none"), timeout=60)
     assert proc.returncode != 0
     assert f"no wheels in {tmp_path / 'none'}" in proc.stderr
     assert "make gpu-wheelhouse" in proc.stderr

@@ -2,7 +2,8 @@
 
 ``requirements.txt`` (the package's dependencies) holds ranges; ``constraints.txt`` the exact
 CPU stack ``make`` installs. NGC PyTorch containers carry torch builds with versions like
-``2.8.0a0+5228986c39.nv25.06``: pip must accept the container's torch as it is, never replace it.
+``2.13.0a0+8145d630e8.nv26.06``: pip must accept the container's torch as it is, never replace it.
+The install under the image's own ``PIP_CONSTRAINT`` is ``tests/e2e/test_install_ngc.py``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # torch versions of NGC PyTorch containers (pre-release + local label), and a plain release.
 NGC_TORCH = [
+    "2.13.0a0+8145d630e8.nv26.06",  # 26.06, Megatron-LM core_v0.19.0's docker/.ngc_version.dev
     "2.8.0a0+5228986c39.nv25.06",
     "2.9.0a0+50eac811a6.nv25.09",
-    "2.10.0a0+b465a5843b.nv25.12",
+    "2.10.0a0+b4e4ee81d3.nv25.12",
 ]
+# torch of the NGC PyTorch tags around torch 2.6 (NVIDIA's release notes and its PyTorch-for-
+# Jetson compatibility table; the ".nvYY.MM" label omitted): the earliest tag whose torch
+# satisfies torch>=2.6 under PEP 440 is 25.02 (2.7.0a0 > 2.6; 2.6.0a0 < 2.6).
+NGC_TORCH_BY_TAG = {
+    "24.12": "2.6.0a0+df5bbc09d1",
+    "25.01": "2.6.0a0+ecf3bae40a",
+    "25.02": "2.7.0a0+6c54963f75",
+    "25.03": "2.7.0a0+7c8ec84dab",
+}
+EARLIEST_NGC_TAG = "25.02"
 PIN_STYLE = "torch==2.11.0"  # the pin requirements.txt had, which no NGC build satisfies
 
 
@@ -66,6 +78,17 @@ def test_declared_torch_accepts_ngc_builds(version):
         if requirement.name == "torch":
             assert requirement.specifier.contains(version, prereleases=True), requirement
     assert not Requirement(PIN_STYLE).specifier.contains(version, prereleases=True)
+
+
+def test_the_earliest_ngc_tag_whose_torch_satisfies_the_requirements():
+    torch = [r for r in _declared() if r.name == "torch"]
+    assert torch
+    fits = [
+        tag for tag, version in NGC_TORCH_BY_TAG.items()
+        if all(r.specifier.contains(version, prereleases=True) for r in torch)
+    ]  # fmt: skip
+    assert min(fits) == EARLIEST_NGC_TAG, fits
+    assert "25.01" not in fits  # 2.6.0a0+ecf3bae40a is a pre-release of 2.6: below torch>=2.6
 
 
 def test_pinned_stack_satisfies_the_declared_ranges():

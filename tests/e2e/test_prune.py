@@ -42,7 +42,10 @@ def test_prune_full_model_equals_the_probe_and_curves_are_written(tmp_path):
             printed[f"lm loss/{name}"], rel=1e-5
         )
     assert [r["name"] for r in summary["results"]] == [
-        "full-m4", "domain-m2", "global-m2", "random-m2",
+        "full-m4",
+        "domain-m2",
+        "global-m2",
+        "random-m2",
     ]  # fmt: skip  (TINY_MOE_GPT: 4 experts, top-2: m = 4, 2)
     for ranking in ("domain", "global", "random"):
         (point,) = summary["curves"][ranking]
@@ -54,6 +57,4 @@ def test_prune_full_model_equals_the_probe_and_curves_are_written(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == [
-        "error: --keep 1: below the router's top-k (2)"
-    ]
+    assert bad.stderr.strip().splitlines() == ["error: --keep 1: below the router's top-k (2)"]

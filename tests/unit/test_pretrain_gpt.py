@@ -173,3 +173,214 @@ def test_thin_statistics_warn_at_start(extra, warned, monkeypatch, capsys):
     expected = {(): 2 / 3, ("--moe-edl-window-decay", "0.9"): 2 / 3 / 0.1}.get(tuple(extra))
     if expected is not None:
         assert estimate == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-time refusals (issue 26, items 7, 12 and 16): one error naming the flag or file, before
+# the model is built
+# ---------------------------------------------------------------------------------------------
+
+
+def _mock_edl(*extra: str) -> list[str]:
+    return [*TINY_MOE_GPT, "--moe-edl-coeff", "0.1", *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--moe-edl-mock-domains", "1"],
+            r"needs at least two loss domains.*--moe-edl-mock-domains 1",
+        ),
+        (["--moe-edl-mock-domains", "0"], r"^--moe-edl-mock-domains must be >= 1, got 0"),
+        (["--moe-edl-mock-domains", "100000"], r"^--moe-edl-mock-domains 100000: .* 1022 bands"),
+        (["--moe-edl-layers", "\u00b2"], r"^--moe-edl-layers: bad entry '\u00b2'"),
+    ],
+)
+def test_mock_flags_the_run_cannot_use_are_refused(extra, message, monkeypatch):
+    args = parse(_mock_edl(*extra), monkeypatch)
+    with pytest.raises(EDLConfigError, match=message):
+        edl_config_from_args(args)
+
+
+def test_labels_without_the_loss_may_have_one_domain(monkeypatch):
+    args = parse([*TINY_MOE_GPT, "--moe-edl-eval-per-domain", "--moe-edl-mock-domains", "1"],
+                 monkeypatch)  # fmt: skip
+    assert labels_config_from_args(args).num_domains == 1
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("domains: [a, b]\nmap: {code: null, prose: null, math: null}\n", "to no loss domain"),
+        ("domains: [text]\nmap: {'*': text}\n", "to 1 loss domain"),
+    ],
+)
+def test_a_label_map_leaving_fewer_than_two_domains_is_refused(
+    text, message, tmp_path, monkeypatch
+):
+    prefix = _indexed(tmp_path, labels=[0, 1, 2, 0, 1, 2])
+    label_map = tmp_path / "map.yaml"
+    label_map.write_text(text)
+    flags = [*_data_flags(prefix), "--moe-edl-coeff", "0.1", "--moe-edl-label-map", str(label_map)]
+    with pytest.raises(EDLConfigError, match=rf"{label_map} \(--moe-edl-label-map\).*{message}"):
+        edl_config_from_args(parse(flags, monkeypatch))
+
+
+def test_mock_data_with_an_uncovered_label_map_is_refused_at_start(tmp_path, monkeypatch):
+    label_map = tmp_path / "map.yaml"
+    label_map.write_text("domains: [a, b]\nmap: {0: a, 1: b}\n")  # mock ids 2 and 3 uncovered
+    args = parse(_mock_edl("--moe-edl-label-map", str(label_map)), monkeypatch)
+    with pytest.raises(EDLConfigError, match=rf"{label_map}: .*does not cover 2 stored label"):
+        edl_config_from_args(args)
+
+
+def test_the_loss_domains_are_the_ids_the_data_uses(tmp_path, monkeypatch):
+    # A vocabulary with a large retired id: 2 loss domains, not 32,640.
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_edl.data.sidecar import write_sidecar
+
+    prefix = str(tmp_path / "corpus")
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for i in range(4):
+        builder.add_document(np.array([i + 1, 1023]), [2])
+    builder.finalize(f"{prefix}.idx")
+    write_sidecar(prefix, np.array([0, 32639, 0, 32639]), {"code": 0, "web": 1, "old": 32639})
+    cfg = labels_config_from_args(
+        parse([*_data_flags(prefix), "--moe-edl-coeff", "0.1"], monkeypatch)
+    )
+    assert (cfg.num_domains, cfg.domain_names) == (2, ("code", "old"))
+
+
+def test_a_flipped_sidecar_id_is_refused_at_start(tmp_path, monkeypatch):
+    from megatron_edl.data.sidecar import SidecarMismatchError
+
+    prefix = _indexed(tmp_path, labels=[0, 1, 2, 0, 1, 2])
+    sidecar = tmp_path / "corpus.domains"
+    data = bytearray(sidecar.read_bytes())
+    data[-2:] = np.int16(32639).tobytes()
+    sidecar.write_bytes(bytes(data))
+    args = parse([*_data_flags(prefix), "--moe-edl-coeff", "0.1"], monkeypatch)
+    with pytest.raises(
+        SidecarMismatchError, match=r"corpus\.domains: sequence 5 has domain id 32639"
+    ):
+        edl_config_from_args(args)
+
+
+def test_an_unusable_stats_dir_is_refused_at_start(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    flags = [*TINY_MOE_GPT, "--moe-edl-stats-interval", "1", "--moe-edl-stats-dir", f"{blocker}/s"]
+    with pytest.raises(ValueError, match=rf"^--moe-edl-stats-dir {blocker}/s: .*below the file"):
+        edl_config_from_args(parse(flags, monkeypatch))
+
+
+def _window_checkpoint(folder, num_domains: int, num_experts: int) -> None:
+    """A torch_dist checkpoint holding only the EDL window of 2 layers (its last dim D*E + D)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_edl.checkpoint import TRACKER
+
+    step = folder / "iter_0000002"
+    step.mkdir(parents=True)
+    window = torch.zeros(2, num_domains * (num_experts + 1))
+    dcp.save(
+        {"decoder.layers.mlp.router.edl_window": window},
+        storage_writer=dcp.FileSystemWriter(str(step)),
+        no_dist=True,
+    )
+    (step / "metadata.json").write_text("{}")
+    (folder / TRACKER).write_text("2")
+
+
+def test_resuming_the_window_with_another_domain_count_is_refused_at_start(tmp_path, monkeypatch):
+    from megatron_edl.checkpoint import CheckpointError
+
+    _window_checkpoint(tmp_path / "ckpt", num_domains=3, num_experts=4)  # TINY: 4 experts
+    flags = _mock_edl("--moe-edl-window-decay", "0.5", "--load", str(tmp_path / "ckpt"))
+    model_cfg = types.SimpleNamespace(transformer_layer_spec=None)
+    args = parse([*flags, "--moe-edl-mock-domains", "3"], monkeypatch)
+    install_edl(args, model_cfg, object(), object())  # the same domain count: accepted
+    args = parse([*flags, "--moe-edl-mock-domains", "5"], monkeypatch)
+    with pytest.raises(
+        CheckpointError, match=r"window .* of 3 loss domains x 4 experts, this run has 5"
+    ):
+        install_edl(args, types.SimpleNamespace(transformer_layer_spec=None), object(), object())
+
+
+def _launch(tmp_path, *argv: str, module: str = "megatron_edl.pretrain_gpt", timeout: float = 240):
+    """``python -m module argv`` in ``tmp_path`` on CPU: (exit status, stderr's error lines);
+    a refusal prints no traceback."""
+    import os
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.returncode, [line for line in proc.stderr.splitlines() if "error:" in line]
+
+
+@pytest.mark.parametrize("what", ["folder", "latin-1"])
+def test_an_unreadable_config_yaml_is_one_line_naming_it(what, tmp_path):
+    path = tmp_path / "run.yaml"
+    if what == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes("MODEL:\n  num-layers: 2  # \u00e9\n".encode("latin-1"))
+    rc, errors = _launch(tmp_path, "--cpu", "--config-yaml", str(path))
+    assert rc == 2 and len(errors) == 1, errors
+    expected = "is a folder" if what == "folder" else "is not UTF-8 text"
+    assert errors[0].startswith(
+        f"megatron_edl.pretrain_gpt: error: {path}: the run config {expected}"
+    )
+
+
+def test_a_start_time_refusal_exits_2_with_one_line(tmp_path):
+    # Megatron parses the flags (a few seconds), megatron-edl refuses before building the model.
+    rc, errors = _launch(tmp_path, "--cpu", *_mock_edl("--moe-edl-mock-domains", "100000"))
+    assert rc == 2, errors
+    assert errors == [
+        "megatron_edl.pretrain_gpt: error: --moe-edl-mock-domains 100000: each mock domain needs "
+        "its own band of token ids, and the vocabulary (1024, --vocab-size) holds at most 1022 "
+        "bands"
+    ]
+
+
+@pytest.mark.parametrize("state", ["missing", "empty", "iter only"])
+def test_the_probe_refuses_a_load_without_a_checkpoint(state, tmp_path):
+    from megatron_edl.probe import check_checkpoint
+
+    load = tmp_path / "ckpt"
+    if state != "missing":
+        load.mkdir()
+    if state == "iter only":
+        (load / "iter_0000005").mkdir()
+    message = {
+        "missing": "no such folder",
+        "empty": r"no latest_checkpointed_iteration\.txt \(and no iter_\* folder\)",
+        "iter only": r"it holds iter_0000005: pass --ckpt-step N",
+    }[state]
+    with pytest.raises(ValueError, match=rf"^--load {load}: .*{message}"):
+        check_checkpoint(["--load", str(load), "--eval-iters", "2"])
+    if state == "iter only":  # --ckpt-step names the folder: accepted
+        check_checkpoint(["--load", str(load), "--ckpt-step", "5"])
+    rc, errors = _launch(
+        tmp_path, "--out", "probe", "--cpu", "--load", str(load), module="megatron_edl.probe"
+    )
+    assert rc == 2 and len(errors) == 1 and f"--load {load}: " in errors[0], errors
+    assert not (tmp_path / "probe").exists()
+
+
+def test_the_probe_accepts_a_tracker(tmp_path):
+    from megatron_edl.probe import check_checkpoint
+
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("2")
+    check_checkpoint([f"--load={tmp_path}"])

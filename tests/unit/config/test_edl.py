@@ -175,6 +175,8 @@ def test_parse_layers(spec: str | None, expected: tuple[int, ...] | None) -> Non
         ("0", "'0'"),
         ("0-3", "'0-3'"),
         ("8-5", "reversed range '8-5'"),
+        ("\u00b2", "'\u00b2'"),  # a superscript two: str.isdigit says yes, int() refuses it
+        ("1-\u00b3", "'1-\u00b3'"),
     ],
 )
 def test_parse_layers_errors_name_flag_and_token(spec: str, bad: str) -> None:

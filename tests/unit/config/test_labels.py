@@ -163,3 +163,61 @@ def test_from_args_bad_enum_is_config_error() -> None:
     args = _parser().parse_args(["--moe-edl-aggregation", "foo"])
     with pytest.raises(EDLConfigError, match="choose from segment, token, sample"):
         LabelsConfig.from_args(args, ["--moe-edl-coeff"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Mock domains and the EDL loss's two domains (issue 26, items 7 and 16)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0, -3, "x"])
+def test_mock_domains_below_one_names_the_flag(value: object) -> None:
+    with pytest.raises(EDLConfigError, match=r"--moe-edl-mock-domains"):
+        LabelsConfig(origin="mock", mock_domains=value)
+
+
+EDL_ON = ("--moe-edl-coeff",)
+
+
+@pytest.mark.parametrize(
+    ("labels", "used", "message"),
+    [
+        (
+            LabelsConfig(reasons=EDL_ON, label_map="maps/null.yaml"),
+            0,
+            r"label map maps/null\.yaml \(--moe-edl-label-map\) maps the data to no loss domain "
+            r"\(every label to null\)",
+        ),
+        (
+            LabelsConfig(reasons=EDL_ON, label_map="one.yaml"),
+            1,
+            r"one\.yaml \(--moe-edl-label-map\) maps the data to 1 loss domain",
+        ),
+        (
+            LabelsConfig(reasons=EDL_ON, origin="mock", mock_domains=1),
+            1,
+            "--moe-edl-mock-domains 1",
+        ),
+        (
+            LabelsConfig(reasons=EDL_ON, origin="prefix", domains_per_prefix="p.yaml"),
+            1,
+            r"p\.yaml \(--moe-edl-domains-per-prefix\)",
+        ),
+        (LabelsConfig(reasons=EDL_ON), 1, r"\.domains sidecars of --data-path use 1 label id"),
+    ],
+)
+def test_edl_with_fewer_than_two_loss_domains_is_refused(labels, used, message) -> None:
+    from megatron_edl.config.labels import check_loss_domains
+
+    with pytest.raises(EDLConfigError, match=message) as info:
+        check_loss_domains(labels, used)
+    assert "needs at least two loss domains" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_two_domains_or_labels_without_the_loss_pass() -> None:
+    from megatron_edl.config.labels import check_loss_domains
+
+    check_loss_domains(LabelsConfig(reasons=EDL_ON), 2)
+    check_loss_domains(LabelsConfig(reasons=("--moe-edl-eval-per-domain",)), 1)  # no loss
+    check_loss_domains(LabelsConfig(reasons=("--moe-edl-stats-interval",)), 0)

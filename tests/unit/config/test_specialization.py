@@ -152,6 +152,71 @@ def test_validation_against_the_model() -> None:
     )
 
 
+def test_cuda_graphs_over_the_router_and_the_ep_overlap_are_refused() -> None:
+    """Refused with the losses alone (no labels loaded): CUDA graphs that capture the router
+    (the hooks' nonzero()/.item() cannot be captured) name both flags; the EP overlap with
+    the orthogonality loss (its combine node would walk the router node's graph) too."""
+    from megatron_edl.config.labels import cuda_graph_capturing_router
+
+    ok = dict(num_moe_experts=8, moe_router_topk=2, token_dispatcher_type="alltoall")
+    variance = SpecializationConfig(variance_coeff=0.1)
+    ortho = SpecializationConfig(ortho_coeff=0.2)
+    both = SpecializationConfig(variance_coeff=0.1, ortho_coeff=0.2)
+    capture = cuda_graph_capturing_router(
+        argparse.Namespace(cuda_graph_impl="local", cuda_graph_modules=[])
+    )
+    assert (
+        capture == "--cuda-graph-impl local capturing the whole layer (empty --cuda-graph-modules)"
+    )
+    for cfg, named in (
+        (variance, "--moe-variance-loss-coeff 0.1 cannot"),
+        (ortho, "--moe-ortho-loss-coeff 0.2 cannot"),
+        (both, "--moe-variance-loss-coeff 0.1 and --moe-ortho-loss-coeff 0.2 cannot"),
+    ):
+        with pytest.raises(EDLConfigError, match=f"{named} be used with --cuda-graph-impl local"):
+            validate_specialization_against_model(cfg, **ok, cuda_graph_capture=capture)
+    outside = argparse.Namespace(cuda_graph_impl="transformer_engine", cuda_graph_modules=["attn"])
+    assert cuda_graph_capturing_router(outside) is None
+    validate_specialization_against_model(both, **ok, cuda_graph_capture=None)
+    validate_specialization_against_model(SpecializationConfig(), **ok, cuda_graph_capture=capture)
+
+    with pytest.raises(
+        EDLConfigError,
+        match="--moe-ortho-loss-coeff 0.2 cannot be used with --overlap-moe-expert-parallel-comm",
+    ):
+        validate_specialization_against_model(ortho, **ok, overlap_moe_expert_parallel_comm=True)
+    validate_specialization_against_model(variance, **ok, overlap_moe_expert_parallel_comm=True)
+
+
+def test_run_config_passes_the_graph_and_overlap_settings() -> None:
+    """``EDLRunConfig.from_args`` reads Megatron's flags for the two checks above."""
+    from megatron_edl.config import EDLRunConfig, add_args
+
+    parser = add_args(argparse.ArgumentParser())
+    base = ["--moe-ortho-loss-coeff", "0.2"]
+    model = dict(
+        num_experts=8,
+        num_layers=2,
+        moe_layer_freq=1,
+        moe_router_topk=2,
+        moe_token_dispatcher_type="alltoall",
+        cuda_graph_impl="none",
+        cuda_graph_modules=[],
+        fim_data=False,
+    )
+    for megatron, message in (
+        ({"cuda_graph_impl": "full_iteration"}, "capturing the whole iteration"),
+        ({"overlap_moe_expert_parallel_comm": True}, "--overlap-moe-expert-parallel-comm"),
+    ):
+        args = parser.parse_args(base)
+        vars(args).update({**model, **megatron})
+        with pytest.raises(EDLConfigError, match=message):
+            EDLRunConfig.from_args(args)
+    args = parser.parse_args(base)
+    vars(args).update(model)
+    assert EDLRunConfig.from_args(args).specialization.ortho_enabled
+
+
 # ---------------------------------------------------------------------------------------------
 # Spec installation
 # ---------------------------------------------------------------------------------------------

@@ -335,3 +335,27 @@ def test_permute_edge_cases_and_errors() -> None:
         permute_document_labels(np.array([0.5]), seed=0)
     with pytest.raises(EDLConfigError, match="--moe-edl-random-seed must be an integer >= 0"):
         permute_document_labels(np.array([0, 1]), seed=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unreadable files name the file (issue 26, item 16)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_label_map_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "map.yaml"
+    path.write_bytes("domains: [caf\u00e9]\nmap: {0: caf\u00e9}\n".encode("latin-1"))
+    message = rf"{path}: the label map is not UTF-8 text \(byte 0xe9"
+    with pytest.raises(EDLConfigError, match=message):
+        LabelMap.from_yaml(path)
+
+
+def test_a_label_map_that_is_a_folder_names_it(tmp_path: Path) -> None:
+    with pytest.raises(EDLConfigError, match=rf"{tmp_path}: the label map is a folder"):
+        LabelMap.from_yaml(tmp_path)
+
+
+def test_a_superscript_digit_key_is_a_named_error() -> None:
+    # "\u00b2".isdigit() is True, but int() refuses it: a name without a vocabulary.
+    with pytest.raises(EDLConfigError, match="needs a vocabulary"):
+        LabelMap.from_dict({"domains": ["a"], "map": {"\u00b2": "a"}})

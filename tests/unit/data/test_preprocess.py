@@ -334,8 +334,13 @@ _JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
     max_leaves=6,
 )
+# A file is recognised by its first bytes: a line starting with a magic number would make it a
+# gzip, zstd or Parquet file (an input error of its own, not a record problem).
+_MAGIC = (b"\x1f\x8b", b"PAR1", b"\x28\xb5\x2f\xfd")
 _LINES = st.one_of(
-    st.binary(max_size=40).map(lambda b: b.replace(b"\n", b" ")),  # any bytes but a newline
+    st.binary(max_size=40)
+    .map(lambda b: b.replace(b"\n", b" "))  # any bytes but a newline
+    .filter(lambda b: not b.startswith(_MAGIC)),
     _JSON.map(lambda v: json.dumps(v).encode()),  # any JSON value
     st.fixed_dictionaries(  # records: any text value, any label value
         {"text": _JSON, "meta": st.fixed_dictionaries({"domain": _JSON})}

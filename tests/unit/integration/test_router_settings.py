@@ -12,8 +12,10 @@ Supported, each against a float64 reference of the pure math
 - sigmoid + expert bias end to end through Megatron's training loop (MTP layers are covered in
   tests/e2e/test_edl_pretrain.py).
 
-Refused at start with the flag named, one line, exit status 2: CUDA graphs capturing the router,
-``--fim-data`` with labels, and any launcher refusal (no traceback).
+Refused at start with the flag named, one line, exit status 2: CUDA graphs capturing the router
+(with labels, or with the variance/orthogonality losses alone), ``--fim-data`` with labels, the
+orthogonality loss with ``--overlap-moe-expert-parallel-comm``, and any launcher refusal (no
+traceback).
 """
 
 from __future__ import annotations
@@ -305,6 +307,49 @@ def test_launcher_refusal_is_one_line_and_exit_status_2(tmp_path, extra, message
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, world_size, message",
+    [
+        (
+            ["--moe-variance-loss-coeff", "0.1", "--cuda-graph-impl", "local"],
+            1,
+            "--moe-variance-loss-coeff 0.1 cannot be used with --cuda-graph-impl local capturing "
+            "the whole layer",
+        ),
+        (
+            # Megatron's own checks of the overlap: EP > 1 (2 ranks announced; nothing starts
+            # before the refusal), alltoall, bf16.
+            [
+                "--moe-ortho-loss-coeff",
+                "0.1",
+                "--overlap-moe-expert-parallel-comm",
+                "--expert-model-parallel-size",
+                "2",
+                "--moe-token-dispatcher-type",
+                "alltoall",
+                "--bf16",
+            ],  # fmt: skip
+            2,
+            "--moe-ortho-loss-coeff 0.1 cannot be used with --overlap-moe-expert-parallel-comm",
+        ),
+    ],
+    ids=["cuda-graphs", "ep-overlap"],
+)
+def test_specialization_refusals_are_one_line_before_the_model(
+    tmp_path, extra, world_size, message
+):
+    """The variance/orthogonality losses without labels: CUDA graphs over the router and the EP
+    overlap (orthogonality) are refused at start, exit status 2, no model built."""
+    cmd = [sys.executable, "-m", "megatron_edl.pretrain_gpt", "--cpu", *TINY_MOE_GPT, *extra]
+    env = {**_cpu_env(), "WORLD_SIZE": str(world_size), "RANK": "0", "LOCAL_RANK": "0"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "number of parameters" not in proc.stdout + proc.stderr  # printed by get_model
 
 
 def _cpu_env() -> dict[str, str]:
