@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def prune(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
     """Both passes and the outputs; returns the summary (``prune.json``'s content)."""
     from megatron_edl.analysis import pruning as curves_mod
-    from megatron_edl.analysis.routing_stats import load_run
+    from megatron_edl.analysis.routing_stats import atomic_write, load_run
     from megatron_edl.core.pruning import RANKINGS, keep_sizes
 
     if last_flag_value(flags, "--load") is None:
@@ -243,7 +243,7 @@ def prune(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
     stats = probes[-1]
     plan = build_plan(stats, keeps, args.rankings, seed=args.seed)
     plan_path, results_path = out / "plan.json", out / "masked_eval.json"
-    plan_path.write_text(json.dumps(plan, sort_keys=True), encoding="utf-8")
+    atomic_write(plan_path, lambda f: f.write(json.dumps(plan, sort_keys=True).encode()))
     results_path.unlink(missing_ok=True)
     _run(
         _torchrun(
@@ -277,9 +277,10 @@ def prune(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
         "results": results,
     }
     summary["table"] = curves_mod.markdown_table(summary)
-    (out / "prune.json").write_text(json.dumps(summary, indent=1, sort_keys=True), encoding="utf-8")
-    (out / "prune.md").write_text(summary["table"] + "\n", encoding="utf-8")
     curves_mod.plot_curves(summary, out / "prune.png", title=f"Domain expert pruning: {out.name}")
+    atomic_write(out / "prune.md", lambda f: f.write((summary["table"] + "\n").encode()))
+    text = json.dumps(summary, indent=1, sort_keys=True)
+    atomic_write(out / "prune.json", lambda f: f.write(text.encode()))  # last: the study's marker
     return summary
 
 

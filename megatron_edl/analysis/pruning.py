@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from megatron_edl.analysis.routing_stats import atomic_write
+
 __all__ = ["curves", "markdown_table", "plot_curves"]
 
 
@@ -120,5 +122,5 @@ def plot_curves(summary: Mapping[str, Any], path: str | os.PathLike, *, title: s
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)

@@ -66,6 +66,7 @@ from megatron_edl.core.labels import LabelMap
 
 __all__ = [
     "ARRAY_DOCS",
+    "atomic_write",
     "FORMAT",
     "FORMAT_VERSION",
     "RoutingStats",
@@ -251,7 +252,10 @@ def stats_file_stem(source: str, step: int, part: str | None = None) -> str:
     return stem if part is None else f"{stem}-{part}"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Write ``path`` through ``write(binary_file)`` to a temporary name, then rename: a reader
+    sees the old file or the complete new one, never a part; a failed ``write`` leaves nothing."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         with open(tmp, "wb") as f:
@@ -285,10 +289,10 @@ def write_stats(
     directory.mkdir(parents=True, exist_ok=True)
     stem = stats_file_stem(stats.source, stats.step, part)
     arrays = stats.arrays()
-    _atomic_write(directory / f"{stem}.npz", lambda f: np.savez(f, **arrays))
+    atomic_write(directory / f"{stem}.npz", lambda f: np.savez(f, **arrays))
     meta = json.dumps(stats.metadata(part=part), indent=1, default=str).encode()
     json_path = directory / f"{stem}.json"
-    _atomic_write(json_path, lambda f: f.write(meta))
+    atomic_write(json_path, lambda f: f.write(meta))
     return json_path
 
 

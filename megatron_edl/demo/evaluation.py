@@ -113,12 +113,14 @@ def prune_dir(ctx: Context, run: RunSpec) -> Path:
 def prune_command(ctx: Context, run: RunSpec) -> list[str]:
     """``python -m megatron_edl.prune --out DIR -- <the probe's flags>``: the random ranking
     seeded with the run's own ``--seed`` (the last one of its command line)."""
+    from megatron_edl.prune import last_flag_value
+
     flags = _probe_flags(ctx, run)
-    seeds = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == "--seed"]
+    seed = last_flag_value(flags, "--seed") or "0"
     return [
         sys.executable,
         *("-m", "megatron_edl.prune", "--out", os.fspath(prune_dir(ctx, run))),
-        *("--nproc", str(ctx.config.nproc), "--seed", seeds[-1] if seeds else "0", "--"),
+        *("--nproc", str(ctx.config.nproc), "--seed", seed, "--"),
         *flags,
     ]
 

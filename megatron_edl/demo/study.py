@@ -269,13 +269,11 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, A
     """
     from scipy import stats
 
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    n = len(values)
-    if n < 2:
-        return {"mean": values[0] if values else None, "low": None, "high": None,
+    n = sum(1 for v in values if v is not None and math.isfinite(v))
+    mean, se = _mean_se(values)
+    if se is None:
+        return {"mean": mean, "low": None, "high": None,
                 "half_width": None, "n": n, "significant": None}  # fmt: skip
-    mean = sum(values) / n
-    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
     half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * se
     return {
         "mean": mean,

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from megatron_edl.analysis.routing_stats import atomic_write
 from megatron_edl.integration.internals import touch
 from megatron_edl.integration.labels import DomainLabels, label_consumers
 
@@ -207,10 +208,8 @@ def install_masked_evaluation(plan: Mapping[str, Any], out_path: str | os.PathLi
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if rank == world - 1:  # the last rank is on the last pipeline stage
             payload = {"format": RESULTS_FORMAT, "domains": list(domains), "results": results}
-            tmp = f"{out_path}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(payload, f, indent=1, sort_keys=True)
-            os.replace(tmp, out_path)
+            text = json.dumps(payload, indent=1, sort_keys=True)
+            atomic_write(out_path, lambda f: f.write(text.encode()))
         return first
 
     training.evaluate = evaluate_masked
