@@ -50,7 +50,7 @@ test: lint
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
-# GPU check (README "GPU check"): build the wheel folder here (PyPI access), copy the repository
+# GPU check (docs/install.md): build the wheel folder here (PyPI access), copy the repository
 # with it to a GPU machine (torch, no network), run `make gpu-check` there.
 GPU_WHEELHOUSE ?= gpu-wheelhouse
 GPU_CHECK_OUT ?= gpu-check-results

@@ -43,7 +43,6 @@ __all__ = [
     "cpu_argv",
     "domain_labels_wanted",
     "edl_config_from_args",
-    "edl_layer_spec",
     "escape_percent_in_help",
     "extra_args_provider",
     "install_edl",
@@ -162,45 +161,27 @@ def blend_prefixes_from_args(args) -> list[str]:
     return prefixes
 
 
-def edl_layer_spec(base_spec, edl_config, specialization_config=None, **router_kwargs):
-    """A ``GPTModelConfig.transformer_layer_spec`` provider that installs the EDL router (and
-    the variance/orthogonality losses of ``specialization_config``; ``router_kwargs``: further
-    keyword arguments of ``with_edl_router``, e.g. ``num_domains``, ``stats_phase``)."""
-    from megatron.training.models.gpt import default_layer_spec
-
-    from megatron_edl.integration.spec import with_edl_router
-
-    def provider(model_config, vp_stage=None):
-        spec = base_spec
-        if spec is None:
-            spec = default_layer_spec(model_config, vp_stage)
-        elif callable(spec) and not hasattr(spec, "module"):
-            spec = spec(model_config, vp_stage=vp_stage)
-        return with_edl_router(spec, edl_config, specialization_config, **router_kwargs)
-
-    return provider
-
-
 def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_step):
     """Set up megatron-edl on parsed ``args`` and the model config, before ``pretrain``.
 
     Builds the run's :class:`~megatron_edl.config.EDLRunConfig` once
     (:func:`run_config_from_args`) and hands it explicitly to what needs it: the layer spec
-    (the EDL router), the telemetry, and megatron-edl's dataset provider and forward step. With
+    (the router losses), the telemetry, and megatron-edl's dataset provider and forward step. With
     no megatron-edl flag it changes nothing and returns the two functions it was given: stock
-    training. With the EDL loss or the label-free variance/orthogonality losses on, it installs
-    the EDL router (and dispatcher) into ``model_cfg.transformer_layer_spec`` and registers their
-    metrics for Megatron's log; so it does for the routing telemetry (``--moe-edl-stats-interval``,
-    the probe: :mod:`megatron_edl.integration.telemetry`, whose training-loop hooks it also
-    installs). With domain labels wanted it returns megatron-edl's dataset provider and forward
-    step (stock behaviour plus the labels; :mod:`megatron_edl.integration.gpt`), bound to the
-    run's config, otherwise the given ones. Used by this launcher and by the patch of
-    Megatron-LM's ``pretrain_gpt.py`` (patches/).
+    training. With a loss of the registry on (:mod:`megatron_edl.integration.losses.registry`:
+    EDL, the label-free variance and orthogonality losses) or the routing telemetry
+    (``--moe-edl-stats-interval``, the probe: :mod:`megatron_edl.integration.telemetry`, whose
+    training-loop hooks it also installs), it installs the router (and a layer-hooked loss's MoE
+    layer) bound to the run config into ``model_cfg.transformer_layer_spec``
+    (:func:`megatron_edl.integration.spec.layer_spec_provider`) and registers the enabled losses'
+    metrics for Megatron's log. With domain labels wanted it returns megatron-edl's dataset
+    provider and forward step (stock behaviour plus the labels;
+    :mod:`megatron_edl.integration.gpt`), bound to the run's config, otherwise the given ones.
+    Used by this launcher and by the patch of Megatron-LM's ``pretrain_gpt.py`` (patches/).
 
-    Also stores ``args.edl_config``, ``args.labels_config`` and ``args.specialization_config``
-    (the ``edl``, ``labels`` and ``specialization`` branches) and ``args.edl_run_config``, for
-    the telemetry's writer and for inspection; megatron-edl's step functions never read them
-    back.
+    Also stores ``args.edl_run_config`` and its ``edl`` and ``labels`` branches
+    (``args.edl_config``, ``args.labels_config``), for inspection; megatron-edl's step functions
+    never read them back.
 
     Returns:
         ``(train_valid_test_datasets_provider, forward_step)`` to pass to ``pretrain``.
@@ -228,10 +209,9 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
     args.edl_run_config = run
     args.edl_config = run.edl
     args.labels_config = run.labels
-    args.specialization_config = run.specialization
     if run.labels is not None and run.edl.window_decay > 0:
         from megatron_edl.checkpoint import check_window_state
-        from megatron_edl.integration.router import WINDOW_BUFFER
+        from megatron_edl.integration.losses.edl import WINDOW_BUFFER
 
         # A checkpoint without it, or with another domain count: say which flag.
         check_window_state(
@@ -239,24 +219,18 @@ def install_edl(args, model_cfg, train_valid_test_datasets_provider, forward_ste
         )
     if run.edl_loss:
         warn_thin_statistics(args, run.edl, run.labels.num_domains)
-    stats_phase = None
     if run.labels is not None:  # the routing telemetry needs the labels
         from megatron_edl.integration import telemetry
 
-        stats_phase = telemetry.install(run.telemetry, domains=run.labels.domain_names, args=args)
-    if run.routers_needed:
-        from megatron_edl.integration import router, specialization
+        telemetry.install(run.telemetry, domains=run.labels.domain_names, args=args)
+    from megatron_edl.integration import spec
+    from megatron_edl.integration.losses import registry
 
-        router_kwargs = {} if stats_phase is None else {"stats_phase": str(stats_phase)}
-        # Without labels the routers get no EDL config (no EDL, no telemetry: label-free losses).
-        edl = None if run.labels is None else run.edl
-        if run.labels is not None:
-            router_kwargs["num_domains"] = run.labels.num_domains
-        model_cfg.transformer_layer_spec = edl_layer_spec(
-            model_cfg.transformer_layer_spec, edl, run.specialization, **router_kwargs
+    if spec.aux_loss_router_needed(run):
+        model_cfg.transformer_layer_spec = spec.layer_spec_provider(
+            model_cfg.transformer_layer_spec, run
         )
-        edl_metrics = router.METRIC_NAMES if run.edl_loss else ()
-        router.register_edl_metrics(edl_metrics + specialization.metric_names(run.specialization))
+        registry.register_run_metrics(run)
     if run.labels is None:  # no labels: the script's own data and step (label-free losses)
         return train_valid_test_datasets_provider, forward_step
     from megatron_edl.integration import gpt

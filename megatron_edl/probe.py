@@ -26,7 +26,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from megatron_edl.integration.telemetry import PROBE_DIR_FLAG
+from megatron_edl.config.telemetry import PROBE_DIR_FLAG
 
 __all__ = ["check_checkpoint", "main", "probe_argv"]
 

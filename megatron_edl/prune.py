@@ -5,6 +5,7 @@ Usage:
         --load runs/edl/checkpoints --train-data-path data/train --valid-data-path data/valid \\
         --moe-edl-eval-per-domain --eval-iters 20 <the run's other flags>
     megatron-edl-prune --out prune/edl --keep 8 4 2 --rankings domain global ... -- <flags>
+    megatron-edl-prune --out prune/edl --export code --keep 4 [--export-dir DIR] -- <flags>
     python tools/prune.py ...                                  # the same, from a checkout
 
 Two evaluate-only passes of the launcher (:mod:`megatron_edl.probe`, under ``torchrun``):
@@ -23,6 +24,22 @@ Output in ``--out``: ``prune.json`` (every pass's per-domain loss, the curves, t
 ``prune.md`` (the table) and ``prune.png`` (loss increase against m). Pass the run's flags as for
 the probe (``--load`` and ``--moe-edl-eval-per-domain`` needed; ``--config-yaml`` first).
 ``m`` defaults to E, E/2, E/4 and k; m < k or m > E is refused before any work.
+
+3. **Export** (``--export DOMAIN --keep M``, after the two passes, which then evaluate m = M):
+   one process loads the checkpoint, keeps in every MoE layer the domain's first M experts of
+   the ``domain`` ranking (the masked evaluation's), renumbered 0..M-1 in ascending original
+   id (router rows, expert bias and expert weights sliced), and Megatron saves it as a stock
+   checkpoint of ``--num-experts M`` in ``--export-dir`` (default ``OUT/export-DOMAIN-mM``;
+   written to a temporary folder beside it and renamed; an existing non-empty folder is
+   refused). Load it with the run's model flags and ``--num-experts M``, without any
+   ``--moe-edl-*`` flag. ``export.json`` beside the checkpoint names the domain, M, the kept
+   expert ids per layer (expert i of layer l is ``kept_experts[l][i]``), the source checkpoint
+   and iteration, and the masked evaluation's losses for the domain at m = M (the exported
+   model's own on data of that domain only: docs/method.md section 6). Pass the model flags
+   without a parallel layout (the checkpoint may have been saved in any). Refused: an unknown
+   domain (after the calibration, which names the domains), group-limited routing, token
+   dropping, sinkhorn / quantile balancing (the export would not route as the masked
+   evaluation).
 """
 
 from __future__ import annotations
@@ -30,15 +47,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PruneError", "build_plan", "last_flag_value", "main"]
+__all__ = [
+    "EXPORT_FORMAT",
+    "PruneError",
+    "build_export",
+    "build_plan",
+    "check_export_request",
+    "last_flag_value",
+    "main",
+]
 
 DEFAULT_TIMEOUT_S = 3600
+EXPORT_FORMAT = "megatron-edl-prune-export"
+EXPORT_SIDECAR = "export.json"
 
 
 class PruneError(ValueError):
@@ -109,6 +139,97 @@ def build_plan(
     }
 
 
+# Settings under which an M-expert model would not route as the masked evaluation: flag -> why.
+_EXPORT_REFUSED_FLAGS = {
+    "--moe-router-group-topk": "group-limited routing groups the E experts; M experts group "
+    "differently",
+    "--moe-expert-capacity-factor": "token dropping: an expert's capacity depends on the "
+    "number of experts",
+}
+_EXPORT_REFUSED_BALANCING = ("sinkhorn", "quantile_balancing")
+# The expert bias is added after the score function (sigmoid(-inf) = 0 + bias), so a masked
+# expert can still win top-k: the masked evaluation would not be top-k over the kept experts.
+_EXPERT_BIAS_FLAG = "--moe-router-enable-expert-bias"
+
+
+def check_export_request(
+    args: argparse.Namespace, flags: Sequence[str], num_experts: int, topk: int
+) -> tuple[int, Path] | None:
+    """Check ``--export`` before any work: ``(M, export folder)``, or ``None`` without it.
+
+    Raises:
+        PruneError: ``--export-dir`` without ``--export``; ``--export`` without one ``--keep
+            M``; M below k or above E; an export folder that exists and is not empty; a router
+            setting under which the M-expert model would not route as the masked evaluation
+            (:data:`_EXPORT_REFUSED_FLAGS`, sinkhorn, quantile balancing).
+    """
+    from megatron_edl.core.pruning import keep_sizes
+    from megatron_edl.yaml_config import expand_config_flag
+
+    if args.export is None:
+        if args.export_dir is not None:
+            raise PruneError(f"--export-dir {args.export_dir}: pass --export DOMAIN with it")
+        return None
+    if not args.keep or len(args.keep) != 1:
+        got = "" if not args.keep else f", got --keep {' '.join(map(str, args.keep))}"
+        raise PruneError(f"--export {args.export} needs one --keep M (experts to keep){got}")
+    (keep,) = keep_sizes(num_experts, topk, args.keep)
+    expanded = expand_config_flag(list(flags))
+    for flag, why in _EXPORT_REFUSED_FLAGS.items():
+        value = last_flag_value(expanded, flag)
+        if value is not None:
+            raise PruneError(f"--export with {flag} {value}: {why}")
+    balancing = last_flag_value(expanded, "--moe-router-load-balancing-type")
+    if balancing in _EXPORT_REFUSED_BALANCING:
+        raise PruneError(
+            f"--export with --moe-router-load-balancing-type {balancing}: it routes with every "
+            "expert's scores, not top-k over the kept ones"
+        )
+    folder = Path(args.export_dir or Path(args.out) / f"export-{_safe(args.export)}-m{keep}")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise PruneError(f"--export-dir {folder} exists and is not empty: nothing is overwritten")
+    return keep, folder
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "domain"
+
+
+def build_export(stats, domain: str, keep: int) -> dict[str, Any]:
+    """The export spec: the kept experts of ``domain`` per layer (the ``domain`` ranking).
+
+    Args:
+        stats: The calibration probe's routing statistics.
+        domain: The domain's name.
+        keep: M.
+
+    Returns:
+        ``{"format", "domain", "domain_index", "num_experts", "topk", "keep", "kept": {layer:
+        [M ids, ascending]}}`` (:func:`megatron_edl.integration.pruning.install_export`).
+
+    Raises:
+        PruneError: ``domain`` is not one of the calibration's domains (names them).
+    """
+    from megatron_edl.core import pruning
+    from megatron_edl.integration.pruning import EXPORT_SPEC_FORMAT
+
+    if domain not in stats.domains:
+        raise PruneError(
+            f"--export {domain}: not a domain of the run's labels ({', '.join(stats.domains)})"
+        )
+    index = stats.domains.index(domain)
+    kept_LM = pruning.export_experts(pruning.domain_order(stats.prob_sums_LDE), index, keep)
+    return {
+        "format": EXPORT_SPEC_FORMAT,
+        "domain": domain,
+        "domain_index": index,
+        "num_experts": stats.num_experts,
+        "topk": stats.topk,
+        "keep": keep,
+        "kept": {str(layer): kept_LM[i].tolist() for i, layer in enumerate(stats.layers)},
+    }
+
+
 def _model_shape(flags: Sequence[str]) -> tuple[int, int]:
     from megatron_edl.yaml_config import expand_config_flag
 
@@ -172,7 +293,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="per pass, s")
     parser.add_argument(
+        "--export",
+        metavar="DOMAIN",
+        default=None,
+        help="also write a stock checkpoint with only DOMAIN's --keep M experts per layer",
+    )
+    parser.add_argument(
+        "--export-dir",
+        default=None,
+        help="where --export writes (default: OUT/export-DOMAIN-mM; must not be a non-empty "
+        "folder)",
+    )
+    parser.add_argument(
         "--masked-eval", nargs=2, metavar=("PLAN", "RESULTS"), help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--export-pass", nargs=2, metavar=("SPEC", "SAVE_DIR"), help=argparse.SUPPRESS
     )
     return parser
 
@@ -190,12 +326,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         install_masked_evaluation(load_plan(plan_path), results_path)
         probe.main(["--out", args.out, *flags])
         return
+    if args.export_pass:  # inside torchrun, one process: the export
+        _export_pass(*args.export_pass, args.out, flags)
+        return
     try:
         summary = prune(args, flags)
     except (PruneError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     print(summary["table"])
     print(f"wrote {Path(args.out) / 'prune.json'}, prune.md, prune.png")
+    if "export" in summary:
+        print(f"wrote {summary['export']['path']} (--num-experts {summary['export']['keep']})")
 
 
 def prune(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
@@ -203,11 +344,18 @@ def prune(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
     from megatron_edl.analysis import pruning as curves_mod
     from megatron_edl.analysis.routing_stats import atomic_write, load_run
     from megatron_edl.core.pruning import RANKINGS, keep_sizes
+    from megatron_edl.yaml_config import expand_config_flag
 
     if last_flag_value(flags, "--load") is None:
         raise PruneError("pass the checkpoint as --load CHECKPOINT_DIR")
     if "--moe-edl-eval-per-domain" not in flags:
         raise PruneError("pass --moe-edl-eval-per-domain: the curves are per-domain losses")
+    if _EXPERT_BIAS_FLAG in expand_config_flag(list(flags)):
+        raise PruneError(
+            f"{_EXPERT_BIAS_FLAG}: the expert bias is added after the score function, so a "
+            "masked expert (score 0) can still win top-k; the masked evaluation would not be "
+            "top-k over the kept experts"
+        )
     unknown = sorted(set(args.rankings) - set(RANKINGS))
     if unknown:
         raise PruneError(f"--rankings {unknown}: choose from {list(RANKINGS)}")
@@ -215,6 +363,10 @@ def prune(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
         raise PruneError(f"--nproc must be >= 1, got {args.nproc}")
     num_experts, topk = _model_shape(flags)
     keeps = keep_sizes(num_experts, topk, args.keep)
+    export = check_export_request(args, flags, num_experts, topk)
+    rankings = list(args.rankings)
+    if export is not None and "domain" not in rankings:
+        rankings.insert(0, "domain")  # the export's expected loss is the domain ranking's
     calibration = args.calibration_data_path or last_flag_value(flags, "--train-data-path")
     mock = calibration is None and "--mock-data" in flags
     if calibration is None and not mock:
@@ -241,7 +393,8 @@ def prune(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
     if not probes:
         raise PruneError(f"{cal_dir}: the calibration probe wrote no dump")
     stats = probes[-1]
-    plan = build_plan(stats, keeps, args.rankings, seed=args.seed)
+    spec = None if export is None else build_export(stats, args.export, export[0])
+    plan = build_plan(stats, keeps, rankings, seed=args.seed)
     plan_path, results_path = out / "plan.json", out / "masked_eval.json"
     atomic_write(plan_path, lambda f: f.write(json.dumps(plan, sort_keys=True).encode()))
     results_path.unlink(missing_ok=True)
@@ -270,18 +423,127 @@ def prune(args: argparse.Namespace, flags: list[str]) -> dict[str, Any]:
         "num_experts": num_experts,
         "topk": topk,
         "keep": list(keeps),
-        "rankings": list(args.rankings),
+        "rankings": rankings,
         "seed": args.seed,
         "domains": plan["domains"],
         "orders": plan["orders"],
         "results": results,
     }
+    if spec is not None:
+        summary["export"] = _export(args, flags, spec, export[1], summary, out)
     summary["table"] = curves_mod.markdown_table(summary)
     curves_mod.plot_curves(summary, out / "prune.png", title=f"Domain expert pruning: {out.name}")
     atomic_write(out / "prune.md", lambda f: f.write((summary["table"] + "\n").encode()))
     text = json.dumps(summary, indent=1, sort_keys=True)
     atomic_write(out / "prune.json", lambda f: f.write(text.encode()))  # last: the study's marker
     return summary
+
+
+def _export_pass(spec_path: str, save_dir: str, out: str, flags: list[str]) -> None:
+    """The export pass (inside ``torchrun``, one process): the probe's launch, stopped by the
+    export once the checkpoint is saved (:func:`~megatron_edl.integration.pruning.
+    install_export`)."""
+    import torch
+
+    from megatron_edl import probe
+    from megatron_edl.integration.pruning import (
+        ExportDone,
+        ExportError,
+        install_export,
+        load_export_spec,
+    )
+
+    install_export(load_export_spec(spec_path), save_dir)
+    try:
+        probe.main(["--out", out, *flags])
+    except ExportDone:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return
+    except ExportError as err:  # one line for the tool's message (_run reads "error:" lines)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print("error: the export pass ended without exporting", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _expected_losses(results: Sequence[dict[str, Any]], domain: str, keep: int) -> dict[str, Any]:
+    """The masked evaluation's losses of ``domain`` at m = ``keep`` (domain ranking)."""
+    for entry in results:
+        if entry["keep"] == keep and entry["ranking"] in ("domain", None):
+            return {
+                "name": entry["name"],
+                "lm_loss_domain": entry["lm_loss_per_domain"].get(domain),
+                "lm_loss": entry["lm_loss"],
+                "token_share_domain": entry.get("token_share_per_domain", {}).get(domain),
+            }
+    raise PruneError(f"the masked evaluation has no entry for m = {keep} (domain ranking)")
+
+
+def _export(
+    args: argparse.Namespace,
+    flags: list[str],
+    spec: dict[str, Any],
+    folder: Path,
+    summary: dict[str, Any],
+    out: Path,
+) -> dict[str, Any]:
+    """The export pass into a temporary folder beside ``folder``, ``export.json``, the rename."""
+    from megatron_edl.analysis.routing_stats import atomic_write
+    from megatron_edl.checkpoint import TRACKER
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would stay on the renamed export
+    try:
+        spec_path = out / "export_spec.json"
+        atomic_write(spec_path, lambda f: f.write(json.dumps(spec, sort_keys=True).encode()))
+        _run(
+            _torchrun(
+                1,
+                "megatron_edl.prune",
+                [
+                    *("--export-pass", os.fspath(spec_path), os.fspath(tmp)),  # its --save
+                    *("--out", os.fspath(out / "export-stats")),
+                    *flags,
+                ],
+            ),
+            out / "export.log",
+            args.timeout,
+            "export",
+        )
+        tracker = tmp / TRACKER
+        if not tracker.is_file():
+            raise PruneError(f"the export pass saved no checkpoint; log: {out / 'export.log'}")
+        sidecar = {
+            "format": EXPORT_FORMAT,
+            "domain": spec["domain"],
+            "keep": spec["keep"],
+            "num_experts": spec["num_experts"],
+            "topk": spec["topk"],
+            "ranking": "domain",
+            "numbering": "expert i of layer l is kept_experts[l][i] of the source (ascending id)",
+            "kept_experts": spec["kept"],
+            "source_checkpoint": last_flag_value(flags, "--load"),
+            "source_iteration": int(tracker.read_text().strip()),
+            "calibration_data_path": summary["calibration_data_path"],
+            "masked_evaluation": _expected_losses(summary["results"], spec["domain"], spec["keep"]),
+            "load_with": f"the run's model flags with --num-experts {spec['keep']}, no --moe-edl-*",
+        }
+        text = json.dumps(sidecar, indent=1, sort_keys=True)
+        atomic_write(tmp / EXPORT_SIDECAR, lambda f: f.write(text.encode()))
+        try:  # replaces an empty folder; refuses a non-empty one (nothing is overwritten)
+            os.rename(tmp, folder)
+        except OSError as err:
+            raise PruneError(
+                f"--export-dir {folder}: cannot rename the export there ({err})"
+            ) from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**sidecar, "path": os.fspath(folder)}
 
 
 if __name__ == "__main__":

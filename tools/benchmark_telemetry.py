@@ -3,7 +3,7 @@
 the cost of one dump.
 
 Builds Megatron's router as ``AuxLossTopKRouter`` with the EDL loss off (stock routing), once
-without telemetry and once recording training statistics (``stats_phase="train"``), with the
+without telemetry and once recording training statistics (telemetry phase ``train``), with the
 same weights, on a one-process group; times ``router(hidden)`` plus a backward of a fixed
 gradient on ``probs``, the two variants alternated round by round. Also times
 ``routing_sums`` alone (the whole per-micro-batch work of the telemetry) and one
@@ -64,7 +64,7 @@ def _router(hidden: int, experts: int, domains: int, stats: bool, dtype, device)
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_edl.config import EDLConfig
+    from megatron_edl.config import EDLConfig, EDLRunConfig, LabelsConfig, TelemetryConfig
     from megatron_edl.integration.router import AuxLossTopKRouter
 
     config = TransformerConfig(
@@ -76,9 +76,11 @@ def _router(hidden: int, experts: int, domains: int, stats: bool, dtype, device)
     router = AuxLossTopKRouter(
         config=config,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-        edl_config=EDLConfig(coeff=0.0),
-        num_domains=domains,
-        stats_phase="train" if stats else None,
+        run_config=EDLRunConfig(
+            labels=LabelsConfig(num_domains=domains),
+            edl=EDLConfig(coeff=0.0),
+            telemetry=TelemetryConfig(phase="train" if stats else None),
+        ),
     )
     router.set_layer_number(1)
     return router.to(device).train()

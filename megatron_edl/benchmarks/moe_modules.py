@@ -2,7 +2,7 @@
 
 The benchmark scripts build the *real* modules (megatron-core's ``TopKRouter`` and ``MoELayer``,
 and :class:`~megatron_edl.integration.router.AuxLossTopKRouter` installed through
-:func:`~megatron_edl.integration.spec.with_edl_router`) the way the training loop does, on a
+:func:`~megatron_edl.integration.spec.with_aux_loss_router`) the way the training loop does, on a
 process group of one rank: gloo on CPU (with :mod:`megatron_edl.cpu` applied), NCCL on a GPU.
 With one rank every collective is a local no-op, but it is still issued, so the EDL path does
 exactly the work it does in training (packing, the all-reduce call, unpacking).
@@ -232,7 +232,7 @@ def build_router(
         router = TopKRouter(config=config, pg_collection=pg)
     else:
         router = AuxLossTopKRouter(
-            config=config, pg_collection=pg, edl_config=edl_config, num_domains=num_domains
+            config=config, pg_collection=pg, run_config=_run_config(edl_config, num_domains)
         )
     router.set_layer_number(1)
     return router.to(device).train()
@@ -246,19 +246,19 @@ def build_moe_layer(
 
     The Transformer Engine spec on a GPU when TE is installed, the local spec (``SequentialMLP``
     experts) otherwise; the router is swapped exactly as the training launcher does
-    (:func:`~megatron_edl.integration.spec.with_edl_router`).
+    (:func:`~megatron_edl.integration.spec.with_aux_loss_router`).
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_edl.integration.spec import with_edl_router
+    from megatron_edl.integration.spec import with_aux_loss_router
 
     use_te = device.type == "cuda" and _have_transformer_engine()
     spec = get_mlp_module_spec(
         use_te=use_te, num_experts=config.num_moe_experts, moe_grouped_gemm=use_te
     )
     if edl_config is not None:
-        spec = with_edl_router(spec, edl_config, num_domains=num_domains)
+        spec = with_aux_loss_router(spec, _run_config(edl_config, num_domains))
     # The spec is a builder (a functools.partial of MoELayer binding its submodules).
     layer = spec(
         config=config,
@@ -267,6 +267,13 @@ def build_moe_layer(
     )
     layer.router.set_layer_number(1)
     return layer.to(device).train()
+
+
+def _run_config(edl_config: EDLConfig, num_domains: int | None):
+    """The run config of an EDL router with ``num_domains`` loss domains."""
+    from megatron_edl.config import EDLRunConfig, LabelsConfig
+
+    return EDLRunConfig(labels=LabelsConfig(num_domains=num_domains), edl=edl_config)
 
 
 def _have_transformer_engine() -> bool:

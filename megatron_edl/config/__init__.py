@@ -12,7 +12,11 @@ module                             holds
                                    ``check_supported``
 :mod:`.edl`                        the EDL loss (``EDLConfig``, its ``--moe-edl-*`` flags)
 :mod:`.layers`                     ``--moe-edl-layers`` and the checks against the model shape
-:mod:`.specialization`             the variance/orthogonality losses (``SpecializationConfig``)
+:mod:`.variance`                   the variance loss (``VarianceConfig``)
+:mod:`.orthogonality`              the orthogonality loss (``OrthogonalityConfig``)
+:mod:`.calibration`                what those two share: their argument group, the
+                                   auto-calibration flag, the MoE and CUDA-graph checks
+:mod:`.convert`                    the conversions every branch uses (errors name the flag)
 :mod:`.telemetry`                  the routing telemetry's flags (``TelemetryConfig``)
 =================================  =============================================================
 
@@ -22,7 +26,12 @@ holds and validates the value (errors are :class:`EDLConfigError` naming the fla
 the argparse namespace is duck-typed. Specification: ``docs/method.md`` sections 2 and 3.
 """
 
-from megatron_edl.config._convert import EDLConfigError
+from megatron_edl.config.calibration import (
+    AUTO_CALIBRATE_FLAG,
+    SPECIALIZATION_GROUP_TITLE,
+    add_calibrated_loss_args,
+)
+from megatron_edl.config.convert import EDLConfigError
 from megatron_edl.config.edl import (
     ARGUMENT_GROUP_TITLE,
     FLAGS,
@@ -43,24 +52,30 @@ from megatron_edl.config.labels import (
     label_reasons,
 )
 from megatron_edl.config.layers import parse_layers, validate_against_model
-from megatron_edl.config.run import EDLRunConfig, add_args
-from megatron_edl.config.specialization import (
-    SPECIALIZATION_FLAGS,
-    SPECIALIZATION_GROUP_TITLE,
-    SpecializationConfig,
-    VarianceAxis,
-    add_specialization_args,
-    validate_specialization_against_model,
+from megatron_edl.config.orthogonality import (
+    ORTHOGONALITY_FLAGS,
+    OrthogonalityConfig,
+    add_orthogonality_args,
+    validate_orthogonality_against_model,
 )
+from megatron_edl.config.run import EDLRunConfig, add_args
 from megatron_edl.config.telemetry import Phase, TelemetryConfig, add_telemetry_args
+from megatron_edl.config.variance import (
+    VARIANCE_FLAGS,
+    VarianceAxis,
+    VarianceConfig,
+    add_variance_args,
+)
 from megatron_edl.core.options import EDLAggregation
 
 __all__ = [
     "ARGUMENT_GROUP_TITLE",
+    "AUTO_CALIBRATE_FLAG",
     "FLAGS",
     "LABEL_FLAGS",
-    "SPECIALIZATION_FLAGS",
+    "ORTHOGONALITY_FLAGS",
     "SPECIALIZATION_GROUP_TITLE",
+    "VARIANCE_FLAGS",
     "EDLAggregation",
     "EDLConfig",
     "EDLConfigError",
@@ -72,18 +87,21 @@ __all__ = [
     "LabelControl",
     "LabelOrigin",
     "LabelsConfig",
+    "OrthogonalityConfig",
     "Phase",
-    "SpecializationConfig",
     "TelemetryConfig",
     "VarianceAxis",
+    "VarianceConfig",
     "add_args",
+    "add_calibrated_loss_args",
     "add_edl_args",
     "add_label_args",
-    "add_specialization_args",
+    "add_orthogonality_args",
     "add_telemetry_args",
+    "add_variance_args",
     "check_supported",
     "label_reasons",
     "parse_layers",
     "validate_against_model",
-    "validate_specialization_against_model",
+    "validate_orthogonality_against_model",
 ]

@@ -28,7 +28,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
-from megatron_edl.config._convert import EDLConfigError, as_enum, as_int, as_names, choices
+from megatron_edl.config.convert import EDLConfigError, as_enum, as_int, as_names, choices
 from megatron_edl.config.edl import FLAGS
 from megatron_edl.config.telemetry import flags_in_use
 from megatron_edl.core.options import EDLAggregation

@@ -2,8 +2,10 @@
 
 Branches (one module each): :mod:`~megatron_edl.config.labels` (whether domain labels are loaded,
 where they come from and how they become loss domains), :mod:`~megatron_edl.config.edl` (the EDL
-loss), :mod:`~megatron_edl.config.specialization` (variance and orthogonality losses),
-:mod:`~megatron_edl.config.telemetry` (routing statistics).
+loss), :mod:`~megatron_edl.config.variance` and :mod:`~megatron_edl.config.orthogonality` (the
+losses of arXiv 2505.22323, sharing :mod:`~megatron_edl.config.calibration`),
+:mod:`~megatron_edl.config.telemetry` (routing statistics). Each loss of
+:mod:`megatron_edl.integration.losses.registry` names the field of its branch here.
 :func:`add_args` defines every megatron-edl flag (Megatron's ``extra_args_provider`` calls it);
 :meth:`EDLRunConfig.from_args` reads and validates them after Megatron parsed and validated its
 own, and the launcher passes the result explicitly to the dataset provider, the step functions
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_edl.config.calibration import add_calibrated_loss_args, check_moe_and_graphs
 from megatron_edl.config.edl import EDLConfig, add_edl_args
 from megatron_edl.config.labels import (
     LabelsConfig,
@@ -29,12 +32,14 @@ from megatron_edl.config.labels import (
     label_reasons,
 )
 from megatron_edl.config.layers import validate_against_model
-from megatron_edl.config.specialization import (
-    SpecializationConfig,
-    add_specialization_args,
-    validate_specialization_against_model,
+from megatron_edl.config.orthogonality import (
+    ORTHOGONALITY_FLAGS,
+    OrthogonalityConfig,
+    add_orthogonality_args,
+    validate_orthogonality_against_model,
 )
 from megatron_edl.config.telemetry import TelemetryConfig, add_telemetry_args
+from megatron_edl.config.variance import VARIANCE_FLAGS, VarianceConfig, add_variance_args
 
 __all__ = [
     "CONFIG_FLAG",
@@ -60,28 +65,26 @@ vocabulary or the mock domains (the launcher's reads files; see
 class EDLRunConfig:
     """Everything megatron-edl adds to one run, validated (:meth:`from_args`)."""
 
-    labels: LabelsConfig | None
+    labels: LabelsConfig | None = None
     """Where the domain labels come from and how they become loss domains, with the resolved
     ``num_domains``/``domain_names``; ``None``: the run loads none (stock data and step)."""
 
-    edl: EDLConfig
+    edl: EDLConfig = dataclasses.field(default_factory=EDLConfig)
     """The EDL loss options (``coeff == 0``, ``enabled`` false: the loss is off)."""
 
-    specialization: SpecializationConfig
-    """The variance/orthogonality losses (label-free; ``enabled`` false when both are off)."""
+    variance: VarianceConfig = dataclasses.field(default_factory=VarianceConfig)
+    """The variance loss (label-free; ``enabled`` false when off)."""
 
-    telemetry: TelemetryConfig
+    orthogonality: OrthogonalityConfig = dataclasses.field(default_factory=OrthogonalityConfig)
+    """The orthogonality loss (label-free; ``enabled`` false when off)."""
+
+    telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
     """The routing telemetry (``enabled`` false when off)."""
 
     @property
     def edl_loss(self) -> bool:
         """Whether the EDL loss is on."""
         return self.edl.enabled
-
-    @property
-    def routers_needed(self) -> bool:
-        """Whether the layer spec needs megatron-edl's router (any loss, or the telemetry)."""
-        return self.edl_loss or self.specialization.enabled or self.telemetry.enabled
 
     @classmethod
     def from_args(cls, args: Any, *, resolve_domains: DomainResolver | None = None) -> EDLRunConfig:
@@ -92,7 +95,7 @@ class EDLRunConfig:
         loaded), the Megatron settings labels cannot work with, the EDL options against the
         model, the label source, the domain names (``resolve_domains``, which reads files), at
         least two loss domains with the EDL loss on (``check_loss_domains``), the
-        variance/orthogonality options against the model, the telemetry flags.
+        variance and orthogonality options against the model, the telemetry flags.
 
         Args:
             args: Megatron's parsed (and validated) arguments, or any object with the
@@ -123,21 +126,35 @@ class EDLRunConfig:
                 num_domains, names = resolve_domains(args, labels)
                 labels = dataclasses.replace(labels, num_domains=num_domains, domain_names=names)
                 check_loss_domains(labels, num_domains)  # EDL needs two domains or more
-        specialization = SpecializationConfig.from_args(args)
-        validate_specialization_against_model(
-            specialization,
+        variance = VarianceConfig.from_args(args)
+        orthogonality = OrthogonalityConfig.from_args(args)
+        check_moe_and_graphs(
+            [
+                (flags["coeff"], cfg.coeff)
+                for flags, cfg in ((VARIANCE_FLAGS, variance), (ORTHOGONALITY_FLAGS, orthogonality))
+                if cfg.enabled
+            ],
             num_moe_experts=args.num_experts,
+            cuda_graph_capture=cuda_graph_capturing_router(args),
+        )
+        validate_orthogonality_against_model(
+            orthogonality,
             moe_router_topk=args.moe_router_topk,
             token_dispatcher_type=args.moe_token_dispatcher_type,
             flex_dispatcher_backend=getattr(args, "moe_flex_dispatcher_backend", "deepep"),
             apply_probs_on_input=getattr(args, "moe_apply_probs_on_input", False),
-            cuda_graph_capture=cuda_graph_capturing_router(args),
             overlap_moe_expert_parallel_comm=getattr(
                 args, "overlap_moe_expert_parallel_comm", False
             ),
         )
         telemetry = TelemetryConfig.from_args(args) if labels is not None else TelemetryConfig()
-        return cls(labels=labels, edl=edl, specialization=specialization, telemetry=telemetry)
+        return cls(
+            labels=labels,
+            edl=edl,
+            variance=variance,
+            orthogonality=orthogonality,
+            telemetry=telemetry,
+        )
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -160,7 +177,8 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Every megatron-edl flag, one argument group per branch (``extra_args_provider``)."""
-    parser = add_specialization_args(add_edl_args(parser))
+    parser = add_edl_args(parser)
+    parser = add_calibrated_loss_args(parser, add_variance_args, add_orthogonality_args)
     parser = add_label_args(parser)
     parser = add_launcher_args(parser)
     return add_telemetry_args(parser)

@@ -30,9 +30,6 @@ Shape legend (suffixes of tensor names):
     D  domains (labels 0..D-1; label -1 means "no label")
     B  samples (rows of a micro-batch)
     S  sequence positions of one unsharded sample
-
-It stays one module, over 500 lines: the pipeline above is one chain of functions (with their
-autograd functions), and the formulas in their docstrings make up much of it.
 """
 
 from __future__ import annotations

@@ -44,9 +44,6 @@ Everything here is pure (numpy, torch, pyyaml); errors are ``EDLConfigError`` (a
 
 Shape legend (suffixes of array names):
     N  documents
-
-It stays one module, over 500 lines: most of it is the one class :class:`LabelMap`, which implements
-the rules above.
 """
 
 from __future__ import annotations

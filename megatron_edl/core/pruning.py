@@ -14,6 +14,9 @@ experts. Three orders (docs/method.md section 6):
 
 Ties keep the lower expert index first (stable sort), so every order is deterministic.
 
+An export (``megatron-edl-prune --export``) keeps one domain's first ``m`` experts of the
+``domain`` order in every layer (:func:`export_experts`), renumbered in ascending original id.
+
 Shape legend: L MoE layers, D domains, E routed experts.
 """
 
@@ -28,6 +31,7 @@ __all__ = [
     "PruningError",
     "domain_order",
     "expert_order",
+    "export_experts",
     "global_order",
     "keep_mask",
     "keep_sizes",
@@ -96,6 +100,32 @@ def keep_mask(order_LDE: np.ndarray, keep: int) -> np.ndarray:
     mask_LDE = np.zeros(order_LDE.shape, dtype=bool)
     np.put_along_axis(mask_LDE, order_LDE[..., :keep], True, axis=-1)
     return mask_LDE
+
+
+def export_experts(order_LDE: np.ndarray, domain: int, keep: int) -> np.ndarray:
+    """The experts an export for one domain keeps: the domain's first ``keep`` in each layer.
+
+    They are returned in ascending original id: expert i of the exported layer is
+    ``kept_LM[l, i]``. Keeping the original relative order keeps the masked evaluation's
+    tie-breaks of top-k and its order of summing a token's expert outputs (docs/method.md
+    section 6).
+
+    Args:
+        order_LDE: An order of :func:`expert_order`, int [L, D, E].
+        domain: The domain's index d.
+        keep: M, the experts kept per layer.
+
+    Returns:
+        int64 [L, M], every row strictly increasing: the rows of ``keep_mask(order, keep)[:, d]``.
+
+    Raises:
+        PruningError: ``domain`` outside 0..D-1 or ``keep`` outside 1..E.
+    """
+    num_domains = order_LDE.shape[1]
+    if not 0 <= domain < num_domains:
+        raise PruningError(f"domain index must be between 0 and {num_domains - 1}, got {domain}")
+    mask_LE = keep_mask(order_LDE, keep)[:, domain]
+    return np.stack([np.flatnonzero(row) for row in mask_LE]).astype(np.int64)
 
 
 def keep_sizes(

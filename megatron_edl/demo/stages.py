@@ -321,7 +321,15 @@ class Stage:
     after: tuple[str, ...] = ()
 
 
-def _fingerprint(stage: Stage, ctx: Context) -> str:
+def _fingerprints(stage: Stage, ctx: Context) -> list[str]:
+    """``stage``'s fingerprint, then the ones an equal stage had under another spelling of the
+    workdir.
+
+    The canonical fingerprint hashes the inputs with every path under the workdir written
+    ``<workdir>/...``, so ``runs/x`` and its absolute path give one fingerprint. Stamps written
+    before this normalisation hashed the workdir as spelled then: relative to the current folder
+    or absolute, both accepted.
+    """
     payload = {
         "version": STAMP_VERSION,
         "stage": stage.name,
@@ -329,7 +337,18 @@ def _fingerprint(stage: Stage, ctx: Context) -> str:
         "after": {name: ctx.fingerprints[name] for name in stage.after},
     }
     text = json.dumps(payload, sort_keys=True, default=os.fspath)
-    return hashlib.sha256(text.encode()).hexdigest()
+    absolute = os.path.abspath(ctx.workdir)
+    spellings = [absolute, os.path.relpath(absolute), os.fspath(ctx.workdir)]
+    spellings = sorted(set(spellings), key=len, reverse=True)  # a longer one may hold a shorter
+    pattern = re.compile(
+        '"(' + "|".join(re.escape(json.dumps(w)[1:-1]) for w in spellings) + ')(?=[/"])'
+    )
+    canonical = pattern.sub('"<workdir>', text)
+    texts = [
+        canonical,
+        *(canonical.replace('"<workdir>', '"' + json.dumps(w)[1:-1]) for w in spellings),
+    ]
+    return list(dict.fromkeys(hashlib.sha256(t.encode()).hexdigest() for t in texts))
 
 
 def stamp_path(ctx: Context, stage: Stage) -> Path:
@@ -343,21 +362,30 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def run_stage(stage: Stage, ctx: Context, index: int, total: int) -> dict[str, Any]:
-    """Run ``stage``, or reuse its earlier result when its stamp matches (see module doc)."""
-    fingerprint = _fingerprint(stage, ctx)
-    ctx.fingerprints[stage.name] = fingerprint
+def run_stage(
+    stage: Stage, ctx: Context, index: int, total: int, *, reuse_only: bool = False
+) -> dict[str, Any] | None:
+    """Run ``stage``, or reuse its earlier result when its stamp matches (see module doc).
+
+    With ``reuse_only`` a stage without a matching stamp is neither run nor touched: the return
+    value is ``None``.
+    """
+    fingerprints = _fingerprints(stage, ctx)
+    ctx.fingerprints[stage.name] = fingerprints[0]
     stamp = stamp_path(ctx, stage)
     prefix = f"[quickstart {index}/{total}] {stage.name}"
     if stamp.exists():
         saved = json.loads(stamp.read_text())
-        if saved.get("fingerprint") == fingerprint and all(p.exists() for p in stage.outputs(ctx)):
+        if saved.get("fingerprint") in fingerprints and all(p.exists() for p in stage.outputs(ctx)):
+            ctx.fingerprints[stage.name] = saved["fingerprint"]  # what later stages hashed
             ctx.results[stage.name] = saved["result"]
             ctx.times[stage.name] = saved["seconds"]
             ctx.cpu_times[stage.name] = saved["cpu_seconds"]
             ctx.reused.append(stage.name)
             ctx.log(f"{prefix}: reused (finished earlier in {saved['seconds']:.1f} s)")
             return saved["result"]
+    if reuse_only:
+        return None
     stamp.unlink(missing_ok=True)
     ctx.log(f"{prefix}: running")
     start, cpu_start = time.perf_counter(), _cpu_seconds()
@@ -367,7 +395,7 @@ def run_stage(stage: Stage, ctx: Context, index: int, total: int) -> dict[str, A
     ctx.times[stage.name] = seconds
     ctx.cpu_times[stage.name] = cpu_seconds
     stamp.parent.mkdir(parents=True, exist_ok=True)
-    record = {"stage": stage.name, "fingerprint": fingerprint, "seconds": seconds}
+    record = {"stage": stage.name, "fingerprint": fingerprints[0], "seconds": seconds}
     record.update(cpu_seconds=cpu_seconds, result=result)
     tmp = stamp.with_name(stamp.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=os.fspath) + "\n")

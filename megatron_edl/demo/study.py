@@ -37,7 +37,7 @@ Usage:
     megatron-edl-study STUDY.yaml --workdir runs/study --list          # index, run name
     megatron-edl-study STUDY.yaml --workdir runs/study --prepare       # stages 1-3 only
     megatron-edl-study STUDY.yaml --workdir runs/study --run 4         # one arm x seed
-    megatron-edl-study STUDY.yaml --workdir runs/study --report        # the report only
+    megatron-edl-study STUDY.yaml --workdir runs/study --report        # the report (trains nothing)
     megatron-edl-study STUDY.yaml --workdir runs/study --report --tensorboard-dir tb
                                             # ... and every run's numbers per layer to TensorBoard
     bash examples/slurm/study.sh STUDY.yaml runs/study                 # prepare, array, report
@@ -565,8 +565,19 @@ def run_study(
         ]
         stages = _stages(ctx, study, runs, pruned)
     total = len(stages)
+    stale = []
     for index, stage in enumerate(stages, 1):
-        qs.run_stage(stage, ctx, index, total)
+        # --report never trains: a run whose stamp no longer matches is named, not retrained
+        reuse_only = only == "report" and stage.name != "study-report"
+        if stale and stage.name == "study-report":
+            break
+        if qs.run_stage(stage, ctx, index, total, reuse_only=reuse_only) is None and reuse_only:
+            stale.append(stage.name)
+    if stale:
+        raise StudyError(
+            f"--report reads finished runs only; {len(stale)} stages are missing or stale (their "
+            f"flags, data or code changed since; run them with --run INDEX): {', '.join(stale)}"
+        )
     return ctx
 
 

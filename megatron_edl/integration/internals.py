@@ -136,13 +136,13 @@ _register(
     remove_when="Megatron's help strings are %-safe (fixed upstream after 0.19.2)",
 )
 
-# -- megatron_edl.integration.loss_terms ---------------------------------------------------------
+# -- megatron_edl.integration.losses.base -------------------------------------------------------
 
 _register(
     name="moe-metrics-tracker-report",
     target="megatron.core.transformer.moe.moe_logging:MoEMetricsTracker.report",
     kind="wrap",
-    where="megatron_edl.integration.loss_terms.register_edl_metrics",
+    where="megatron_edl.integration.losses.base.register_metrics",
     why="training_log passes a fixed whitelist (track_names) of MoE metric names to the "
     "tracker's report, so metrics recorded under other names never reach the iteration log, "
     "TensorBoard or W&B; we wrap the tracker object's report to append our names",
@@ -166,13 +166,13 @@ _register(
     parameters=("probs", "scores_for_aux_loss", "routing_map", "with_padding_mask"),
 )
 
-# -- megatron_edl.integration.specialization -----------------------------------------------------
+# -- megatron_edl.integration.losses.orthogonality ----------------------------------------------
 
 _register(
     name="flex-dispatcher-comm-manager",
     target="megatron.core.transformer.moe.token_dispatcher:MoEFlexTokenDispatcher#_comm_manager",
     kind="private-attr",
-    where="megatron_edl.integration.specialization.OrthogonalityFlexTokenDispatcher",
+    where="megatron_edl.integration.losses.orthogonality.OrthogonalityFlexTokenDispatcher",
     why="the orthogonality loss needs each token's k expert outputs on the token's rank; the "
     "flex dispatcher keeps the DeepEP handle and the token/column layout only in its private "
     "_comm_manager",
@@ -183,7 +183,7 @@ _register(
     name="deepep-manager-state",
     target="megatron.core.transformer.moe.token_dispatcher:_DeepepManager#dispatched_indices",
     kind="private-attr",
-    where="megatron_edl.integration.specialization.OrthogonalityFlexTokenDispatcher",
+    where="megatron_edl.integration.losses.orthogonality.OrthogonalityFlexTokenDispatcher",
     why="the DeepEP manager (a private class) holds the layout the hook reads: "
     "dispatched_indices, dispatched_routing_map, pad_offsets, token_indices, token_probs, group, "
     "handle; the entry checks the first, the others are set next to it",
@@ -193,7 +193,7 @@ _register(
     name="token-dispatcher-fused-combine",
     target="megatron.core.transformer.moe.token_dispatcher:_DeepepManager.combine",
     kind="private-call",
-    where="megatron_edl.integration.specialization.OrthogonalityFlexTokenDispatcher.token_combine",
+    where="megatron_edl.integration.losses.orthogonality.OrthogonalityFlexTokenDispatcher.token_combine",
     why="each column of expert outputs goes back to its token's rank through DeepEP's combine "
     "with the dispatch's own handle: we call the dispatcher module's fused_combine (None without "
     "DeepEP, so the entry checks _DeepepManager.combine, Megatron's caller of it), the function "
@@ -204,7 +204,7 @@ _register(
     name="alltoall-dispatcher-state",
     target="megatron.core.transformer.moe.token_dispatcher:MoEAlltoAllTokenDispatcher#probs",
     kind="private-attr",
-    where="megatron_edl.integration.specialization.OrthogonalityAlltoAllTokenDispatcher",
+    where="megatron_edl.integration.losses.orthogonality.OrthogonalityAlltoAllTokenDispatcher",
     why="the orthogonality hook in combine_postprocess needs the (token, expert) layout of the "
     "combined rows: it reads the routing_map and probs the dispatcher keeps from "
     "dispatch_preprocess (internal state, not an API)",
@@ -215,7 +215,7 @@ _register(
     name="allgather-dispatcher-state",
     target="megatron.core.transformer.moe.token_dispatcher:MoEAllGatherTokenDispatcher#local_map",
     kind="private-attr",
-    where="megatron_edl.integration.specialization.OrthogonalityAllGatherTokenDispatcher",
+    where="megatron_edl.integration.losses.orthogonality.OrthogonalityAllGatherTokenDispatcher",
     why="the orthogonality hook places each local expert's outputs in their tokens' slots: it "
     "reads the gathered routing_map (in dispatch_postprocess, before Megatron clears it), "
     "local_map and local_probs, internal state of the dispatcher",
@@ -225,7 +225,7 @@ _register(
     name="moe-layer-training-dispatcher",
     target="megatron.core.transformer.moe.moe_layer:MoELayer#_training_token_dispatcher",
     kind="private-attr",
-    where="megatron_edl.integration.specialization.SpecializationMoELayer.__init__",
+    where="megatron_edl.integration.losses.orthogonality.OrthogonalityMoELayer.__init__",
     why="inference-optimized MoE layers swap the token dispatcher back from the private "
     "_training_token_dispatcher when they return to training; ours must be the one kept there",
     remove_when="MoELayer builds its dispatcher through a builder or spec slot we can fill",
@@ -256,6 +256,24 @@ _register(
     "expert mask; evaluate() is looked up as a module global by its callers",
     remove_when="megatron.training offers evaluation callbacks",
     parameters=("forward_step_func", "data_iterator", "model"),
+)
+
+# -- megatron_edl.integration.pruning -----------------------------------------------------------
+
+_register(
+    name="training-setup-model-and-optimizer",
+    target="megatron.training.training:setup_model_and_optimizer",
+    kind="rebind",
+    where="megatron_edl.integration.pruning.install_export",
+    why="the pruning export (megatron-edl-prune --export) needs the model Megatron built and "
+    "loaded from --load (any saved layout), then a stock model of the same arguments with "
+    "--num-experts M (it calls the function again with args.num_experts = M and no --load, as "
+    "Megatron's upcycling rebuilds a model after changing the global args) to save with "
+    "save_checkpoint; pretrain() looks this function up as a module global and offers no hook "
+    "between loading the checkpoint and building the data",
+    remove_when="megatron.training offers a model-loading API outside pretrain (load a checkpoint "
+    "into models built from a config) or a post-load callback of pretrain",
+    parameters=("model_type", "model_provider_func", "checkpointing_context", "cfg_container"),
 )
 
 # -- megatron_edl.pretrain_gpt, integration.gpt, integration.dataset ---------------------------

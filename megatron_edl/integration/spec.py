@@ -1,89 +1,70 @@
-"""Install :class:`AuxLossTopKRouter` (and the orthogonality loss's MoE layer) in a Megatron spec.
+"""Install :class:`AuxLossTopKRouter` (and a layer-hooked loss's MoE layer) in a Megatron spec.
 
 Megatron builds an MoE layer's router from the ``router`` slot of its ``MoESubmodules`` (a
-``RouterBuilder``: ``builder(config=..., pg_collection=..., is_mtp_layer=...)``). The function
-here walks a spec (``ModuleSpec``, ``TransformerBlockSubmodules`` with per-layer specs, and the
-``functools.partial`` builders Megatron's spec functions return; GPT or Hybrid, TE or local) and
-returns a copy in which every stock ``TopKRouter`` slot builds an ``AuxLossTopKRouter`` instead;
-every other submodule is the very same object as before. With the orthogonality loss on, the
-``MoELayer`` builder holding those ``MoESubmodules`` (a ``partial(MoELayer, ...)`` or a
-``ModuleSpec(module=MoELayer)``) builds a :class:`SpecializationMoELayer` instead, the same layer
-with the loss in its token dispatcher.
+``RouterBuilder``: ``builder(config=..., pg_collection=..., is_mtp_layer=...)``).
+:func:`with_aux_loss_router` walks a spec (``ModuleSpec``, ``TransformerBlockSubmodules`` with
+per-layer specs, and the ``functools.partial`` builders Megatron's spec functions return; GPT or
+Hybrid, TE or local) and returns a copy in which every stock ``TopKRouter`` slot builds an
+``AuxLossTopKRouter`` bound to the run config; every other submodule is the very same object as
+before. When a ``layer`` loss of the registry is on (the orthogonality loss), the ``MoELayer``
+builder holding those ``MoESubmodules`` (a ``partial(MoELayer, ...)`` or a
+``ModuleSpec(module=MoELayer)``) builds that entry's ``moe_layer`` instead, bound to the same
+run config. :func:`layer_spec_provider` is the ``transformer_layer_spec`` the launcher installs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.training.models.gpt import default_layer_spec
 
-from megatron_edl.config import EDLConfig, SpecializationConfig
+from megatron_edl.config import EDLRunConfig
+from megatron_edl.integration.losses import registry
 from megatron_edl.integration.router import AuxLossTopKRouter
-from megatron_edl.integration.specialization import SpecializationMoELayer
+
+__all__ = ["aux_loss_router_needed", "layer_spec_provider", "with_aux_loss_router"]
 
 
-def _replace_routers(
-    node: Any,
-    edl_config: EDLConfig | None,
-    found: list[int],
-    specialization: SpecializationConfig | None = None,
-    router_kwargs: Mapping[str, Any] = MappingProxyType({}),
-) -> Any:
+def _replace_routers(node: Any, run: EDLRunConfig, moe_layer: type | None, found: list[int]) -> Any:
     if isinstance(node, MoESubmodules):
         router = node.router
         is_partial = isinstance(router, functools.partial)
         base = router.func if is_partial else router
         if base is AuxLossTopKRouter:
-            raise ValueError("the spec already has an EDL router; install it once")
+            raise ValueError("the spec already has an AuxLossTopKRouter; install it once")
         if base is not TopKRouter:
             raise ValueError(
-                f"cannot add EDL to router {getattr(base, '__qualname__', base)!r}: only "
-                "Megatron's TopKRouter is supported"
+                f"cannot add the router losses to router {getattr(base, '__qualname__', base)!r}: "
+                "only Megatron's TopKRouter is supported"
             )
         found.append(1)
         # Keep any arguments a partial router builder already binds.
         args, keywords = (router.args, router.keywords) if is_partial else ((), {})
-        extra = {} if specialization is None else {"specialization_config": specialization}
-        extra.update(router_kwargs)
-        builder = functools.partial(
-            AuxLossTopKRouter, *args, **keywords, edl_config=edl_config, **extra
-        )
+        builder = functools.partial(AuxLossTopKRouter, *args, **keywords, run_config=run)
         return dataclasses.replace(node, router=builder)
-    ortho = specialization is not None and specialization.ortho_enabled
     if isinstance(node, functools.partial):  # Megatron's specs build MoE layers with partials
-        args = _replace_routers(node.args, edl_config, found, specialization, router_kwargs)
-        keywords = _replace_routers(node.keywords, edl_config, found, specialization, router_kwargs)
-        if ortho and node.func is MoELayer:
-            keywords = {**keywords, "specialization_config": specialization}
-            return functools.partial(SpecializationMoELayer, *args, **keywords)
+        args = _replace_routers(node.args, run, moe_layer, found)
+        keywords = _replace_routers(node.keywords, run, moe_layer, found)
+        if moe_layer is not None and node.func is MoELayer:
+            keywords = {**keywords, "run_config": run}
+            return functools.partial(moe_layer, *args, **keywords)
         if args is node.args and keywords is node.keywords:
             return node
         return functools.partial(node.func, *args, **keywords)
-    if ortho and isinstance(node, ModuleSpec) and node.module is MoELayer:
-        submodules = _replace_routers(
-            node.submodules, edl_config, found, specialization, router_kwargs
-        )
-        params = {**node.params, "specialization_config": specialization}
-        return dataclasses.replace(
-            node, module=SpecializationMoELayer, submodules=submodules, params=params
-        )
+    if moe_layer is not None and isinstance(node, ModuleSpec) and node.module is MoELayer:
+        submodules = _replace_routers(node.submodules, run, moe_layer, found)
+        params = {**node.params, "run_config": run}
+        return dataclasses.replace(node, module=moe_layer, submodules=submodules, params=params)
     if isinstance(node, dict):
-        items = {
-            k: _replace_routers(v, edl_config, found, specialization, router_kwargs)
-            for k, v in node.items()
-        }
+        items = {k: _replace_routers(v, run, moe_layer, found) for k, v in node.items()}
         return items if any(items[k] is not node[k] for k in node) else node
     if isinstance(node, list | tuple):
-        items = [
-            _replace_routers(item, edl_config, found, specialization, router_kwargs)
-            for item in node
-        ]
+        items = [_replace_routers(item, run, moe_layer, found) for item in node]
         changed = any(a is not b for a, b in zip(items, node, strict=True))
         return type(node)(items) if changed else node
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
@@ -92,51 +73,63 @@ def _replace_routers(
             if not field.init:
                 continue
             value = getattr(node, field.name)
-            new = _replace_routers(value, edl_config, found, specialization, router_kwargs)
+            new = _replace_routers(value, run, moe_layer, found)
             if new is not value:
                 changes[field.name] = new
         return dataclasses.replace(node, **changes) if changes else node
     return node
 
 
-def with_edl_router(
-    spec: Any,
-    edl_config: EDLConfig | None,
-    specialization: SpecializationConfig | None = None,
-    *,
-    num_domains: int | None = None,
-    **router_kwargs: Any,
-) -> Any:
-    """Return ``spec`` with every MoE router built as an :class:`AuxLossTopKRouter`.
-
-    With ``specialization.ortho_enabled`` every MoE layer is also built as a
-    :class:`SpecializationMoELayer` (the orthogonality loss in its token dispatcher).
+def with_aux_loss_router(spec: Any, run_config: EDLRunConfig) -> Any:
+    """Return ``spec`` with every MoE router built as an :class:`AuxLossTopKRouter` bound to
+    ``run_config`` (and every MoE layer as the ``moe_layer`` of an enabled layer-hooked loss).
 
     Args:
         spec: A Megatron layer spec (``ModuleSpec``) or block spec
             (``TransformerBlockSubmodules``), GPT or Hybrid, TE or local.
-        edl_config: The EDL configuration the routers use (``None``: no EDL).
-        specialization: The variance/orthogonality configuration (``None``: neither loss).
-        num_domains: The number of loss domains (``LabelsConfig.num_domains``), bound into
-            every router builder when given; the routers need it with EDL on or the telemetry
-            (``stats_phase``), not otherwise.
-        **router_kwargs: Further keyword arguments of every ``AuxLossTopKRouter`` (e.g.
-            ``stats_phase``, the routing telemetry).
+        run_config: The run config every router (and replaced MoE layer) receives.
 
     Returns:
         A copy of ``spec`` sharing every unchanged submodule; the input is not modified.
 
     Raises:
-        ValueError: if the spec holds no MoE layer, or an MoE layer uses a router other than
-            Megatron's ``TopKRouter``.
+        TypeError: ``run_config`` is not an ``EDLRunConfig``.
+        ValueError: The spec holds no MoE layer, an MoE layer uses a router other than
+            Megatron's ``TopKRouter``, or two enabled losses each replace the MoE layer.
     """
-    if num_domains is not None:
-        router_kwargs = {"num_domains": num_domains, **router_kwargs}
+    if not isinstance(run_config, EDLRunConfig):
+        raise TypeError(f"run_config must be an EDLRunConfig, got {type(run_config).__name__}")
     found: list[int] = []
-    new_spec = _replace_routers(spec, edl_config, found, specialization, router_kwargs)
+    new_spec = _replace_routers(spec, run_config, registry.moe_layer_class(run_config), found)
     if not found:
         raise ValueError(
-            "EDL and the specialization losses need MoE layers, but the layer spec has none "
-            "(is --num-experts set?)"
+            "the router losses and the routing telemetry need MoE layers, but the layer spec has "
+            "none (is --num-experts set?)"
         )
     return new_spec
+
+
+def aux_loss_router_needed(run_config: EDLRunConfig) -> bool:
+    """Whether the run needs :func:`with_aux_loss_router`: a registered loss or the routing
+    telemetry is on."""
+    return registry.any_enabled(run_config) or run_config.telemetry.enabled
+
+
+def layer_spec_provider(base_spec: Any, run_config: EDLRunConfig):
+    """A ``GPTModelConfig.transformer_layer_spec`` provider: ``base_spec`` (a spec, a provider,
+    or ``None`` for Megatron's default) with :func:`with_aux_loss_router` applied.
+
+    Args:
+        base_spec: The model config's ``transformer_layer_spec`` before ours.
+        run_config: The run config.
+    """
+
+    def provider(model_config, vp_stage=None):
+        spec = base_spec
+        if spec is None:
+            spec = default_layer_spec(model_config, vp_stage)
+        elif callable(spec) and not hasattr(spec, "module"):
+            spec = spec(model_config, vp_stage=vp_stage)
+        return with_aux_loss_router(spec, run_config)
+
+    return provider

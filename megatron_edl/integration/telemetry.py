@@ -57,40 +57,20 @@ import numpy as np
 import torch
 
 from megatron_edl.analysis.routing_stats import RoutingStats, write_stats
-
-# The flag functions and constants live in the config tree (megatron_edl.config.telemetry);
-# re-exported here for the code that imports them from this module.
-from megatron_edl.config.telemetry import (
-    DIR_FLAG,
-    INTERVAL_FLAG,
-    PROBE_DIR_FLAG,
-    Phase,
-    TelemetryConfig,
-    add_telemetry_args,
-    flags_in_use,
-    stats_directory,  # noqa: F401  (re-exported: the flag helpers live in the config tree)
-    telemetry_phase,
-)
+from megatron_edl.config.telemetry import Phase, TelemetryConfig
 from megatron_edl.core.routing_sums import num_packed_columns, routing_sums, unpack_routing_sums
 from megatron_edl.distributed import sum_over_group
 from megatron_edl.integration.internals import touch
 from megatron_edl.integration.labels import DomainLabels, label_consumers
-from megatron_edl.integration.loss_terms import layer_index
+from megatron_edl.integration.losses.base import layer_index
 
 __all__ = [
-    "INTERVAL_FLAG",
-    "DIR_FLAG",
-    "PROBE_DIR_FLAG",
-    "Phase",
     "RouterStats",
     "StatsWriter",
-    "add_telemetry_args",
     "dump_routing_stats",
-    "flags_in_use",
     "install",
     "install_hooks",
     "per_domain_lm_loss",
-    "telemetry_phase",
 ]
 
 

@@ -26,8 +26,10 @@ SBATCH = ROOT / "examples" / "slurm" / "pretrain.sbatch"
 TINY = ROOT / "examples" / "configs" / "tiny_moe_cpu.yaml"
 # One node, two CPU tasks (the tiny config's EP=2), no GPU.
 RESOURCES = ["--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]
-TRAIN_ITERS = 600  # more than a 2-minute job reaches before its time-limit signal
-# The tiny config made smaller (about 0.14 s per iteration on 2 cores), logged every iteration.
+# Far more than a 2-minute job reaches before its time-limit signal (Slurm sends it up to a minute
+# early): the tiny config made smaller runs about 0.05 s per iteration on 2 cores, so this is about
+# 100 s of training, logged every iteration.
+TRAIN_ITERS = 1800
 FLAGS = [
     "--train-iters", str(TRAIN_ITERS), "--num-layers", "2", "--seq-length", "64",
     "--max-position-embeddings", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
@@ -120,8 +122,15 @@ def test_time_limit_saves_requeues_and_resumes_exactly(cluster, tmp_path):
     # Pending again, and the node idle (the first attempt's cleanup done): Slurm delays a requeued
     # job by two minutes so that its relaunch cannot meet the first attempt's revoked credential or
     # unfinished cleanup; a relaunch too early fails without running the script (seen in CI).
-    cluster.wait(
-        job, lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING", 300, "requeue"
+    info = cluster.wait(
+        job,
+        lambda i: _finished(i) or (i.get("Restarts") == "1" and i.get("JobState") == "PENDING"),
+        300,
+        "requeue",
+    )
+    assert not _finished(info), (
+        f"job {job} ended ({info.get('JobState')}) before its time-limit signal: "
+        f"TRAIN_ITERS={TRAIN_ITERS} is too few for this machine"
     )
     cluster.wait_for_idle_node(120)
     # Test control: start the requeued job in 10 s instead of two minutes, with time to finish.

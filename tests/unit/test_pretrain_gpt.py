@@ -57,6 +57,40 @@ def test_no_edl_flag_is_stock(monkeypatch):
     assert model_cfg.transformer_layer_spec == "stock spec"
 
 
+def test_a_loss_installs_the_router_bound_to_the_run_config_and_registers_its_metrics(
+    monkeypatch,
+):
+    """The layer-spec provider binds ``args.edl_run_config`` (the registry's losses read their
+    branches from it); the enabled losses' metrics, weighted ones included, reach the log."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe import moe_logging
+
+    from megatron_edl.integration.losses.orthogonality import OrthogonalityMoELayer
+
+    flags = ["--moe-variance-loss-coeff", "0.1", "--moe-ortho-loss-coeff", "0.2"]
+    args = parse([*TINY_MOE_GPT, *flags], monkeypatch)
+    base = get_gpt_layer_local_spec(num_experts=4)
+    model_cfg = types.SimpleNamespace(transformer_layer_spec=base)
+    provider, step = object(), object()
+    moe_logging.destroy_moe_metrics_tracker()
+    try:
+        assert install_edl(args, model_cfg, provider, step) == (provider, step)  # no labels
+        names = moe_logging.get_moe_metrics_tracker().aux_loss_metric_names
+        assert names == [
+            "variance_loss",
+            "weighted_variance_loss",
+            "ortho_loss",
+            "weighted_ortho_loss",
+        ]
+    finally:
+        moe_logging.destroy_moe_metrics_tracker()
+    spec = model_cfg.transformer_layer_spec(model_config=None)
+    mlp = spec.submodules.mlp
+    assert mlp.func is OrthogonalityMoELayer and mlp.keywords["run_config"] is args.edl_run_config
+    assert mlp.keywords["submodules"].router.keywords == {"run_config": args.edl_run_config}
+    assert args.edl_run_config.variance.coeff == 0.1
+
+
 def test_eval_per_domain_loads_labels_without_the_loss(monkeypatch):
     args = parse(
         [*TINY_MOE_GPT, "--moe-edl-eval-per-domain", "--moe-edl-mock-domains", "3"], monkeypatch

@@ -62,7 +62,7 @@ def test_every_flag_is_defined_once_in_one_group_per_branch():
 def test_no_megatron_edl_flag_loads_nothing():
     run = EDLRunConfig.from_args(_args([]))
     assert run.labels is None and not run.edl.enabled and run.edl == EDLConfig()
-    assert not run.routers_needed and not run.telemetry.enabled
+    assert run == EDLRunConfig() and not run.telemetry.enabled
 
 
 def test_labels_without_the_loss_and_resolved_domains():
@@ -124,7 +124,7 @@ def test_telemetry_loads_labels_and_is_validated_once():
     run = EDLRunConfig.from_args(args)
     assert run.labels.reasons == ("--moe-edl-stats-interval",)
     assert (run.telemetry.phase, run.telemetry.directory) == (Phase.TRAIN, "out")
-    assert run.routers_needed and not run.edl_loss
+    assert run.telemetry.enabled and not run.edl_loss
     with pytest.raises(ValueError, match="--moe-edl-stats-interval must be >= 1"):
         EDLRunConfig.from_args(_args(["--moe-edl-stats-interval", "0"]))
 
@@ -139,14 +139,6 @@ def test_the_loss_is_checked_against_the_model():
     args = _args(["--moe-edl-coeff", "0.1", "--moe-edl-layers", "2"], moe_layer_freq=[1, 0])
     with pytest.raises(EDLConfigError, match="not MoE layers"):
         EDLRunConfig.from_args(args)
-
-
-def test_telemetry_flag_functions_are_re_exported():
-    from megatron_edl.config import telemetry as config_telemetry
-    from megatron_edl.integration import telemetry
-
-    for name in ("telemetry_phase", "flags_in_use", "stats_directory", "add_telemetry_args"):
-        assert getattr(telemetry, name) is getattr(config_telemetry, name)
 
 
 def test_the_label_wrappers_never_read_megatrons_global_args():

@@ -51,3 +51,14 @@ def test_keep_sizes_default_and_refusals():
         pruning.keep_sizes(8, 2, [9])
     with pytest.raises(pruning.PruningError, match="ranking must be one of"):
         pruning.expert_order("best", _mass())
+
+
+def test_export_experts_keep_the_domains_first_m_in_ascending_id():
+    order = pruning.domain_order(_mass())  # domain 0: 2, 0, 3, 1; domain 1: 1, 3, 0, 2
+    np.testing.assert_array_equal(pruning.export_experts(order, 0, 2), [[0, 2]])
+    np.testing.assert_array_equal(pruning.export_experts(order, 1, 3), [[0, 1, 3]])
+    assert pruning.export_experts(order, 1, 3).dtype == np.int64
+    with pytest.raises(pruning.PruningError, match="between 0 and 1, got 2"):
+        pruning.export_experts(order, 2, 2)
+    with pytest.raises(pruning.PruningError, match="between 1 and E = 4, got 0"):
+        pruning.export_experts(order, 0, 0)

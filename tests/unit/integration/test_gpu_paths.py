@@ -55,7 +55,7 @@ def _router(config_overrides: dict | None = None, *, is_mtp_layer=False, edl=Non
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_edl.config import EDLConfig, SpecializationConfig
+    from megatron_edl.config import EDLConfig, EDLRunConfig, LabelsConfig, VarianceConfig
     from megatron_edl.integration.router import AuxLossTopKRouter
 
     config = TransformerConfig(
@@ -77,9 +77,11 @@ def _router(config_overrides: dict | None = None, *, is_mtp_layer=False, edl=Non
         config=config,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         is_mtp_layer=is_mtp_layer,
-        edl_config=None if edl is None else EDLConfig(coeff=COEFF, **edl),
-        num_domains=NUM_DOMAINS,
-        specialization_config=None if variance is None else SpecializationConfig(**variance),
+        run_config=EDLRunConfig(
+            labels=None if edl is None else LabelsConfig(num_domains=NUM_DOMAINS),
+            edl=EDLConfig() if edl is None else EDLConfig(coeff=COEFF, **edl),
+            variance=VarianceConfig(**(variance or {})),
+        ),
     )
     router.set_layer_number(1)
     router.train()
@@ -111,13 +113,13 @@ ROUTER_CASES: dict[str, dict[str, Any]] = {
     "edl-local-token-weights": {"edl": {"scope": "local"}},
     "edl-window": {"edl": {"window_decay": 0.5}},
     "edl-accumulate": {"edl": {"accumulate": True}},
-    "variance-tokens": {"variance": {"variance_coeff": 0.1}},
+    "variance-tokens": {"variance": {"coeff": 0.1}},
     "variance-experts-calibrated": {
-        "variance": {"variance_coeff": 0.1, "variance_axis": "experts", "auto_calibrate": True}
+        "variance": {"coeff": 0.1, "axis": "experts", "auto_calibrate": True}
     },
     "edl-and-variance-calibrated": {
         "edl": {},
-        "variance": {"variance_coeff": 0.1, "auto_calibrate": True},
+        "variance": {"coeff": 0.1, "auto_calibrate": True},
     },
 }
 STEPS = 3
@@ -127,7 +129,7 @@ def _router_syncs_job(rank: int, world_size: int) -> dict[str, Any]:
     from unittest import mock
 
     from megatron_edl.core import edl as edl_math
-    from megatron_edl.integration.router import AuxLossTopKRouter
+    from megatron_edl.integration.losses.edl import EDLTerm
     from tests.helpers.host_syncs import HostSyncCounter
 
     job, batch = _one_process_job(31)
@@ -139,12 +141,12 @@ def _router_syncs_job(rank: int, world_size: int) -> dict[str, Any]:
         out[name] = [[(e.op, e.where) for e in _ours(s)] for s in steps]
         out[f"{name}-all"] = [len(s.events) for s in steps]
 
-    # Planted syncs: one .item() in the forward (EDL's hook), one in a backward (EDL's sums).
-    real_apply_edl = AuxLossTopKRouter._apply_edl
+    # Planted syncs: one .item() in the forward (EDL's term), one in a backward (EDL's sums).
+    real_apply_edl = EDLTerm.apply
 
-    def apply_edl_with_item(self, logits_TE, probs, labels):
-        logits_TE.sum().item()
-        return real_apply_edl(self, logits_TE, probs, labels)
+    def apply_edl_with_item(self, activation, **routed):
+        routed["logits_TE"].sum().item()
+        return real_apply_edl(self, activation, **routed)
 
     real_backward = edl_math._WeightedIndexAdd.backward
 
@@ -153,7 +155,7 @@ def _router_syncs_job(rank: int, world_size: int) -> dict[str, Any]:
         return real_backward(ctx, grad_DE)
 
     for name, target, attribute, planted in (
-        ("planted-forward", AuxLossTopKRouter, "_apply_edl", apply_edl_with_item),
+        ("planted-forward", EDLTerm, "apply", apply_edl_with_item),
         (
             "planted-backward",
             edl_math._WeightedIndexAdd,
@@ -183,7 +185,7 @@ def test_router_losses_make_no_host_sync_in_steady_state(name, router_syncs):
         if step == 0 and calibrated:
             # The auto-calibration's first forward: the weight, and its log line (rank 0).
             assert [op for op, _ in events] == ["item", "item"], events
-            assert all("loss_terms.py" in where for _, where in events), events
+            assert all(f"losses{os.sep}base.py" in where for _, where in events), events
         else:
             assert events == [], f"step {step + 1}: {events}"
     # Nothing in Megatron's router either (TopKRouter with these settings syncs nowhere).
@@ -210,7 +212,7 @@ def _ortho_syncs_job(rank: int, world_size: int) -> dict[str, Any]:
     from megatron_edl import cpu
     from tests.helpers import deepep_emulation
     from tests.helpers.host_syncs import HostSyncCounter
-    from tests.unit.integration.test_specialization import (
+    from tests.unit.integration.losses.test_orthogonality import (
         _build,
         _local_hidden,
         _setup_layout,
@@ -226,7 +228,7 @@ def _ortho_syncs_job(rank: int, world_size: int) -> dict[str, Any]:
         for stock in (True, False):
             layer, _, _ = _build(tp, ep, name.split("-")[0], "tokens", False, stock=stock)
             if not stock:
-                layer.router.variance_term = None  # the orthogonality loss alone
+                del layer.router.aux_terms["variance"]  # the orthogonality loss alone
             MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
             for _ in range(2):  # the second step is the one counted
                 with HostSyncCounter() as syncs:
@@ -250,7 +252,7 @@ def test_orthogonality_adds_one_host_sync_per_layer(name, ortho_syncs):
         events, _ = per_rank[(name, False)]
         assert stock_events == []
         assert [op for op, _ in events] == ["nonzero"], events
-        assert "specialization.py" in events[0][1]
+        assert f"core{os.sep}orthogonality.py" in events[0][1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +325,7 @@ def _meta_device_job(rank: int, world_size: int) -> dict[str, Any]:
     """Build on the meta device (Megatron's get_model under --init-model-with-meta-device) and
     materialise as Megatron-FSDP does (param_and_grad_buffer.py: ``m.to_empty(device=...,
     recurse=False)`` then ``m.reset_parameters()`` on the module holding a meta parameter)."""
-    from megatron_edl.integration.router import WINDOW_BUFFER
+    from megatron_edl.integration.losses.edl import WINDOW_BUFFER
 
     _one_process_job(0)
     with torch.device("meta"):
@@ -375,7 +377,7 @@ def _mtp_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {"depths": depths}
     for name, losses in (
         ("edl", {"edl": {}}),
-        ("variance", {"variance": {"variance_coeff": 0.1}}),
+        ("variance", {"variance": {"coeff": 0.1}}),
     ):
         router = _router(MTP, is_mtp_layer=True, **losses)
         with torch.no_grad():
@@ -477,7 +479,7 @@ def _gpu_sync_debug_job(rank: int, world_size: int) -> dict[str, Any]:
     }
     hidden_sBH = batch["hidden_BSH"].transpose(0, 1).contiguous().cuda()
     router = _router(
-        edl={"window_decay": 0.5}, variance={"variance_coeff": 0.1, "auto_calibrate": True}
+        edl={"window_decay": 0.5}, variance={"coeff": 0.1, "auto_calibrate": True}
     )
     with torch.no_grad():
         router.weight.copy_(_make_weight(gen))

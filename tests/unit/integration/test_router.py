@@ -284,7 +284,7 @@ def _make_router(job: dict[str, Any], config_overrides: dict | None = None, **ed
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_edl.config import EDLConfig
+    from megatron_edl.config import EDLConfig, EDLRunConfig, LabelsConfig
     from megatron_edl.integration.router import AuxLossTopKRouter
 
     tp, cp, _ = job["layout"]
@@ -316,8 +316,9 @@ def _make_router(job: dict[str, Any], config_overrides: dict | None = None, **ed
     router = AuxLossTopKRouter(
         config=config,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-        edl_config=EDLConfig(**edl_kwargs),
-        num_domains=NUM_DOMAINS,
+        run_config=EDLRunConfig(
+            labels=LabelsConfig(num_domains=NUM_DOMAINS), edl=EDLConfig(**edl_kwargs)
+        ),
     )
     router.set_layer_number(1)
     with torch.no_grad():
@@ -496,7 +497,7 @@ def _run_collectives(job: dict[str, Any]) -> dict[str, Any]:
     out["enabled-again"] = calls
 
     disabled = _make_router(job, layers=(2,))  # EDL on layer 2 only; this router is layer 1
-    out["disabled-active"] = disabled.edl_active
+    out["disabled-active"] = bool(disabled.active_terms(grad_enabled=True))
     push_labels(disabled, labels)  # must not queue anything for an inactive router
     probs = forward(disabled, "disabled-layer")
     (probs * 0).sum().backward()
@@ -923,7 +924,7 @@ def _fused_router_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
         probs, _ = router(hidden_sBH)
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
         (probs * 0).sum().backward()
-        path = edl_fused.select_path(router.edl_config.fused.compile, probs.device)
+        path = edl_fused.select_path(router.run_config.edl.fused.compile, probs.device)
         out[fused] = (path.compiled, _take_edl_loss(), router.weight.grad.clone())
     return out
 

@@ -1,10 +1,11 @@
-"""``with_edl_router``: it swaps only the router, and EDL models load stock checkpoints.
+"""``with_aux_loss_router``: it swaps only the router (and, with the orthogonality loss, the MoE
+layer), and models with the router losses load stock checkpoints.
 
 Spec tests walk the spec Megatron's own spec functions return (local layer spec, GPT block spec
 with dense and MoE layers, the Hybrid stack spec) with a walker written here, independent of the
 implementation, and compare the installer's output with its input leaf by leaf: the router slots
-of MoE layers build ``AuxLossTopKRouter`` with the given config, everything else is the very same
-object, every container off the paths to a router is shared, and the input is left untouched.
+of MoE layers build ``AuxLossTopKRouter`` with the given run config, everything else is the very
+same object, every container off the paths to a router is shared, and the input is left untouched.
 
 Model tests build a tiny ``GPTModel`` twice (stock and EDL spec) in one gloo process with
 Megatron's parallel state initialised (``tests.helpers.distributed.run_distributed``, world size 1,
@@ -27,16 +28,27 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
-from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.router import InferenceTopKRouter, TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_edl.config import EDLConfig
+from megatron_edl.config import (
+    EDLConfig,
+    EDLRunConfig,
+    LabelsConfig,
+    OrthogonalityConfig,
+    TelemetryConfig,
+    VarianceConfig,
+)
+from megatron_edl.integration.losses.orthogonality import OrthogonalityMoELayer
 from megatron_edl.integration.router import AuxLossTopKRouter
-from megatron_edl.integration.spec import with_edl_router
+from megatron_edl.integration.spec import aux_loss_router_needed, with_aux_loss_router
 from tests.helpers.distributed import run_distributed
 
+NUM_DOMAINS = 3
 EDL_CFG = EDLConfig(coeff=0.5)
+RUN = EDLRunConfig(labels=LabelsConfig(num_domains=NUM_DOMAINS), edl=EDL_CFG)
 
 # ---------------------------------------------------------------------------------------------
 # A generic spec walker (independent of megatron_edl.integration.spec)
@@ -94,8 +106,8 @@ def assert_only_routers_swapped(spec: Any, new_spec: Any, num_routers: int) -> N
         builder = after[p]
         assert isinstance(builder, functools.partial), (p, builder)
         assert builder.func is AuxLossTopKRouter, p
-        assert builder.args == () and builder.keywords == {"edl_config": EDL_CFG}, p
-        assert builder.keywords["edl_config"] is EDL_CFG, p
+        assert builder.args == () and builder.keywords == {"run_config": RUN}, p
+        assert builder.keywords["run_config"] is RUN, p
 
     # Every other leaf: same path, same object.
     old_rest = {
@@ -121,9 +133,9 @@ def assert_only_routers_swapped(spec: Any, new_spec: Any, num_routers: int) -> N
 
 
 def _with_edl_checked(spec: Any, num_routers: int) -> Any:
-    """Install EDL, assert only the routers changed and the input was not mutated."""
+    """Install the router, assert only the routers changed and the input was not mutated."""
     before = nodes(spec)
-    new_spec = with_edl_router(spec, EDL_CFG)
+    new_spec = with_aux_loss_router(spec, RUN)
     after_install = nodes(spec)
     assert after_install.keys() == before.keys()
     mutated = [p for p in before if after_install[p] is not before[p]]
@@ -158,7 +170,7 @@ def test_walker_finds_router_and_leaves_of_local_layer_spec():
     assert routers == ["spec.submodules.mlp.<kw>[submodules].router"]
     assert len(found) > 15  # attention, norms, experts, bda...
     # A deliberately wrong output is caught: a replaced attention leaf, and a missing router.
-    broken = with_edl_router(spec, EDL_CFG)
+    broken = with_aux_loss_router(spec, RUN)
     broken = dataclasses.replace(
         broken,
         submodules=dataclasses.replace(broken.submodules, self_attn_bda=lambda *a: None),
@@ -239,7 +251,7 @@ def test_hybrid_stack_spec_only_moe_router_swapped():
 def test_hybrid_inference_spec_router_is_rejected_by_name():
     specs = _hybrid_specs()
     with pytest.raises(ValueError, match="InferenceTopKRouter"):
-        with_edl_router(specs.hybrid_inference_stack_spec, EDL_CFG)
+        with_aux_loss_router(specs.hybrid_inference_stack_spec, RUN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +261,7 @@ def test_hybrid_inference_spec_router_is_rejected_by_name():
 
 def test_spec_without_moe_is_rejected():
     with pytest.raises(ValueError, match="--num-experts"):
-        with_edl_router(get_gpt_layer_local_spec(num_experts=None), EDL_CFG)
+        with_aux_loss_router(get_gpt_layer_local_spec(num_experts=None), RUN)
     dense_block = get_gpt_decoder_block_spec(  # no --num-experts: every layer is dense
         _block_config(num_moe_experts=None, moe_ffn_hidden_size=None, moe_layer_freq=1),
         use_transformer_engine=False,
@@ -257,7 +269,7 @@ def test_spec_without_moe_is_rejected():
     )
     assert len(dense_block.layer_specs) == 4
     with pytest.raises(ValueError, match="--num-experts"):
-        with_edl_router(dense_block, EDL_CFG)
+        with_aux_loss_router(dense_block, RUN)
 
 
 @pytest.mark.parametrize("kind", ["layer", "block"])
@@ -266,11 +278,11 @@ def test_installing_twice_is_rejected(kind):
         spec = get_gpt_layer_local_spec(num_experts=4)
     else:
         spec = get_gpt_decoder_block_spec(_block_config(), use_transformer_engine=False, pp_rank=0)
-    once = with_edl_router(spec, EDL_CFG)
+    once = with_aux_loss_router(spec, RUN)
     with pytest.raises(ValueError, match="already"):
-        with_edl_router(once, EDL_CFG)
+        with_aux_loss_router(once, RUN)
     with pytest.raises(ValueError, match="already"):
-        with_edl_router(once, EDLConfig(coeff=1.0), num_domains=2)
+        with_aux_loss_router(once, dataclasses.replace(RUN, edl=EDLConfig(coeff=1.0)))
 
 
 class CustomRouter(torch.nn.Module):
@@ -304,10 +316,81 @@ def _with_router(spec, router):
 def test_custom_router_is_rejected_by_name(router, name):
     spec = _with_router(get_gpt_layer_local_spec(num_experts=4), router)
     with pytest.raises(ValueError, match=name):
-        with_edl_router(spec, EDL_CFG)
+        with_aux_loss_router(spec, RUN)
     # The same surgery with the stock router is accepted (the helper builds a valid spec).
     ok = _with_router(get_gpt_layer_local_spec(num_experts=4), TopKRouter)
     _with_edl_checked(ok, num_routers=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3b. The layer-hooked loss (orthogonality) swaps the MoE layer; the run config is bound once
+# ---------------------------------------------------------------------------------------------
+
+BOTH = EDLRunConfig(
+    variance=VarianceConfig(coeff=0.1), orthogonality=OrthogonalityConfig(coeff=0.2)
+)
+
+
+@pytest.mark.parametrize("edl", [None, EDL_CFG])
+def test_orthogonality_swaps_the_moe_layer_and_both_get_the_run_config(edl) -> None:
+    run = BOTH if edl is None else dataclasses.replace(BOTH, labels=RUN.labels, edl=edl)
+    spec = get_gpt_decoder_block_spec(_block_config(), use_transformer_engine=False, pp_rank=0)
+    new = with_aux_loss_router(spec, run)
+    for old_layer, new_layer in zip(spec.layer_specs, new.layer_specs, strict=True):
+        mlp = new_layer.submodules.mlp
+        if old_layer.submodules.mlp.func is not MoELayer:  # dense layer: untouched
+            assert new_layer is old_layer
+            continue
+        assert mlp.func is OrthogonalityMoELayer
+        assert mlp.keywords["run_config"] is run
+        router = mlp.keywords["submodules"].router
+        assert router.func is AuxLossTopKRouter
+        assert router.keywords == {"run_config": run}
+        assert (
+            mlp.keywords["submodules"].experts
+            is old_layer.submodules.mlp.keywords["submodules"].experts
+        )
+
+
+def test_without_orthogonality_only_the_router_changes() -> None:
+    spec = get_gpt_layer_local_spec(num_experts=4)
+    variance_only = EDLRunConfig(variance=VarianceConfig(coeff=0.1))
+    new = with_aux_loss_router(spec, variance_only)
+    assert new.submodules.mlp.func is MoELayer
+    router = new.submodules.mlp.keywords["submodules"].router
+    assert router.keywords == {"run_config": variance_only}
+    with pytest.raises(ValueError, match="already"):
+        with_aux_loss_router(new, BOTH)
+
+
+def test_module_spec_form_of_the_moe_layer_is_swapped_too() -> None:
+    local = get_gpt_layer_local_spec(num_experts=4).submodules.mlp
+    spec = ModuleSpec(module=MoELayer, submodules=local.keywords["submodules"], params={"x": 1})
+    new = with_aux_loss_router(spec, BOTH)
+    assert new.module is OrthogonalityMoELayer
+    assert new.params == {"x": 1, "run_config": BOTH}
+    assert isinstance(new.submodules, MoESubmodules)
+    assert new.submodules.router.func is AuxLossTopKRouter
+    assert spec.module is MoELayer and spec.params == {"x": 1}  # the input is unchanged
+
+
+def test_the_run_config_is_type_checked() -> None:
+    with pytest.raises(TypeError, match="run_config must be an EDLRunConfig, got EDLConfig"):
+        with_aux_loss_router(get_gpt_layer_local_spec(num_experts=4), EDL_CFG)
+    partial = functools.partial(AuxLossTopKRouter, run_config="not a config")
+    with pytest.raises(TypeError, match="run_config must be an EDLRunConfig, got str"):
+        partial(config=TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1))
+
+
+def test_the_router_is_needed_for_any_loss_or_the_telemetry() -> None:
+    assert not aux_loss_router_needed(EDLRunConfig())
+    assert not aux_loss_router_needed(EDLRunConfig(labels=LabelsConfig(num_domains=2)))
+    assert aux_loss_router_needed(RUN)
+    assert aux_loss_router_needed(EDLRunConfig(orthogonality=OrthogonalityConfig(coeff=0.1)))
+    telemetry = EDLRunConfig(
+        labels=LabelsConfig(num_domains=2), telemetry=TelemetryConfig(phase="train")
+    )
+    assert aux_loss_router_needed(telemetry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +398,6 @@ def test_custom_router_is_rejected_by_name(router, name):
 # ---------------------------------------------------------------------------------------------
 
 VOCAB, SEQ, BATCH, HIDDEN = 64, 16, 2, 32
-NUM_DOMAINS = 3
 
 
 def _model_worker(rank: int, world_size: int) -> dict[str, Any]:
@@ -355,7 +437,7 @@ def _model_worker(rank: int, world_size: int) -> dict[str, Any]:
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed)
         if edl_config is not None:
-            spec = with_edl_router(spec, edl_config, num_domains=NUM_DOMAINS)
+            spec = with_aux_loss_router(spec, dataclasses.replace(RUN, edl=edl_config))
         return GPTModel(
             config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ
         )
@@ -381,7 +463,7 @@ def _model_worker(rank: int, world_size: int) -> dict[str, Any]:
     out["stock_router_types"] = [type(r).__name__ for r in routers(stock)]
     out["edl_router_types"] = [type(r).__name__ for r in routers(model)]
     out["edl_router_configs_are_cfg"] = [
-        getattr(r, "edl_config", None) is EDL_CFG for r in routers(model)
+        getattr(r, "run_config", RUN).edl is EDL_CFG for r in routers(model)
     ]
 
     # Checkpoint layout.

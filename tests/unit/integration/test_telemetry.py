@@ -128,6 +128,8 @@ def test_token_shares_are_logged_without_a_ppl(monkeypatch, capsys) -> None:
 def test_flags_are_checked() -> None:
     import argparse
 
+    from megatron_edl.config import telemetry as config_telemetry
+
     def args(**kw):
         base = dict(
             moe_edl_stats_interval=None, moe_edl_probe_dir=None, skip_train=False, eval_iters=0,
@@ -135,18 +137,20 @@ def test_flags_are_checked() -> None:
         )  # fmt: skip
         return argparse.Namespace(**{**base, **kw})
 
-    assert telemetry.telemetry_phase(args()) is None
-    assert telemetry.telemetry_phase(args(moe_edl_stats_interval=5)) == "train"
+    assert config_telemetry.telemetry_phase(args()) is None
+    assert config_telemetry.telemetry_phase(args(moe_edl_stats_interval=5)) == "train"
     with pytest.raises(ValueError, match="--moe-edl-stats-interval must be >= 1"):
-        telemetry.telemetry_phase(args(moe_edl_stats_interval=0))
+        config_telemetry.telemetry_phase(args(moe_edl_stats_interval=0))
     with pytest.raises(ValueError, match="needs --skip-train"):
-        telemetry.telemetry_phase(args(moe_edl_probe_dir="p"))
-    assert telemetry.telemetry_phase(args(moe_edl_probe_dir="p", skip_train=True, eval_iters=2))
+        config_telemetry.telemetry_phase(args(moe_edl_probe_dir="p"))
+    assert config_telemetry.telemetry_phase(
+        args(moe_edl_probe_dir="p", skip_train=True, eval_iters=2)
+    )
     with pytest.raises(ValueError, match="cannot be combined"):
-        telemetry.telemetry_phase(args(moe_edl_stats_interval=1, moe_edl_probe_dir="p"))
-    assert telemetry.stats_directory(args(save="ckpt")) == "ckpt/routing_stats"
+        config_telemetry.telemetry_phase(args(moe_edl_stats_interval=1, moe_edl_probe_dir="p"))
+    assert config_telemetry.stats_directory(args(save="ckpt")) == "ckpt/routing_stats"
     with pytest.raises(ValueError, match="--moe-edl-stats-dir, --save or --tensorboard-dir"):
-        telemetry.stats_directory(args())
+        config_telemetry.stats_directory(args())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +195,7 @@ def _make_router(tp: int, sequence_parallel: bool, coeff: float, weight_EH: torc
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_edl.config import EDLConfig
+    from megatron_edl.config import EDLConfig, EDLRunConfig, LabelsConfig, TelemetryConfig
     from megatron_edl.integration.router import AuxLossTopKRouter
 
     config = TransformerConfig(
@@ -203,9 +207,11 @@ def _make_router(tp: int, sequence_parallel: bool, coeff: float, weight_EH: torc
     router = AuxLossTopKRouter(
         config=config,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-        edl_config=EDLConfig(coeff=coeff),
-        num_domains=NUM_DOMAINS,
-        stats_phase="train",
+        run_config=EDLRunConfig(
+            labels=LabelsConfig(num_domains=NUM_DOMAINS),
+            edl=EDLConfig(coeff=coeff),
+            telemetry=TelemetryConfig(phase="train"),
+        ),
     )
     router.set_layer_number(2)
     with torch.no_grad():

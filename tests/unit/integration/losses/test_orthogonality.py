@@ -1,8 +1,8 @@
 """Variance and orthogonality losses in Megatron's real MoE layer, on gloo, against references.
 
 Every scenario builds the MoE layer of Megatron's local GPT layer spec after
-``with_edl_router(spec, None, SpecializationConfig(...))`` (so EDL is off: the router has no
-``EDLConfig``; the layer is a ``SpecializationMoELayer``), loads the same full weights (router,
+``with_aux_loss_router(spec, EDLRunConfig(variance=..., orthogonality=...))`` (no labels, so no
+EDL term; the layer is an ``OrthogonalityMoELayer``), loads the same full weights (router,
 and every expert's fc1/fc2, sharded by EP and expert TP as Megatron shards them), feeds each rank
 the tokens it would see (DP: its samples; TP with sequence parallel: its rows of ``[s, b, h]``)
 and runs forward and ``(output * 0).sum().backward()``, so only what ``MoEAuxLossAutoScaler``
@@ -14,7 +14,7 @@ scaling).
 The reference is one process's result from first principles, computed inside the same spawn
 with TP = EP = 1 (every rank holds every expert; pure torch, no collective): each selected expert
 called on each token of the whole global batch alone (its raw output, gate 1), the per-token
-orthogonality loss of ``megatron_edl.core.specialization`` over those, the variance over the
+orthogonality loss of ``megatron_edl.core.orthogonality`` over those, the variance over the
 router's probabilities, and autograd. Every layout (DP=2, EP=2 with the three dispatchers, TP=2
 with sequence parallelism and the three dispatchers; two of them auto-calibrated) must reproduce
 its losses and gradients, which proves the grouping by token, the raw outputs recovered as y / p,
@@ -22,13 +22,14 @@ the reductions and the gradient scale together.
 
 The ``flex`` dispatcher runs with its DeepEP backend, whose fused dispatch and combine are
 emulated with gloo collectives (``tests/helpers/deepep_emulation.py``; DeepEP itself needs GPUs).
-``tests/unit/integration/test_specialization_flex.py`` checks the emulation against the alltoall
-dispatcher.
+``tests/unit/integration/losses/test_orthogonality_flex.py`` checks the emulation against the
+alltoall dispatcher.
 
 Also checked: the layer output is bit-identical to the stock ``MoELayer``'s (forward equality),
 one packed all-reduce per loss, the orthogonality gradient reaches the experts but not the
-router, nothing is computed (no collective) under ``torch.no_grad`` or in eval mode, and
-auto-calibration gives the same weight on every rank.
+router, nothing is computed (no collective) under ``torch.no_grad`` or in eval mode,
+auto-calibration gives the same weight on every rank, and the weighted metrics
+(``weighted_variance_loss``, ``weighted_ortho_loss``) are the weight in use times the raw ones.
 
 Shape legend: S sequence, B samples, H hidden, F expert FFN, E experts, T tokens.
 """
@@ -94,14 +95,14 @@ def _build(
     dtype: torch.dtype = torch.float32,
 ):
     """The MoE layer of the local GPT spec (with the losses unless ``stock``), weights loaded
-    (then moved to ``device`` and ``dtype``; the GPU tests of test_specialization_flex.py)."""
+    (then moved to ``device`` and ``dtype``; the GPU tests of test_orthogonality_flex.py)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_edl.config import SpecializationConfig
-    from megatron_edl.integration.spec import with_edl_router
+    from megatron_edl.config import EDLRunConfig, OrthogonalityConfig, VarianceConfig
+    from megatron_edl.integration.spec import with_aux_loss_router
 
     config = TransformerConfig(
         num_layers=2,
@@ -122,13 +123,11 @@ def _build(
     )
     spec = get_gpt_layer_local_spec(num_experts=NUM_EXPERTS)
     if not stock:
-        cfg = SpecializationConfig(
-            variance_coeff=VARIANCE_COEFF,
-            variance_axis=axis,
-            ortho_coeff=ORTHO_COEFF,
-            auto_calibrate=calibrate,
+        run = EDLRunConfig(
+            variance=VarianceConfig(coeff=VARIANCE_COEFF, axis=axis, auto_calibrate=calibrate),
+            orthogonality=OrthogonalityConfig(coeff=ORTHO_COEFF, auto_calibrate=calibrate),
         )
-        spec = with_edl_router(spec, None, cfg)
+        spec = with_aux_loss_router(spec, run)
     layer = spec.submodules.mlp(
         config=config,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
@@ -241,7 +240,7 @@ def _run_layout(
         "metrics": _take_metrics(),
         "calls": calls,
         "output_equal": torch.equal(output, stock_output),
-        "weights": (layer.router.variance_term.weight, layer.orthogonality.term.weight),
+        "weights": (layer.router.aux_terms["variance"].weight, layer.orthogonality.term.weight),
         **_reduced_grads(layer, first_expert, rows),
     }
 
@@ -249,8 +248,8 @@ def _run_layout(
 def _first_principles(layer, axis: str, calibrate: bool) -> dict[str, Any]:
     """Losses and gradients of the whole batch from each expert called on each token alone (its
     raw output, gate 1) and from the router's probabilities: pure torch, no collective."""
-    from megatron_edl.core.specialization import orthogonality_loss as ortho
-    from megatron_edl.core.specialization import variance_loss as var
+    from megatron_edl.core.orthogonality import orthogonality_loss as ortho
+    from megatron_edl.core.variance import variance_loss as var
 
     hidden_sBH = DATA["hidden_SBH"].to(device=layer.router.weight.device)
     hidden_TH = hidden_sBH.reshape(-1, HIDDEN)
@@ -316,7 +315,7 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
         _setup_layout(tp, ep)
         hidden_sBH = _local_hidden(tp)
         layer, first_expert, rows = _build(tp, ep, dispatcher, "tokens", False)
-        layer.router.variance_term = None  # orthogonality alone
+        del layer.router.aux_terms["variance"]  # orthogonality alone
         _train_step(layer, hidden_sBH)
         _take_metrics()
         grads = _reduced_grads(layer, first_expert, rows)
@@ -414,6 +413,20 @@ def test_calibration_is_identical_on_every_rank_and_hits_the_target(results):
     for weight, metric in zip(weights[0], ("variance_loss", "ortho_loss"), strict=True):
         assert weight * abs(metrics[metric]) == pytest.approx(TARGETS[metric], rel=1e-6)
     assert results[0]["tp2sp-alltoall"]["weights"] == (VARIANCE_COEFF, ORTHO_COEFF)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_weighted_metrics_are_the_weight_in_use_times_the_raw_metric(name, results):
+    """``weighted_<m> = weight * m`` with the weight the loss used (the flag's coefficient, or
+    the calibrated one): what each term adds to the objective (docs/method.md section 3)."""
+    _, _, _, _, calibrate = LAYOUTS[name]
+    for r in results:
+        metrics, weights = r[name]["metrics"], r[name]["weights"]
+        if not calibrate:
+            assert weights == (VARIANCE_COEFF, ORTHO_COEFF)
+        for weight, metric in zip(weights, ("variance_loss", "ortho_loss"), strict=True):
+            assert metrics[metric] > 0, (name, metric)
+            assert metrics[f"weighted_{metric}"] == pytest.approx(weight * metrics[metric]), name
 
 
 def test_grouping_by_expert_would_give_another_value(results):

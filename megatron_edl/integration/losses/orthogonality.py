@@ -1,80 +1,43 @@
-"""The variance and orthogonality losses (arXiv 2505.22323) inside Megatron's MoE layer.
+"""The orthogonality loss of arXiv 2505.22323 inside Megatron's MoE layer: ``beta_o * L_o``.
 
-The math is :mod:`megatron_edl.core.specialization`. Both losses are terms of the shared
-auxiliary-loss interface (:class:`~megatron_edl.integration.loss_terms.VarianceTerm`,
-:class:`~megatron_edl.integration.loss_terms.OrthogonalityTerm`): a weight (the flag's
-coefficient, or the auto-calibrated one), the gradient scale of
-:func:`megatron_edl.distributed.edl_loss_scale` (scope ``global``), the attachment with
-Megatron's ``MoEAuxLossAutoScaler`` (so the schedule's aux-loss scale applies, as for the
-load-balancing loss) and a per-layer metric in Megatron's MoE metrics tracker, without the
-weight: ``ortho_loss`` = L_o and ``variance_loss`` = Var = −L_v (the variance the loss raises;
-Megatron's iteration log line prints only non-negative losses). This module places the
-orthogonality loss in Megatron's token dispatchers.
+L_o, per token over its k selected experts' raw outputs (docs/method.md section 3; the math is
+:mod:`megatron_edl.core.orthogonality`), is computed where a token's k expert outputs are back on
+the token's rank, in the token dispatcher's combine path, and attached to the layer's combined
+output. The layer spec builds the MoE layer as :class:`OrthogonalityMoELayer` (a ``MoELayer``
+whose only change is its dispatcher), which rebuilds Megatron's dispatcher as one of the
+subclasses below; each calls the stock methods and only reads their tensors, so the layer's
+output is bit-identical.
 
-Where they hook in:
+* ``alltoall`` (:class:`OrthogonalityAlltoAllTokenDispatcher`): after the combine all-to-all the
+  token's rank holds one row per selected (token, expert) pair, expert-major; the hook in
+  ``combine_postprocess`` groups them by token before Megatron's unpermute.
+* ``allgather`` (:class:`OrthogonalityAllGatherTokenDispatcher`): Megatron sums a token's expert
+  outputs on the expert ranks and reduce-scatters the sums, so the k outputs never meet. The hook
+  places each raw output in its token's slot of a ``[T_global, k, H]`` buffer on the expert rank
+  (zeros elsewhere) and reduce-scatters that over the same ``tp_ep`` group: k times the combine's
+  traffic, in fp32 like Megatron's own combine.
+* ``flex`` with the DeepEP backend (:class:`OrthogonalityFlexTokenDispatcher`): each column of a
+  token's expanded expert list goes back to its rank through DeepEP's combine with the same
+  handle. The ``hybridep`` and ``ncclep`` backends keep the token layout inside opaque handles:
+  refused at start.
 
-- **Variance** (``VarianceTerm``): in ``AuxLossTopKRouter.routing``, after Megatron's
-  top-k, on the router's output ``probs`` (axis ``tokens``: those post-top-k scores; axis
-  ``experts``: the dense fp32 softmax of the logits).
-- **Orthogonality**: in the token dispatcher's combine path, where a token's k expert outputs
-  are back on the token's own rank before they are summed. The layer spec builds the MoE layer
-  as :class:`SpecializationMoELayer` (a ``MoELayer`` whose only change is its dispatcher), which
-  rebuilds Megatron's dispatcher as the subclass below; each subclass calls the stock methods
-  and only reads their tensors, so the layer's output is bit-identical.
+The raw output of an expert (before gate weighting) is recovered as ``y / p``: Megatron's experts
+multiply the gate p into the activation before ``fc2`` (and the expert bias by p), so y = p * x
+exactly. The gradient of L_o reaches the expert weights through y; its two gradients to p
+(through y and through 1/p) cancel, so it does not move the router. Pairs with p = 0 (capacity
+padding) carry no output and are skipped. The sums ``Σ_t L_t, N`` need one packed all-reduce over
+``tp_dp_cp`` (a token's k outputs are complete after the combine, expert-TP partial sums
+included), so the ``global`` gradient scale applies; the expert weights follow the same rule.
+Recorded as ``ortho_loss`` = L_o and ``weighted_ortho_loss`` = β_o · L_o, β_o the weight in use.
 
-  * ``alltoall`` (:class:`OrthogonalityAlltoAllTokenDispatcher`): after the combine all-to-all
-    the token's rank holds one row per selected (token, expert) pair, expert-major; the hook in
-    ``combine_postprocess`` groups them by token (not by expert) before Megatron's unpermute.
-  * ``allgather`` (:class:`OrthogonalityAllGatherTokenDispatcher`): Megatron sums a token's
-    expert outputs on the expert ranks (unpermute) and reduce-scatters the sums, so the k
-    outputs never meet. The hook places each raw output in its token's slot of a
-    ``[T_global, k, H]`` buffer on the expert rank (zeros elsewhere) and reduce-scatters that
-    over the same ``tp_ep`` group: k times the combine's traffic, in fp32 like Megatron's own
-    combine. Its backward is the all-gather Megatron's function provides.
-  * ``flex`` with the DeepEP backend (:class:`OrthogonalityFlexTokenDispatcher`): DeepEP
-    sends a token once to each rank hosting one of its C = tp * k expanded experts, and Megatron
-    sums the outputs on the expert rank (unpermute) before the fused combine. The hook places
-    each output in the column of the token's expert list it belongs to (``[C, T_recv, H]``) and
-    sends the C columns through DeepEP's combine with the same handle (C times the combine's
-    traffic, in the experts' dtype); at the token's rank the columns that are expert-TP copies
-    of one expert are summed. The ``hybridep`` and ``ncclep`` backends keep the token layout
-    inside opaque handles: refused at start (``--moe-flex-dispatcher-backend``).
-
-  The raw output of an expert (before gate weighting) is recovered as ``y / p``: Megatron's
-  experts multiply the gate p into the activation before ``fc2`` (and the expert bias by p), so
-  their output is y = p * x exactly. The gradient of L_o reaches the expert weights (and, through
-  the expert inputs, the layers below) through y; the two gradients it sends to p (through y
-  and through 1/p) cancel, so it does not move the router. Pairs with p = 0 (capacity padding)
-  carry no output and are skipped.
-
-Statistics and reductions, per layer and micro-batch (every quantity is a sum over tokens, so one
-packed all-reduce (SUM) over ``tp_dp_cp`` with identity backward suffices,
-:func:`megatron_edl.distributed.all_reduce_sums`):
-
-    variance, tokens axis:  Σ_t s_te, Σ_t s_te², N        2E + 1 numbers
-    variance, experts axis: Σ_t Var_e(p_t), N             2 numbers
-    orthogonality:          Σ_t L_t, N                    2 numbers
-
-Nothing else needs a reduction: a token's scores are complete on its rank (the router sees all E
-experts), and its k outputs are complete after the combine (expert-TP partial sums included).
-With these sums every rank gets the loss of the whole micro-batch step, so the gradient after
-Megatron's reduction is the single-process one when the attached loss carries the factor
-``s = dp`` (``edl_loss_scale("global", ...)``; the router docstring derives it; under
-``--calculate-per-token-loss`` times the local token count times ``|tp_cp|``). The expert weights
-follow the same rule: DDP sums their gradients over the expert-data-parallel group and scales
-them by 1 / (dp * cp), like the dense ones.
-
-Auto-calibration (released code): at a term's first training forward its weight becomes
-``target / |L_0|``; that number is averaged over ``tp_dp_cp`` so every rank uses the same weight
-(the loss is already identical there; the reduction makes the weight independent of any rounding
-difference). Calibration is per MoE layer and is not saved in checkpoints: a resumed run
-calibrates again (pass the logged weights as coefficients to avoid that).
-
-It stays one module, a little over 500 lines: each dispatcher subclass places the same orthogonality
-hook in one of Megatron's dispatchers, so they are read side by side.
+Shape legend: T tokens, K top-k slots, H hidden size, R permuted rows, C expanded experts of the
+flex dispatcher, L local experts.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from megatron.core.tensor_parallel import reduce_scatter_to_sequence_parallel_region
@@ -88,70 +51,137 @@ from megatron.core.transformer.moe.token_dispatcher import (
 )
 from torch import Tensor
 
-from megatron_edl.config import SpecializationConfig
-from megatron_edl.core import specialization as spec_math
+from megatron_edl.config import EDLRunConfig, OrthogonalityConfig
+from megatron_edl.core import orthogonality as ortho_math
 from megatron_edl.integration.internals import touch
-from megatron_edl.integration.loss_terms import (
-    ORTHO_METRIC,
-    VARIANCE_METRIC,
-    OrthogonalityTerm,
+from megatron_edl.integration.losses.base import (
+    WEIGHTED_PREFIX,
+    CalibratedTerm,
+    LocalSums,
     TermGroups,
 )
 
-METRIC_NAMES = (VARIANCE_METRIC, ORTHO_METRIC)
-"""Names recorded in Megatron's MoE metrics tracker (register them with
-:func:`megatron_edl.integration.loss_terms.register_edl_metrics`)."""
+__all__ = [
+    "ORTHOGONALITY_DISPATCHERS",
+    "ORTHO_METRIC",
+    "LayerContext",
+    "OrthogonalityAllGatherTokenDispatcher",
+    "OrthogonalityAlltoAllTokenDispatcher",
+    "OrthogonalityFlexTokenDispatcher",
+    "OrthogonalityLoss",
+    "OrthogonalityMoELayer",
+    "OrthogonalityTerm",
+    "build_orthogonality_term",
+    "expanded_to_expert",
+    "flex_backend_message",
+    "valid_slots",
+]
+
+ORTHO_METRIC = "ortho_loss"
 
 
-def metric_names(cfg: SpecializationConfig) -> tuple[str, ...]:
-    """The metric names of the losses ``cfg`` turns on."""
-    return tuple(
-        name
-        for name, on in ((VARIANCE_METRIC, cfg.variance_enabled), (ORTHO_METRIC, cfg.ortho_enabled))
-        if on
+class LayerContext(NamedTuple):
+    """What a layer-hooked loss is built from (the MoE layer's constructor arguments)."""
+
+    config: Any
+    """Megatron's ``TransformerConfig``."""
+    pg_collection: Any
+    """Megatron's process groups."""
+    is_mtp_layer: bool
+    """Whether the layer is a multi-token-prediction layer."""
+
+
+class OrthogonalityTerm(CalibratedTerm):
+    """``beta_o * L_o`` on the MoE layer's combined output; sums ``Σ_t L_t, N`` (2 numbers).
+
+    Args:
+        cfg: The orthogonality branch of the run config.
+        config: Megatron's ``TransformerConfig``.
+        groups: The process groups.
+        is_mtp_layer: Whether the layer is a multi-token-prediction layer.
+    """
+
+    metric_names = (ORTHO_METRIC, WEIGHTED_PREFIX + ORTHO_METRIC)
+
+    def __init__(
+        self, *, cfg: OrthogonalityConfig, config, groups: TermGroups, is_mtp_layer: bool
+    ) -> None:
+        super().__init__(
+            name=ORTHO_METRIC,
+            coeff=cfg.coeff,
+            calibration_target=cfg.target if cfg.auto_calibrate else None,
+            config=config,
+            groups=groups,
+            is_mtp_layer=is_mtp_layer,
+        )
+        self.eps = cfg.eps
+
+    def compute(
+        self, *, outputs_TKH: Tensor, valid_TK: Tensor, num_local_tokens: int, **_: Any
+    ) -> LocalSums:
+        """The orthogonality sums of this rank's tokens.
+
+        Args:
+            outputs_TKH: The tokens' raw expert outputs, by slot.
+            valid_TK: The slots that hold an output.
+            num_local_tokens: T.
+        """
+        sums = ortho_math.orthogonality_sums(
+            outputs_TKH=outputs_TKH, eps=self.eps, valid_TK=valid_TK
+        )
+        return LocalSums(tuple(sums), num_local_tokens)
+
+    def loss(
+        self, reduced: tuple[Tensor, ...], **routed: Any
+    ) -> tuple[Tensor, Mapping[str, Tensor]]:
+        """``L_o`` from the reduced sums, recorded as is."""
+        loss = ortho_math.orthogonality_loss_from_sums(*reduced)
+        return loss, {self.name: loss.detach().float()}
+
+
+def build_orthogonality_term(run: EDLRunConfig, layer: LayerContext) -> OrthogonalityTerm | None:
+    """The orthogonality term of an MoE layer, ``None`` when the loss is off."""
+    if not run.orthogonality.enabled:
+        return None
+    return OrthogonalityTerm(
+        cfg=run.orthogonality,
+        config=layer.config,
+        groups=TermGroups.of_pg_collection(layer.pg_collection),
+        is_mtp_layer=layer.is_mtp_layer,
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# Orthogonality loss (in the token dispatcher)
+# The hooks in Megatron's token dispatchers
 # ---------------------------------------------------------------------------------------------
 
 
 class OrthogonalityLoss:
     """The orthogonality term of one MoE layer, shared by the layer and its dispatcher.
 
-    The loss itself is :class:`~megatron_edl.integration.loss_terms.OrthogonalityTerm`
-    (:attr:`term`); this holds what the dispatcher hooks need around it: whether this forward
-    computes it, the top-k slots, the layer number.
+    The loss itself is :class:`OrthogonalityTerm` (:attr:`term`); this holds what the
+    dispatcher hooks need around it: whether this forward computes it, the top-k slots, the
+    layer number.
+
+    Args:
+        term: The layer's term (:func:`build_orthogonality_term`).
     """
 
-    def __init__(
-        self, *, config, cfg: SpecializationConfig, pg_collection, is_mtp_layer: bool
-    ) -> None:
-        """Create the term.
-
-        Args:
-            config: Megatron's ``TransformerConfig``.
-            cfg: The specialization config.
-            pg_collection: Megatron's process groups.
-            is_mtp_layer: Whether the layer is a multi-token-prediction layer.
-        """
-        self.num_slots = config.moe_router_topk
-        self.enabled = cfg.ortho_enabled
-        self.term = OrthogonalityTerm(
-            cfg=cfg,
-            config=config,
-            groups=TermGroups.of_pg_collection(pg_collection),
-            is_mtp_layer=is_mtp_layer,
-        )
+    def __init__(self, term: OrthogonalityTerm) -> None:
+        self.num_slots = term.config.moe_router_topk
+        self.term = term
         self.training = True
         """Mirrors the MoE layer's ``training`` flag (the dispatcher is not a module)."""
         self.layer_number: int | None = None
 
     @property
     def active(self) -> bool:
-        """Whether this forward computes the loss: enabled, training, grad enabled."""
-        return self.enabled and self.training and torch.is_grad_enabled()
+        """Whether this forward computes the loss: training, grad enabled."""
+        return self.term.active(
+            training=self.training,
+            grad_enabled=torch.is_grad_enabled(),
+            layer_number=self.layer_number,
+        )
 
     @staticmethod
     def raw_rows(rows_RH: Tensor, probs_R: Tensor) -> tuple[Tensor, Tensor]:
@@ -184,7 +214,7 @@ class OrthogonalityLoss:
         )
 
 
-def _valid_slots(selected_TE: Tensor, num_slots: int) -> Tensor:
+def valid_slots(selected_TE: Tensor, num_slots: int) -> Tensor:
     """valid_TK: slot s of token t holds an output iff s < the token's number of outputs."""
     counts_T = selected_TE.sum(dim=1)
     return torch.arange(num_slots, device=selected_TE.device)[None, :] < counts_T[:, None]
@@ -208,11 +238,11 @@ class OrthogonalityAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if not ortho.active:
             return output
         num_tokens = routing_map_TE.shape[0]
-        token_R, expert_R = spec_math.permuted_row_tokens(routing_map_TE=routing_map_TE)
+        token_R, expert_R = ortho_math.permuted_row_tokens(routing_map_TE=routing_map_TE)
         raw_RH, valid_R = ortho.raw_rows(permutated_local_input_tokens, probs_TE[token_R, expert_R])
         selected_TE = routing_map_TE & (probs_TE != 0)
-        slot_R = spec_math.token_slots(selected_TE=selected_TE)[token_R, expert_R]
-        outputs_TKH, _ = spec_math.group_rows_by_token(
+        slot_R = ortho_math.token_slots(selected_TE=selected_TE)[token_R, expert_R]
+        outputs_TKH, _ = ortho_math.group_rows_by_token(
             rows_RH=raw_RH,
             token_R=token_R,
             slot_R=slot_R,
@@ -221,7 +251,7 @@ class OrthogonalityAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             valid_R=valid_R,
             validate=False,
         )
-        valid_TK = _valid_slots(selected_TE, ortho.num_slots)
+        valid_TK = valid_slots(selected_TE, ortho.num_slots)
         return ortho.attach(output, outputs_TKH, valid_TK, num_tokens)
 
 
@@ -240,7 +270,7 @@ class OrthogonalityAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
         """Megatron's; notes which slots of this rank's tokens will hold an output."""
         self._ortho_active = self.orthogonality.active
         if self._ortho_active:
-            self._ortho_valid_TK = _valid_slots(
+            self._ortho_valid_TK = valid_slots(
                 routing_map & (probs != 0), self.orthogonality.num_slots
             )
         return super().dispatch_preprocess(hidden_states, routing_map, probs)
@@ -250,16 +280,16 @@ class OrthogonalityAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
         if self._ortho_active:
             first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
             selected_TE = self.routing_map & (probs != 0)  # global tokens of the tp_ep group
-            self._ortho_slot_TL = spec_math.token_slots(selected_TE=selected_TE)[:, first:last]
+            self._ortho_slot_TL = ortho_math.token_slots(selected_TE=selected_TE)[:, first:last]
         return super().dispatch_postprocess(hidden_states, probs)
 
     def combine_preprocess(self, hidden_states: Tensor) -> Tensor:
         """Megatron's unpermute; also places the raw outputs in ``[T_global, k, H]`` slots."""
         output = super().combine_preprocess(hidden_states)
         if self._ortho_active:
-            token_R, local_R = spec_math.permuted_row_tokens(routing_map_TE=self.local_map)
+            token_R, local_R = ortho_math.permuted_row_tokens(routing_map_TE=self.local_map)
             raw_RH, valid_R = self.orthogonality.raw_rows(hidden_states, self.local_probs)
-            self._ortho_outputs_TKH, _ = spec_math.group_rows_by_token(
+            self._ortho_outputs_TKH, _ = ortho_math.group_rows_by_token(
                 rows_RH=raw_RH,
                 token_R=token_R,
                 slot_R=self._ortho_slot_TL[token_R, local_R],
@@ -312,7 +342,7 @@ class OrthogonalityFlexTokenDispatcher(MoEFlexTokenDispatcher):
     * ``combine_preprocess`` (before Megatron's unpermute, which runs unchanged): places every
       gate-weighted expert output (received row r, local expert l) in column c of a per-column
       buffer ``[C, T_recv, H]``, where ``dispatched_indices[r, c] == l``
-      (:func:`megatron_edl.core.specialization.row_columns`); padding rows (quantization
+      (:func:`megatron_edl.core.orthogonality.row_columns`); padding rows (quantization
       alignment) name no column and are skipped.
     * ``token_combine``, before Megatron's combine (which releases the DeepEP handle): each
       column goes back through ``fused_combine`` with the same handle, in the experts' output
@@ -321,7 +351,7 @@ class OrthogonalityFlexTokenDispatcher(MoEFlexTokenDispatcher):
       y_c for each of its C columns; the raw outputs y_c / p_c are formed in fp32 there (p_c:
       ``_comm_manager.token_probs``, the same fp32 numbers the experts multiplied in), columns
       that are expert-TP copies of one expert are summed (their partial outputs)
-      (:func:`~megatron_edl.core.specialization.merge_columns`), and the loss is attached to the
+      (:func:`~megatron_edl.core.orthogonality.merge_columns`), and the loss is attached to the
       combined output as for the other dispatchers. Columns with index ``-1`` or p = 0 are empty.
 
     Why C combines of width H and not one combine of width C * H: DeepEP bounds the bytes of a
@@ -351,7 +381,7 @@ class OrthogonalityFlexTokenDispatcher(MoEFlexTokenDispatcher):
         orthogonality: OrthogonalityLoss,
     ) -> None:
         if config.moe_flex_dispatcher_backend != "deepep":
-            raise ValueError(_flex_backend_message(config.moe_flex_dispatcher_backend))
+            raise ValueError(flex_backend_message(config.moe_flex_dispatcher_backend))
         super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
         self.orthogonality = orthogonality
         self._ortho_active = False
@@ -372,17 +402,17 @@ class OrthogonalityFlexTokenDispatcher(MoEFlexTokenDispatcher):
         """``[C, T_recv, H]``: every expert output row in its (column, received token) slot."""
         manager = self._comm_manager
         indices_TC = manager.dispatched_indices
-        token_R, local_R = spec_math.permuted_row_tokens(
+        token_R, local_R = ortho_math.permuted_row_tokens(
             routing_map_TE=manager.dispatched_routing_map
         )
         if manager.pad_offsets is not None:  # fused permute-and-pad: each expert's rows padded
             row_R = torch.arange(token_R.numel(), device=rows_RH.device)
             rows_RH = rows_RH[row_R + manager.pad_offsets.to(row_R.device)[local_R]]
-        column_R, found_R = spec_math.row_columns(
+        column_R, found_R = ortho_math.row_columns(
             indices_TC=indices_TC, token_R=token_R, expert_R=local_R
         )
         # Grouped by column (the "token" of group_rows_by_token), one slot per received token.
-        columns_CTH, _ = spec_math.group_rows_by_token(
+        columns_CTH, _ = ortho_math.group_rows_by_token(
             rows_RH=rows_RH,
             token_R=column_R,
             slot_R=token_R,
@@ -412,7 +442,7 @@ class OrthogonalityFlexTokenDispatcher(MoEFlexTokenDispatcher):
         raw_RH, positive_R = self.orthogonality.raw_rows(
             y_TCH.reshape(num_tokens * num_columns, -1), probs_TC.reshape(-1)
         )
-        outputs_TKH, valid_TK = spec_math.merge_columns(
+        outputs_TKH, valid_TK = ortho_math.merge_columns(
             columns_TCH=raw_RH.view(num_tokens, num_columns, -1),
             expert_TC=expanded_to_expert(
                 indices_TC, tp_size=self.tp_size, num_local_experts=self.num_local_experts
@@ -424,7 +454,8 @@ class OrthogonalityFlexTokenDispatcher(MoEFlexTokenDispatcher):
         return self.orthogonality.attach(output, outputs_TKH, valid_TK, num_tokens)
 
 
-def _flex_backend_message(backend: str) -> str:
+def flex_backend_message(backend: str) -> str:
+    """The refusal of a flex dispatcher backend other than DeepEP."""
     return (
         "the orthogonality loss supports the flex token dispatcher with the deepep backend only "
         f"(hybridep and ncclep keep the token layout inside opaque handles), got "
@@ -434,18 +465,23 @@ def _flex_backend_message(backend: str) -> str:
 
 # Keyed by the dispatcher type Megatron built; for flex only the deepep backend is supported
 # (checked by the layer before Megatron builds the dispatcher, and by the subclass).
-_ORTHOGONALITY_DISPATCHERS = {
+ORTHOGONALITY_DISPATCHERS = {
     MoEAllGatherTokenDispatcher: OrthogonalityAllGatherTokenDispatcher,
     MoEAlltoAllTokenDispatcher: OrthogonalityAlltoAllTokenDispatcher,
     MoEFlexTokenDispatcher: OrthogonalityFlexTokenDispatcher,
 }
 
 
-class SpecializationMoELayer(MoELayer):
+class OrthogonalityMoELayer(MoELayer):
     """``MoELayer`` whose token dispatcher adds the orthogonality loss; nothing else differs.
 
     Same parameters, buffers and checkpoint layout as ``MoELayer``; installed through the layer
-    spec (:func:`megatron_edl.integration.spec.with_edl_router`).
+    spec (:func:`megatron_edl.integration.spec.with_aux_loss_router`) when the run's
+    orthogonality loss is on (the registry entry's ``moe_layer``).
+
+    Args:
+        run_config: The run config (its ``orthogonality`` branch).
+        Others: as ``MoELayer``.
     """
 
     def __init__(
@@ -457,15 +493,23 @@ class SpecializationMoELayer(MoELayer):
         is_mtp_layer: bool = False,
         name: str | None = None,
         *,
-        specialization_config: SpecializationConfig,
+        run_config: EDLRunConfig,
     ) -> None:
         if (
             config.moe_token_dispatcher_type == "flex"
             and config.moe_flex_dispatcher_backend != "deepep"
         ):  # before Megatron builds the backend's manager
-            raise ValueError(_flex_backend_message(config.moe_flex_dispatcher_backend))
+            raise ValueError(flex_backend_message(config.moe_flex_dispatcher_backend))
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
+        term = build_orthogonality_term(
+            run_config, LayerContext(config, pg_collection, is_mtp_layer=is_mtp_layer)
+        )
+        if term is None:
+            raise ValueError(
+                "OrthogonalityMoELayer needs the orthogonality loss on, got "
+                f"--moe-ortho-loss-coeff {run_config.orthogonality.coeff}"
+            )
         super().__init__(
             config=config,
             submodules=submodules,
@@ -474,15 +518,10 @@ class SpecializationMoELayer(MoELayer):
             is_mtp_layer=is_mtp_layer,
             name=name,
         )
-        self.orthogonality = OrthogonalityLoss(
-            config=config,
-            cfg=specialization_config,
-            pg_collection=pg_collection,
-            is_mtp_layer=is_mtp_layer,
-        )
+        self.orthogonality = OrthogonalityLoss(term)
         self.orthogonality.training = self.training
         self.orthogonality.layer_number = layer_number
-        dispatcher_cls = _ORTHOGONALITY_DISPATCHERS.get(type(self.token_dispatcher))
+        dispatcher_cls = ORTHOGONALITY_DISPATCHERS.get(type(self.token_dispatcher))
         if dispatcher_cls is None:
             raise ValueError(
                 "the orthogonality loss supports the allgather, alltoall and flex (deepep) token "

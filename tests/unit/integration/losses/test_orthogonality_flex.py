@@ -1,7 +1,7 @@
 """The orthogonality loss with Megatron's flex token dispatcher (DeepEP backend).
 
 Its losses and gradients under EP=2 and TP=2 with sequence parallelism are checked with the other
-dispatchers in ``tests/unit/integration/test_specialization.py`` (layouts ``ep2-flex`` and
+dispatchers in ``tests/unit/integration/losses/test_orthogonality.py`` (layouts ``ep2-flex`` and
 ``tp2sp-flex``: equal to one process's first-principles result, layer output bit-identical to the
 stock ``MoELayer``'s), where DeepEP's fused dispatch and combine are emulated with gloo collectives
 (``tests/helpers/deepep_emulation.py``): DeepEP needs NVIDIA GPUs. This file checks that the
@@ -154,7 +154,7 @@ LAYOUTS = {"ep2": (1, 2), "tp2sp": (2, 1)}
 
 def _stock_step(tp: int, ep: int, dispatcher: str) -> dict[str, Any]:
     """Output and reduced gradients of the stock MoE layer for loss = sum(output * cos(input))."""
-    from tests.unit.integration import test_specialization as harness
+    from tests.unit.integration.losses import test_orthogonality as harness
 
     harness._setup_layout(tp, ep)
     hidden_sBH = harness._local_hidden(tp).requires_grad_()
@@ -213,8 +213,8 @@ def test_emulated_flex_layer_equals_the_alltoall_layer(name, layers):
 def test_layer_refuses_other_flex_backends_by_name(backend):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_edl.config import SpecializationConfig
-    from megatron_edl.integration.specialization import SpecializationMoELayer
+    from megatron_edl.config import EDLRunConfig, OrthogonalityConfig
+    from megatron_edl.integration.losses.orthogonality import OrthogonalityMoELayer
 
     config = TransformerConfig(
         num_layers=1,
@@ -228,8 +228,9 @@ def test_layer_refuses_other_flex_backends_by_name(backend):
         use_cpu_initialization=True,
     )
     with pytest.raises(ValueError, match=f"--moe-flex-dispatcher-backend {backend}"):
-        SpecializationMoELayer(
-            config=config, specialization_config=SpecializationConfig(ortho_coeff=0.1)
+        OrthogonalityMoELayer(
+            config=config,
+            run_config=EDLRunConfig(orthogonality=OrthogonalityConfig(coeff=0.1)),
         )
 
 
@@ -255,8 +256,8 @@ def _to_cpu(value):
 
 def _gpu_worker(rank: int, world_size: int, dispatchers: tuple[str, ...], dtype_name: str):
     """EP=2 runs of ``dispatchers`` on GPU ``rank`` (harness of
-    tests/unit/integration/test_specialization.py)."""
-    from tests.unit.integration import test_specialization as harness
+    tests/unit/integration/losses/test_orthogonality.py)."""
+    from tests.unit.integration.losses import test_orthogonality as harness
 
     dtype = getattr(torch, dtype_name)
     out = {
@@ -282,7 +283,7 @@ def _assert_matches(got: dict[str, Any], want: dict[str, Any], what: str, rtol: 
 
 def _expert_grads(per_rank: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every expert's full fc1 and fc2 gradients, from the shards of all ranks."""
-    from tests.unit.integration.test_specialization import _full_expert_grads
+    from tests.unit.integration.losses.test_orthogonality import _full_expert_grads
 
     return _full_expert_grads([e for result in per_rank for e in result["experts"]])
 

@@ -5,12 +5,21 @@ Every user-facing error of the config tree is an :class:`EDLConfigError` (a ``Va
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
 from megatron_edl.core.options import EDLConfigError
 
-__all__ = ["EDLConfigError", "as_enum", "as_float", "as_int", "as_names", "choices"]
+__all__ = [
+    "EDLConfigError",
+    "as_enum",
+    "as_float",
+    "as_int",
+    "as_names",
+    "choices",
+    "fields_from_args",
+]
 
 
 def choices(enum: type[StrEnum]) -> str:
@@ -69,3 +78,14 @@ def as_int(flag: str, value: Any, *, minimum: int) -> int:
     if number < minimum:
         raise EDLConfigError(f"{flag} must be >= {minimum}, got {value!r}")
     return number
+
+
+def fields_from_args(args: Any, flags: Mapping[str, str]) -> dict[str, Any]:
+    """``{field: value}`` of each flag in ``flags`` (field -> flag) that ``args`` holds, its
+    attribute being the flag's argparse ``dest`` (``--a-b`` -> ``a_b``)."""
+    kwargs: dict[str, Any] = {}
+    for field, flag in flags.items():
+        dest = flag.removeprefix("--").replace("-", "_")
+        if hasattr(args, dest):
+            kwargs[field] = getattr(args, dest)
+    return kwargs
