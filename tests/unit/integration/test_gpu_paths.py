@@ -478,9 +478,7 @@ def _gpu_sync_debug_job(rank: int, world_size: int) -> dict[str, Any]:
         "edl_weights": batch["w_BS"].pin_memory(),
     }
     hidden_sBH = batch["hidden_BSH"].transpose(0, 1).contiguous().cuda()
-    router = _router(
-        edl={"window_decay": 0.5}, variance={"coeff": 0.1, "auto_calibrate": True}
-    )
+    router = _router(edl={"window_decay": 0.5}, variance={"coeff": 0.1, "auto_calibrate": True})
     with torch.no_grad():
         router.weight.copy_(_make_weight(gen))
     router.cuda()
