@@ -9,20 +9,50 @@ router cannot hold (:func:`check_moe_and_graphs`). Imports neither ``megatron`` 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from megatron_edl.config.convert import EDLConfigError
+from megatron_edl.config.convert import EDLConfigError, as_float
 
 __all__ = [
     "AUTO_CALIBRATE_FLAG",
     "SPECIALIZATION_GROUP_TITLE",
     "add_calibrated_loss_args",
     "check_moe_and_graphs",
+    "checked_positive",
+    "checked_weight",
 ]
 
 SPECIALIZATION_GROUP_TITLE = "expert specialization losses, arXiv 2505.22323 (megatron-edl)"
 AUTO_CALIBRATE_FLAG = "--moe-specialization-auto-calibrate"
+
+
+def checked_weight(flags: Mapping[str, str], coeff: Any, auto_calibrate: Any) -> float:
+    """A calibrated loss's weight as a float (``>= 0``, finite), its ``auto_calibrate`` a bool.
+
+    Raises:
+        EDLConfigError: Naming the flag (``flags["coeff"]``, ``flags["auto_calibrate"]``) and
+            the value.
+    """
+    value = as_float(flags["coeff"], coeff)
+    if not math.isfinite(value) or value < 0:
+        raise EDLConfigError(f"{flags['coeff']} must be >= 0 and finite, got {coeff!r}")
+    if not isinstance(auto_calibrate, bool):
+        raise EDLConfigError(f"{flags['auto_calibrate']} must be a bool, got {auto_calibrate!r}")
+    return value
+
+
+def checked_positive(flag: str, value: Any) -> float:
+    """``value`` as a float, ``> 0`` and finite (a calibration target, an epsilon).
+
+    Raises:
+        EDLConfigError: Naming ``flag`` and the value.
+    """
+    number = as_float(flag, value)
+    if not math.isfinite(number) or number <= 0:
+        raise EDLConfigError(f"{flag} must be > 0 and finite, got {value!r}")
+    return number
 
 
 def add_calibrated_loss_args(

@@ -10,14 +10,13 @@ Imports neither ``megatron`` nor ``torch``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from megatron_edl.config.calibration import AUTO_CALIBRATE_FLAG
-from megatron_edl.config.convert import EDLConfigError, as_float, fields_from_args
+from megatron_edl.config.calibration import AUTO_CALIBRATE_FLAG, checked_positive, checked_weight
+from megatron_edl.config.convert import EDLConfigError, fields_from_args
 
 __all__ = [
     "ORTHOGONALITY_FLAGS",
@@ -68,23 +67,9 @@ class OrthogonalityConfig:
             EDLConfigError: On any invalid field; the message names the flag and the value.
         """
         flags = ORTHOGONALITY_FLAGS
-        coeff = as_float(flags["coeff"], self.coeff)
-        if not math.isfinite(coeff) or coeff < 0:
-            raise EDLConfigError(f"{flags['coeff']} must be >= 0 and finite, got {self.coeff!r}")
-        values = {"coeff": coeff}
-        for field in ("eps", "target"):
-            value = as_float(flags[field], getattr(self, field))
-            if not math.isfinite(value) or value <= 0:
-                raise EDLConfigError(
-                    f"{flags[field]} must be > 0 and finite, got {getattr(self, field)!r}"
-                )
-            values[field] = value
-        if not isinstance(self.auto_calibrate, bool):
-            raise EDLConfigError(
-                f"{flags['auto_calibrate']} must be a bool, got {self.auto_calibrate!r}"
-            )
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
+        object.__setattr__(self, "coeff", checked_weight(flags, self.coeff, self.auto_calibrate))
+        object.__setattr__(self, "eps", checked_positive(flags["eps"], self.eps))
+        object.__setattr__(self, "target", checked_positive(flags["target"], self.target))
 
     @classmethod
     def from_args(cls, args: Any) -> OrthogonalityConfig:

@@ -9,15 +9,14 @@ domain labels. Imports neither ``megatron`` nor ``torch``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
-from megatron_edl.config.calibration import AUTO_CALIBRATE_FLAG
-from megatron_edl.config.convert import EDLConfigError, as_enum, as_float, choices, fields_from_args
+from megatron_edl.config.calibration import AUTO_CALIBRATE_FLAG, checked_positive, checked_weight
+from megatron_edl.config.convert import as_enum, choices, fields_from_args
 
 __all__ = ["VARIANCE_FLAGS", "VarianceAxis", "VarianceConfig", "add_variance_args"]
 
@@ -75,18 +74,8 @@ class VarianceConfig:
             EDLConfigError: On any invalid field; the message names the flag and the value.
         """
         flags = VARIANCE_FLAGS
-        coeff = as_float(flags["coeff"], self.coeff)
-        if not math.isfinite(coeff) or coeff < 0:
-            raise EDLConfigError(f"{flags['coeff']} must be >= 0 and finite, got {self.coeff!r}")
-        target = as_float(flags["target"], self.target)
-        if not math.isfinite(target) or target <= 0:
-            raise EDLConfigError(f"{flags['target']} must be > 0 and finite, got {self.target!r}")
-        if not isinstance(self.auto_calibrate, bool):
-            raise EDLConfigError(
-                f"{flags['auto_calibrate']} must be a bool, got {self.auto_calibrate!r}"
-            )
-        object.__setattr__(self, "coeff", coeff)
-        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "coeff", checked_weight(flags, self.coeff, self.auto_calibrate))
+        object.__setattr__(self, "target", checked_positive(flags["target"], self.target))
         object.__setattr__(self, "axis", as_enum(flags["axis"], self.axis, VarianceAxis))
 
     @classmethod

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from megatron_edl.analysis.routing_stats import load_run
+from tests.helpers.data_helpers import write_labelled_prefix
 from tests.helpers.megatron_runs import (
     LAYOUTS,
     TINY_MOE_GPT,
@@ -288,24 +289,6 @@ def test_repeated_multi_token_prediction_layer():
         assert min(result.losses(name)) > 0, name
 
 
-def _write_labelled_prefix(prefix, domains: list[int], names: dict[str, int]) -> None:
-    """An indexed dataset whose document i (domain d) has tokens in d's vocabulary band."""
-    import numpy as np
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    from megatron_edl.data.sidecar import write_sidecar
-
-    rng = np.random.default_rng(0)
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
-    for domain in domains:
-        length = int(rng.integers(8, 80))
-        tokens = 1 + domain * 300 + rng.integers(0, 300, size=length)
-        builder.add_document(torch.from_numpy(np.append(tokens, 1023)), [length + 1])
-    builder.finalize(f"{prefix}.idx")
-    write_sidecar(prefix, np.asarray(domains), names)
-
-
 def test_indexed_data_with_sidecar_and_per_prefix_domains(tmp_path, edl_checkpoint):
     """Real indexed data: labels from the .domains sidecar, or one domain per blend prefix.
 
@@ -317,7 +300,7 @@ def test_indexed_data_with_sidecar_and_per_prefix_domains(tmp_path, edl_checkpoi
     """
     names = {"code": 0, "prose": 1, "math": 2}
     mixed = tmp_path / "mixed"
-    _write_labelled_prefix(mixed, [i % 3 for i in range(300)], names)
+    write_labelled_prefix(mixed, [i % 3 for i in range(300)], names)
     stock_flags = [
         *TINY_MOE_GPT, "--train-iters", "3", "--data-cache-path", str(tmp_path / "cache"),
     ]  # fmt: skip
@@ -333,8 +316,8 @@ def test_indexed_data_with_sidecar_and_per_prefix_domains(tmp_path, edl_checkpoi
     assert stock.iterations[1]["lm loss"] == result.iterations[1]["lm loss"]
 
     code, prose = tmp_path / "code", tmp_path / "prose"
-    _write_labelled_prefix(code, [0] * 150, names)
-    _write_labelled_prefix(prose, [1] * 150, names)
+    write_labelled_prefix(code, [0] * 150, names)
+    write_labelled_prefix(prose, [1] * 150, names)
     per_prefix = tmp_path / "per_prefix.yaml"
     per_prefix.write_text(f"{code}: code\n{prose}: prose\n")
     blend = ["--data-path", "1", str(code), "1", str(prose)]

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from megatron_edl.benchmarks.runs import parse_validations
+from tests.helpers.data_helpers import write_labelled_prefix
 from tests.helpers.megatron_runs import LAYOUTS, TINY_MOE_GPT, run_pretrain, with_flag_values
 
 # Loss resolution of the comparison with stock Megatron's printed validation loss (7 significant
@@ -66,24 +67,6 @@ def test_prune_full_model_equals_the_probe_and_curves_are_written(tmp_path):
     assert bad.stderr.strip().splitlines() == ["error: --keep 1: below the router's top-k (2)"]
 
 
-def _write_labelled_prefix(prefix, domains: list[int], names: dict[str, int], seed: int) -> None:
-    """An indexed dataset whose document i (domain d) has tokens in d's vocabulary band."""
-    import numpy as np
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    from megatron_edl.data.sidecar import write_sidecar
-
-    rng = np.random.default_rng(seed)
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
-    for domain in domains:
-        length = int(rng.integers(8, 80))
-        tokens = 1 + domain * 300 + rng.integers(0, 300, size=length)
-        builder.add_document(torch.from_numpy(np.append(tokens, 1023)), [length + 1])
-    builder.finalize(f"{prefix}.idx")
-    write_sidecar(prefix, np.asarray(domains), names)
-
-
 def test_export_loads_in_stock_megatron_and_gives_the_masked_evaluations_loss(tmp_path):
     """Train on three labelled domains, export "code" with M = E/2 = 2 experts per layer, and
     evaluate the export with stock Megatron (no megatron-edl flag, --num-experts 2) on the same
@@ -91,8 +74,8 @@ def test_export_loads_in_stock_megatron_and_gives_the_masked_evaluations_loss(tm
     the masked evaluation too (docs/method.md section 6)."""
     names = {"code": 0, "prose": 1, "math": 2}
     train, valid = tmp_path / "train", tmp_path / "valid"
-    _write_labelled_prefix(train, [i % 3 for i in range(300)], names, seed=0)
-    _write_labelled_prefix(valid, [0] * 120, names, seed=1)
+    write_labelled_prefix(train, [i % 3 for i in range(300)], names, seed=0)
+    write_labelled_prefix(valid, [0] * 120, names, seed=1)
     model = [f for f in with_flag_values(TINY_MOE_GPT, eval_iters="2") if f != "--mock-data"]
     del model[model.index("--split") : model.index("--split") + 2]  # per-split data paths
     model += [

@@ -3,7 +3,7 @@
 One run (2 processes, EP=2 with the alltoall dispatcher) with EDL, the variance loss and the
 orthogonality loss all on, auto-calibrated: the launcher installs the router and the MoE layer
 through the layer spec, the metrics reach Megatron's iteration log line, every loss is finite.
-Their gradients are proven at layer level (``tests/unit/integration/test_specialization.py``).
+Their gradients are proven at layer level (``tests/unit/integration/losses/test_orthogonality.py``).
 """
 
 from __future__ import annotations

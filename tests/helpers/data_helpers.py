@@ -130,3 +130,22 @@ def write_parquet(path: str | os.PathLike, records: Sequence[Mapping], row_group
     path = Path(path)
     pq.write_table(pa.Table.from_pylist(list(records)), path, row_group_size=row_group_size)
     return path
+
+
+def write_labelled_prefix(prefix, domains: list[int], names: dict[str, int], seed: int = 0) -> None:
+    """An indexed dataset (``prefix``.bin/.idx) and its ``.domains`` sidecar whose document i
+    (domain ``domains[i]`` = d) has tokens in d's vocabulary band [1 + 300 d, 301 + 300 d)."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_edl.data.sidecar import write_sidecar
+
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for domain in domains:
+        length = int(rng.integers(8, 80))
+        tokens = 1 + domain * 300 + rng.integers(0, 300, size=length)
+        builder.add_document(torch.from_numpy(np.append(tokens, 1023)), [length + 1])
+    builder.finalize(f"{prefix}.idx")
+    write_sidecar(prefix, np.asarray(domains), names)
