@@ -3,15 +3,18 @@
     run_distributed(fn, world_size, *args, timeout_s=120, backend="gloo", **kwargs)
         -> list of fn's return values
 
-Spawns ``world_size`` processes (``spawn`` start method, so no state leaks from pytest), each
-initialising ``torch.distributed`` with gloo (CUDA hidden) on a free local port, or with nccl
-on GPU ``rank`` (``backend="nccl"``, for tests marked ``gpu``), then calls
-``fn(rank, world_size, *args, **kwargs)``. ``fn`` must be importable by the children (a
-module-level function of a test module); pass expected tensors in through ``args`` and assert
-inside ``fn``. A rank that raises sends its traceback back and the runner raises
+Starts ``world_size`` processes, each initialising ``torch.distributed`` with gloo (CUDA hidden)
+on a free local port, or with nccl on GPU ``rank`` (``backend="nccl"``, for tests marked
+``gpu``), then calls ``fn(rank, world_size, *args, **kwargs)``. ``fn`` must be importable by the
+children (a module-level function of a test module); pass expected tensors in through ``args``
+and assert inside ``fn``. A rank that raises sends its traceback back and the runner raises
 :class:`DistributedTestError` with every failing rank's traceback; a run still going after
 ``timeout_s`` (a hang in a collective, typically) is killed and reported as such, so a hang fails
 the test instead of blocking CI.
+
+gloo ranks are forks of one clean server process that has imported torch and Megatron once
+(:func:`forkserver_context`): no state leaks from the caller, and no rank pays the imports again.
+nccl ranks are fresh interpreters (``spawn``), since a fork must not inherit CUDA state.
 
 The tests import it as ``tests.helpers.distributed``; ``tools/benchmark_collectives.py`` counts the
 collectives of an MoE layer on its ranks.
@@ -35,6 +38,29 @@ from megatron_edl.benchmarks.runs import free_port
 
 class DistributedTestError(AssertionError):
     """One or more ranks failed, or the run timed out."""
+
+
+# Imported once by the fork server; every child starts with them in sys.modules.
+PRELOAD = (
+    "torch",
+    "torch.distributed",
+    "megatron.core",
+    "megatron.core.models.gpt",
+    "megatron.training",
+    "megatron_edl.pretrain_gpt",
+)
+
+
+def forkserver_context() -> mp.context.BaseContext:
+    """The ``forkserver`` start method with :data:`PRELOAD` imported by the server.
+
+    The server is a fresh interpreter started on first use (it shares nothing with the caller
+    but ``sys.path`` and the environment of that moment) and runs no torch operation, so its
+    forks start with no thread pool and no process group.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    return ctx
 
 
 def _worker(fn, rank, world_size, port, args, kwargs, results, timeout_s, backend):
@@ -94,7 +120,7 @@ def run_distributed(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    ctx = mp.get_context("spawn")
+    ctx = forkserver_context() if backend == "gloo" else mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [

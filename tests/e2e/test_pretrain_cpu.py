@@ -26,8 +26,9 @@ def _assert_trained(result: RunResult, iters: int) -> None:
 
 @pytest.mark.parametrize("nproc,layout", [(1, "dp1"), *((2, name) for name in LAYOUTS)])
 def test_pretrain_runs_and_learns(nproc, layout):
+    """Started by torchrun, as a user starts it (the other tests fork their ranks)."""
     flags = [*TINY_MOE_GPT, "--train-iters", str(TRAIN_ITERS), *LAYOUTS.get(layout, [])]
-    result = run_pretrain(nproc, flags)
+    result = run_pretrain(nproc, flags, launcher="torchrun")
     _assert_trained(result, TRAIN_ITERS)
     losses = result.losses()
     # Mock data is learnable (the sequences are arange patterns): the loss must fall.
