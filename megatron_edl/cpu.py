@@ -17,7 +17,8 @@ Rules:
   variable (comma-separated names). ``tests/unit/test_cpu.py`` switches each one off in turn and
   reports which are still needed, so a megatron-core upgrade shows what broke and what can go.
 * Only what CPU needs is here. Fixes that a GPU run needs as well (for instance the wheel's
-  missing dataset-helper Makefile, or the ``%`` in a 0.19.2 help string) live in the launcher.
+  missing dataset-helper Makefile, or the ``%`` in a 0.19.2 help string) live in
+  :mod:`megatron_edl.integration.workarounds`.
 
 Known semantic differences from a GPU run (harmless for the tests, documented in docs/cpu-mode.md):
 the model-parallel RNG tracker is a no-op, so dropout inside TP regions draws from the one CPU
@@ -415,3 +416,21 @@ CPU_FLAGS: tuple[tuple[str, str | None, str, object], ...] = (
     # initialised from the same seed.
     ("--use-cpu-initialization", None, "use_cpu_initialization", True),
 )
+
+
+def argv_with_cpu_flags(argv: list[str]) -> list[str]:
+    """``argv`` with :data:`CPU_FLAGS` prepended; a user's conflicting value is caught after
+    parsing (:func:`check_args`)."""
+    injected: list[str] = []
+    for flag, value, _, _ in CPU_FLAGS:
+        injected += [flag] if value is None else [flag, value]
+    return injected + argv
+
+
+def check_args(args) -> None:
+    """Raise ``ValueError`` naming the flag if parsed args contradict CPU mode."""
+    for flag, value, attr, required in CPU_FLAGS:
+        got = getattr(args, attr)
+        if got != required:
+            shown = flag if value is None else f"{flag} {value}"
+            raise ValueError(f"--cpu needs {shown}, but the command line sets {attr}={got!r}")

@@ -38,12 +38,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from megatron_edl.config.run import CONFIG_FLAG
 from megatron_edl.core.labels import load_strict_yaml
 
 __all__ = ["GROUPS", "ConfigError", "expand_config_flag", "flags_from_yaml", "load_config"]
 
 GROUPS = ("MODEL", "MOE", "EDL", "DATA", "PARALLEL", "TRAINING", "CHECKPOINT", "LOGGING")
-CONFIG_FLAG = "--config-yaml"  # expanded by megatron_edl.pretrain_gpt before parsing
 _INCLUDE = "include"
 
 

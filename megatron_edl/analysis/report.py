@@ -31,9 +31,6 @@ directory holds one, else the last training interval), ``--step`` picks another,
 ``--window N`` sums the last N training intervals (sums over tokens add up). ``--label-map``
 groups the dumps' domains with the same YAML file format as ``--moe-edl-label-map`` (e.g. 49
 fine topics into 3 coarse groups) before any metric is computed.
-
-It stays one module, over 500 lines: loading, figures, the HTML page and the data files are written
-in one pass over the same runs and share the page's private helpers.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ PRELOAD = (
     "megatron.core",
     "megatron.core.models.gpt",
     "megatron.training",
-    "megatron_edl.pretrain_gpt",
+    "megatron_edl.integration.install",
 )
 
 

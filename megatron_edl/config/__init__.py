@@ -31,12 +31,10 @@ from megatron_edl.config.calibration import (
     SPECIALIZATION_GROUP_TITLE,
     add_calibrated_loss_args,
 )
-from megatron_edl.config.convert import EDLConfigError
 from megatron_edl.config.edl import (
     ARGUMENT_GROUP_TITLE,
     FLAGS,
     EDLConfig,
-    EDLForm,
     EDLFused,
     EDLScope,
     EDLScores,
@@ -66,7 +64,7 @@ from megatron_edl.config.variance import (
     VarianceConfig,
     add_variance_args,
 )
-from megatron_edl.core.options import EDLAggregation
+from megatron_edl.core.options import EDLAggregation, EDLConfigError, EDLForm
 
 __all__ = [
     "ARGUMENT_GROUP_TITLE",

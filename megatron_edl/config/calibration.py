@@ -13,7 +13,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from megatron_edl.config.convert import EDLConfigError, as_float
+from megatron_edl.config.convert import as_float
+from megatron_edl.core.options import EDLConfigError
 
 __all__ = [
     "AUTO_CALIBRATE_FLAG",

@@ -12,7 +12,6 @@ from typing import Any
 from megatron_edl.core.options import EDLConfigError
 
 __all__ = [
-    "EDLConfigError",
     "as_enum",
     "as_float",
     "as_int",

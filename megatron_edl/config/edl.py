@@ -28,16 +28,15 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
-from megatron_edl.config.convert import EDLConfigError, as_enum, as_float, as_int, choices
+from megatron_edl.config.convert import as_enum, as_float, as_int, choices
 from megatron_edl.config.layers import COEFF_FLAG, LAYERS_FLAG, as_layers, parse_layers
-from megatron_edl.core.options import EDLForm
+from megatron_edl.core.options import EDLConfigError, EDLForm
 from megatron_edl.core.schedule import edl_coefficient
 
 __all__ = [
     "ARGUMENT_GROUP_TITLE",
     "FLAGS",
     "EDLConfig",
-    "EDLForm",
     "EDLFused",
     "EDLScope",
     "EDLScores",

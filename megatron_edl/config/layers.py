@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from megatron_edl.config.convert import EDLConfigError
+from megatron_edl.core.options import EDLConfigError
 
 __all__ = ["COEFF_FLAG", "LAYERS_FLAG", "as_layers", "parse_layers", "validate_against_model"]
 

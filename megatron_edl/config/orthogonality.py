@@ -16,7 +16,8 @@ from types import MappingProxyType
 from typing import Any
 
 from megatron_edl.config.calibration import AUTO_CALIBRATE_FLAG, checked_positive, checked_weight
-from megatron_edl.config.convert import EDLConfigError, fields_from_args
+from megatron_edl.config.convert import fields_from_args
+from megatron_edl.core.options import EDLConfigError
 
 __all__ = [
     "ORTHOGONALITY_FLAGS",

@@ -58,7 +58,7 @@ LAUNCHER_GROUP_TITLE = "megatron-edl"
 DomainResolver = Callable[[Any, LabelsConfig], tuple[int, tuple[str, ...]]]
 """``(args, labels) -> (num_domains, domain_names)``: reads the label map, the data's label
 vocabulary or the mock domains (the launcher's reads files; see
-``megatron_edl.pretrain_gpt.resolve_domains``)."""
+``megatron_edl.integration.install.resolve_domains``)."""
 
 
 @dataclass(frozen=True, kw_only=True)

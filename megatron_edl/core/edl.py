@@ -259,19 +259,19 @@ def domain_sums(
     if torch.compiler.is_compiling():
         # Under torch.compile (megatron_edl.core.edl_fused) the plain formula: inductor fuses its
         # autograd backward (gather g[index_t], times w_t) with the softmax backward into one
-        # kernel, and the embedding_bag backward of _WeightedIndexAdd compiles to a zero
+        # kernel, and the embedding_bag backward of WeightedIndexAdd compiles to a zero
         # gradient in torch 2.11 (tests/unit/core/test_edl_fused.py checks the gradients).
         weighted_TE = probs_TE.to(dtype) * w_T[:, None]
         sums_DE = torch.zeros(num_domains, probs_TE.shape[1], dtype=dtype, device=probs_TE.device)
         sums_DE = sums_DE.index_add(0, index_T, weighted_TE)
     else:
-        sums_DE = _WeightedIndexAdd.apply(probs_TE.to(dtype), index_T, w_T, num_domains)
+        sums_DE = WeightedIndexAdd.apply(probs_TE.to(dtype), index_T, w_T, num_domains)
     counts_D = torch.zeros(num_domains, dtype=dtype, device=probs_TE.device)
     counts_D = counts_D.index_add(0, index_T, w_T)
     return sums_DE, counts_D
 
 
-class _WeightedIndexAdd(torch.autograd.Function):
+class WeightedIndexAdd(torch.autograd.Function):
     """``out[j] = Σ_t w_t 1[index_t = j] x_t``; one-pass backward ``g_x[t] = w_t g[index_t]``.
 
     The same values as ``zeros(D, E).index_add(0, index_T, x_TE * w_T[:, None])`` under

@@ -60,7 +60,7 @@ import yaml
 from megatron_edl.core.edl import IGNORE_DOMAIN
 from megatron_edl.core.options import EDLConfigError
 
-__all__ = ["GLOB_CHARS", "IGNORE_DOMAIN", "LabelMap", "load_strict_yaml", "permute_document_labels"]
+__all__ = ["GLOB_CHARS", "LabelMap", "load_strict_yaml", "permute_document_labels"]
 
 _TOP_LEVEL_KEYS = ("domains", "map", "default")
 GLOB_CHARS = frozenset("*?[")

@@ -26,7 +26,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from megatron_edl.config import EDLConfigError
+from megatron_edl.data.errors import DataError
 from megatron_edl.data.vocabulary import label_name_problem
 
 __all__ = ["TextClassifier", "classifier_label_names"]
@@ -36,7 +36,7 @@ def classifier_label_names(model_dir: str) -> list[str]:
     """The class names of the model's ``config.json`` (``id2label``), in class id order.
 
     Raises:
-        EDLConfigError: naming the folder, if it has no readable config, the ids are not
+        DataError: naming the folder, if it has no readable config, the ids are not
             0..C-1, or a name cannot be a label name.
     """
     path = os.path.join(model_dir, "config.json")
@@ -44,15 +44,15 @@ def classifier_label_names(model_dir: str) -> list[str]:
         with open(path, encoding="utf-8") as f:
             id2label = json.load(f).get("id2label")
     except (OSError, ValueError) as e:
-        raise EDLConfigError(f"--domain-classifier {model_dir}: cannot read {path}: {e}") from e
+        raise DataError(f"--domain-classifier {model_dir}: cannot read {path}: {e}") from e
     if not isinstance(id2label, dict) or not id2label:
-        raise EDLConfigError(f"--domain-classifier {model_dir}: {path} has no id2label")
+        raise DataError(f"--domain-classifier {model_dir}: {path} has no id2label")
     try:
         by_id = {int(k): v for k, v in id2label.items()}
     except ValueError as e:
-        raise EDLConfigError(f"--domain-classifier {model_dir}: id2label ids: {e}") from e
+        raise DataError(f"--domain-classifier {model_dir}: id2label ids: {e}") from e
     if sorted(by_id) != list(range(len(by_id))):
-        raise EDLConfigError(
+        raise DataError(
             f"--domain-classifier {model_dir}: id2label ids must be 0..{len(by_id) - 1}, "
             f"got {sorted(by_id)}"
         )
@@ -60,11 +60,9 @@ def classifier_label_names(model_dir: str) -> list[str]:
     for name in names:
         problem = label_name_problem(name)
         if problem is not None:
-            raise EDLConfigError(
-                f"--domain-classifier {model_dir}: id2label name {name!r} {problem}"
-            )
+            raise DataError(f"--domain-classifier {model_dir}: id2label name {name!r} {problem}")
     if len(set(names)) != len(names):
-        raise EDLConfigError(f"--domain-classifier {model_dir}: id2label repeats a name")
+        raise DataError(f"--domain-classifier {model_dir}: id2label repeats a name")
     return names
 
 
@@ -90,14 +88,14 @@ class TextClassifier:
             )
         except (OSError, ValueError) as e:
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise EDLConfigError(f"--domain-classifier {model_dir}: cannot load: {message}") from e
+            raise DataError(f"--domain-classifier {model_dir}: cannot load: {message}") from e
         try:
             self.device = torch.device(device)
             self.model = model.to(self.device).eval()
         except (RuntimeError, AssertionError) as e:
-            raise EDLConfigError(f"--classifier-device {device!r}: {e}") from e
+            raise DataError(f"--classifier-device {device!r}: {e}") from e
         if self.model.config.num_labels != len(self.names):
-            raise EDLConfigError(
+            raise DataError(
                 f"--domain-classifier {model_dir}: {self.model.config.num_labels} outputs for "
                 f"{len(self.names)} id2label names"
             )

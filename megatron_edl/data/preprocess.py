@@ -95,9 +95,8 @@ loop) and is the CLI (:func:`main`); the label sources and policies live in
 ``megatron_edl.data.label_sources``, the configuration and flags in
 ``megatron_edl.data.preprocess_args``, the worker pool in ``megatron_edl.data.preprocess_workers``
 and the writers, temporary folders, signal handling and commit in
-``megatron_edl.data.preprocess_output`` (all public names are re-exported here). It stays over
-500 lines because this docstring is the tool's user documentation and :func:`preprocess` is one
-ordered sequence of steps that reads best in one place.
+``megatron_edl.data.preprocess_output``. The configuration and label-source types a caller of
+:func:`preprocess` passes are importable from here.
 """
 
 from __future__ import annotations
@@ -123,11 +122,12 @@ from typing import Any
 
 import numpy as np
 
-from megatron_edl.config import EDLConfigError
+from megatron_edl.core.options import EDLConfigError
+from megatron_edl.data.errors import DataError
 from megatron_edl.data.label_sources import (
-    _ALWAYS_SKIPPED,
-    _INVALID_RECORD,
-    _LABEL_PROBLEMS,
+    ALWAYS_SKIPPED,
+    INVALID_RECORD,
+    LABEL_PROBLEMS,
     CallableLabel,
     ClassifierLabel,
     ClusterLabel,
@@ -141,24 +141,24 @@ from megatron_edl.data.label_sources import (
 )
 from megatron_edl.data.preprocess_args import PreprocessConfig, build_parser, config_from_args
 from megatron_edl.data.preprocess_output import (
-    _STOP_SIGNALS,
+    STOP_SIGNALS,
+    DatasetWriter,
     Interrupted,
-    _commit,
-    _DatasetWriter,
-    _raise_interrupted,
-    _remove_stale_temporaries,
-    _signals_deferred,
-    _tmp_dir_prefix,
+    commit_dataset,
+    raise_interrupted,
+    remove_stale_temporaries,
+    signals_deferred,
+    tmp_dir_prefix,
 )
 from megatron_edl.data.preprocess_workers import (
-    _ChunkResult,
-    _EncoderSpec,
-    _init_worker,
-    _ordered_map,
-    _RecordEncoder,
-    _stop_pool,
+    ChunkResult,
+    EncoderSpec,
+    RecordEncoder,
     build_megatron_tokenizer,
     check_tokenizer_flags,
+    init_worker,
+    ordered_map,
+    stop_pool,
 )
 from megatron_edl.data.readers import (
     InputError,
@@ -218,7 +218,7 @@ class _LabelResolver:
             self.vocab = LabelVocabulary(source="<built from the input>")
             self.growable = True
         elif os.path.isdir(config.label_vocab):
-            raise EDLConfigError(
+            raise DataError(
                 f"--label-vocab {config.label_vocab!r} is a folder, not a label vocabulary file"
             )
         elif os.path.exists(config.label_vocab):
@@ -228,7 +228,7 @@ class _LabelResolver:
             self.vocab = LabelVocabulary(source=config.label_vocab)
             self.growable = True
         else:
-            raise EDLConfigError(
+            raise DataError(
                 f"--label-vocab {config.label_vocab!r} does not exist "
                 "(pass --extend-vocab to create it)"
             )
@@ -243,7 +243,7 @@ class _LabelResolver:
                 and not self.growable
                 and policy.fallback not in self.vocab
             ):
-                raise EDLConfigError(
+                raise DataError(
                     f"{flag} {policy}: {policy.fallback!r} is not in {self.vocab.source} "
                     "(add it, or pass --extend-vocab)"
                 )
@@ -295,7 +295,7 @@ class _LabelResolver:
             nobody else changed the file, as in any run without a concurrent one).
 
         Raises:
-            EDLConfigError: naming the file, if a label this run started with has another id now
+            DataError: naming the file, if a label this run started with has another id now
                 (or none): ids are never renumbered, so the file was edited by hand meanwhile.
         """
         path = self.config.label_vocab
@@ -308,7 +308,7 @@ class _LabelResolver:
         for name, label_id in self.initial.items():
             now = current.get(name)
             if now != label_id:
-                raise EDLConfigError(
+                raise DataError(
                     f"{path}: label {name!r} had id {label_id} when this run started and has "
                     f"{'no id' if now is None else f'id {now}'} now; ids must never change "
                     "(was the file edited during the run?)"
@@ -335,19 +335,19 @@ def _vocabulary_lock(path: str) -> VocabularyLock:
     """The lock of ``--label-vocab`` for ``--extend-vocab``; refuses an unwritable folder now."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise EDLConfigError(
+        raise DataError(
             f"--label-vocab {path!r}: folder {folder} does not exist, so --extend-vocab "
             "cannot write the file (create the folder first)"
         )
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise EDLConfigError(
+        raise DataError(
             f"--label-vocab {path!r}: folder {folder} is not writable, so --extend-vocab "
             "cannot rewrite the file there"
         )
     return VocabularyLock(path, timeout_s=VOCAB_LOCK_TIMEOUT_S)
 
 
-def _renumber(writers: Sequence[_DatasetWriter], mapping: dict[int, int]) -> None:
+def _renumber(writers: Sequence[DatasetWriter], mapping: dict[int, int]) -> None:
     """Replace label ids in the written ids and per-domain counts (after :meth:`rebase`)."""
     for writer in writers:
         ids_N = np.frombuffer(writer.domain_ids, dtype=np.int32)
@@ -431,7 +431,7 @@ def preprocess(
     Raises:
         PreprocessError: for a record a ``fail`` policy rejects (naming ``file:line``).
         InputError: for inputs that cannot be found or read.
-        EDLConfigError: for invalid settings or label files.
+        DataError: for invalid settings or label files.
     """
     from megatron.core.datasets.indexed_dataset import DType
 
@@ -469,7 +469,7 @@ def _run(
     """:func:`preprocess` once the settings, the inputs and the tokenizer are checked."""
     source = config.label_source
     dtype = np.dtype(dtype_class.optimal_dtype(tokenizer.vocab_size))
-    spec = _EncoderSpec(
+    spec = EncoderSpec(
         tokenizer_args=tokenizer_args,
         json_keys=config.json_keys,
         append_eod=config.append_eod,
@@ -479,19 +479,19 @@ def _run(
     )
     # Built here for every worker count: binding the label source (importing the callable,
     # loading the language model) fails here with a clear message rather than in each worker.
-    local_encoder = _RecordEncoder(spec, tokenizer)
+    local_encoder = RecordEncoder(spec, tokenizer)
 
     base = os.path.basename(config.output_prefix)
-    _remove_stale_temporaries(out_dir, base)
-    writers: list[_DatasetWriter] = []
+    remove_stale_temporaries(out_dir, base)
+    writers: list[DatasetWriter] = []
     pool = None
     tmp_dir = None
     committing = False
     try:
-        tmp_dir = tempfile.mkdtemp(prefix=_tmp_dir_prefix(base, os.getpid()), dir=out_dir)
+        tmp_dir = tempfile.mkdtemp(prefix=tmp_dir_prefix(base, os.getpid()), dir=out_dir)
         for key in config.json_keys:
             writers.append(
-                _DatasetWriter(
+                DatasetWriter(
                     os.path.join(tmp_dir, f"{base}_{key}_document"),
                     f"{config.output_prefix}_{key}_document",
                     dtype,
@@ -508,17 +508,17 @@ def _run(
             )
         )
         if config.workers == 1:
-            results: Iterator[_ChunkResult] = (local_encoder.encode_chunk(*t) for t in tasks)
+            results: Iterator[ChunkResult] = (local_encoder.encode_chunk(*t) for t in tasks)
         else:
             # torch (the classifier) is not fork-safe once used, and CUDA needs fresh processes.
             method = "spawn" if getattr(source, "spawn_workers", False) else None
             pool = ProcessPoolExecutor(
                 config.workers,
                 mp_context=multiprocessing.get_context(method),
-                initializer=_init_worker,
+                initializer=init_worker,
                 initargs=(spec,),
             )
-            results = _ordered_map(pool, tasks, window=2 * config.workers)
+            results = ordered_map(pool, tasks, window=2 * config.workers)
 
         tally = _Tally(per_input=[_input_entry(f.path, f.format) for f in inputs])
         progress = _Progress(config.log_interval, config.progress)
@@ -576,9 +576,9 @@ def _run(
                         ) from e
                     logger.info("Added %d labels to %s", added, config.label_vocab)
             committing = True
-            with _signals_deferred():  # all outputs or none (short of SIGKILL: see _commit)
+            with signals_deferred():  # all outputs or none (short of SIGKILL: see commit_dataset)
                 for writer in writers:
-                    _commit(
+                    commit_dataset(
                         writer.tmp_prefix, writer.final_prefix, with_sidecar=resolver is not None
                     )
         for key, writer in zip(config.json_keys, writers, strict=True):
@@ -596,7 +596,7 @@ def _run(
         ) from e
     finally:
         if pool is not None:
-            _stop_pool(pool)
+            stop_pool(pool)
         for writer in writers:
             writer.close()  # never raises: the clean-up below must run
         if tmp_dir is not None:
@@ -611,11 +611,11 @@ def _check_output_prefix(config: PreprocessConfig) -> str:
     written to.
 
     Raises:
-        EDLConfigError: naming the flag and the path.
+        DataError: naming the flag and the path.
     """
     prefix = config.output_prefix
     if prefix.endswith((os.sep, "/")) or os.path.basename(prefix) in ("", ".", ".."):
-        raise EDLConfigError(
+        raise DataError(
             f"--output-prefix {prefix!r} names a folder; give a file name prefix inside it, "
             f"e.g. {os.path.join(prefix, 'corpus')!r}"
         )
@@ -624,20 +624,20 @@ def _check_output_prefix(config: PreprocessConfig) -> str:
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise EDLConfigError(
+        raise DataError(
             f"--output-prefix {prefix!r}: {parent} is a file, so no folder can be made below it"
         )
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise EDLConfigError(f"--output-prefix {prefix!r}: cannot create {out_dir}: {e}") from e
+        raise DataError(f"--output-prefix {prefix!r}: cannot create {out_dir}: {e}") from e
     if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise EDLConfigError(f"--output-prefix {prefix!r}: {out_dir} is not writable")
+        raise DataError(f"--output-prefix {prefix!r}: {out_dir} is not writable")
     for key in config.json_keys:
         for suffix in (".bin", ".idx", ".domains", ".stats.json"):
             path = f"{prefix}_{key}_document{suffix}"
             if os.path.isdir(path):
-                raise EDLConfigError(f"--output-prefix {prefix!r}: output {path} is a folder")
+                raise DataError(f"--output-prefix {prefix!r}: output {path} is a folder")
     return out_dir
 
 
@@ -684,8 +684,8 @@ def _input_entry(path: str, fmt: str) -> dict[str, Any]:
 
 
 def _write_chunk(
-    result: _ChunkResult,
-    writers: Sequence[_DatasetWriter],
+    result: ChunkResult,
+    writers: Sequence[DatasetWriter],
     resolver: _LabelResolver | None,
     config: PreprocessConfig,
     tally: _Tally,
@@ -699,9 +699,9 @@ def _write_chunk(
     for i, status in enumerate(result.statuses):
         reason: SkipReason | None = None
         label_id = None
-        if status in _ALWAYS_SKIPPED:
+        if status in ALWAYS_SKIPPED:
             reason = status
-        elif status in _INVALID_RECORD:
+        elif status in INVALID_RECORD:
             if config.on_invalid == "fail":
                 raise PreprocessError(
                     f"{result.path}:{result.first_line + i}: {result.messages[i]} "
@@ -736,7 +736,7 @@ def _write_chunk(
 def _stats(
     config: PreprocessConfig,
     key: str,
-    writer: _DatasetWriter,
+    writer: DatasetWriter,
     tally: _Tally,
     resolver: _LabelResolver | None,
     tokenizer_args: argparse.Namespace,
@@ -776,9 +776,7 @@ def _stats(
             "on_unknown": str(config.on_unknown),
             "on_missing": str(config.on_missing),
             "on_invalid": config.on_invalid,
-            "relabelled_to_fallback": {
-                str(r): tally.relabelled[r] for r in sorted(_LABEL_PROBLEMS)
-            },
+            "relabelled_to_fallback": {str(r): tally.relabelled[r] for r in sorted(LABEL_PROBLEMS)},
             "unknown_labels": dict(resolver.unknown_names.most_common()),
         }
         stats["domains"] = {
@@ -833,10 +831,10 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if os.getcwd() not in sys.path:  # --domain-callable modules next to the data, as python -m
         sys.path.append(os.getcwd())
-    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in _STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, raise_interrupted) for sig in STOP_SIGNALS}
     try:
         preprocess(config_from_args(args), args)
-    except (PreprocessError, InputError, EDLConfigError, OSError) as e:
+    except (PreprocessError, InputError, DataError, EDLConfigError, OSError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     except Interrupted as e:

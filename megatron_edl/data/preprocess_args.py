@@ -11,7 +11,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from megatron_edl.config import EDLConfigError
+from megatron_edl.data.errors import DataError
 from megatron_edl.data.label_sources import (
     CallableLabel,
     ClassifierLabel,
@@ -81,11 +81,11 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if not self.inputs:
-            raise EDLConfigError("--input needs at least one file or pattern")
+            raise DataError("--input needs at least one file or pattern")
         if not self.output_prefix:
-            raise EDLConfigError("--output-prefix must not be empty")
+            raise DataError("--output-prefix must not be empty")
         if not self.json_keys or len(set(self.json_keys)) != len(self.json_keys):
-            raise EDLConfigError(f"--json-keys must be distinct keys, got {list(self.json_keys)}")
+            raise DataError(f"--json-keys must be distinct keys, got {list(self.json_keys)}")
         for flag, value in (
             ("--workers", self.workers),
             ("--log-interval", self.log_interval),
@@ -93,23 +93,21 @@ class PreprocessConfig:
             ("chunk_bytes", self.chunk_bytes),
         ):
             if value < 1:
-                raise EDLConfigError(f"{flag} must be >= 1, got {value}")
+                raise DataError(f"{flag} must be >= 1, got {value}")
         cpus = os.cpu_count() or 1
         if self.workers > MAX_WORKERS_PER_CPU * cpus:
-            raise EDLConfigError(
+            raise DataError(
                 f"--workers {self.workers} is more than {MAX_WORKERS_PER_CPU} x the {cpus} CPUs "
                 f"of this machine ({MAX_WORKERS_PER_CPU * cpus}); each worker is a process"
             )
         if self.max_document_tokens is not None and self.max_document_tokens < 1:
-            raise EDLConfigError(
-                f"--max-document-tokens must be >= 1, got {self.max_document_tokens}"
-            )
+            raise DataError(f"--max-document-tokens must be >= 1, got {self.max_document_tokens}")
         if self.on_invalid not in ("fail", "skip"):
-            raise EDLConfigError(f"--on-invalid must be fail or skip, got {self.on_invalid!r}")
+            raise DataError(f"--on-invalid must be fail or skip, got {self.on_invalid!r}")
         if self.extend_vocab and self.label_vocab is None:
-            raise EDLConfigError("--extend-vocab needs --label-vocab (the file to extend)")
+            raise DataError("--extend-vocab needs --label-vocab (the file to extend)")
         if self.label_source is None and (self.label_vocab or self.extend_vocab):
-            raise EDLConfigError("--label-vocab / --extend-vocab need a --domain-* label source")
+            raise DataError("--label-vocab / --extend-vocab need a --domain-* label source")
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -273,10 +271,10 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         The configuration.
 
     Raises:
-        EDLConfigError: naming the flag, for an invalid value or combination.
+        DataError: naming the flag, for an invalid value or combination.
     """
     if args.langid_min_score is not None and not args.domain_langid:
-        raise EDLConfigError("--langid-min-score needs --domain-langid")
+        raise DataError("--langid-min-score needs --domain-langid")
     classifier = {
         "device": args.classifier_device,
         "batch_size": args.classifier_batch_size,
@@ -284,7 +282,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     }
     given = [f"--classifier-{k.replace('_', '-')}" for k, v in classifier.items() if v is not None]
     if given and args.domain_classifier is None:
-        raise EDLConfigError(f"{given[0]} needs --domain-classifier")
+        raise DataError(f"{given[0]} needs --domain-classifier")
     source: Labeler | None
     if args.domain_field is not None:
         source = FieldLabel(args.domain_field)

@@ -1,8 +1,8 @@
 """Output side of the preprocessor: dataset writers, temporary folders, signals, the commit.
 
 Outputs are written under a temporary folder next to the output prefix and moved into place
-by :func:`_commit` (the ``.idx`` last) while SIGINT/SIGTERM are held back
-(:func:`_signals_deferred`); see ``megatron_edl.data.preprocess`` for the fault model.
+by :func:`commit_dataset` (the ``.idx`` last) while SIGINT/SIGTERM are held back
+(:func:`signals_deferred`); see ``megatron_edl.data.preprocess`` for the fault model.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 logger = logging.getLogger("megatron_edl.data.preprocess")
 
 
-class _DatasetWriter:
+class DatasetWriter:
     """One json key's output: builder, ids and per-domain counts, under a temporary prefix."""
 
     def __init__(self, tmp_prefix: str, final_prefix: str, dtype: np.dtype) -> None:
@@ -57,18 +57,18 @@ class _DatasetWriter:
             self.builder.data_file.close()
 
 
-def _tmp_dir_prefix(base: str, pid: int) -> str:
+def tmp_dir_prefix(base: str, pid: int) -> str:
     """Name prefix of a run's temporary folder: host and process id find stale ones."""
     return f".{base}.edl-tmp-{socket.gethostname()}-{pid}-"
 
 
-def _remove_stale_temporaries(out_dir: str, base: str) -> None:
+def remove_stale_temporaries(out_dir: str, base: str) -> None:
     """Remove temporary folders of earlier runs on this host whose process no longer exists.
 
     A run stopped by SIGKILL (or a power loss) cannot clean up; its folder holds partial
     outputs only (nothing under the final names depends on it).
     """
-    head = _tmp_dir_prefix(base, 0)[: -len("0-")]
+    head = tmp_dir_prefix(base, 0)[: -len("0-")]
     for name in os.listdir(out_dir):
         pid_text = name[len(head) :].split("-", 1)[0] if name.startswith(head) else ""
         if not pid_text.isdigit():
@@ -82,7 +82,7 @@ def _remove_stale_temporaries(out_dir: str, base: str) -> None:
             pass
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(BaseException):  # noqa: N818 (like KeyboardInterrupt: not an Exception)
@@ -97,10 +97,10 @@ _DEFERRED_SIGNALS: list[int] | None = None  # during a commit: the signals that 
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Hold :func:`main`'s SIGINT and SIGTERM back for the block, then raise the first.
 
-    Its handler (:func:`_raise_interrupted`) records a signal that arrives meanwhile instead of
+    Its handler (:func:`raise_interrupted`) records a signal that arrives meanwhile instead of
     raising, whichever thread the operating system delivered it to.
     """
     global _DEFERRED_SIGNALS
@@ -113,14 +113,14 @@ def _signals_deferred() -> Iterator[None]:
         raise Interrupted(arrived[0])
 
 
-def _raise_interrupted(signum: int, frame: object) -> None:
+def raise_interrupted(signum: int, frame: object) -> None:
     if _DEFERRED_SIGNALS is not None:
         _DEFERRED_SIGNALS.append(signum)
         return
     raise Interrupted(signum)
 
 
-def _commit(tmp_prefix: str, final_prefix: str, *, with_sidecar: bool) -> None:
+def commit_dataset(tmp_prefix: str, final_prefix: str, *, with_sidecar: bool) -> None:
     """Move a finished dataset into place; the ``.idx`` goes last (the commit point).
 
     An old ``.idx`` under the final name is removed first, so no reader ever pairs an old index

@@ -1,8 +1,8 @@
 """Worker side of the preprocessor: decode, parse, tokenize and label chunks of records.
 
-A pool of worker processes (``--workers N``) runs :class:`_RecordEncoder` on chunks; the main
+A pool of worker processes (``--workers N``) runs :class:`RecordEncoder` on chunks; the main
 process (``megatron_edl.data.preprocess``) takes the results in input order through
-:func:`_ordered_map`, which also reports dead workers (a broken pool) instead of waiting.
+:func:`ordered_map`, which also reports dead workers (a broken pool) instead of waiting.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_edl.config import EDLConfigError
+from megatron_edl.data.errors import DataError
 from megatron_edl.data.label_sources import Labeler, PreprocessError, SkipReason
 from megatron_edl.data.readers import Chunk
 from megatron_edl.data.vocabulary import (
@@ -38,7 +38,7 @@ more than ``L`` tokens with any of them."""
 
 
 @dataclass(frozen=True)
-class _EncoderSpec:
+class EncoderSpec:
     """Everything a worker needs to build its encoder (picklable)."""
 
     tokenizer_args: argparse.Namespace
@@ -50,7 +50,7 @@ class _EncoderSpec:
 
 
 @dataclass
-class _ChunkResult:
+class ChunkResult:
     """A worker's answer for one chunk.
 
     ``statuses[i]`` is ``None`` for a record to write, else a :class:`SkipReason`; records with
@@ -80,10 +80,10 @@ def _label_name(value: object) -> tuple[str | None, str | None]:
     return None, f"label {value!r} is a {type(value).__name__}, expected a string"
 
 
-class _RecordEncoder:
+class RecordEncoder:
     """Turns chunks of raw records into token arrays and raw label names (one per process)."""
 
-    def __init__(self, spec: _EncoderSpec, tokenizer: Any = None) -> None:
+    def __init__(self, spec: EncoderSpec, tokenizer: Any = None) -> None:
         self.spec = spec
         self.tokenizer = tokenizer or build_megatron_tokenizer(spec.tokenizer_args)
         self.eod = self.tokenizer.eod if spec.append_eod else None
@@ -94,7 +94,7 @@ class _RecordEncoder:
             spec.label_source.missing_message() if spec.label_source is not None else ""
         )
 
-    def encode_chunk(self, chunk: Chunk, file_label: str | None) -> _ChunkResult:
+    def encode_chunk(self, chunk: Chunk, file_label: str | None) -> ChunkResult:
         num_keys = len(self.spec.json_keys)
         statuses: list[SkipReason | None] = []
         labels: list[str | None] = []
@@ -145,7 +145,7 @@ class _RecordEncoder:
             else:
                 labels[i] = name
         tokens = [np.array(f, dtype=self.dtype) for f in flat]
-        return _ChunkResult(
+        return ChunkResult(
             chunk.path,
             chunk.file_index,
             chunk.first_line,
@@ -217,11 +217,11 @@ class _RecordEncoder:
 
 
 # Per-process state of pool workers (set by the pool initializer; unused in the main process).
-_WORKER_ENCODER: _RecordEncoder | None = None
+_WORKER_ENCODER: RecordEncoder | None = None
 _WORKER_INIT_ERROR: BaseException | None = None
 
 
-def _init_worker(spec: _EncoderSpec) -> None:
+def init_worker(spec: EncoderSpec) -> None:
     global _WORKER_ENCODER, _WORKER_INIT_ERROR
     # The main process stops the workers (SIGTERM) and handles Ctrl-C for them; a worker must
     # not outlive it either (Linux: SIGKILL when the main process dies, even by SIGKILL).
@@ -230,7 +230,7 @@ def _init_worker(spec: _EncoderSpec) -> None:
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
     try:
-        _WORKER_ENCODER = _RecordEncoder(spec)
+        _WORKER_ENCODER = RecordEncoder(spec)
     except BaseException as e:  # reported by the first task: a failing initializer would
         _WORKER_INIT_ERROR = e  # break the pool without saying why
 
@@ -238,16 +238,16 @@ def _init_worker(spec: _EncoderSpec) -> None:
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _encode_in_worker(task: tuple[Chunk, str | None]) -> _ChunkResult:
+def _encode_in_worker(task: tuple[Chunk, str | None]) -> ChunkResult:
     if _WORKER_INIT_ERROR is not None:
         raise _WORKER_INIT_ERROR
     assert _WORKER_ENCODER is not None
     return _WORKER_ENCODER.encode_chunk(*task)
 
 
-def _ordered_map(
+def ordered_map(
     pool: ProcessPoolExecutor, items: Iterable[tuple[Chunk, str | None]], window: int
-) -> Iterator[_ChunkResult]:
+) -> Iterator[ChunkResult]:
     """The workers' results for ``items``, in order, with at most ``window`` chunks in flight.
 
     Raises:
@@ -261,7 +261,7 @@ def _ordered_map(
     def failed_in_flight() -> list[Chunk]:
         return [c for c, f in pending if f.done() and f.exception() is not None]
 
-    def result() -> _ChunkResult:
+    def result() -> ChunkResult:
         chunk, future = pending.popleft()
         try:
             return future.result()
@@ -310,7 +310,7 @@ def _dead_workers(pool: ProcessPoolExecutor) -> str:
     return f"exited with status {code}"
 
 
-def _stop_pool(pool: ProcessPoolExecutor) -> None:
+def stop_pool(pool: ProcessPoolExecutor) -> None:
     """Stop the workers now: cancel queued chunks and terminate running ones (no waiting)."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
@@ -342,18 +342,18 @@ def check_tokenizer_flags(tokenizer_args: argparse.Namespace) -> None:
         tokenizer_args: Parsed tokenizer flags.
 
     Raises:
-        EDLConfigError: naming the flag, for a missing ``--tokenizer-type``, a missing
+        DataError: naming the flag, for a missing ``--tokenizer-type``, a missing
             ``--tokenizer-model`` / ``--vocab-file`` / ``--merge-file`` that the type needs, or
             a local file or folder given by them that does not exist.
     """
     kind = getattr(tokenizer_args, "tokenizer_type", None)
     if kind is None:
-        raise EDLConfigError("--tokenizer-type is required (e.g. HuggingFaceTokenizer)")
+        raise DataError("--tokenizer-type is required (e.g. HuggingFaceTokenizer)")
     needed = ("tokenizer_model",) if kind in _MODEL_TOKENIZERS else _FILE_FLAGS.get(kind, ())
     for name in needed:
         if getattr(tokenizer_args, name, None) is None:
             flag = "--" + name.replace("_", "-")
-            raise EDLConfigError(f"--tokenizer-type {kind} needs {flag}")
+            raise DataError(f"--tokenizer-type {kind} needs {flag}")
     for name in ("tokenizer_model", "vocab_file", "merge_file"):
         value = getattr(tokenizer_args, name, None)
         if value is None or os.path.exists(value):
@@ -361,7 +361,7 @@ def check_tokenizer_flags(tokenizer_args: argparse.Namespace) -> None:
         # A Hugging Face model may be a hub id ("gpt2", "org/model"): only a path is checked.
         hub_id = kind == "HuggingFaceTokenizer" and name == "tokenizer_model"
         if not hub_id or os.path.isabs(value) or value.startswith((".", "~")):
-            raise EDLConfigError(f"--{name.replace('_', '-')} {value!r} does not exist")
+            raise DataError(f"--{name.replace('_', '-')} {value!r} does not exist")
 
 
 def build_megatron_tokenizer(tokenizer_args: argparse.Namespace) -> Any:
@@ -374,7 +374,7 @@ def build_megatron_tokenizer(tokenizer_args: argparse.Namespace) -> Any:
         A megatron-core tokenizer (``tokenize``, ``eod``, ``vocab_size``).
 
     Raises:
-        EDLConfigError: naming the flags, if they are incomplete (:func:`check_tokenizer_flags`)
+        DataError: naming the flags, if they are incomplete (:func:`check_tokenizer_flags`)
             or megatron cannot build the tokenizer from them.
     """
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
@@ -399,4 +399,4 @@ def build_megatron_tokenizer(tokenizer_args: argparse.Namespace) -> Any:
             if getattr(args, name, None) is not None
         )
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise EDLConfigError(f"cannot build the tokenizer of {given}: {reason}") from e
+        raise DataError(f"cannot build the tokenizer of {given}: {reason}") from e

@@ -32,7 +32,7 @@ Rules:
   under an exclusive lock on ``FILE.lock`` (:class:`VocabularyLock`), after reading the file
   again: two runs extending one file at the same time both end with the ids of that file.
 
-Errors are ``EDLConfigError`` (a ``ValueError``) naming the file and the entry.
+Errors are ``DataError`` (a ``ValueError``) naming the file and the entry.
 """
 
 from __future__ import annotations
@@ -48,14 +48,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from megatron_edl.config import EDLConfigError
 from megatron_edl.core.labels import GLOB_CHARS, load_strict_yaml
+from megatron_edl.core.options import EDLConfigError
+from megatron_edl.data.errors import DataError
 
 __all__ = [
     "LabelVocabulary",
     "VocabularyLock",
     "label_name_problem",
-    "load_strict_yaml",
     "load_yaml_file",
 ]
 
@@ -106,7 +106,7 @@ class LabelVocabulary:
         source: Where the entries come from, for error messages (a file path or a description).
 
     Raises:
-        EDLConfigError: if a name or an id breaks the rules.
+        DataError: if a name or an id breaks the rules.
     """
 
     def __init__(self, ids: Mapping[str, int] | None = None, *, source: str = "<vocabulary>"):
@@ -119,19 +119,19 @@ class LabelVocabulary:
     def _insert(self, name: object, label_id: object) -> None:
         problem = label_name_problem(name)
         if problem is not None:
-            raise EDLConfigError(f"{self.source}: label name {name!r} {problem}")
+            raise DataError(f"{self.source}: label name {name!r} {problem}")
         if isinstance(label_id, bool) or not isinstance(label_id, int):
-            raise EDLConfigError(
+            raise DataError(
                 f"{self.source}: id of label {name!r} must be an integer, got {label_id!r}"
             )
         if not 0 <= label_id <= _MAX_ID:
-            raise EDLConfigError(
+            raise DataError(
                 f"{self.source}: id of label {name!r} must lie in [0, {_MAX_ID}], got {label_id}"
             )
         if name in self._ids:
-            raise EDLConfigError(f"{self.source}: label {name!r} is listed twice")
+            raise DataError(f"{self.source}: label {name!r} is listed twice")
         if label_id in self._names:
-            raise EDLConfigError(
+            raise DataError(
                 f"{self.source}: id {label_id} is given to both {self._names[label_id]!r} "
                 f"and {name!r}"
             )
@@ -150,7 +150,7 @@ class LabelVocabulary:
 
         Raises:
             FileNotFoundError: if the file does not exist.
-            EDLConfigError: if the file is not a valid vocabulary.
+            DataError: if the file is not a valid vocabulary.
         """
         source = os.fspath(path)
         data = load_yaml_file(path, what="label vocabulary")
@@ -158,13 +158,13 @@ class LabelVocabulary:
             data = {"labels": {}}
         if not isinstance(data, dict) or set(data) != {"labels"}:
             keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
-            raise EDLConfigError(
+            raise DataError(
                 f"{source}: a label vocabulary has exactly one top-level key 'labels' "
                 f"(a mapping of name -> id), got {keys}"
             )
         labels = data["labels"] if data["labels"] is not None else {}
         if not isinstance(labels, dict):
-            raise EDLConfigError(
+            raise DataError(
                 f"{source}: 'labels' must map names to ids, got a {type(labels).__name__}"
             )
         return cls(labels, source=source)
@@ -206,7 +206,7 @@ class LabelVocabulary:
             The new id.
 
         Raises:
-            EDLConfigError: if the name is invalid or already present.
+            DataError: if the name is invalid or already present.
         """
         label_id = max(self._names, default=-1) + 1
         self._insert(name, label_id)
@@ -250,22 +250,24 @@ def load_yaml_file(path: str | os.PathLike, *, what: str) -> Any:
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        EDLConfigError: naming the file, if it is a folder, cannot be read, is not UTF-8 or not
+        DataError: naming the file, if it is a folder, cannot be read, is not UTF-8 or not
             valid YAML.
     """
     source = os.fspath(path)
     if os.path.isdir(source):
-        raise EDLConfigError(f"{source}: is a folder, not a {what} file")
+        raise DataError(f"{source}: is a folder, not a {what} file")
     try:
         return load_strict_yaml(path, what=what)
     except FileNotFoundError:
         raise
     except UnicodeDecodeError as e:
-        raise EDLConfigError(
+        raise DataError(
             f"{source}: the {what} is not UTF-8 text (byte {e.start}: {e.reason})"
         ) from None
     except OSError as e:
-        raise EDLConfigError(f"{source}: cannot read the {what}: {e.strerror or e}") from None
+        raise DataError(f"{source}: cannot read the {what}: {e.strerror or e}") from None
+    except EDLConfigError as e:  # the strict parser's own errors (duplicate key, bad YAML)
+        raise DataError(str(e)) from None
 
 
 class VocabularyLock:
@@ -280,7 +282,7 @@ class VocabularyLock:
         timeout_s: Seconds :meth:`acquire` waits before it gives up.
 
     Raises:
-        EDLConfigError: naming the lock file, if it cannot be created or opened.
+        DataError: naming the lock file, if it cannot be created or opened.
     """
 
     def __init__(self, vocab_path: str | os.PathLike, timeout_s: float = 600.0) -> None:
@@ -289,7 +291,7 @@ class VocabularyLock:
         try:
             self._fd: int | None = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o666)
         except OSError as e:
-            raise EDLConfigError(
+            raise DataError(
                 f"cannot create the lock file {self.path} beside the label vocabulary: "
                 f"{e.strerror or e}"
             ) from None
@@ -298,7 +300,7 @@ class VocabularyLock:
         """Take the lock, waiting at most ``timeout_s``.
 
         Raises:
-            EDLConfigError: naming the lock file, when the wait times out.
+            DataError: naming the lock file, when the wait times out.
         """
         assert self._fd is not None, "the lock was closed"
         deadline = time.monotonic() + self.timeout_s
@@ -313,7 +315,7 @@ class VocabularyLock:
                 logger.info("Waiting for %s: another run is updating the vocabulary", self.path)
                 waiting = True
             if time.monotonic() >= deadline:
-                raise EDLConfigError(
+                raise DataError(
                     f"{self.path}: another run held the label vocabulary's lock for over "
                     f"{self.timeout_s:g} s; is it stuck?"
                 )

@@ -57,9 +57,6 @@ Outputs, in ``output_dir``:
 * ``label_map_coarse.yaml``: the training label map (``--moe-edl-label-map``) from fine labels to
   the three coarse domains (``megatron_edl.core.labels.LabelMap`` format).
 * ``corpus.json``: the configuration, the per-source and per-domain counts, the output files.
-
-It stays one module, over 500 lines: the sources, the chunking and split rules and the builder
-implement the one deterministic fill procedure above, which this docstring specifies as a whole.
 """
 
 from __future__ import annotations
@@ -82,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_edl.config import EDLConfigError
+from megatron_edl.data.errors import DataError
 
 __all__ = [
     "DOMAINS",
@@ -1006,7 +1004,7 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
         if not args.output_dir:
             raise CorpusError("--output-dir is required (unless --list)")
         report = build_corpus(config)
-    except (CorpusError, EDLConfigError) as err:
+    except (CorpusError, DataError, EDLConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(report.table())

@@ -2,8 +2,7 @@
 
 Part of :mod:`megatron_edl.demo.quickstart`, which re-exports these names: the training
 command line (:func:`train_args`, :func:`training_command`; the training stage's fingerprint
-hashes it), the log-line parsing, :func:`evaluate_run` and :func:`write_report`. A little
-over 500 lines: training, evaluation and report share the run folder layout and the log parsing.
+hashes it), the log-line parsing, :func:`evaluate_run` and :func:`write_report`.
 """
 
 from __future__ import annotations
@@ -26,11 +25,11 @@ from megatron_edl.demo.stages import (
     Context,
     QuickstartError,
     RunSpec,
-    _prefix,
-    _tokenizer_args,
     coarse_label_map,
     config_json,
     model_setting,
+    split_prefix,
+    tokenizer_args,
 )
 
 # 4: training
@@ -168,7 +167,7 @@ def train_args(ctx: Context, run: RunSpec, *, telemetry: bool = True) -> list[st
     the quickstart's own options (``--nproc``, ``--train-iters``, ``--lr``, ``--seed``, the
     workdir) or are fixed here (no data workers, cosine decay, weight decay 0.01, clipping 1.0):
     a fixed flag moved into the YAML would move in the expanded command line, which is what a
-    training stage's stamp hashes (:func:`_expanded_train_args`), and every run trained so far
+    training stage's stamp hashes (:func:`expanded_train_args`), and every run trained so far
     (studies resumed over several sittings) would train again.
     """
     config = ctx.config
@@ -176,9 +175,9 @@ def train_args(ctx: Context, run: RunSpec, *, telemetry: bool = True) -> list[st
     return [
         *("--config-yaml", os.fspath(config.model)),  # expanded in place by the launcher
         *("--expert-model-parallel-size", str(config.nproc)),
-        *("--train-data-path", str(_prefix(ctx, "train", run.data))),
-        *("--valid-data-path", str(_prefix(ctx, "valid", run.data))),
-        *_tokenizer_args(ctx),
+        *("--train-data-path", str(split_prefix(ctx, "train", run.data))),
+        *("--valid-data-path", str(split_prefix(ctx, "valid", run.data))),
+        *tokenizer_args(ctx),
         *("--num-workers", "0"),
         *("--micro-batch-size", str(config.micro_batch_size)),
         *("--global-batch-size", str(config.global_batch_size)),
@@ -187,7 +186,7 @@ def train_args(ctx: Context, run: RunSpec, *, telemetry: bool = True) -> list[st
         *("--lr-decay-style", "cosine"),
         *("--lr-warmup-iters", str(max(1, config.train_iters // 20))),
         *("--weight-decay", "0.01", "--clip-grad", "1.0", "--seed", str(config.seed)),
-        *("--log-interval", str(_log_interval(config.train_iters))),
+        *("--log-interval", str(log_interval(config.train_iters))),
         *("--eval-iters", str(_eval_iters(ctx))),
         *("--eval-interval", str(config.train_iters + 1)),  # only the final evaluation
         *("--save", str(run_dir / "checkpoints"), "--save-interval", str(config.train_iters)),
@@ -197,7 +196,7 @@ def train_args(ctx: Context, run: RunSpec, *, telemetry: bool = True) -> list[st
     ]
 
 
-def _expanded_train_args(ctx: Context, run: RunSpec) -> list[str]:
+def expanded_train_args(ctx: Context, run: RunSpec) -> list[str]:
     """:func:`train_args` with the model's run config expanded: what a training stage's stamp
     depends on (an edit of the YAML reruns the runs; the same flags as when the model was
     written in Python, so the stamps of runs trained before stay valid)."""
@@ -215,7 +214,7 @@ def _eval_iters(ctx: Context) -> int:
     return max(1, tokens // per_iteration)
 
 
-def _log_interval(train_iters: int) -> int:
+def log_interval(train_iters: int) -> int:
     """About 20 log lines, at most every 10 iterations, and a divisor of ``train_iters`` (the
     last iteration is logged: the report averages the last lines)."""
     cap = max(1, min(10, train_iters // 20))

@@ -54,12 +54,12 @@ from typing import Any
 
 from megatron_edl.demo.evaluation import (
     LAST_LOG_LINES,  # noqa: F401 (re-exported)
-    _expanded_train_args,
-    _log_interval,  # noqa: F401 (re-exported)
     analysis_reports,  # noqa: F401 (re-exported)
     check_training_finished,  # noqa: F401 (re-exported)
     checkpointed_iteration,  # noqa: F401 (re-exported)
     evaluate_run,
+    expanded_train_args,
+    log_interval,  # noqa: F401 (re-exported)
     parse_iteration_line,
     per_domain_table,
     probe_command,  # noqa: F401 (re-exported)
@@ -83,23 +83,23 @@ from megatron_edl.demo.stages import (
     QuickstartError,
     RunSpec,
     Stage,
-    _clusters_dir,
-    _corpus_inputs,
-    _fit_settings,
-    _prefix,
     build_corpus_stage,
     cluster_count,
     cluster_counts,
+    clusters_dir,
     coarse_label_map,
     config_json,  # noqa: F401 (re-exported)
     control_labels,
+    corpus_inputs,
     edl_flags,  # noqa: F401 (re-exported)
     fit_clusters_stage,
+    fit_settings,
     model_setting,
     preprocess_clusters_stage,
     preprocess_stage,
     run_specs,
     run_stage,
+    split_prefix,
     stamp_path,  # noqa: F401 (re-exported)
     train_tokenizer_stage,
 )
@@ -136,7 +136,7 @@ def data_stages() -> list[Stage]:
     return [
         Stage(
             "corpus",
-            _corpus_inputs,
+            corpus_inputs,
             build_corpus_stage,
             lambda c: [c.corpus_dir / "corpus.json"],
         ),
@@ -151,7 +151,7 @@ def data_stages() -> list[Stage]:
             "preprocess",
             lambda c: {},
             preprocess_stage,
-            lambda c: [Path(f"{_prefix(c, s)}.idx") for s in ("train", "valid")],
+            lambda c: [Path(f"{split_prefix(c, s)}.idx") for s in ("train", "valid")],
             after=("corpus", "tokenizer"),
         ),
     ]
@@ -165,9 +165,9 @@ def cluster_stages(config: QuickstartConfig) -> list[Stage]:
         stages.append(
             Stage(
                 f"clusters:{k}",
-                lambda c, k=k: dataclasses.asdict(_fit_settings(c, k)),
+                lambda c, k=k: dataclasses.asdict(fit_settings(c, k)),
                 lambda c, k=k: fit_clusters_stage(c, k),
-                lambda c, k=k: [_clusters_dir(c, k) / "model.edlc"],
+                lambda c, k=k: [clusters_dir(c, k) / "model.edlc"],
                 after=("corpus",),
             )
         )
@@ -177,7 +177,7 @@ def cluster_stages(config: QuickstartConfig) -> list[Stage]:
                 lambda c: {},
                 lambda c, k=k: preprocess_clusters_stage(c, k),
                 lambda c, k=k: [
-                    Path(f"{_prefix(c, s, f'clusters-{k}')}.idx") for s in ("train", "valid")
+                    Path(f"{split_prefix(c, s, f'clusters-{k}')}.idx") for s in ("train", "valid")
                 ],
                 after=("preprocess", f"clusters:{k}"),
             )
@@ -190,7 +190,7 @@ def run_stages(runs: Sequence[RunSpec]) -> list[Stage]:
     stages = [
         Stage(
             f"train:{run.name}",
-            lambda c, run=run: {"args": _expanded_train_args(c, run)},
+            lambda c, run=run: {"args": expanded_train_args(c, run)},
             lambda c, run=run: train_stage(c, run),
             lambda c, run=run: [c.run_dir(run.name) / "train.log"],
             after=("preprocess", f"preprocess:{run.data}") if run.data else ("preprocess",),

@@ -3,8 +3,6 @@
 Part of :mod:`megatron_edl.demo.quickstart`, which re-exports these names: the settings
 (:class:`QuickstartConfig`, :class:`RunSpec`), the stages and their stamps (:class:`Context`,
 :class:`Stage`, :func:`run_stage`) and stages 1-3 (corpus, tokenizer, preprocessing, clusters).
-A little over 500 lines: the settings and the stamp machinery every stage reads stay with the
-data stages they fingerprint (a split would move the fingerprints away from what they hash).
 """
 
 from __future__ import annotations
@@ -321,7 +319,7 @@ class Stage:
     after: tuple[str, ...] = ()
 
 
-def _fingerprints(stage: Stage, ctx: Context) -> list[str]:
+def stage_fingerprints(stage: Stage, ctx: Context) -> list[str]:
     """``stage``'s fingerprint, then the ones an equal stage had under another spelling of the
     workdir.
 
@@ -370,7 +368,7 @@ def run_stage(
     With ``reuse_only`` a stage without a matching stamp is neither run nor touched: the return
     value is ``None``.
     """
-    fingerprints = _fingerprints(stage, ctx)
+    fingerprints = stage_fingerprints(stage, ctx)
     ctx.fingerprints[stage.name] = fingerprints[0]
     stamp = stamp_path(ctx, stage)
     prefix = f"[quickstart {index}/{total}] {stage.name}"
@@ -420,7 +418,7 @@ def _corpus_config(ctx: Context):
     )
 
 
-def _corpus_inputs(ctx: Context) -> Any:
+def corpus_inputs(ctx: Context) -> Any:
     config = _corpus_config(ctx).to_json()
     config.pop("output_dir")
     return config
@@ -456,11 +454,11 @@ def train_tokenizer_stage(ctx: Context) -> dict[str, Any]:
     return {"vocab_size": len(vocab)}
 
 
-def _tokenizer_args(ctx: Context) -> list[str]:
+def tokenizer_args(ctx: Context) -> list[str]:
     return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(ctx.tokenizer_dir)]
 
 
-def _prefix(ctx: Context, split: str, data: str = "") -> Path:
+def split_prefix(ctx: Context, split: str, data: str = "") -> Path:
     return (ctx.data_dir / data if data else ctx.data_dir) / f"{split}_text_document"
 
 
@@ -485,7 +483,7 @@ def _preprocess_splits(
         argv = [
             *("--input", str(ctx.corpus_dir / f"{split}.jsonl")),
             *("--output-prefix", str(out_dir / split)),
-            *_tokenizer_args(ctx),
+            *tokenizer_args(ctx),
             "--append-eod",
             *label_args,
             *("--workers", "1"),  # a few MB: worker start-up would cost more than it saves
@@ -493,7 +491,7 @@ def _preprocess_splits(
         ]
         if preprocess.main(argv) != 0:
             raise QuickstartError(f"{stage}: preprocessing the {split} split failed (above)")
-        stats = json.loads(Path(f"{_prefix(ctx, split, data)}.stats.json").read_text())
+        stats = json.loads(Path(f"{split_prefix(ctx, split, data)}.stats.json").read_text())
         tokens[split] = stats["tokens_written"]
         ctx.log(
             f"  {split}: {stats['documents_written']} documents, {stats['tokens_written']} tokens"
@@ -501,11 +499,11 @@ def _preprocess_splits(
     return {"tokens": tokens}
 
 
-def _clusters_dir(ctx: Context, k: int) -> Path:
+def clusters_dir(ctx: Context, k: int) -> Path:
     return ctx.workdir / "clusters" / f"k{k}"
 
 
-def _fit_settings(ctx: Context, k: int):
+def fit_settings(ctx: Context, k: int):
     from megatron_edl.data.domain_clusters import FitSettings
 
     return FitSettings(num_clusters=k, seed=ctx.config.seed)
@@ -515,9 +513,9 @@ def fit_clusters_stage(ctx: Context, k: int) -> dict[str, Any]:
     """Stage ``clusters:K``: K topic clusters fitted on the train split (the run's seed)."""
     from megatron_edl.data.domain_clusters import fit_from_inputs
 
-    folder = _clusters_dir(ctx, k)
+    folder = clusters_dir(ctx, k)
     folder.mkdir(parents=True, exist_ok=True)
-    model = fit_from_inputs([str(ctx.corpus_dir / "train.jsonl")], _fit_settings(ctx, k))
+    model = fit_from_inputs([str(ctx.corpus_dir / "train.jsonl")], fit_settings(ctx, k))
     model.save(folder / "model.edlc")
     sizes = model.header["sample"]["cluster_documents"]
     ctx.log("  " + ", ".join(f"{n} ({d})" for n, d in zip(model.names, sizes, strict=True)))
@@ -528,7 +526,7 @@ def preprocess_clusters_stage(ctx: Context, k: int) -> dict[str, Any]:
     """Stage ``preprocess:clusters-K``: the same documents labelled with the K clusters (a
     document without any of the model's terms keeps its place under ``unclustered``)."""
     labels = [
-        *("--domain-clusters", str(_clusters_dir(ctx, k) / "model.edlc")),
+        *("--domain-clusters", str(clusters_dir(ctx, k) / "model.edlc")),
         *("--on-missing", "fallback:unclustered"),
     ]
     result = _preprocess_splits(ctx, f"clusters-{k}", labels, f"preprocess:clusters-{k}")

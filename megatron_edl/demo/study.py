@@ -15,6 +15,7 @@ A study is a YAML file::
       random:                        # a mapping: flags plus the labels the arm trains on
         flags: --moe-edl-coeff 0.01
         labels: random                 # fine (default) | random | coarse | clusters:K
+    prune: [baseline, edl]           # optional: the arms whose runs are pruned (default: all)
 
 An arm's ``labels`` chooses what EDL sees, on the same documents: ``fine`` (the corpus's
 domains), ``random`` (the fine labels permuted per document with the quickstart's seed,
@@ -112,6 +113,8 @@ class StudyConfig:
     """Arm name -> its labels (``random``, ``coarse``, ``clusters:K``); absent: ``fine``."""
     reference: str = ""
     """The arm the paired differences are taken against (default: the first arm)."""
+    prune: tuple[str, ...] | None = None
+    """The arms whose runs get the pruning stage (``None``: every arm)."""
 
     def __post_init__(self) -> None:
         if not self.reference:
@@ -137,10 +140,11 @@ def load_study(path: str | os.PathLike, workdir: str | os.PathLike) -> StudyConf
     where = os.fspath(path)
     if not isinstance(data, dict):
         raise StudyError(f"{where}: a study is a mapping (seeds, arms, quickstart)")
-    unknown = sorted(set(data) - {"seeds", "arms", "quickstart", "reference"})
+    unknown = sorted(set(data) - {"seeds", "arms", "quickstart", "reference", "prune"})
     if unknown:
         raise StudyError(
-            f"{where}: unknown keys {unknown}; a study has seeds, arms, quickstart, reference"
+            f"{where}: unknown keys {unknown}; a study has seeds, arms, quickstart, reference, "
+            "prune"
         )
     seeds = data.get("seeds")
     if (
@@ -198,12 +202,18 @@ def load_study(path: str | os.PathLike, workdir: str | os.PathLike) -> StudyConf
     reference = data.get("reference", parsed_arms[0][0])
     if reference not in dict(parsed_arms):
         raise StudyError(f"{where}: reference {reference!r} is not an arm of the study")
+    prune = data.get("prune")
+    if prune is not None and (
+        not isinstance(prune, list) or not all(a in dict(parsed_arms) for a in prune)
+    ):
+        raise StudyError(f"{where}: prune must be a list of the study's arms, got {prune!r}")
     return StudyConfig(
         quickstart=config,
         seeds=tuple(seeds),
         arms=tuple(parsed_arms),
         labels=arm_labels,
         reference=reference,
+        prune=None if prune is None else tuple(prune),
     )
 
 
@@ -478,14 +488,21 @@ def write_study_report(
     return {"tables": tables}
 
 
-def _stages(
+def study_stages(
     ctx: qs.Context,
     study: StudyConfig,
     runs: Sequence[qs.RunSpec],
     pruned: Sequence[str] | None = None,
 ) -> list[qs.Stage]:
-    """Every stage; ``pruned``: the runs with a pruning stage (``None``: all of them)."""
-    prune_runs = [r for r in runs if pruned is None or r.name in pruned]
+    """Every stage; ``pruned``: the runs with a pruning stage (``None``: every run of the arms
+    in :attr:`StudyConfig.prune`)."""
+    arms = {f"{arm}-s{seed}": arm for arm, _ in study.arms for seed in study.seeds}
+    prune_runs = [
+        r
+        for r in runs
+        if (pruned is None or r.name in pruned)
+        and (study.prune is None or arms[r.name] in study.prune)
+    ]
     report = qs.Stage(
         "study-report",
         # "format" 3: study.json holds the probe's per-layer numbers (demo.trackers reads them),
@@ -543,7 +560,7 @@ def run_study(
     """
     ctx = qs.Context(config=study.quickstart, log=log)
     runs = study_runs(study)
-    stages = _stages(ctx, study, runs)
+    stages = study_stages(ctx, study, runs)
     shared = [s.name for s in qs.data_stages() + qs.cluster_stages(study.quickstart)]
     if only == "prepare":
         stages = [s for s in stages if s.name in shared]
@@ -563,7 +580,7 @@ def run_study(
             for s in stages
             if s.name.startswith("prune:") and qs.stamp_path(ctx, s).exists()
         ]
-        stages = _stages(ctx, study, runs, pruned)
+        stages = study_stages(ctx, study, runs, pruned)
     total = len(stages)
     stale = []
     for index, stage in enumerate(stages, 1):

@@ -49,11 +49,8 @@ process's cached result (the launcher resolves the training labels and, under th
 control, the evaluation labels too), so no rank reads the files again.
 
 The label sources (``LabelSource``, ``PrefixDomains``), ``BlendDomains``, the cache-key file
-helpers and ``shared_per_node`` live in :mod:`megatron_edl.integration.domain_sources` (re-exported
-here). The blend resolution and its cache stay here, next to the datasets that call them, so that
-replacing ``_resolve_blend`` or ``_read_sidecar_labels`` on this module (as the tests do) affects
-the resolution; with this docstring, which documents the labelled-data design, that keeps the
-module a little over 500 lines.
+helpers and ``shared_per_node`` are in :mod:`megatron_edl.integration.domain_sources`; the blend
+resolution and its cache are here, next to the datasets that call them.
 """
 
 from __future__ import annotations
@@ -84,19 +81,16 @@ from megatron_edl.core.segments import SampleLabelIndex, sample_token_labels
 from megatron_edl.data.merge import reconcile_vocabularies
 from megatron_edl.data.sidecar import SidecarMismatchError, read_sidecar, sidecar_path
 from megatron_edl.integration.domain_sources import (
-    SHARED_WAIT_S as SHARED_WAIT_S,  # re-exported (moved with shared_per_node)
-)
-from megatron_edl.integration.domain_sources import (
     BlendDomains,
     LabelSource,
     PrefixDomains,
-    _compact,
-    _file_state,
-    _label_files,
-    _sequence_count,
     blend_prefixes,
     check_named_ids,
+    compact,
     compact_ids,
+    file_state,
+    label_files,
+    sequence_count,
     shared_per_node,
     used_ids,
 )
@@ -247,21 +241,43 @@ class DomainLabelsMixin:
             )
         return self._label_index
 
+    _sample_documents: tuple[int, np.ndarray, list[int]] | None = None
+
     def _query_document_sample_shuffle_indices(self, idx):
         text, document_ids, document_lengths = super()._query_document_sample_shuffle_indices(idx)
         # __getitem__ may edit document_lengths in place: keep a copy for the labels.
-        self._sample_documents = (np.asarray(document_ids), list(document_lengths))
+        self._sample_documents = (idx, np.asarray(document_ids), list(document_lengths))
         return text, document_ids, document_lengths
 
+    def sample_documents(self, idx: int | None) -> tuple[np.ndarray, list[int]]:
+        """The document ids and lengths of the sample ``idx`` fetched last (by ``__getitem__``).
+
+        Raises:
+            RuntimeError: Megatron's ``__getitem__`` did not call
+                ``_query_document_sample_shuffle_indices`` for this ``idx`` (the order the
+                ``gpt-dataset-sample-documents`` touch relies on changed).
+        """
+        wanted = 0 if idx is None else idx  # Megatron fetches sample 0 for a padding sample
+        stashed = self._sample_documents
+        if stashed is None or stashed[0] != wanted:
+            raise RuntimeError(
+                f"{type(self).__name__}[{idx}]: GPTDataset.__getitem__ did not call "
+                f"_query_document_sample_shuffle_indices({wanted}) (got "
+                f"{None if stashed is None else stashed[0]}); see the touch "
+                "gpt-dataset-sample-documents in megatron_edl/integration/internals.py"
+            )
+        return stashed[1], stashed[2]
+
     def __getitem__(self, idx):
+        self._sample_documents = None
         sample = super().__getitem__(idx)  # loads Megatron's indices on the first call
+        document_ids, lengths = self.sample_documents(idx)
         index = self._sample_label_index() if idx is not None else None
         if index is not None:
             domain_ids_S, weights_S = index.labels(int(self.shuffle_index[idx]))
             sample[DOMAIN_IDS_KEY] = torch.from_numpy(domain_ids_S)
             sample[WEIGHTS_KEY] = torch.from_numpy(weights_S)
             return sample
-        document_ids, lengths = self._sample_documents
         if idx is None:  # a padding sample: nothing in it is labelled
             domains = np.full(len(document_ids), -1, dtype=np.int64)
         else:
@@ -314,7 +330,7 @@ class DomainMockGPTDataset(DomainLabelsMixin, MockGPTDataset):
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_sidecar_labels(prefix: str) -> tuple[np.ndarray, dict[str, int]]:
+def read_sidecar_labels(prefix: str) -> tuple[np.ndarray, dict[str, int]]:
     try:
         return read_sidecar(prefix)
     except FileNotFoundError as err:
@@ -410,9 +426,9 @@ def resolve_blend_domains(
     key = (
         source,
         prefixes,
-        tuple(_file_state(f) for p in prefixes for f in _label_files(p, source)),
-        _file_state(domains_per_prefix if source is LabelSource.PREFIX else None),
-        None if cfg is None else (_file_state(cfg.label_map), str(cfg.control), cfg.random_seed),
+        tuple(file_state(f) for p in prefixes for f in label_files(p, source)),
+        file_state(domains_per_prefix if source is LabelSource.PREFIX else None),
+        None if cfg is None else (file_state(cfg.label_map), str(cfg.control), cfg.random_seed),
     )
     with _BLEND_LOCK:
         if key not in _BLEND_CACHE:
@@ -431,7 +447,7 @@ def _resolve_blend(
 ) -> BlendDomains:
     remapped: tuple[str, ...] = ()
     if source is LabelSource.SIDECAR:
-        labels = [_read_sidecar_labels(p) for p in prefixes]
+        labels = [read_sidecar_labels(p) for p in prefixes]
         for prefix, (ids, own_vocabulary) in zip(prefixes, labels, strict=True):
             check_named_ids(ids, own_vocabulary, str(sidecar_path(prefix)))
         merge = reconcile_vocabularies(
@@ -453,7 +469,7 @@ def _resolve_blend(
         assert per_prefix_file is not None
         table = PrefixDomains.from_yaml(per_prefix_file)
         vocabulary = table.vocabulary
-        stored = [np.full(_sequence_count(p), table.stored_id(p), dtype=np.int64) for p in prefixes]
+        stored = [np.full(sequence_count(p), table.stored_id(p), dtype=np.int64) for p in prefixes]
 
     loss = stored
     loss_domains = None
@@ -469,8 +485,8 @@ def _resolve_blend(
     return BlendDomains(
         prefixes=prefixes,
         vocabulary=dict(vocabulary),
-        stored_ids={p: _compact(ids) for p, ids in zip(prefixes, stored, strict=True)},
-        loss_ids={p: _compact(np.asarray(ids)) for p, ids in zip(prefixes, loss, strict=True)},
+        stored_ids={p: compact(ids) for p, ids in zip(prefixes, stored, strict=True)},
+        loss_ids={p: compact(np.asarray(ids)) for p, ids in zip(prefixes, loss, strict=True)},
         remapped=remapped,
         loss_domains=loss_domains,
     )

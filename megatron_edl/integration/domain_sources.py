@@ -4,8 +4,7 @@ The label source (:class:`LabelSource`: a ``<prefix>.domains`` sidecar or one do
 prefix from a YAML file, :class:`PrefixDomains`), the resolved labels of a whole blend
 (:class:`BlendDomains`), the file helpers that key the label cache, and
 :func:`shared_per_node` (one reader per node). The resolution itself
-(``resolve_blend_domains``) and its cache stay in :mod:`megatron_edl.integration.dataset`,
-which re-exports these names.
+(``resolve_blend_domains``) and its cache are in :mod:`megatron_edl.integration.dataset`.
 """
 
 from __future__ import annotations
@@ -211,7 +210,7 @@ _JSONL_SUFFIXES = (".jsonl", ".json")
 """Blend entries that are SFT JSON Lines files (``SFTDataset``'s paths), not indexed prefixes."""
 
 
-def _label_files(prefix: str, source: LabelSource) -> tuple[str, ...]:
+def label_files(prefix: str, source: LabelSource) -> tuple[str, ...]:
     """The files a prefix's labels depend on (their sizes and times key the label cache)."""
     if prefix.endswith(_JSONL_SUFFIXES):
         return (prefix,)
@@ -222,7 +221,7 @@ def _label_files(prefix: str, source: LabelSource) -> tuple[str, ...]:
     )
 
 
-def _sequence_count(prefix: str) -> int:
+def sequence_count(prefix: str) -> int:
     """Sequences of ``<prefix>.idx`` (from its header), or records (non-blank lines) of an SFT
     JSON Lines file."""
     if prefix.endswith(_JSONL_SUFFIXES):
@@ -236,7 +235,7 @@ def _sequence_count(prefix: str) -> int:
     return struct.unpack_from("<Q", header, 18)[0]
 
 
-def _file_state(path: str | os.PathLike | None) -> tuple:
+def file_state(path: str | os.PathLike | None) -> tuple:
     if path is None:
         return (None,)
     try:
@@ -287,7 +286,7 @@ def check_named_ids(ids_N: np.ndarray, vocabulary: Mapping[str, int], source: st
         )
 
 
-def _compact(ids_N: np.ndarray) -> np.ndarray:
+def compact(ids_N: np.ndarray) -> np.ndarray:
     top = int(ids_N.max()) if ids_N.size else 0
     return ids_N.astype(np.int16 if top < np.iinfo(np.int16).max else np.int32)
 

@@ -16,7 +16,12 @@ runs only, switchable one by one); :func:`all_touches` lists both.
 Rules for a new touch: add an entry (what, why, remove_when; the exact ``target``), call
 :func:`touch` at the call site (in the class body for code run every forward, so the lookup
 happens once at import), and name the public API that would replace it in
-``remove_when``.
+``remove_when``. An override that hands a value to code running after the stock method returns
+depends on when Megatron calls it: its ``order`` says which order, and names the test that
+fails when the order changes.
+
+The megatron-core 0.19 workarounds of the launchers are in
+:mod:`megatron_edl.integration.workarounds`, each registered here.
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ class MegatronTouch:
     """The upstream change (public API, hook, argument) that would let it go."""
     parameters: tuple[str, ...] = ()
     """Parameter names the target must accept (checked for callables; empty: not checked)."""
+    order: str = ""
+    """For a handoff through an override (a value it keeps that our code reads after the stock
+    method calling it returns): the call order relied on, and ``path::test`` of the test that
+    fails when Megatron calls it in another order. Signatures cannot show an order."""
 
 
 TOUCHES: dict[str, MegatronTouch] = {}
@@ -130,7 +139,7 @@ _register(
     name="argparse-formatter",
     target="argparse:ArgumentParser._get_formatter",
     kind="private-call",
-    where="megatron_edl.pretrain_gpt.escape_percent_in_help",
+    where="megatron_edl.integration.workarounds.escape_percent_in_help",
     why="megatron-core 0.19.2 has a help string with a bare '%' that makes --help crash; we "
     "format every help string once through argparse's own formatter to find and escape them",
     remove_when="Megatron's help strings are %-safe (fixed upstream after 0.19.2)",
@@ -164,6 +173,9 @@ _register(
     remove_when="TopKRouter.routing returns (or exposes through a public hook) the dense scores "
     "of its score function",
     parameters=("probs", "scores_for_aux_loss", "routing_map", "with_padding_mask"),
+    order="TopKRouter.routing calls _apply_aux_loss before it returns (otherwise EDL computes "
+    "its own scores, correct but slower): tests/unit/integration/test_router_settings.py::"
+    "test_sigmoid_aux_loss_scores_are_reused_with_the_same_gradient",
 )
 
 # -- megatron_edl.integration.losses.orthogonality ----------------------------------------------
@@ -276,13 +288,13 @@ _register(
     parameters=("model_type", "model_provider_func", "checkpointing_context", "cfg_container"),
 )
 
-# -- megatron_edl.pretrain_gpt, integration.gpt, integration.dataset ---------------------------
+# -- integration.workarounds, integration.gpt, integration.dataset ------------------------------
 
 _register(
     name="dataset-helpers-compile",
     target="megatron.core.datasets.utils:compile_helpers",
     kind="rebind",
-    where="megatron_edl.pretrain_gpt.use_wheel_dataset_helpers",
+    where="megatron_edl.integration.workarounds.use_wheel_dataset_helpers",
     why="Megatron's initialize runs compile_helpers (make -C megatron/core/datasets) on rank 0 and "
     "exits when it fails; the megatron-core wheel ships the compiled helpers_cpp but no Makefile, "
     "so we replace it by a no-op when the Makefile is absent and helpers_cpp imports",
@@ -313,4 +325,8 @@ _register(
     remove_when="GPTDataset returns (or exposes through a public hook) the document ids and "
     "lengths of each sample",
     parameters=("idx",),
+    order="GPTDataset.__getitem__(idx) calls it with idx (0 for a padding sample) on every "
+    "fetch, before it returns; otherwise the fetch raises naming this touch: "
+    "tests/unit/integration/test_dataset.py::"
+    "test_a_fetch_that_skips_the_document_query_is_refused",
 )

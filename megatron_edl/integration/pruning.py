@@ -136,7 +136,7 @@ def _global_layer(router) -> int:
     return layer_index(router.config, router.layer_number, is_mtp_layer=is_mtp).layer
 
 
-class _Recorder(Iterator):
+class Recorder(Iterator):
     """Draws from ``source`` and keeps what it drew, for :meth:`replay`."""
 
     def __init__(self, source) -> None:
@@ -211,7 +211,7 @@ def install_masked_evaluation(plan: Mapping[str, Any], out_path: str | os.PathLi
         if done:
             return evaluate(forward_step_func, data_iterator, model, *a, **kw)
         done = True
-        recorder = _Recorder(data_iterator) if data_iterator is not None else None
+        recorder = Recorder(data_iterator) if data_iterator is not None else None
         results, first = [], None
         for index, config in enumerate(configs):
             masks = config.get("masks")

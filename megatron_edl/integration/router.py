@@ -44,7 +44,7 @@ from megatron_edl.integration.losses.base import mtp_repeats
 from megatron_edl.integration.pruning import mask_expert_logits
 from megatron_edl.integration.telemetry import RouterStats
 
-__all__ = ["AuxLossTopKRouter", "DomainLabels"]
+__all__ = ["AuxLossTopKRouter"]
 
 
 class AuxLossTopKRouter(TopKRouter, LabelConsumer):

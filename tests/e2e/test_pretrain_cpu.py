@@ -26,9 +26,11 @@ def _assert_trained(result: RunResult, iters: int) -> None:
 
 @pytest.mark.parametrize("nproc,layout", [(1, "dp1"), *((2, name) for name in LAYOUTS)])
 def test_pretrain_runs_and_learns(nproc, layout):
-    """Started by torchrun, as a user starts it (the other tests fork their ranks)."""
+    """DP=1 and DP=2 are started by torchrun, as a user starts them; the other layouts, like
+    the rest of the suite, fork their ranks (tests/helpers/launch_ranks.py)."""
     flags = [*TINY_MOE_GPT, "--train-iters", str(TRAIN_ITERS), *LAYOUTS.get(layout, [])]
-    result = run_pretrain(nproc, flags, launcher="torchrun")
+    launcher = "torchrun" if layout in ("dp1", "dp2") else "fork"
+    result = run_pretrain(nproc, flags, launcher=launcher)
     _assert_trained(result, TRAIN_ITERS)
     losses = result.losses()
     # Mock data is learnable (the sequences are arange patterns): the loss must fall.

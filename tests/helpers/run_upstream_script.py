@@ -13,7 +13,7 @@ import runpy
 import sys
 
 from megatron_edl import cpu
-from megatron_edl.pretrain_gpt import cpu_argv, use_wheel_dataset_helpers
+from megatron_edl.integration.workarounds import use_wheel_dataset_helpers
 
 
 def main() -> None:
@@ -21,7 +21,7 @@ def main() -> None:
     cpu.apply()
     use_wheel_dataset_helpers()
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    sys.argv = [script, *cpu_argv(flags)]
+    sys.argv = [script, *cpu.argv_with_cpu_flags(flags)]
     runpy.run_path(script, run_name="__main__")
 
 

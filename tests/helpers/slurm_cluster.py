@@ -132,6 +132,9 @@ class SlurmCluster:
     def scontrol(self, *args: str) -> None:
         self._run(["scontrol", *args])
 
+    def scancel(self, job_id: int) -> None:
+        self._run(["scancel", str(job_id)])
+
     def wait(self, job_id: int, until, timeout_s: float, what: str) -> dict[str, str]:
         """Poll until ``until(job_dict)`` holds; a timeout names ``what`` and the job state."""
         deadline = time.monotonic() + timeout_s

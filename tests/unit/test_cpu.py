@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from megatron_edl import cpu
-from megatron_edl.pretrain_gpt import check_cpu_args, cpu_argv
 from tests.helpers.megatron_runs import LAYOUTS, TINY_MOE_GPT, run_pretrain
 
 
@@ -56,14 +55,14 @@ def test_patches_are_documented():
 
 
 def test_cpu_flags_are_injected_and_checked():
-    argv = cpu_argv(["--num-layers", "2"])
+    argv = cpu.argv_with_cpu_flags(["--num-layers", "2"])
     assert argv[-2:] == ["--num-layers", "2"]
     assert argv[argv.index("--transformer-impl") + 1] == "local"
     good = argparse.Namespace(**{attr: value for _, _, attr, value in cpu.CPU_FLAGS})
-    check_cpu_args(good)
+    cpu.check_args(good)
     bad = argparse.Namespace(**{**vars(good), "transformer_impl": "transformer_engine"})
     with pytest.raises(ValueError, match="--transformer-impl local.*transformer_engine"):
-        check_cpu_args(bad)
+        cpu.check_args(bad)
 
 
 def test_help_works():

@@ -49,6 +49,7 @@ def test_the_layering_holds():
         ("analysis/metrics.py", "import megatron.core", "Megatron is imported by the glue only"),
         ("data/sidecar.py", "import megatron_edl.data.preprocess", "no import cycles"),
         ("data/readers.py", "from megatron_edl.demo import corpus", "the product imports no demo"),
+        ("integration/gpt.py", "from megatron_edl import pretrain_gpt", "the launchers sit on top"),
     ],
 )
 def test_a_planted_violation_fails(copy_root, module, planted, contract):

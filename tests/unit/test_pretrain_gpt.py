@@ -1,8 +1,8 @@
-"""The launcher's EDL set-up on parsed Megatron arguments (nothing is launched).
+"""The launcher's set-up on parsed Megatron arguments, and its start-time refusals.
 
-``edl_config_from_args``, ``labels_config_from_args`` and ``install_edl`` are what both our
-launcher and the patched Megatron-LM script run: their errors must name the flag or file, and
-with no EDL flag they must change nothing.
+``run_config_from_args`` and ``install_edl`` (:mod:`megatron_edl.integration.install`) are what
+both our launcher and the patched Megatron-LM script run: their errors must name the flag or
+file, and with no megatron-edl flag they must change nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from megatron_edl.config import EDLConfigError
-from megatron_edl.pretrain_gpt import edl_config_from_args, install_edl, labels_config_from_args
+from megatron_edl.integration.install import install_edl, run_config_from_args
 from tests.helpers.megatron_runs import TINY_MOE_GPT
 
 
@@ -22,13 +22,13 @@ def parse(flags: list[str], monkeypatch):
     """Megatron's ``parse_args`` with our flags (no validation, no distributed set-up)."""
     from megatron.training.arguments import parse_args
 
-    from megatron_edl.pretrain_gpt import extra_args_provider
+    from megatron_edl.integration.install import extra_args_provider
 
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt", *flags])
     return parse_args(extra_args_provider)
 
 
-def _indexed(tmp_path, labels: list[int] | None):
+def indexed(tmp_path, labels: list[int] | None):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from megatron_edl.data.sidecar import write_sidecar
@@ -117,32 +117,32 @@ def test_edl_without_moe_names_the_flags(monkeypatch):
     del flags[i : i + 2]
     args = parse([*flags, "--moe-edl-coeff", "0.1"], monkeypatch)
     with pytest.raises(EDLConfigError, match="--num-experts"):
-        edl_config_from_args(args)
+        run_config_from_args(args)
 
 
 def test_missing_sidecar_names_the_file(tmp_path, monkeypatch):
-    prefix = _indexed(tmp_path, labels=None)
+    prefix = indexed(tmp_path, labels=None)
     args = parse([*_data_flags(prefix), "--moe-edl-coeff", "0.1"], monkeypatch)
     with pytest.raises(FileNotFoundError, match=r"corpus\.domains"):
-        edl_config_from_args(args)
+        run_config_from_args(args)
 
 
 def test_domain_names_come_from_the_sidecar_or_the_label_map(tmp_path, monkeypatch):
-    prefix = _indexed(tmp_path, labels=[0, 1, 2, 0, 1, 2])
+    prefix = indexed(tmp_path, labels=[0, 1, 2, 0, 1, 2])
     args = parse([*_data_flags(prefix), "--moe-edl-coeff", "0.1"], monkeypatch)
-    assert labels_config_from_args(args).domain_names == ("code", "prose", "math")
+    assert run_config_from_args(args).labels.domain_names == ("code", "prose", "math")
     label_map = tmp_path / "map.yaml"
     label_map.write_text("domains: [text, code]\nmap:\n  code: code\n  prose: text\n  math: text\n")
     args = parse(
         [*_data_flags(prefix), "--moe-edl-coeff", "0.1", "--moe-edl-label-map", str(label_map)],
         monkeypatch,
     )
-    cfg = labels_config_from_args(args)
+    cfg = run_config_from_args(args).labels
     assert (cfg.num_domains, cfg.domain_names) == (2, ("text", "code"))
 
 
 def test_label_map_that_does_not_match_the_data_names_the_key(tmp_path, monkeypatch):
-    prefix = _indexed(tmp_path, labels=[0, 1, 2, 0, 1, 2])
+    prefix = indexed(tmp_path, labels=[0, 1, 2, 0, 1, 2])
     label_map = tmp_path / "map.yaml"
     label_map.write_text("domains: [text]\nmap:\n  poetry: text\n")
     args = parse(
@@ -150,13 +150,13 @@ def test_label_map_that_does_not_match_the_data_names_the_key(tmp_path, monkeypa
         monkeypatch,
     )
     with pytest.raises(EDLConfigError, match=r"map\.yaml.*poetry"):
-        edl_config_from_args(args)
+        run_config_from_args(args)
 
 
 def test_label_map_that_does_not_cover_the_data_fails_before_the_model(tmp_path, monkeypatch):
     from megatron_edl.integration import dataset
 
-    prefix = _indexed(tmp_path, labels=[0, 1, 2, 0, 1, 2])
+    prefix = indexed(tmp_path, labels=[0, 1, 2, 0, 1, 2])
     label_map = tmp_path / "map.yaml"
     label_map.write_text("domains: [text, code]\nmap:\n  code: code\n  prose: text\n")
     args = parse(
@@ -164,10 +164,10 @@ def test_label_map_that_does_not_cover_the_data_fails_before_the_model(tmp_path,
         monkeypatch,
     )
     with pytest.raises(EDLConfigError, match=r"map\.yaml.*math"):
-        edl_config_from_args(args)
+        run_config_from_args(args)
     # A covering map: the launcher's resolution is the one the training dataset build reuses.
     label_map.write_text("domains: [text, code]\nmap:\n  code: code\n  '*': text\n")
-    cfg = labels_config_from_args(args)
+    cfg = run_config_from_args(args).labels
     monkeypatch.setattr(dataset, "_resolve_blend", None)  # a second resolution would fail
     blend = dataset.resolve_blend_domains([prefix], "sidecar", labels=cfg)
     assert blend.loss_ids[prefix].tolist() == [1, 0, 0, 1, 0, 0]
@@ -195,13 +195,13 @@ def test_launcher_only_flags_are_refused_elsewhere(flags, message, monkeypatch):
     ],
 )
 def test_thin_statistics_warn_at_start(extra, warned, monkeypatch, capsys):
-    from megatron_edl.pretrain_gpt import warn_thin_statistics
+    from megatron_edl.integration.install import warn_thin_statistics
 
     flags = [*TINY_MOE_GPT, "--moe-edl-coeff", "0.1", "--moe-edl-mock-domains", "3", *extra]
     args = parse(flags, monkeypatch)
     args.data_parallel_size = 1
-    cfg = edl_config_from_args(args)
-    estimate = warn_thin_statistics(args, cfg, labels_config_from_args(args).num_domains)
+    cfg = run_config_from_args(args).edl
+    estimate = warn_thin_statistics(args, cfg, run_config_from_args(args).labels.num_domains)
     err = capsys.readouterr().err
     assert ("sequences per domain" in err) is warned, (estimate, err)
     expected = {(): 2 / 3, ("--moe-edl-window-decay", "0.9"): 2 / 3 / 0.1}.get(tuple(extra))
@@ -234,13 +234,13 @@ def _mock_edl(*extra: str) -> list[str]:
 def test_mock_flags_the_run_cannot_use_are_refused(extra, message, monkeypatch):
     args = parse(_mock_edl(*extra), monkeypatch)
     with pytest.raises(EDLConfigError, match=message):
-        edl_config_from_args(args)
+        run_config_from_args(args)
 
 
 def test_labels_without_the_loss_may_have_one_domain(monkeypatch):
     args = parse([*TINY_MOE_GPT, "--moe-edl-eval-per-domain", "--moe-edl-mock-domains", "1"],
                  monkeypatch)  # fmt: skip
-    assert labels_config_from_args(args).num_domains == 1
+    assert run_config_from_args(args).labels.num_domains == 1
 
 
 @pytest.mark.parametrize(
@@ -253,12 +253,12 @@ def test_labels_without_the_loss_may_have_one_domain(monkeypatch):
 def test_a_label_map_leaving_fewer_than_two_domains_is_refused(
     text, message, tmp_path, monkeypatch
 ):
-    prefix = _indexed(tmp_path, labels=[0, 1, 2, 0, 1, 2])
+    prefix = indexed(tmp_path, labels=[0, 1, 2, 0, 1, 2])
     label_map = tmp_path / "map.yaml"
     label_map.write_text(text)
     flags = [*_data_flags(prefix), "--moe-edl-coeff", "0.1", "--moe-edl-label-map", str(label_map)]
     with pytest.raises(EDLConfigError, match=rf"{label_map} \(--moe-edl-label-map\).*{message}"):
-        edl_config_from_args(parse(flags, monkeypatch))
+        run_config_from_args(parse(flags, monkeypatch))
 
 
 def test_mock_data_with_an_uncovered_label_map_is_refused_at_start(tmp_path, monkeypatch):
@@ -266,7 +266,7 @@ def test_mock_data_with_an_uncovered_label_map_is_refused_at_start(tmp_path, mon
     label_map.write_text("domains: [a, b]\nmap: {0: a, 1: b}\n")  # mock ids 2 and 3 uncovered
     args = parse(_mock_edl("--moe-edl-label-map", str(label_map)), monkeypatch)
     with pytest.raises(EDLConfigError, match=rf"{label_map}: .*does not cover 2 stored label"):
-        edl_config_from_args(args)
+        run_config_from_args(args)
 
 
 def test_the_loss_domains_are_the_ids_the_data_uses(tmp_path, monkeypatch):
@@ -281,16 +281,16 @@ def test_the_loss_domains_are_the_ids_the_data_uses(tmp_path, monkeypatch):
         builder.add_document(np.array([i + 1, 1023]), [2])
     builder.finalize(f"{prefix}.idx")
     write_sidecar(prefix, np.array([0, 32639, 0, 32639]), {"code": 0, "web": 1, "old": 32639})
-    cfg = labels_config_from_args(
+    cfg = run_config_from_args(
         parse([*_data_flags(prefix), "--moe-edl-coeff", "0.1"], monkeypatch)
-    )
+    ).labels
     assert (cfg.num_domains, cfg.domain_names) == (2, ("code", "old"))
 
 
 def test_a_flipped_sidecar_id_is_refused_at_start(tmp_path, monkeypatch):
     from megatron_edl.data.sidecar import SidecarMismatchError
 
-    prefix = _indexed(tmp_path, labels=[0, 1, 2, 0, 1, 2])
+    prefix = indexed(tmp_path, labels=[0, 1, 2, 0, 1, 2])
     sidecar = tmp_path / "corpus.domains"
     data = bytearray(sidecar.read_bytes())
     data[-2:] = np.int16(32639).tobytes()
@@ -299,7 +299,7 @@ def test_a_flipped_sidecar_id_is_refused_at_start(tmp_path, monkeypatch):
     with pytest.raises(
         SidecarMismatchError, match=r"corpus\.domains: sequence 5 has domain id 32639"
     ):
-        edl_config_from_args(args)
+        run_config_from_args(args)
 
 
 def test_an_unusable_stats_dir_is_refused_at_start(tmp_path, monkeypatch):
@@ -307,7 +307,7 @@ def test_an_unusable_stats_dir_is_refused_at_start(tmp_path, monkeypatch):
     blocker.write_text("")
     flags = [*TINY_MOE_GPT, "--moe-edl-stats-interval", "1", "--moe-edl-stats-dir", f"{blocker}/s"]
     with pytest.raises(ValueError, match=rf"^--moe-edl-stats-dir {blocker}/s: .*below the file"):
-        edl_config_from_args(parse(flags, monkeypatch))
+        run_config_from_args(parse(flags, monkeypatch))
 
 
 def _window_checkpoint(folder, num_domains: int, num_experts: int) -> None:

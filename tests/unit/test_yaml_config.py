@@ -36,12 +36,12 @@ def config_env(monkeypatch):
         monkeypatch.setenv(name, value)
 
 
-def _megatron_args(flags: list[str], monkeypatch):
+def megatron_args(flags: list[str], monkeypatch):
     """Megatron's parse_args + validate_args on ``flags`` (our extra args included)."""
     import torch
     from megatron.training.arguments import parse_args, validate_args
 
-    from megatron_edl.pretrain_gpt import extra_args_provider
+    from megatron_edl.integration.install import extra_args_provider
 
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt", *flags])
     # The GPU configs target H100/H200 (grouped GEMM checks the compute capability).
@@ -72,10 +72,10 @@ def test_config_is_valid_megatron_arguments(path, config_env, monkeypatch):
 
     flags = flags_from_yaml(path)
     if path.stem.startswith("tiny"):
-        from megatron_edl.pretrain_gpt import cpu_argv
+        from megatron_edl.cpu import argv_with_cpu_flags
 
-        flags = cpu_argv(flags)
-    args = _megatron_args(flags, monkeypatch)
+        flags = argv_with_cpu_flags(flags)
+    args = megatron_args(flags, monkeypatch)
     cfg = EDLConfig.from_args(args)
     baseline = path.stem.endswith("_baseline")
     assert cfg.enabled is not baseline
@@ -89,7 +89,7 @@ def test_parameter_counts_match_the_scale_name(path, config_env, monkeypatch):
     from megatron.training.theoretical_memory_usage import compute_weight_and_optimizer_memory
 
     total_b, active_b = map(float, _SCALE_RE.fullmatch(path.stem).groups())
-    args = _megatron_args(flags_from_yaml(path), monkeypatch)
+    args = megatron_args(flags_from_yaml(path), monkeypatch)
     args.padded_vocab_size = 50304  # GPT-2 BPE's 50257 padded to a multiple of 128
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

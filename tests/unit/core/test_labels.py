@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from megatron_edl.config import EDLConfigError
-from megatron_edl.core.labels import IGNORE_DOMAIN, LabelMap, permute_document_labels
+from megatron_edl.core.edl import IGNORE_DOMAIN
+from megatron_edl.core.labels import LabelMap, permute_document_labels
 
 VOCAB = {"en/sports": 0, "en/ads": 1, "zh/news": 2, "math": 3, "en/news": 4, "zh/ads": 5}
 THREE = ["english", "chinese", "math"]

@@ -10,10 +10,10 @@ from megatron_edl.core.schedule import edl_coefficient
 from tests.helpers.distributed import run_distributed
 from tests.helpers.megatron_runs import TINY_MOE_GPT, run_pretrain
 from tests.unit.integration.test_router import (
-    _forward_backward,
-    _make_router,
-    _one_process_job,
-    _take_edl_loss,
+    forward_backward,
+    make_router,
+    one_process_job,
+    take_edl_loss,
 )
 
 
@@ -47,12 +47,12 @@ def test_negative_schedule_values_name_the_flag(field, flag):
 
 def _schedule_job(rank: int, world_size: int, seed: int) -> dict:
     """The same micro-batch at several optimizer steps: the EDL gradient is scaled by beta(i)."""
-    job, batch = _one_process_job(seed)
+    job, batch = one_process_job(seed)
     out = {}
     for iteration in (None, 0, 1, 2, 3, 4):
-        router = _make_router(job, start_iter=1, warmup_iters=3)
-        _forward_backward(router, job, batch, iteration=iteration)
-        out[iteration] = (_take_edl_loss(), router.weight.grad.clone())
+        router = make_router(job, start_iter=1, warmup_iters=3)
+        forward_backward(router, job, batch, iteration=iteration)
+        out[iteration] = (take_edl_loss(), router.weight.grad.clone())
     return out
 
 

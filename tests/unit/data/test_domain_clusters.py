@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from megatron_edl.config import EDLConfigError
 from megatron_edl.core.labels import LabelMap
 from megatron_edl.data.domain_clusters import (
     MAGIC,
@@ -25,6 +24,7 @@ from megatron_edl.data.domain_clusters import (
     fit_from_inputs,
     sample_texts,
 )
+from megatron_edl.data.errors import DataError
 from megatron_edl.data.preprocess import (
     ClassifierLabel,
     ClusterLabel,
@@ -149,7 +149,7 @@ def test_coarse_label_map_covers_every_cluster(corpus, tmp_path):
     assert label_map.lookup_table(len(model.names) + 1)[-1] == -1
     # Without a coarse level there is no map.
     plain = DomainModel(dict(model.header, coarse=None), model.vectorizer, model.kmeans)
-    with pytest.raises(EDLConfigError, match="--coarse-domains"):
+    with pytest.raises(DataError, match="--coarse-domains"):
         plain.label_map()
 
 
@@ -246,7 +246,7 @@ def test_corrupt_or_other_version_model_is_refused(corpus, tmp_path, tiny_tokeni
     for name, content in cases.items():
         path = tmp_path / name
         path.write_bytes(content)
-        with pytest.raises(EDLConfigError, match=re.escape(expected[name])) as error:
+        with pytest.raises(DataError, match=re.escape(expected[name])) as error:
             DomainModel.load(path)
         assert str(path) in str(error.value)
         assert main([*argv, "--domain-clusters", str(path)]) == 1

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
-from megatron_edl.config import EDLConfigError
+from megatron_edl.data.errors import DataError
 from megatron_edl.data.preprocess import (
     CallableLabel,
     FieldLabel,
@@ -406,7 +406,7 @@ def test_nested_field_and_integer_labels(tmp_path, tiny_tokenizer_args):
     assert vocabulary == {"Pile-CC": 0, "42": 1, "unlabelled": 2}
     assert ids.tolist() == [0, 1, 2, 0]
     assert stats["labels"]["relabelled_to_fallback"]["missing_label"] == 1
-    with pytest.raises(EDLConfigError, match="--domain-field"):
+    with pytest.raises(DataError, match="--domain-field"):
         FieldLabel("meta..x")
 
 
@@ -455,7 +455,7 @@ def test_path_map_with_globs(tmp_path, tiny_tokenizer_args):
         )
     bad = tmp_path / "bad_map.yaml"
     bad.write_text("'a*': yes\n")
-    with pytest.raises(EDLConfigError, match=r"bad_map\.yaml: label True"):
+    with pytest.raises(DataError, match=r"bad_map\.yaml: label True"):
         PathLabel.from_yaml(str(bad))
 
 
@@ -484,9 +484,9 @@ def test_callable_labels(tmp_path, tiny_tokenizer_args, monkeypatch):
     boom = write_jsonl(tmp_path / "boom.jsonl", [{"text": "fine"}, {"text": "boom"}])
     with pytest.raises(PreprocessError, match=r"boom\.jsonl:2: RuntimeError: classifier exploded"):
         run(tiny_tokenizer_args, [boom], tmp_path, label_source=source, workers=2)
-    with pytest.raises(EDLConfigError, match="cannot import"):
+    with pytest.raises(DataError, match="cannot import"):
         run(tiny_tokenizer_args, [src], tmp_path, label_source=CallableLabel("no_such_mod:f"))
-    with pytest.raises(EDLConfigError, match="module:function"):
+    with pytest.raises(DataError, match="module:function"):
         CallableLabel("edl_test_topics")
 
 
@@ -554,14 +554,14 @@ def test_vocabulary_and_policy_errors(tmp_path, tiny_tokenizer_args):
         ('labels:\n  "a\\ud800": 0\n', "unpaired surrogate"),
     ]:
         path.write_text(text)
-        with pytest.raises(EDLConfigError, match=rf"v\.yaml: .*{fragment}"):
+        with pytest.raises(DataError, match=rf"v\.yaml: .*{fragment}"):
             LabelVocabulary.from_yaml(path)
-    with pytest.raises(EDLConfigError, match="fail, skip or fallback:NAME"):
+    with pytest.raises(DataError, match="fail, skip or fallback:NAME"):
         LabelPolicy.parse("ignore", "--on-unknown")
-    with pytest.raises(EDLConfigError, match="--on-missing 'fallback:a\\*'"):
+    with pytest.raises(DataError, match="--on-missing 'fallback:a\\*'"):
         LabelPolicy.parse("fallback:a*", "--on-missing")
     src = write_jsonl(tmp_path / "in.jsonl", [good()])
-    with pytest.raises(EDLConfigError, match="'nope' is not in .*vocab.yaml"):
+    with pytest.raises(DataError, match="'nope' is not in .*vocab.yaml"):
         run(
             tiny_tokenizer_args,
             [src],
@@ -569,13 +569,13 @@ def test_vocabulary_and_policy_errors(tmp_path, tiny_tokenizer_args):
             label_vocab=str(vocab_file(tmp_path)),
             on_unknown=LabelPolicy("fallback", "nope"),
         )
-    with pytest.raises(EDLConfigError, match="--extend-vocab needs --label-vocab"):
+    with pytest.raises(DataError, match="--extend-vocab needs --label-vocab"):
         run(tiny_tokenizer_args, [src], tmp_path, extend_vocab=True)
-    with pytest.raises(EDLConfigError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         run(tiny_tokenizer_args, [src], tmp_path, label_vocab=str(tmp_path / "absent.yaml"))
-    with pytest.raises(EDLConfigError, match="--workers must be >= 1, got 0"):
+    with pytest.raises(DataError, match="--workers must be >= 1, got 0"):
         run(tiny_tokenizer_args, [src], tmp_path, workers=0)
-    with pytest.raises(EDLConfigError, match="--chunk-size must be >= 1, got 0"):
+    with pytest.raises(DataError, match="--chunk-size must be >= 1, got 0"):
         run(tiny_tokenizer_args, [src], tmp_path, chunk_records=0)
 
 

@@ -204,7 +204,7 @@ def test_pool_broken_between_a_result_and_the_next_submit(monkeypatch):
     chunks = [Chunk("in.jsonl", 0, 1 + 16 * i, [b"{}"] * 16, 0) for i in range(3)]
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
     try:
-        results = preprocess_workers._ordered_map(pool, ((c, None) for c in chunks), window=1)
+        results = preprocess_workers.ordered_map(pool, ((c, None) for c in chunks), window=1)
         assert next(results) == 1  # nothing is in flight now
         (worker,) = list(pool._processes)  # the pool's private table: no public accessor
         os.kill(worker, signal.SIGKILL)

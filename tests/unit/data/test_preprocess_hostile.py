@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 import megatron_edl.data.preprocess as preprocess_module
 from megatron_edl.data import readers
 from megatron_edl.data.preprocess import build_megatron_tokenizer, main
-from megatron_edl.data.preprocess_output import _DatasetWriter
+from megatron_edl.data.preprocess_output import DatasetWriter
 from megatron_edl.data.sidecar import read_sidecar
 from megatron_edl.data.vocabulary import LabelVocabulary
 from tests.helpers.data_helpers import (  # noqa: F401 (fixtures)
@@ -333,13 +333,13 @@ def test_disk_full_is_one_line_and_leaves_nothing_behind(
     tmp_path, tiny_tokenizer_dir, capsys, monkeypatch
 ):
     src = write_jsonl(tmp_path / "in.jsonl", make_corpus(300, seed=3))
-    real_init = _DatasetWriter.__init__
+    real_init = DatasetWriter.__init__
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         self.builder.data_file = FullDisk(self.builder.data_file, limit=2000)
 
-    monkeypatch.setattr(_DatasetWriter, "__init__", init)
+    monkeypatch.setattr(DatasetWriter, "__init__", init)
     out = tmp_path / "out"
     assert main(argv_for(tiny_tokenizer_dir, [src], out / "ds")) == 1
     line = error_line(capsys)

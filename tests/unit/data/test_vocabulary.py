@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_edl.config import EDLConfigError
+from megatron_edl.data.errors import DataError
 from megatron_edl.data.vocabulary import LabelVocabulary, VocabularyLock, label_name_problem
 
 # Each was accepted before issue 26; the first three broke the file's round trip.
@@ -41,12 +41,12 @@ def test_unprintable_characters_are_no_label_names(tmp_path, char):
     name = f"en/sci{char}ence"
     problem = label_name_problem(name)
     assert problem is not None and f"U+{ord(char):04X}" in problem
-    with pytest.raises(EDLConfigError, match="non-printable character"):
+    with pytest.raises(DataError, match="non-printable character"):
         LabelVocabulary().add(name)
     # A file holding one (written by an older version, or by hand) is refused by name.
     path = tmp_path / "v.yaml"
     path.write_text('labels:\n  "en/sci' + f"\\u{ord(char):04x}" + 'ence": 0\n', encoding="utf-8")
-    with pytest.raises(EDLConfigError, match=r"v\.yaml: label name .* non-printable"):
+    with pytest.raises(DataError, match=r"v\.yaml: label name .* non-printable"):
         LabelVocabulary.from_yaml(path)
 
 
@@ -69,11 +69,11 @@ def test_every_valid_name_round_trips_through_the_file(tmp_path_factory, names):
 
 def test_a_folder_or_non_utf8_vocabulary_is_one_named_error(tmp_path):
     (tmp_path / "dir.yaml").mkdir()
-    with pytest.raises(EDLConfigError, match=r"dir\.yaml: is a folder, not a label vocabulary"):
+    with pytest.raises(DataError, match=r"dir\.yaml: is a folder, not a label vocabulary"):
         LabelVocabulary.from_yaml(tmp_path / "dir.yaml")
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("labels:\n  caf\xe9: 0\n".encode("latin-1"))
-    with pytest.raises(EDLConfigError, match=r"latin\.yaml: the label vocabulary is not UTF-8"):
+    with pytest.raises(DataError, match=r"latin\.yaml: the label vocabulary is not UTF-8"):
         LabelVocabulary.from_yaml(latin)
     with pytest.raises(FileNotFoundError):
         LabelVocabulary.from_yaml(tmp_path / "absent.yaml")
@@ -96,7 +96,7 @@ def test_lock_excludes_another_process_and_times_out_by_name(tmp_path):
         while not os.path.exists(ready) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert os.path.exists(ready), "the lock holder did not start"
-        with pytest.raises(EDLConfigError, match=r"v\.yaml\.lock: another run held"):
+        with pytest.raises(DataError, match=r"v\.yaml\.lock: another run held"):
             VocabularyLock(path, timeout_s=0.2).acquire()
         start = time.monotonic()
         lock = VocabularyLock(path, timeout_s=30)
@@ -111,5 +111,5 @@ def test_lock_excludes_another_process_and_times_out_by_name(tmp_path):
 
 
 def test_lock_file_in_a_missing_folder_is_one_named_error(tmp_path):
-    with pytest.raises(EDLConfigError, match=r"cannot create the lock file .*nope/v\.yaml\.lock"):
+    with pytest.raises(DataError, match=r"cannot create the lock file .*nope/v\.yaml\.lock"):
         VocabularyLock(tmp_path / "nope" / "v.yaml")

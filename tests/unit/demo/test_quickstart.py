@@ -188,9 +188,9 @@ def test_same_flags_for_every_run_but_edl(tmp_path):
 
 def test_completion_is_read_from_the_checkpoint_tracker(tmp_path):
     # 125 iterations: the log interval divides them, and the check does not read the log.
-    assert quickstart._log_interval(125) == 5
+    assert quickstart.log_interval(125) == 5
     for iters in (1, 7, 19, 20, 125, 500, 1000):
-        interval = quickstart._log_interval(iters)
+        interval = quickstart.log_interval(iters)
         assert iters % interval == 0 and 1 <= interval <= 10
     log = tmp_path / "train.log"
     log.write_text("iteration      120/     125 | lm loss: 3.0 |\n")

@@ -31,15 +31,15 @@ def _stage(calls: list[str]) -> sg.Stage:
 
 def test_relative_and_absolute_workdir_give_one_fingerprint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    relative = sg._fingerprints(_stage([]), _context("runs/w"))[0]
-    absolute = sg._fingerprints(_stage([]), _context(tmp_path / "runs" / "w"))[0]
-    other = sg._fingerprints(_stage([]), _context("runs/v"))[0]
+    relative = sg.stage_fingerprints(_stage([]), _context("runs/w"))[0]
+    absolute = sg.stage_fingerprints(_stage([]), _context(tmp_path / "runs" / "w"))[0]
+    other = sg.stage_fingerprints(_stage([]), _context("runs/v"))[0]
     assert relative == absolute
     # the workdir's name itself is not hashed; what is under it is
     assert other == relative
     assert (
-        sg._fingerprints(_stage([]), _context("runs/w"))[0]
-        != sg._fingerprints(
+        sg.stage_fingerprints(_stage([]), _context("runs/w"))[0]
+        != sg.stage_fingerprints(
             sg.Stage("train:toy", lambda c: {"args": ["--lr", "1e-3"]}, lambda c: {}, lambda c: []),
             _context("runs/w"),
         )[0]
@@ -81,7 +81,7 @@ def test_reuse_only_neither_runs_nor_deletes_a_stale_stamp(tmp_path):
     assert calls == [] and json.loads(stamp.read_text()) == stale
     # without reuse_only the stale stage runs and its stamp gets the canonical fingerprint
     assert sg.run_stage(_stage(calls), ctx, 1, 1) == {"loss": 1.0} and calls == ["ran"]
-    assert json.loads(stamp.read_text())["fingerprint"] == sg._fingerprints(_stage([]), ctx)[0]
+    assert json.loads(stamp.read_text())["fingerprint"] == sg.stage_fingerprints(_stage([]), ctx)[0]
 
 
 def test_report_names_stale_runs_instead_of_training_them(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 
 from megatron_edl.demo import study as st
 from tests.unit.demo.test_quickstart import TINY_MODEL
-from tests.unit.demo.test_trackers import _read_scalars
+from tests.unit.demo.test_trackers import read_scalars
 
 
 def _write(tmp_path, text: str):
@@ -64,7 +64,7 @@ def test_arms_choose_their_labels(tmp_path):
     assert runs["top-s1"].data == "clusters-5" and runs["top-s1"].flags[2:] == ("--seed", "1")
     assert not any(runs[f"{a}-s1"].fine_labels for a in ("rnd", "grp", "top"))
     ctx = st.qs.Context(config=study.quickstart, log=lambda _: None)
-    names = [s.name for s in st._stages(ctx, study, list(runs.values()))]
+    names = [s.name for s in st.study_stages(ctx, study, list(runs.values()))]
     assert names.index("preprocess:clusters-5") < names.index("train:top-s1")
 
 
@@ -80,6 +80,7 @@ def test_arms_choose_their_labels(tmp_path):
         ("seeds: [1]\narms: {a: ''}\nquickstart: {iters: 3}\n", "unknown quickstart settings"),
         ("seeds: [1]\narms: {a: ''}\nquickstart: {train_iters: 0}\n", "quickstart: --train-iters"),
         ("seeds: [1]\narms: {a: ''}\nextra: 1\n", "unknown keys ['extra']"),
+        ("seeds: [1]\narms: {a: ''}\nprune: [b]\n", "prune must be a list of the study's arms"),
     ],
 )
 def test_bad_study_files_name_the_file_and_key(tmp_path, text, message):
@@ -120,7 +121,7 @@ def test_tiny_study_end_to_end_and_resumes(tmp_path, capsys):
         "seeds: [1, 2]\narms:\n  baseline: --moe-edl-eval-per-domain\n"
         "  edl-window: --moe-edl-coeff 0.1 --moe-edl-window-decay 0.5\n"
         "quickstart:\n  corpus_bytes_per_domain: 16384\n  vocab_size: 512\n  train_iters: 4\n"
-        "  micro_batch_size: 2\n  global_batch_size: 4\n",
+        "  micro_batch_size: 2\n  global_batch_size: 4\nprune: [edl-window]\n",
     )
     study = st.load_study(path, tmp_path / "w")
     study = dataclasses.replace(
@@ -138,6 +139,12 @@ def test_tiny_study_end_to_end_and_resumes(tmp_path, capsys):
     # Different seeds, different runs: the two baseline runs differ.
     values = data["aggregate"]["baseline"]["valid_lm_loss"]["values"]
     assert values[0] != values[1]
+    # Only the arm the study names is pruned; the others' pruning columns read n/a.
+    assert [n for n, r in data["runs"].items() if "prune" in r] == [
+        "edl-window-s1",
+        "edl-window-s2",
+    ]
+    assert data["runs"]["baseline-s1"].get("prune_domain_half") is None
     assert (report / "pareto.png").stat().st_size > 0
     assert "| edl-window |" in (report / "study.md").read_text()
     # The probe's per-layer numbers average to the table's, and reach TensorBoard per layer.
@@ -150,7 +157,7 @@ def test_tiny_study_end_to_end_and_resumes(tmp_path, capsys):
     tracker_args = argparse.Namespace(tensorboard_dir=tb, wandb_project=None, wandb_save_dir=None)
     st.log_to_trackers(tracker_args, report)
     assert capsys.readouterr().out.strip() == f"TensorBoard: 4 runs in {tb}"
-    scalars = _read_scalars(tb / "edl-window-s2")
+    scalars = read_scalars(tb / "edl-window-s2")
     for layer in data["runs"]["edl-window-s2"]["probe_per_layer"]:
         tag = f"probe/jsd/layer_{layer['layer']:02d}"
         assert scalars[tag] == [(4, pytest.approx(layer["jsd"]))], tag

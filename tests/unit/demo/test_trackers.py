@@ -76,7 +76,7 @@ def test_old_report_and_missing_report_are_named(tmp_path):
         trackers.runs_from_study_json(tmp_path / "missing.json")
 
 
-def _read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(folder))
@@ -94,7 +94,7 @@ def test_tensorboard_one_folder_per_run_and_no_duplicates(tmp_path):
         folders = trackers.write_tensorboard(runs, out)
     assert [f.name for f in folders] == [r.name for r in runs]
     for run, folder in zip(runs, folders, strict=True):
-        scalars = _read_scalars(folder)
+        scalars = read_scalars(folder)
         assert set(scalars) == set(run.scalars), folder
         for tag, value in run.scalars.items():
             assert scalars[tag] == [(40, pytest.approx(value))], (folder, tag)

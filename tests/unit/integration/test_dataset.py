@@ -361,9 +361,9 @@ def test_blend_per_split_shares_one_label_space(tmp_path):
         check_sample(train, idx, train[idx], np.arange(40) % 2, base=1)
 
 
-def _per_fetch_labels(dataset, sample) -> tuple[np.ndarray, np.ndarray]:
+def _per_fetch_labels(dataset, idx, sample) -> tuple[np.ndarray, np.ndarray]:
     """The labels by ``sample_token_labels`` from the fetched sample's own documents."""
-    document_ids, lengths = dataset._sample_documents
+    document_ids, lengths = dataset.sample_documents(idx)
     return sample_token_labels(
         segment_domains_K=dataset.document_domains(document_ids),
         segment_lengths_K=lengths,
@@ -393,10 +393,25 @@ def test_indexed_labels_equal_the_per_fetch_labels_bitwise(tmp_path, aggregation
     for dataset in datasets:
         for idx in range(min(len(dataset), 200)):  # the mock dataset holds many more
             sample = dataset[idx]
-            want_ids, want_w = _per_fetch_labels(dataset, sample)
+            want_ids, want_w = _per_fetch_labels(dataset, idx, sample)
             assert np.array_equal(sample["domain_ids"].numpy(), want_ids), idx
             got_w = sample["edl_weights"].numpy()
             assert np.array_equal(got_w.view(np.int32), want_w.view(np.int32)), idx
-            multi_document += len(dataset._sample_documents[0]) > 1
+            multi_document += len(dataset.sample_documents(idx)[0]) > 1
         assert dataset._label_index is not None  # the index path ran
     assert multi_document > 10
+
+
+def test_a_fetch_that_skips_the_document_query_is_refused(tmp_path, monkeypatch):
+    """The labels read the documents ``GPTDataset.__getitem__`` queried for this very fetch
+    (touch ``gpt-dataset-sample-documents``). An upgrade whose ``__getitem__`` no longer calls
+    the query fails the fetch naming the touch, instead of labelling the sample with the
+    documents of the fetch before."""
+    prefix = write_prefix(tmp_path / "c", np.arange(40) % 2, {"a": 0, "b": 1})
+    config = make_config(tmp_path, blend=([prefix], None), split="100,0,0")
+    train = build(DomainGPTDataset, config, [10, 0, 0])[0]
+    before = train[1]  # a normal fetch: the stash is this sample's
+    assert train.sample_documents(1)[0].size >= 1 and before["domain_ids"].numel() > 0
+    monkeypatch.setattr(GPTDataset, "__getitem__", lambda self, idx: dict(before))
+    with pytest.raises(RuntimeError, match=r"did not call .*\(2\) \(got None\).*sample-documents"):
+        train[2]

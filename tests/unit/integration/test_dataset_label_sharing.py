@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from tests.helpers.distributed import run_distributed
-from tests.unit.test_pretrain_gpt import _indexed
+from tests.unit.test_pretrain_gpt import indexed
 
 WORLD_SIZE = 3
 
@@ -23,8 +23,8 @@ def _resolve_on_every_rank(rank, world_size, prefixes):
     from megatron_edl.integration import dataset
 
     reads = []
-    read = dataset._read_sidecar_labels
-    dataset._read_sidecar_labels = lambda prefix: (reads.append(prefix), read(prefix))[1]
+    read = dataset.read_sidecar_labels
+    dataset.read_sidecar_labels = lambda prefix: (reads.append(prefix), read(prefix))[1]
     try:
         blend = dataset.resolve_blend_domains(prefixes, "sidecar", per_node=True)
         result = len(reads), {p: blend.loss_ids[p].tolist() for p in prefixes}, None
@@ -40,7 +40,7 @@ def test_one_rank_per_node_reads_and_every_rank_gets_the_labels(tmp_path, monkey
     prefixes = []
     for name, labels in (("a", [0, 1, 2, 0, 1, 2]), ("b", [2, 2, 1, 1, 0, 0])):
         (tmp_path / name).mkdir()
-        prefixes.append(_indexed(tmp_path / name, labels))
+        prefixes.append(indexed(tmp_path / name, labels))
     results = run_distributed(_resolve_on_every_rank, WORLD_SIZE, prefixes)
     assert [reads for reads, _, _ in results] == [2, 0, 0]  # local rank 0 only
     assert all(labels == results[0][1] for _, labels, _ in results)

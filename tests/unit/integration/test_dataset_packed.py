@@ -83,10 +83,11 @@ def _get_batch_worker(rank: int, world_size: int, flags: list[str], sft_modes: t
     from megatron.training.arguments import parse_args, validate_args
     from megatron.training.global_vars import set_args
 
+    from megatron_edl.cpu import argv_with_cpu_flags
     from megatron_edl.integration import gpt
-    from megatron_edl.pretrain_gpt import cpu_argv, extra_args_provider, run_config_from_args
+    from megatron_edl.integration.install import extra_args_provider, run_config_from_args
 
-    sys.argv = ["pretrain_gpt", *cpu_argv(flags)]
+    sys.argv = ["pretrain_gpt", *argv_with_cpu_flags(flags)]
     args = parse_args(extra_args_provider)
     validate_args(args, {"tokenizer_type": "NullTokenizer"})
     run = run_config_from_args(args)
@@ -364,31 +365,31 @@ def test_sft_label_count_mismatch_names_the_file(tmp_path):
 
 def test_launcher_accepts_packed_sequences_and_names_what_it_refuses(tmp_path, monkeypatch):
     from megatron_edl.config import EDLConfigError
-    from megatron_edl.pretrain_gpt import edl_config_from_args, labels_config_from_args
-    from tests.unit.test_yaml_config import _megatron_args
+    from megatron_edl.integration.install import run_config_from_args
+    from tests.unit.test_yaml_config import megatron_args
 
     base = [*TINY_MOE_GPT, "--moe-edl-coeff", "0.1", "--moe-edl-mock-domains", "3"]
-    args = _megatron_args([*base, "--dataloader-inter-document-masking"], monkeypatch)
-    assert labels_config_from_args(args).num_domains == 3
-    args = _megatron_args([*base, "--sft"], monkeypatch)
+    args = megatron_args([*base, "--dataloader-inter-document-masking"], monkeypatch)
+    assert run_config_from_args(args).labels.num_domains == 3
+    args = megatron_args([*base, "--sft"], monkeypatch)
     with pytest.raises(EDLConfigError, match="--sft need --moe-edl-domains-per-prefix"):
-        edl_config_from_args(args)
+        run_config_from_args(args)
     # SFT with one domain per JSONL file: the domains come from the per-prefix file.
     code = _write_jsonl(tmp_path / "code.jsonl", [_conversation(3)] * 3)
     chat = _write_jsonl(tmp_path / "chat.jsonl", [_conversation(4)] * 2)
     (tmp_path / "domains.yaml").write_text(f"{code}: code\n{chat}: chat\n")
     real_data = [flag for flag in TINY_MOE_GPT if flag != "--mock-data"]
-    args = _megatron_args(
+    args = megatron_args(
         [*real_data, "--moe-edl-coeff", "0.1", "--sft", "--data-path", code, chat,
          "--moe-edl-domains-per-prefix", str(tmp_path / "domains.yaml")],
         monkeypatch,
     )  # fmt: skip
-    cfg = labels_config_from_args(args)
+    cfg = run_config_from_args(args).labels
     assert (cfg.num_domains, cfg.domain_names) == (2, ("code", "chat"))
-    args = _megatron_args(base, monkeypatch)
+    args = megatron_args(base, monkeypatch)
     args.hybrid_context_parallel = True
     with pytest.raises(EDLConfigError, match="--hybrid-context-parallel"):
-        edl_config_from_args(args)
+        run_config_from_args(args)
 
 
 @pytest.mark.gpu

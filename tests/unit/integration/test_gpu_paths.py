@@ -34,11 +34,11 @@ from tests.unit.integration.test_router import (
     NUM_DOMAINS,
     NUM_EXPERTS,
     TOPK,
-    _make_batch,
-    _make_weight,
-    _one_process_job,
-    _rank_inputs,
-    _reference,
+    make_batch,
+    make_weight,
+    one_process_job,
+    rank_inputs,
+    reference_loss_and_grad,
 )
 
 TIMEOUT_S = 180
@@ -132,8 +132,8 @@ def _router_syncs_job(rank: int, world_size: int) -> dict[str, Any]:
     from megatron_edl.integration.losses.edl import EDLTerm
     from tests.helpers.host_syncs import HostSyncCounter
 
-    job, batch = _one_process_job(31)
-    hidden_sBH, labels = _rank_inputs(batch, job["layout"], (0, 0, 0))
+    job, batch = one_process_job(31)
+    hidden_sBH, labels = rank_inputs(batch, job["layout"], (0, 0, 0))
     out: dict[str, Any] = {}
     for name, losses in ROUTER_CASES.items():
         router = _router(**losses)
@@ -148,7 +148,7 @@ def _router_syncs_job(rank: int, world_size: int) -> dict[str, Any]:
         routed["logits_TE"].sum().item()
         return real_apply_edl(self, activation, **routed)
 
-    real_backward = edl_math._WeightedIndexAdd.backward
+    real_backward = edl_math.WeightedIndexAdd.backward
 
     def backward_with_item(ctx, grad_DE):
         grad_DE.sum().item()
@@ -158,7 +158,7 @@ def _router_syncs_job(rank: int, world_size: int) -> dict[str, Any]:
         ("planted-forward", EDLTerm, "apply", apply_edl_with_item),
         (
             "planted-backward",
-            edl_math._WeightedIndexAdd,
+            edl_math.WeightedIndexAdd,
             "backward",
             staticmethod(backward_with_item),
         ),
@@ -213,20 +213,20 @@ def _ortho_syncs_job(rank: int, world_size: int) -> dict[str, Any]:
     from tests.helpers import deepep_emulation
     from tests.helpers.host_syncs import HostSyncCounter
     from tests.unit.integration.losses.test_orthogonality import (
-        _build,
-        _local_hidden,
-        _setup_layout,
-        _take_metrics,
+        build,
+        local_hidden,
+        setup_layout,
+        take_metrics,
     )
 
     cpu.apply()
     deepep_emulation.install()
     out: dict[str, Any] = {}
     for name, (tp, ep) in DISPATCHERS.items():
-        _setup_layout(tp, ep)
-        hidden_sBH = _local_hidden(tp)
+        setup_layout(tp, ep)
+        hidden_sBH = local_hidden(tp)
         for stock in (True, False):
-            layer, _, _ = _build(tp, ep, name.split("-")[0], "tokens", False, stock=stock)
+            layer, _, _ = build(tp, ep, name.split("-")[0], "tokens", False, stock=stock)
             if not stock:
                 del layer.router.aux_terms["variance"]  # the orthogonality loss alone
             MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
@@ -234,7 +234,7 @@ def _ortho_syncs_job(rank: int, world_size: int) -> dict[str, Any]:
                 with HostSyncCounter() as syncs:
                     output, _ = layer(hidden_sBH)
                     (output * 0).sum().backward()
-                _take_metrics()
+                take_metrics()
             out[(name, stock)] = ([(e.op, e.where) for e in _ours(syncs)], len(syncs.events))
     return out
 
@@ -327,7 +327,7 @@ def _meta_device_job(rank: int, world_size: int) -> dict[str, Any]:
     recurse=False)`` then ``m.reset_parameters()`` on the module holding a meta parameter)."""
     from megatron_edl.integration.losses.edl import WINDOW_BUFFER
 
-    _one_process_job(0)
+    one_process_job(0)
     with torch.device("meta"):
         router = _router(edl={"window_decay": 0.5})
     window_X = getattr(router, WINDOW_BUFFER)
@@ -368,7 +368,7 @@ def _mtp_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
 
     from megatron_edl.integration.labels import push_labels
 
-    job, batch = _one_process_job(seed)
+    job, batch = one_process_job(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     depths = [batch] + [
         {**batch, "hidden_BSH": torch.randn(batch["hidden_BSH"].shape, generator=gen)}
@@ -382,13 +382,13 @@ def _mtp_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
         router = _router(MTP, is_mtp_layer=True, **losses)
         with torch.no_grad():
             router.weight.copy_(job["weight_EH"])
-        _, labels = _rank_inputs(batch, job["layout"], (0, 0, 0))
+        _, labels = rank_inputs(batch, job["layout"], (0, 0, 0))
         push_labels(router, labels)
         out[f"{name}-queued"] = len(router.label_queue)
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
         total = 0
         for depth in depths:
-            hidden_sBH, _ = _rank_inputs(depth, job["layout"], (0, 0, 0))
+            hidden_sBH, _ = rank_inputs(depth, job["layout"], (0, 0, 0))
             probs, _ = router(hidden_sBH)
             total = total + (probs * 0).sum()
         total.backward()
@@ -404,7 +404,7 @@ def _mtp_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
             single = _router(**losses)
             with torch.no_grad():
                 single.weight.copy_(job["weight_EH"])
-            hidden_sBH, labels = _rank_inputs(depth, job["layout"], (0, 0, 0))
+            hidden_sBH, labels = rank_inputs(depth, job["layout"], (0, 0, 0))
             push_labels(single, labels)
             probs, _ = single(hidden_sBH)
             (probs * 0).sum().backward()
@@ -444,7 +444,7 @@ def test_repeated_mtp_edl_matches_the_float64_reference(mtp):
     """The per-depth EDL gradients the mean is taken over are method.md's (pure math, fp64)."""
     depths = mtp["depths"]
     rows = slice(0, depths[0]["hidden_BSH"].shape[0])
-    grads = [_reference(mtp["weight_EH"], [(d, rows, False)])[1] for d in depths]
+    grads = [reference_loss_and_grad(mtp["weight_EH"], [(d, rows, False)])[1] for d in depths]
     want = COEFF * sum(grads) / MTP_DEPTHS
     torch.testing.assert_close(mtp["edl-grad"], want, rtol=1e-4, atol=1e-8)
 
@@ -472,7 +472,7 @@ def _gpu_sync_debug_job(rank: int, world_size: int) -> dict[str, Any]:
     parallel_state.initialize_model_parallel()
     init_num_microbatches_calculator(0, None, 2, 2, 1)
     gen = torch.Generator().manual_seed(5)
-    batch = _make_batch(gen, dp=1)
+    batch = make_batch(gen, dp=1)
     loader_batch = {
         "domain_ids": batch["ids_BS"].pin_memory(),
         "edl_weights": batch["w_BS"].pin_memory(),
@@ -480,7 +480,7 @@ def _gpu_sync_debug_job(rank: int, world_size: int) -> dict[str, Any]:
     hidden_sBH = batch["hidden_BSH"].transpose(0, 1).contiguous().cuda()
     router = _router(edl={"window_decay": 0.5}, variance={"coeff": 0.1, "auto_calibrate": True})
     with torch.no_grad():
-        router.weight.copy_(_make_weight(gen))
+        router.weight.copy_(make_weight(gen))
     router.cuda()
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0, device="cuda"))
 

@@ -11,7 +11,7 @@ from megatron_edl.analysis import pruning as curves
 from megatron_edl.integration.labels import DomainLabels
 from megatron_edl.integration.pruning import (
     ExportError,
-    _Recorder,
+    Recorder,
     mask_expert_logits,
     slice_moe_state_dict,
 )
@@ -50,7 +50,7 @@ def test_unlabelled_tokens_keep_every_expert_and_no_labels_is_an_error():
 
 def test_recorder_replays_the_batches_it_drew_unchanged():
     batches = [{"tokens": torch.arange(3) + i} for i in range(2)]
-    recorder = _Recorder(iter(batches))
+    recorder = Recorder(iter(batches))
     drawn = [next(recorder), next(recorder)]
     drawn[0]["tokens"].add_(100)  # a forward step that modifies its batch in place
     replayed = list(recorder.replay())

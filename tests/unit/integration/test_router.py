@@ -56,7 +56,7 @@ RTOL = 1e-5
 # ---------------------------------------------------------------------------------------------
 
 
-def _make_batch(gen: torch.Generator, dp: int, ignored_replicas: tuple[int, ...] = ()) -> dict:
+def make_batch(gen: torch.Generator, dp: int, ignored_replicas: tuple[int, ...] = ()) -> dict:
     """One global micro-batch ``[dp * MBS, SEQ]``: packed segments with domain-dependent hidden
     states (so the domain means differ and the loss is well conditioned), segment weights 1/T_s
     computed on the unsharded samples, some unlabelled (-1) segments."""
@@ -78,7 +78,7 @@ def _make_batch(gen: torch.Generator, dp: int, ignored_replicas: tuple[int, ...]
     return {"hidden_BSH": hidden_BSH, "ids_BS": ids_BS, "w_BS": w_BS}
 
 
-def _make_weight(gen: torch.Generator) -> torch.Tensor:
+def make_weight(gen: torch.Generator) -> torch.Tensor:
     return 0.3 * torch.randn(NUM_EXPERTS, HIDDEN, generator=gen)
 
 
@@ -104,17 +104,17 @@ def _training_job(
         "accumulate": accumulate,
         "window_decay": window_decay,
         "schedule": schedule,
-        "weight_EH": _make_weight(gen),
-        "batches": [_make_batch(gen, dp, ignored_replicas) for _ in range(sum(schedule))],
+        "weight_EH": make_weight(gen),
+        "batches": [make_batch(gen, dp, ignored_replicas) for _ in range(sum(schedule))],
     }
 
 
 def _recompute_job(seed: int) -> dict[str, Any]:
     """Two micro-batches with the SAME hidden states and DIFFERENT labels."""
     gen = torch.Generator().manual_seed(seed)
-    weight_EH = _make_weight(gen)
-    first = _make_batch(gen, 2)
-    other = _make_batch(gen, 2)
+    weight_EH = make_weight(gen)
+    first = make_batch(gen, 2)
+    other = make_batch(gen, 2)
     second = {**other, "hidden_BSH": first["hidden_BSH"].clone()}
     return {
         "kind": "recompute",
@@ -134,8 +134,8 @@ def _simple_job(kind: str, seed: int) -> dict[str, Any]:
         "kind": kind,
         "layout": (1, 1, 2),
         "scope": "global",
-        "weight_EH": _make_weight(gen),
-        "batches": [_make_batch(gen, 2)],
+        "weight_EH": make_weight(gen),
+        "batches": [make_batch(gen, 2)],
     }
 
 
@@ -183,7 +183,7 @@ JOBS: dict[int, dict[str, dict[str, Any]]] = {
 # ---------------------------------------------------------------------------------------------
 
 
-def _reference(
+def reference_loss_and_grad(
     weight_EH: torch.Tensor,
     pieces: list[tuple[dict, slice, bool] | tuple[dict, slice, bool, float]],
     score_function: str = "softmax",
@@ -234,7 +234,7 @@ def _expected(job: dict[str, Any]) -> tuple[list[list[float]], list[torch.Tensor
                     decay = job["window_decay"]
                     pieces = [(batches[j], rows, True, decay ** (i - j)) for j in range(i)]
                     pieces.append((batches[i], rows, False))
-                loss, grad_EH = _reference(job["weight_EH"], pieces)
+                loss, grad_EH = reference_loss_and_grad(job["weight_EH"], pieces)
                 losses[g].append(loss)
                 total_EH += grad_EH / len(groups)
         grads.append(COEFF / nmb * total_EH)
@@ -280,7 +280,7 @@ def _set_num_microbatches(nmb: int, dp: int) -> None:
     assert nmbc.get_num_microbatches() == nmb
 
 
-def _make_router(job: dict[str, Any], config_overrides: dict | None = None, **edl_overrides):
+def make_router(job: dict[str, Any], config_overrides: dict | None = None, **edl_overrides):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -335,7 +335,7 @@ def _cp_positions(cp_rank: int, cp: int) -> torch.Tensor:
     return torch.cat([first, second])
 
 
-def _rank_inputs(batch: dict, layout: tuple[int, int, int], coords: tuple[int, int, int]):
+def rank_inputs(batch: dict, layout: tuple[int, int, int], coords: tuple[int, int, int]):
     """This rank's router input ``[s/tp, b, H]`` and its labels, as Megatron slices them."""
     from megatron_edl.integration.labels import router_labels
 
@@ -358,7 +358,7 @@ def _rank_inputs(batch: dict, layout: tuple[int, int, int], coords: tuple[int, i
     return hidden_sBH.contiguous(), labels
 
 
-def _take_edl_loss() -> float | None:
+def take_edl_loss() -> float | None:
     """The ``edl_loss`` the router recorded since the last call (None if none), then clear."""
     from megatron.core.transformer.moe import moe_logging
 
@@ -413,19 +413,19 @@ def _run_training(job: dict[str, Any]) -> dict[str, Any]:
     from megatron_edl.integration.labels import push_labels
 
     coords = _coords()
-    router = _make_router(job)
+    router = make_router(job)
     out: dict[str, Any] = {"losses": [], "fwd_calls": [], "bwd_calls": [], "grads": []}
     batches = iter(job["batches"])
     for nmb in job["schedule"]:
         _set_num_microbatches(nmb, job["layout"][2])  # Megatron: update_num_microbatches
         lm_tokens = 0  # tokens of this rank's (CP-local) LM loss, for the per-token divisor
         for _ in range(nmb):
-            hidden_sBH, labels = _rank_inputs(next(batches), job["layout"], coords)
+            hidden_sBH, labels = rank_inputs(next(batches), job["layout"], coords)
             push_labels(router, labels)
             with count_all_reduce() as calls:
                 probs, _ = router(hidden_sBH)
             out["fwd_calls"].append(calls)
-            out["losses"].append(_take_edl_loss())
+            out["losses"].append(take_edl_loss())
             _set_aux_loss_scale(job, nmb)
             with count_all_reduce() as calls:
                 (probs * 0).sum().backward()
@@ -440,10 +440,10 @@ def _run_recompute(job: dict[str, Any]) -> dict[str, Any]:
     from megatron_edl.integration.labels import push_labels
 
     coords = _coords()
-    router = _make_router(job)
+    router = make_router(job)
     (nmb,) = job["schedule"]
     _set_num_microbatches(nmb, job["layout"][2])
-    inputs = [_rank_inputs(batch, job["layout"], coords) for batch in job["batches"]]
+    inputs = [rank_inputs(batch, job["layout"], coords) for batch in job["batches"]]
     for _, labels in inputs:
         push_labels(router, labels)
     out: dict[str, Any] = {"nograd_calls": [], "nograd_losses": [], "losses": [], "fwd_calls": []}
@@ -451,12 +451,12 @@ def _run_recompute(job: dict[str, Any]) -> dict[str, Any]:
         with torch.no_grad(), count_all_reduce() as calls:
             router(hidden_sBH)
         out["nograd_calls"].append(calls)
-        out["nograd_losses"].append(_take_edl_loss())
+        out["nograd_losses"].append(take_edl_loss())
     for hidden_sBH, _ in inputs:  # the recompute, in backward order = micro-batch order
         with count_all_reduce() as calls:
             probs, _ = router(hidden_sBH)
         out["fwd_calls"].append(calls)
-        out["losses"].append(_take_edl_loss())
+        out["losses"].append(take_edl_loss())
         _set_aux_loss_scale(job, nmb)
         (probs * 0).sum().backward()
     out["grads"] = [_reduce_grad(router, job, 0)]
@@ -469,17 +469,17 @@ def _run_collectives(job: dict[str, Any]) -> dict[str, Any]:
 
     coords = _coords()
     _set_num_microbatches(1, job["layout"][2])
-    hidden_sBH, labels = _rank_inputs(job["batches"][0], job["layout"], coords)
+    hidden_sBH, labels = rank_inputs(job["batches"][0], job["layout"], coords)
     out: dict[str, Any] = {}
 
     def forward(router, name, *, grad=True):
         with torch.set_grad_enabled(grad), count_all_reduce() as calls:
             probs, _ = router(hidden_sBH)
         out[name] = calls
-        out[f"{name}-loss"] = _take_edl_loss()
+        out[f"{name}-loss"] = take_edl_loss()
         return probs
 
-    router = _make_router(job)
+    router = make_router(job)
     push_labels(router, labels)
     forward(router, "no-grad", grad=False)  # must neither communicate nor consume the labels
     router.eval()
@@ -496,7 +496,7 @@ def _run_collectives(job: dict[str, Any]) -> dict[str, Any]:
             out["enabled-again-error"] = str(err)
     out["enabled-again"] = calls
 
-    disabled = _make_router(job, layers=(2,))  # EDL on layer 2 only; this router is layer 1
+    disabled = make_router(job, layers=(2,))  # EDL on layer 2 only; this router is layer 1
     out["disabled-active"] = bool(disabled.active_terms(grad_enabled=True))
     push_labels(disabled, labels)  # must not queue anything for an inactive router
     probs = forward(disabled, "disabled-layer")
@@ -504,7 +504,7 @@ def _run_collectives(job: dict[str, Any]) -> dict[str, Any]:
     grad = disabled.weight.grad
     out["disabled-grad-max"] = 0.0 if grad is None else grad.abs().max().item()
 
-    zero_coeff = _make_router(job, coeff=0.0)
+    zero_coeff = make_router(job, coeff=0.0)
     push_labels(zero_coeff, labels)
     forward(zero_coeff, "zero-coeff")
     return out
@@ -516,10 +516,10 @@ def _run_errors(job: dict[str, Any]) -> dict[str, Any]:
 
     coords = _coords()
     _set_num_microbatches(1, job["layout"][2])
-    hidden_sBH, labels = _rank_inputs(job["batches"][0], job["layout"], coords)
+    hidden_sBH, labels = rank_inputs(job["batches"][0], job["layout"], coords)
     out: dict[str, Any] = {"num_tokens": labels.domain_ids_T.numel()}
 
-    router = _make_router(job)
+    router = make_router(job)
     with count_all_reduce() as calls:
         try:
             router(hidden_sBH)
@@ -527,7 +527,7 @@ def _run_errors(job: dict[str, Any]) -> dict[str, Any]:
             out["no-labels"] = str(err)
     out["no-labels-calls"] = calls
 
-    router = _make_router(job)
+    router = make_router(job)
     short = DomainLabels(labels.domain_ids_T[:-1], labels.weights_T[:-1])
     router.push_labels(short)
     with count_all_reduce() as calls:
@@ -701,7 +701,9 @@ def test_no_grad_and_eval_forwards_consume_no_labels(world_results):
     """One push, then a no-grad and an eval forward: the grad forward still finds the labels
     (and gets the right loss); the one after it finds none."""
     job, per_rank = _results(world_results, "dp2-collectives")
-    expected_loss, _ = _reference(job["weight_EH"], [(job["batches"][0], slice(None), False)])
+    expected_loss, _ = reference_loss_and_grad(
+        job["weight_EH"], [(job["batches"][0], slice(None), False)]
+    )
     for result in per_rank:
         _assert_close(result["enabled-loss"], expected_loss, "enabled forward loss")
         assert "no domain labels" in result["enabled-again-error"]
@@ -736,7 +738,7 @@ def test_accumulation_references_discriminate():
     # Without the reset micro-batch 3 would see micro-batches 1, 2 too.
     batches = JOBS[2]["dp2-accumulate"]["batches"]
     weight_EH = JOBS[2]["dp2-accumulate"]["weight_EH"]
-    no_reset, _ = _reference(
+    no_reset, _ = reference_loss_and_grad(
         weight_EH,
         [(batches[0], slice(None), True), (batches[1], slice(None), True)]
         + [(batches[2], slice(None), False)],
@@ -797,9 +799,12 @@ def test_recompute_consumes_labels_in_micro_batch_order(world_results):
     _check_against_reference(job, per_rank)
     # Same hidden states, different labels: a swap of the labels would change both losses.
     first, second = job["batches"]
-    own = [_reference(job["weight_EH"], [(b, slice(None), False)])[0] for b in (first, second)]
+    own = [
+        reference_loss_and_grad(job["weight_EH"], [(b, slice(None), False)])[0]
+        for b in (first, second)
+    ]
     swapped = [
-        _reference(
+        reference_loss_and_grad(
             job["weight_EH"],
             [({**b, "ids_BS": o["ids_BS"], "w_BS": o["w_BS"]}, slice(None), False)],
         )[0]
@@ -838,7 +843,7 @@ def test_references_discriminate():
         assert not torch.allclose(global_grad, local_grad, rtol=1e-3, atol=0)
 
 
-def _one_process_job(seed: int) -> tuple[dict[str, Any], dict]:
+def one_process_job(seed: int) -> tuple[dict[str, Any], dict]:
     """In a one-rank worker: Megatron set up for one process (CPU layer, TP = CP = DP = 1, one
     micro-batch per global batch); a global-scope job and one micro-batch from ``seed``."""
     from megatron_edl import cpu
@@ -847,11 +852,11 @@ def _one_process_job(seed: int) -> tuple[dict[str, Any], dict]:
     _setup_layout((1, 1, 1))
     _set_num_microbatches(1, 1)
     gen = torch.Generator().manual_seed(seed)
-    job = {"layout": (1, 1, 1), "scope": "global", "weight_EH": _make_weight(gen)}
-    return job, _make_batch(gen, dp=1)
+    job = {"layout": (1, 1, 1), "scope": "global", "weight_EH": make_weight(gen)}
+    return job, make_batch(gen, dp=1)
 
 
-def _forward_backward(router, job: dict[str, Any], batch: dict, *, iteration=None):
+def forward_backward(router, job: dict[str, Any], batch: dict, *, iteration=None):
     """One training forward of ``router`` on ``batch`` (labels pushed, with the optimizer step
     ``iteration``), then ``(probs * 0).sum().backward()`` at aux-loss scale 1."""
     import dataclasses
@@ -860,7 +865,7 @@ def _forward_backward(router, job: dict[str, Any], batch: dict, *, iteration=Non
 
     from megatron_edl.integration.labels import push_labels
 
-    hidden_sBH, labels = _rank_inputs(batch, job["layout"], (0, 0, 0))
+    hidden_sBH, labels = rank_inputs(batch, job["layout"], (0, 0, 0))
     push_labels(router, dataclasses.replace(labels, iteration=iteration))
     probs, routing_map = router(hidden_sBH)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
@@ -877,18 +882,18 @@ def _aux_reuse_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
 
     from megatron_edl.core import edl
 
-    job, batch = _one_process_job(seed)
+    job, batch = one_process_job(seed)
     out = {}
     for mode in ("reuse", "own_softmax"):
-        router = _make_router(job)
+        router = make_router(job)
         router.config.moe_router_load_balancing_type = "aux_loss"
         router.routing_type = "aux_loss"
         router.config.moe_aux_loss_coeff = 0.01
         if mode == "own_softmax":
             router._apply_aux_loss = types.MethodType(TopKRouter._apply_aux_loss, router)
         with mock.patch.object(edl, "routing_probs", wraps=edl.routing_probs) as own:
-            _forward_backward(router, job, batch)
-        out[mode] = (own.call_count, _take_edl_loss(), router.weight.grad.clone())
+            forward_backward(router, job, batch)
+        out[mode] = (own.call_count, take_edl_loss(), router.weight.grad.clone())
     return out
 
 
@@ -914,18 +919,18 @@ def _fused_router_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
     _setup_layout((1, 1, 1))
     _set_num_microbatches(1, 1)
     gen = torch.Generator().manual_seed(seed)
-    job = {"layout": (1, 1, 1), "scope": "global", "weight_EH": _make_weight(gen)}
-    batch = _make_batch(gen, dp=1)
+    job = {"layout": (1, 1, 1), "scope": "global", "weight_EH": make_weight(gen)}
+    batch = make_batch(gen, dp=1)
     out = {}
     for fused in ("off", "on"):
-        router = _make_router(job, fused=fused)
-        hidden_sBH, labels = _rank_inputs(batch, job["layout"], (0, 0, 0))
+        router = make_router(job, fused=fused)
+        hidden_sBH, labels = rank_inputs(batch, job["layout"], (0, 0, 0))
         push_labels(router, labels)
         probs, _ = router(hidden_sBH)
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
         (probs * 0).sum().backward()
         path = edl_fused.select_path(router.run_config.edl.fused.compile, probs.device)
-        out[fused] = (path.compiled, _take_edl_loss(), router.weight.grad.clone())
+        out[fused] = (path.compiled, take_edl_loss(), router.weight.grad.clone())
     return out
 
 

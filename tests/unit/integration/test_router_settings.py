@@ -37,13 +37,13 @@ from tests.helpers.megatron_runs import TINY_MOE_GPT, run_pretrain
 from tests.unit.integration.test_router import (
     COEFF,
     NUM_EXPERTS,
-    _forward_backward,
-    _make_batch,
-    _make_router,
-    _make_weight,
-    _one_process_job,
-    _reference,
-    _take_edl_loss,
+    forward_backward,
+    make_batch,
+    make_router,
+    make_weight,
+    one_process_job,
+    reference_loss_and_grad,
+    take_edl_loss,
 )
 
 SIGMOID_BIAS = {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True}
@@ -153,14 +153,14 @@ def _settings_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
 
     from megatron_edl.core import edl
 
-    job, batch = _one_process_job(seed)
+    job, batch = one_process_job(seed)
     bias_E = torch.linspace(-2.0, 2.0, NUM_EXPERTS)  # strong enough to change the top-k
     out = {}
     for name, case in CASES.items():
         with contextlib.ExitStack() as stack:
             for patch in _te_fusion_stand_ins() if case.get("te_stand_ins") else []:
                 stack.enter_context(patch)
-            router = _make_router(job, config_overrides=case["config"], **case["edl"])
+            router = make_router(job, config_overrides=case["config"], **case["edl"])
             if case["config"].get("moe_router_load_balancing_type") == "aux_loss":
                 router.routing_type = "aux_loss"
             if router.expert_bias is not None:
@@ -170,10 +170,10 @@ def _settings_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
             own = stack.enter_context(
                 mock.patch.object(edl, "routing_probs", wraps=edl.routing_probs)
             )
-            _, routing_map = _forward_backward(router, job, batch)
+            _, routing_map = forward_backward(router, job, batch)
             out[name] = {
                 "own_probs_calls": own.call_count,
-                "loss": _take_edl_loss(),
+                "loss": take_edl_loss(),
                 "grad": router.weight.grad.clone(),
                 "routing_map": routing_map.clone(),
                 "score_function": router.edl_score_function,
@@ -184,11 +184,11 @@ def _settings_job(rank: int, world_size: int, seed: int) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def settings():
     gen = torch.Generator().manual_seed(11)
-    job = {"weight_EH": _make_weight(gen)}
-    batch = _make_batch(gen, dp=1)
+    job = {"weight_EH": make_weight(gen)}
+    batch = make_batch(gen, dp=1)
     (out,) = run_distributed(_settings_job, 1, seed=11)
     refs = {
-        score: _reference(job["weight_EH"], [(batch, slice(None), False)], score)
+        score: reference_loss_and_grad(job["weight_EH"], [(batch, slice(None), False)], score)
         for score in ("softmax", "sigmoid")
     }
     return out, refs

@@ -327,7 +327,7 @@ def _parse(flags: list[str], monkeypatch):
 
     from megatron.training.arguments import parse_args
 
-    from megatron_edl.pretrain_gpt import extra_args_provider
+    from megatron_edl.integration.install import extra_args_provider
 
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt", *flags])
     return parse_args(extra_args_provider)
@@ -338,7 +338,8 @@ def test_launcher_loads_labels_and_builds_recording_routers(tmp_path, monkeypatc
 
     from megatron.training import training
 
-    from megatron_edl.pretrain_gpt import domain_labels_wanted, install_edl
+    from megatron_edl.config.labels import label_reasons
+    from megatron_edl.integration.install import install_edl
     from tests.helpers.megatron_runs import TINY_MOE_GPT
 
     # install_edl wraps two functions of Megatron's training module: restore them afterwards.
@@ -346,7 +347,7 @@ def test_launcher_loads_labels_and_builds_recording_routers(tmp_path, monkeypatc
         monkeypatch.setattr(training, name, getattr(training, name))
     flags = [*TINY_MOE_GPT, "--moe-edl-mock-domains", "3", "--moe-edl-stats-interval", "5"]
     args = _parse([*flags, "--moe-edl-stats-dir", str(tmp_path)], monkeypatch)
-    assert domain_labels_wanted(args) == ["--moe-edl-stats-interval"]
+    assert label_reasons(args) == ["--moe-edl-stats-interval"]
     model_cfg = types.SimpleNamespace(transformer_layer_spec=None)
     install_edl(args, model_cfg, object(), object())
     assert not args.edl_config.enabled  # the loss stays off: labels for the telemetry only

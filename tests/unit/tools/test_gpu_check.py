@@ -106,7 +106,7 @@ def _megatron_args(flags: list[str], monkeypatch, *, te: bool):
     from megatron.training import arguments
     from megatron.training.arguments import parse_args, validate_args
 
-    from megatron_edl.pretrain_gpt import extra_args_provider
+    from megatron_edl.integration.install import extra_args_provider
 
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt", *flags])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))  # H100

@@ -83,7 +83,7 @@ DATA = _data()
 # ---------------------------------------------------------------------------------------------
 
 
-def _build(
+def build(
     tp: int,
     ep: int,
     dispatcher: str,
@@ -147,7 +147,7 @@ def _build(
     return layer, first_expert, rows
 
 
-def _local_hidden(tp: int) -> torch.Tensor:
+def local_hidden(tp: int) -> torch.Tensor:
     """This rank's MoE input: its DP replica's samples, its sequence-parallel rows."""
     from megatron.core import parallel_state as ps
 
@@ -159,7 +159,7 @@ def _local_hidden(tp: int) -> torch.Tensor:
     return hidden_sBH.contiguous()
 
 
-def _take_metrics() -> dict[str, float]:
+def take_metrics() -> dict[str, float]:
     from megatron.core.transformer.moe import moe_logging
 
     metrics = moe_logging.get_moe_metrics_tracker().metrics
@@ -168,7 +168,7 @@ def _take_metrics() -> dict[str, float]:
     return out
 
 
-def _reduced_grads(layer, first_expert: int, rows: slice) -> dict[str, Any]:
+def reduced_grads(layer, first_expert: int, rows: slice) -> dict[str, Any]:
     """Router and expert gradients after Megatron's reduction (see the module docstring)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -203,7 +203,7 @@ def _train_step(layer, hidden_sBH) -> tuple[torch.Tensor, list[int]]:
     return output.detach(), calls
 
 
-def _setup_layout(tp: int, ep: int) -> None:
+def setup_layout(tp: int, ep: int) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -217,7 +217,7 @@ def _setup_layout(tp: int, ep: int) -> None:
     model_parallel_cuda_manual_seed(1)
 
 
-def _run_layout(
+def run_layout(
     tp: int,
     ep: int,
     dispatcher: str,
@@ -227,25 +227,25 @@ def _run_layout(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    _setup_layout(tp, ep)
-    hidden_sBH = _local_hidden(tp).to(device=device, dtype=dtype)
+    setup_layout(tp, ep)
+    hidden_sBH = local_hidden(tp).to(device=device, dtype=dtype)
     on = {"device": device, "dtype": dtype}
-    stock, _, _ = _build(tp, ep, dispatcher, axis, calibrate, stock=True, **on)
+    stock, _, _ = build(tp, ep, dispatcher, axis, calibrate, stock=True, **on)
     with torch.no_grad():
         stock_output, _ = stock(hidden_sBH)
-    _take_metrics()
-    layer, first_expert, rows = _build(tp, ep, dispatcher, axis, calibrate, **on)
+    take_metrics()
+    layer, first_expert, rows = build(tp, ep, dispatcher, axis, calibrate, **on)
     output, calls = _train_step(layer, hidden_sBH)
     return {
-        "metrics": _take_metrics(),
+        "metrics": take_metrics(),
         "calls": calls,
         "output_equal": torch.equal(output, stock_output),
         "weights": (layer.router.aux_terms["variance"].weight, layer.orthogonality.term.weight),
-        **_reduced_grads(layer, first_expert, rows),
+        **reduced_grads(layer, first_expert, rows),
     }
 
 
-def _first_principles(layer, axis: str, calibrate: bool) -> dict[str, Any]:
+def first_principles(layer, axis: str, calibrate: bool) -> dict[str, Any]:
     """Losses and gradients of the whole batch from each expert called on each token alone (its
     raw output, gate 1) and from the router's probabilities: pure torch, no collective."""
     from megatron_edl.core.orthogonality import orthogonality_loss as ortho
@@ -306,19 +306,19 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
 
     cpu.apply()
     deepep_emulation.install()
-    out: dict[str, Any] = {name: _run_layout(*layout) for name, layout in LAYOUTS.items()}
-    _setup_layout(1, 1)
+    out: dict[str, Any] = {name: run_layout(*layout) for name, layout in LAYOUTS.items()}
+    setup_layout(1, 1)
     for axis, calibrate in REFERENCES:
-        layer, _, _ = _build(1, 1, "allgather", axis, False)
-        out[("first-principles", axis, calibrate)] = _first_principles(layer, axis, calibrate)
+        layer, _, _ = build(1, 1, "allgather", axis, False)
+        out[("first-principles", axis, calibrate)] = first_principles(layer, axis, calibrate)
     for dispatcher, (tp, ep) in SMALLEST_LAYOUT.items():
-        _setup_layout(tp, ep)
-        hidden_sBH = _local_hidden(tp)
-        layer, first_expert, rows = _build(tp, ep, dispatcher, "tokens", False)
+        setup_layout(tp, ep)
+        hidden_sBH = local_hidden(tp)
+        layer, first_expert, rows = build(tp, ep, dispatcher, "tokens", False)
         del layer.router.aux_terms["variance"]  # orthogonality alone
         _train_step(layer, hidden_sBH)
-        _take_metrics()
-        grads = _reduced_grads(layer, first_expert, rows)
+        take_metrics()
+        grads = reduced_grads(layer, first_expert, rows)
         out[("ortho-alone", dispatcher)] = (
             grads["router_EH"].abs().max().item(),
             grads["experts"][0][2].abs().max().item(),
@@ -327,7 +327,7 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
             layer.train(mode != "eval")
             with torch.set_grad_enabled(mode != "no-grad"), count_all_reduce() as calls:
                 layer(hidden_sBH)
-            out[(mode, dispatcher)] = (calls, _take_metrics())
+            out[(mode, dispatcher)] = (calls, take_metrics())
     return out
 
 
@@ -342,7 +342,7 @@ def results():
     return run_distributed(_worker, 2, timeout_s=TIMEOUT_S)
 
 
-def _full_expert_grads(experts) -> tuple[torch.Tensor, torch.Tensor]:
+def full_expert_grads(experts) -> tuple[torch.Tensor, torch.Tensor]:
     fc1_EFH = torch.full((NUM_EXPERTS, FFN, HIDDEN), float("nan"))
     fc2_EHF = torch.full((NUM_EXPERTS, HIDDEN, FFN), float("nan"))
     for e, rows, fc1, fc2 in experts:
@@ -365,14 +365,14 @@ def test_sharded_layer_matches_first_principles(name, results):
     computed from each expert's raw output on each token (grouped by token, no y / p)."""
     _, _, _, axis, calibrate = LAYOUTS[name]
     want = results[0][("first-principles", axis, calibrate)]
-    want_fc1, want_fc2 = _full_expert_grads(want["experts"])
+    want_fc1, want_fc2 = full_expert_grads(want["experts"])
     assert want_fc1.abs().max() > 1e-6 and want["router_EH"].abs().max() > 1e-6
     per_rank = [r[name] for r in results]
     for result in per_rank:
         for metric in ("variance_loss", "ortho_loss"):
             _assert_close(result["metrics"][metric], want["metrics"][metric], f"{name}: {metric}")
         _assert_close(result["router_EH"], want["router_EH"], f"{name}: router grad")
-    fc1, fc2 = _full_expert_grads([e for result in per_rank for e in result["experts"]])
+    fc1, fc2 = full_expert_grads([e for result in per_rank for e in result["experts"]])
     _assert_close(fc1, want_fc1, f"{name}: expert fc1 grads")
     _assert_close(fc2, want_fc2, f"{name}: expert fc2 grads")
 

@@ -156,15 +156,15 @@ def _stock_step(tp: int, ep: int, dispatcher: str) -> dict[str, Any]:
     """Output and reduced gradients of the stock MoE layer for loss = sum(output * cos(input))."""
     from tests.unit.integration.losses import test_orthogonality as harness
 
-    harness._setup_layout(tp, ep)
-    hidden_sBH = harness._local_hidden(tp).requires_grad_()
-    layer, first_expert, rows = harness._build(tp, ep, dispatcher, "tokens", False, stock=True)
+    harness.setup_layout(tp, ep)
+    hidden_sBH = harness.local_hidden(tp).requires_grad_()
+    layer, first_expert, rows = harness.build(tp, ep, dispatcher, "tokens", False, stock=True)
     output, _ = layer(hidden_sBH)
     (output * torch.cos(hidden_sBH.detach())).sum().backward()
     return {
         "output": output.detach().clone(),
         "input_grad": hidden_sBH.grad.clone(),
-        **harness._reduced_grads(layer, first_expert, rows),
+        **harness.reduced_grads(layer, first_expert, rows),
     }
 
 
@@ -261,14 +261,14 @@ def _gpu_worker(rank: int, world_size: int, dispatchers: tuple[str, ...], dtype_
 
     dtype = getattr(torch, dtype_name)
     out = {
-        dispatcher: harness._run_layout(
+        dispatcher: harness.run_layout(
             1, 2, dispatcher, "tokens", False, device="cuda", dtype=dtype
         )
         for dispatcher in dispatchers
     }
-    harness._setup_layout(1, 1)
-    layer, _, _ = harness._build(1, 1, "allgather", "tokens", False, device="cuda")
-    out["first-principles"] = harness._first_principles(layer, "tokens", False)
+    harness.setup_layout(1, 1)
+    layer, _, _ = harness.build(1, 1, "allgather", "tokens", False, device="cuda")
+    out["first-principles"] = harness.first_principles(layer, "tokens", False)
     return _to_cpu(out)
 
 
@@ -283,9 +283,9 @@ def _assert_matches(got: dict[str, Any], want: dict[str, Any], what: str, rtol: 
 
 def _expert_grads(per_rank: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every expert's full fc1 and fc2 gradients, from the shards of all ranks."""
-    from tests.unit.integration.losses.test_orthogonality import _full_expert_grads
+    from tests.unit.integration.losses.test_orthogonality import full_expert_grads
 
-    return _full_expert_grads([e for result in per_rank for e in result["experts"]])
+    return full_expert_grads([e for result in per_rank for e in result["experts"]])
 
 
 @pytest.mark.gpu
