@@ -38,7 +38,7 @@ CASES: dict[str, tuple[int, list[str]]] = {
 }
 # Wall-clock numbers differ between any two runs; Megatron's parameter-count line is printed by
 # another rank while the iteration line is written and sometimes lands inside it in the log.
-_UNSTABLE = ("time", "throughput", "Number of parameters")
+_UNSTABLE = ("time", "throughput", "number of parameters")  # case-insensitive
 
 
 def record(cases: dict[str, tuple[int, list[str]]] = CASES) -> dict[str, dict[str, dict]]:
@@ -63,7 +63,7 @@ def _stable(recording: dict) -> dict:
     """The recording without the unstable keys (recordings written before a key was added)."""
     return {
         case: {
-            step: {k: v for k, v in metrics.items() if not any(w in k for w in _UNSTABLE)}
+            step: {k: v for k, v in metrics.items() if not any(w in k.lower() for w in _UNSTABLE)}
             for step, metrics in steps.items()
         }
         for case, steps in recording.items()
