@@ -4,7 +4,7 @@
 The shipped script runs the tiny CPU config (``EDL_CPU=1``: 2 tasks with gloo, no container):
 a job stopped by its time limit saves a checkpoint before it dies and requeues itself, the
 requeued job resumes from that iteration with the losses of an uninterrupted run, and a bad
-config fails with the flag named in the job's log. About 5 minutes, whatever the machine's speed
+config fails with the flag named in the job's log. About 3 minutes, whatever the machine's speed
 (the jobs are stopped by signals, not by their iteration count); marker ``slurm``.
 """
 
