@@ -89,3 +89,34 @@ def test_the_torch_distributed_check_sees_a_planted_import(tmp_path):
     planted = tmp_path / "planted.py"
     planted.write_text("def f():\n    from torch.distributed import all_reduce\n")
     assert "torch.distributed" in _imports(planted)
+
+
+def _private_imports(path: Path) -> list[str]:
+    """``module.name`` of every private name (``_x``) ``path`` imports from another module of
+    ours (``megatron_edl``, ``tests``)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        ours = isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+        if ours and node.module.split(".")[0] in ("megatron_edl", "tests"):
+            out += [
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if a.name.startswith("_") and not a.name.startswith("__")
+            ]
+    return out
+
+
+def test_no_module_imports_a_private_name_of_another():
+    offenders = {
+        str(path.relative_to(ROOT)): names
+        for folder in ("megatron_edl", "tests", "tools")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if (names := _private_imports(path))
+    }
+    assert not offenders, offenders
+
+
+def test_the_private_import_check_sees_a_planted_import(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("from megatron_edl.demo.stages import _prefix, Context\n")
+    assert _private_imports(planted) == ["megatron_edl.demo.stages._prefix"]
